@@ -88,7 +88,7 @@ CAPABILITIES: dict[str, tuple[type, Any, str]] = {
 class Header(Packet):
     name = "vfio-user"
     fields_desc = [
-        u16("msg_id", label="Message ID"),
+        u16("msg_id", base="hex", label="Message ID"),
         u16("cmd", values=COMMANDS, label="Command"),
         u32("size", None, label="Message size"),
         bits32("flags", {"type": (FLAG_TYPE_MASK, MSG_TYPES),
@@ -356,6 +356,7 @@ class MigDataWrite(MigData):
 
 
 # Fields that are not a fixed part of a layer.
+RESERVED_ERROR = field("vfio_user.reserved", "Error field (reserved: no ERROR flag)")
 field("vfio_user.payload", "Undecoded payload", BYTES)
 field("vfio_user.trailing", "Trailing bytes", BYTES)
 field("vfio_user.response_in", "Response in frame", FRAME)
@@ -1160,11 +1161,15 @@ def parse_header(msg: bytes) -> HeaderInfo | None:
 def dissect_message(msg: bytes, ctx: Context) -> tuple[Tree, HeaderInfo | None]:
     """Dissect one whole message; never raises on bad input."""
     tree = Tree()
-    _, values = add_layer(tree, Header, msg, 0)
+    node, _ = add_layer(tree, Header, msg, 0)
     header = parse_header(msg)
     if header is None:
         tree.info = f"short message ({len(msg)} bytes)"
         return tree, None
+    if not header.is_error:
+        # `vfio_user.error` is present only on error replies, so that it can be
+        # tested for presence as in Wireshark.
+        node.children[-1].field = RESERVED_ERROR
     _header_checks(tree, header, len(msg))
     table = REPLIES if header.is_reply else REQUESTS
     fn = table.get(header.cmd)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field as dc_field
 from typing import Any, Iterator
 
-from .fields import BOOL, BYTES, FieldDef, describe_bits, lookup
+from .fields import BOOL, BYTES, FLOAT, FieldDef, describe_bits, lookup
 
 SEVERITIES = ("error", "warning", "note", "chat")
 
@@ -111,6 +111,8 @@ def format_value(fd: FieldDef, value: Any) -> str:
         return _bytes_text(value)
     if fd.type == BOOL:
         return "True" if value else "False"
+    if fd.type == FLOAT:
+        return f"{value:.9f}"
     if isinstance(value, int) and not isinstance(value, bool):
         if fd.children:
             return describe_bits({c.name.rsplit(".", 1)[1]: (c.mask, c.values) if c.values else c.mask

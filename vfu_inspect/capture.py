@@ -1,0 +1,243 @@
+"""Capture files: a msgpack stream, append-only, readable after a crash.
+
+Layout (format version 1): one msgpack map, the file header, then one msgpack
+array per record.  Records are independent objects, so a file cut short
+anywhere still yields every record before the cut; the damaged tail is
+reported once.  See README.md, "Capture files".
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Iterator
+
+import msgpack
+
+FORMAT = "vfu-inspect-capture"
+VERSION = 1
+SUFFIX = ".vfucap"
+
+# Record types: the first element of each record array.
+MSG, OPEN, CLOSE, NOTE = 0, 1, 2, 3
+EVENT_NAMES = {OPEN: "open", CLOSE: "close", NOTE: "note"}
+C2S, S2C = 0, 1
+DIRECTIONS = {C2S: "c2s", S2C: "s2c"}
+MAIN, TWIN = 0, 1
+CHANNELS = {MAIN: "main", TWIN: "twin"}
+FD_KINDS = ("memfd", "file", "eventfd", "socket", "other")
+
+_READ_CHUNK = 1 << 20
+_MAX_RECORD = 256 << 20     # bounds memory on a corrupt length field
+
+
+@dataclass(slots=True)
+class Message:
+    """One vfio-user message as it crossed a socket."""
+
+    ts_ns: int
+    conn: int
+    channel: int            # MAIN or TWIN
+    direction: int          # C2S or S2C
+    data: bytes
+    fds: list[dict[str, Any]] = field(default_factory=list)   # kind, size, inode
+    size: int | None = None   # on-wire size when `data` holds only its start
+
+    @property
+    def wire_size(self) -> int:
+        return self.size if self.size is not None else len(self.data)
+
+    def to_record(self) -> list[Any]:
+        record = [MSG, self.ts_ns, self.conn, self.channel, self.direction,
+                  self.data, self.fds]
+        if self.size is not None:
+            record.append(self.size)
+        return record
+
+
+@dataclass(slots=True)
+class Event:
+    """A connection opened or closed, or a free-text note."""
+
+    kind: int               # OPEN, CLOSE or NOTE
+    ts_ns: int
+    conn: int
+    info: dict[str, Any]
+
+    def to_record(self) -> list[Any]:
+        return [self.kind, self.ts_ns, self.conn, self.info]
+
+
+Record = Message | Event
+
+
+class CaptureError(Exception):
+    """The file is not a capture vfu-inspect can read."""
+
+
+class CaptureWriter:
+    """Appends records; flushes each one unless told to batch."""
+
+    def __init__(self, path: str | os.PathLike[str], source: str = "",
+                 autoflush: bool = True) -> None:
+        self.path = os.fspath(path)
+        self._file: BinaryIO = open(self.path, "wb")
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self.autoflush = autoflush
+        self._write({"format": FORMAT, "version": VERSION,
+                     "created_ns": time.time_ns(), "source": source,
+                     "tool": f"vfu-inspect {_tool_version()}"})
+
+    def write(self, record: Record) -> None:
+        self._write(record.to_record())
+
+    def message(self, ts_ns: int, conn: int, channel: int, direction: int,
+                data: bytes, fds: list[dict[str, Any]] | None = None,
+                size: int | None = None) -> None:
+        self.write(Message(ts_ns, conn, channel, direction, data, fds or [], size))
+
+    def event(self, kind: int, ts_ns: int, conn: int, **info: Any) -> None:
+        self.write(Event(kind, ts_ns, conn, info))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> CaptureWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, obj: Any) -> None:
+        self._file.write(self._packer.pack(obj))
+        if self.autoflush:
+            self._file.flush()
+
+
+def _tool_version() -> str:
+    from . import __version__
+    return __version__
+
+
+class CaptureReader:
+    """Iterates the records of a capture file, lazily.
+
+    `damage` is set (once) when the file ends inside a record or holds records
+    that are not valid; everything before is still returned.  With
+    `follow=True` iteration waits for records still being appended, as
+    `tail -f` does, until `stop()` is called.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], follow: bool = False,
+                 poll: float = 0.1) -> None:
+        self.path = os.fspath(path)
+        self.follow = follow
+        self.poll = poll
+        self.damage: str | None = None
+        self._stopped = False
+        try:
+            self._file: BinaryIO = open(self.path, "rb")
+        except OSError as exc:
+            raise CaptureError(f"cannot open {self.path}: {exc.strerror}") from None
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_RECORD,
+                                          strict_map_key=False)
+        self.header = self._read_header()
+
+    def _read_header(self) -> dict[str, Any]:
+        obj = self._next_object(wait=self.follow)
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            self.close()
+            raise CaptureError(f"{self.path} is not a vfu-inspect capture file")
+        if obj.get("version") != VERSION:
+            self.close()
+            raise CaptureError(f"{self.path}: capture format version {obj.get('version')} "
+                               f"is not supported (this build reads version {VERSION})")
+        return obj
+
+    def __iter__(self) -> Iterator[Record]:
+        bad = 0
+        while True:
+            obj = self._next_object(wait=self.follow)
+            if obj is _END:
+                break
+            record = _parse_record(obj)
+            if record is None:
+                bad += 1
+                continue
+            yield record
+        if bad:
+            self._report(f"{bad} malformed record(s) skipped")
+        tail = self._unpacker_tail()
+        if tail:
+            self._report(f"capture ends inside a record: last {tail} bytes ignored "
+                         "(was the writer killed?)")
+
+    def stop(self) -> None:
+        """End a follow-mode iteration at the next poll."""
+        self._stopped = True
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> CaptureReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _report(self, text: str) -> None:
+        if self.damage is None:
+            self.damage = text
+
+    def _next_object(self, wait: bool) -> Any:
+        while True:
+            try:
+                return self._unpacker.unpack()
+            except msgpack.OutOfData:
+                pass
+            except (msgpack.FormatError, msgpack.StackError, ValueError) as exc:
+                self._report(f"capture is corrupt after byte {self._unpacker.tell()}: {exc}")
+                return _END
+            chunk = self._file.read(_READ_CHUNK)
+            if chunk:
+                self._unpacker.feed(chunk)
+                continue
+            if not wait or self._stopped:
+                return _END
+            time.sleep(self.poll)
+
+    def _unpacker_tail(self) -> int:
+        consumed = self._unpacker.tell()
+        return max(os.fstat(self._file.fileno()).st_size - consumed, 0)
+
+
+_END = object()
+
+
+def _parse_record(obj: Any) -> Record | None:
+    """Validate one record array; None when it is not a record."""
+    if not isinstance(obj, list) or len(obj) < 4 or not all(
+            isinstance(x, int) for x in obj[:3]):
+        return None
+    kind = obj[0]
+    if kind == MSG and len(obj) in (7, 8):
+        _, ts, conn, channel, direction, data, fds, *size = obj
+        if isinstance(data, bytes) and isinstance(fds, list) and channel in CHANNELS \
+                and direction in DIRECTIONS:
+            return Message(ts, conn, channel, direction, data, fds, size[0] if size else None)
+        return None
+    if kind in EVENT_NAMES and len(obj) == 4 and isinstance(obj[3], dict):
+        return Event(kind, obj[1], obj[2], obj[3])
+    return None
+
+
+def read_all(path: str | os.PathLike[str]) -> tuple[list[Record], str | None]:
+    """Every record of a file and its damage report (for small files and tests)."""
+    with CaptureReader(path) as reader:
+        records = list(reader)
+        return records, reader.damage

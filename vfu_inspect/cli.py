@@ -1,0 +1,207 @@
+"""The `vfu-inspect` command line: one sub-command per tool."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Iterator, TextIO
+
+from . import __version__
+from .capture import CaptureError, CaptureReader, CaptureWriter, Message
+from .dissect import Analyzer, Dissected, find_responses
+from .output import (SUMMARY_HEADER, detail_text, field_values, hex_dump,
+                     json_packet, summary_line)
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print(f"vfu-inspect: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CaptureError as exc:
+        print(f"vfu-inspect: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # `vfu-inspect read … | head`: stop quietly, like other filters do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vfu-inspect", description="Analyzer and proxy for the vfio-user protocol.")
+    parser.add_argument("--version", action="version", version=f"vfu-inspect {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _read_parser(sub)
+    _import_parser(sub)
+    return parser
+
+
+# --- read ----------------------------------------------------------------------
+
+def _read_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("read", help="decode a capture file (like tshark -r)",
+                       description="Print the messages of a capture, one line each, "
+                                   "or decoded in full.")
+    p.add_argument("file", help="capture file (.vfucap)")
+    p.add_argument("-V", dest="verbose", action="store_true", help="print the detail tree")
+    p.add_argument("-x", dest="hex", action="store_true", help="print a hex dump of each message")
+    p.add_argument("-Y", dest="filter", metavar="FILTER", help="display filter, e.g. "
+                   "'vfio_user.cmd == DMA_MAP && dma_map.size > 0x1000'")
+    p.add_argument("-T", dest="format", choices=("text", "json", "fields"), default="text")
+    p.add_argument("-e", dest="fields", action="append", default=[], metavar="FIELD",
+                   help="field to print with -T fields (repeatable)")
+    p.add_argument("-c", dest="count", type=int, metavar="N", help="stop after N messages shown")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep reading records appended to the file (Ctrl-C to stop)")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.set_defaults(run=cmd_read)
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    display = _compile(args.filter) if args.filter else None
+    if args.format == "fields":
+        if not args.fields:
+            raise UserError("-T fields needs at least one -e FIELD")
+        _check_fields(args.fields)
+    responses = None
+    needs_links = args.verbose or args.format == "json" or (
+        display is not None and "vfio_user.response_in" in display.fields)
+    if needs_links and not args.follow:
+        with CaptureReader(args.file) as first_pass:
+            responses = find_responses(first_pass)
+    with CaptureReader(args.file, follow=args.follow) as reader:
+        _print_packets(args, _select(Analyzer(responses).run(reader), display, args.count),
+                       sys.stdout)
+        if reader.damage:
+            print(f"vfu-inspect: warning: {args.file}: {reader.damage}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _compile(text: str):
+    from .dfilter import FilterError, compile_filter
+    try:
+        return compile_filter(text)
+    except FilterError as exc:
+        raise UserError(f"invalid display filter: {exc}\n  {text}\n  {' ' * exc.position}^") from None
+
+
+def _check_fields(names: list[str]) -> None:
+    from .fields import lookup
+    unknown = [n for n in names if lookup(n) is None and not n.startswith("expert")]
+    if unknown:
+        raise UserError(f"unknown field(s): {', '.join(unknown)}")
+
+
+def _select(packets: Iterator[Dissected], display, count: int | None) -> Iterator[Dissected]:
+    shown = 0
+    for p in packets:
+        if count is not None and shown >= count:
+            return
+        if display is None or display.matches(p.tree.values()):
+            shown += 1
+            yield p
+
+
+def _print_packets(args: argparse.Namespace, packets: Iterator[Dissected], out: TextIO) -> int:
+    color = args.color == "always" or (args.color == "auto" and out.isatty())
+    render: Callable[[Dissected], str]
+    if args.format == "json":
+        return _print_json(packets, out)
+    if args.format == "fields":
+        render = lambda p: "\t".join(field_values(p, args.fields))  # noqa: E731
+    else:
+        render = lambda p: _text(p, args, color)  # noqa: E731
+        if not args.verbose and out.isatty():
+            print(SUMMARY_HEADER, file=out)
+    shown = 0
+    for p in packets:
+        print(render(p), file=out)
+        shown += 1
+    return shown
+
+
+def _text(p: Dissected, args: argparse.Namespace, color: bool) -> str:
+    parts = [detail_text(p) if args.verbose else summary_line(p, color)]
+    if args.hex:
+        parts.append(hex_dump(p.msg.data))
+    if args.verbose or args.hex:
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _print_json(packets: Iterator[Dissected], out: TextIO) -> int:
+    shown = 0
+    out.write("[")
+    for p in packets:
+        out.write(",\n" if shown else "\n")
+        out.write(json.dumps(json_packet(p)))
+        shown += 1
+    out.write("\n]\n")
+    return shown
+
+
+# --- import --------------------------------------------------------------------
+
+def _import_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="convert a JSON Lines trace or strace log to a capture",
+                       description="Build a capture file from a JSON Lines message trace "
+                                   "or from strace logs of the client and/or server.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="trace file (.jsonl) or strace log(s) (strace -f -yy -xx ...)")
+    p.add_argument("-o", "--output", required=True, help="capture file to write")
+    p.add_argument("--format", choices=("auto", "jsonl", "strace"), default="auto")
+    p.set_defaults(run=cmd_import)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    fmt = args.format if args.format != "auto" else _detect_format(args.inputs[0])
+    for path in args.inputs:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such file")
+    if fmt == "jsonl":
+        if len(args.inputs) != 1:
+            raise UserError("a JSON Lines trace is imported one file at a time")
+        from .importers.trace_jsonl import import_trace
+        result = import_trace(args.inputs[0])
+    else:
+        from .importers.strace import import_strace
+        result = import_strace(args.inputs)
+    for problem in result.problems:
+        print(f"vfu-inspect: warning: {problem}", file=sys.stderr)
+    messages = sum(isinstance(r, Message) for r in result.records)
+    if not messages:
+        raise UserError(f"no vfio-user message found in {', '.join(args.inputs)}")
+    with CaptureWriter(args.output, source=f"import {fmt}: {' '.join(args.inputs)}",
+                       autoflush=False) as writer:
+        for record in result.records:
+            writer.write(record)
+    print(f"wrote {messages} messages to {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _detect_format(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    return "jsonl" if line.lstrip().startswith("{") else "strace"
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror}") from None
+    raise UserError(f"{path} is empty")

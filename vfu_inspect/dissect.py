@@ -1,0 +1,174 @@
+"""From capture records to dissected packets.
+
+Numbers messages as Wireshark numbers frames, computes their times, pairs
+each reply with its request, and runs the protocol dissector with that
+context.  Every view (read, proxy --print, the TUI) goes through `Analyzer`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+from .capture import CHANNELS, DIRECTIONS, Message, Record
+from .dissectors import vfio_user as proto
+from .fields import FLOAT, FRAME, PROTOCOL, field
+from .tree import Tree
+
+field("frame", "Frame", PROTOCOL)
+field("frame.number", "Frame number", FRAME)
+field("frame.time_epoch", "Epoch time (s)", FLOAT)
+field("frame.time_relative", "Time since first message (s)", FLOAT)
+field("frame.time_delta", "Time since previous message (s)", FLOAT)
+field("frame.conn", "Connection")
+field("frame.channel", "Channel", values=CHANNELS)
+field("frame.dir", "Direction", values=DIRECTIONS)
+field("frame.len", "Message length")
+field("frame.fds", "Passed fds")
+field("frame.truncated", "Bytes captured (message truncated)")
+
+# Requests awaiting a reply, per key; beyond this the oldest are dropped so
+# that a peer that never answers cannot grow memory without bound.
+MAX_PENDING_PER_KEY = 4096
+
+
+@dataclass(slots=True)
+class Dissected:
+    number: int
+    msg: Message
+    header: proto.HeaderInfo | None
+    tree: Tree
+    time_relative: float
+    time_delta: float
+    request_in: int | None = None     # for a reply: its request's number
+    response_in: int | None = None    # for a request: its reply's number
+    latency: float | None = None      # reply time minus request time
+
+    @property
+    def direction(self) -> str:
+        return DIRECTIONS[self.msg.direction]
+
+
+def _key(msg: Message, msg_id: int, direction: int) -> tuple[int, int, int, int]:
+    return (msg.conn, msg.channel, direction, msg_id)
+
+
+class Matcher:
+    """Pairs replies with requests by (connection, channel, direction, msg_id).
+
+    msg_id alone is not enough: both peers send commands, and ids may be reused
+    while in flight, so each key holds a FIFO of outstanding requests.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[int, int, int, int], deque[tuple[int, Any]]] = {}
+
+    def request(self, msg: Message, header: proto.HeaderInfo, number: int,
+                payload: Any) -> None:
+        queue = self._pending.setdefault(_key(msg, header.msg_id, msg.direction),
+                                         deque(maxlen=MAX_PENDING_PER_KEY))
+        queue.append((number, payload))
+
+    def reply(self, msg: Message, header: proto.HeaderInfo) -> tuple[int, Any] | None:
+        key = _key(msg, header.msg_id, 1 - msg.direction)
+        queue = self._pending.get(key)
+        if not queue:
+            return None
+        entry = queue.popleft()
+        if not queue:
+            del self._pending[key]
+        return entry
+
+    def outstanding(self) -> list[int]:
+        return sorted(n for q in self._pending.values() for n, _ in q)
+
+
+def expects_reply(header: proto.HeaderInfo) -> bool:
+    return header.type == proto.TYPE_COMMAND and not header.no_reply
+
+
+def find_responses(records: Iterable[Record]) -> dict[int, int]:
+    """First pass: request number -> reply number, from headers only."""
+    matcher, links, number = Matcher(), {}, 0
+    for record in records:
+        if not isinstance(record, Message):
+            continue
+        number += 1
+        header = proto.parse_header(record.data)
+        if header is None:
+            continue
+        if header.is_reply:
+            hit = matcher.reply(record, header)
+            if hit:
+                links[hit[0]] = number
+        elif expects_reply(header):
+            matcher.request(record, header, number, None)
+    return links
+
+
+class Analyzer:
+    """Dissects messages in capture order, carrying what links them."""
+
+    def __init__(self, responses: dict[int, int] | None = None) -> None:
+        self.responses = responses
+        self.matcher = Matcher()
+        self.number = 0
+        self._first_ts: int | None = None
+        self._prev_ts: int | None = None
+
+    def feed(self, msg: Message) -> Dissected:
+        self.number += 1
+        if self._first_ts is None:
+            self._first_ts = self._prev_ts = msg.ts_ns
+        rel = (msg.ts_ns - self._first_ts) / 1e9
+        delta = (msg.ts_ns - self._prev_ts) / 1e9
+        self._prev_ts = msg.ts_ns
+        header = proto.parse_header(msg.data)
+        request = None
+        if header is not None and header.is_reply:
+            request = self.matcher.reply(msg, header)
+        ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds,
+                            request[1][0] if request else None)
+        tree, _ = proto.dissect_message(msg.data, ctx)
+        packet = Dissected(self.number, msg, header, tree, rel, delta)
+        if request:
+            packet.request_in = request[0]
+            packet.latency = (msg.ts_ns - request[1][1]) / 1e9
+        elif header is not None and expects_reply(header):
+            self.matcher.request(msg, header, self.number, (msg.data, msg.ts_ns))
+            if self.responses is not None:
+                packet.response_in = self.responses.get(self.number)
+        self._add_frame_items(packet)
+        return packet
+
+    def run(self, records: Iterable[Record]) -> Iterator[Dissected]:
+        for record in records:
+            if isinstance(record, Message):
+                yield self.feed(record)
+
+    @staticmethod
+    def _add_frame_items(p: Dissected) -> None:
+        tree, msg = p.tree, p.msg
+        node = tree.add("frame", None, text=f"Frame {p.number}: {msg.wire_size} bytes, "
+                                              f"{len(msg.fds)} fds")
+        tree.add("frame.number", p.number, parent=node)
+        tree.add("frame.time_epoch", msg.ts_ns / 1e9, parent=node)
+        tree.add("frame.time_relative", p.time_relative, parent=node)
+        tree.add("frame.time_delta", p.time_delta, parent=node)
+        tree.add("frame.conn", msg.conn, parent=node)
+        tree.add("frame.channel", msg.channel, parent=node)
+        tree.add("frame.dir", msg.direction, parent=node)
+        tree.add("frame.len", msg.wire_size, parent=node)
+        tree.add("frame.fds", len(msg.fds), parent=node)
+        if msg.size is not None:
+            tree.add("frame.truncated", len(msg.data), parent=node)
+            tree.expert("warning", "capture.truncated",
+                        f"only {len(msg.data)} of {msg.size} bytes were captured")
+        tree.items.insert(0, tree.items.pop())     # the frame comes first, as in Wireshark
+        links = tree.items[1] if len(tree.items) > 1 else node
+        if p.request_in is not None:
+            tree.add("vfio_user.response_to", p.request_in, parent=links)
+            tree.add("vfio_user.time", p.latency, parent=links)
+        if p.response_in is not None:
+            tree.add("vfio_user.response_in", p.response_in, parent=links)

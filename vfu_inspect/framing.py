@@ -1,0 +1,129 @@
+"""Framing: cut a vfio-user byte stream into messages.
+
+A stream arrives as chunks, each with the file descriptors (or their
+metadata) that came with it in the same recvmsg.  The kernel delivers
+SCM_RIGHTS with the first byte of the sendmsg that carried them, so fds are
+attached to the message that the chunk's first byte belongs to.
+
+Memory is bounded: a message larger than `max_message` (a bogus msg_size of
+4 GiB, say) keeps only its first `keep` bytes and is reported as truncated.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+HEADER_SIZE = 16
+_SIZE = struct.Struct("<I")
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024 + 4096   # QEMU's largest max_data_xfer_size + headers
+DEFAULT_KEEP = 64 * 1024
+
+
+@dataclass(slots=True)
+class Frame:
+    data: bytes                 # the message, or its first bytes when truncated
+    size: int                   # bytes the message occupied in the stream
+    fds: list[Any] = field(default_factory=list)
+    truncated: bool = False     # data holds only the start of the message
+    error: str | None = None    # why the stream could not be framed here
+
+
+class Framer:
+    """Incremental framer for one direction of one socket."""
+
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE,
+                 keep: int = DEFAULT_KEEP) -> None:
+        self.max_message = max_message
+        self.keep = keep
+        self._buf = bytearray()
+        self._fds: list[Any] = []      # fds of the message being assembled
+        self._skip = 0                 # bytes of an oversized message still to drop
+        self._oversized: Frame | None = None
+        self.lost = False              # framing lost: msg_size < 16 was seen
+
+    def feed(self, data: bytes, fds: Sequence[Any] = ()) -> list[Frame]:
+        """Add one received chunk; return the messages it completed."""
+        if self.lost:
+            return [Frame(bytes(data), len(data), list(fds), error="unframed bytes "
+                          "(framing was lost earlier in this stream)")] if data or fds else []
+        if self._skip and self._oversized is not None:
+            self._oversized.fds.extend(fds)
+        else:
+            self._fds.extend(fds)
+        frames: list[Frame] = []
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                view = self._drop(view, frames)
+                continue
+            self._buf += view
+            view = memoryview(b"")
+            self._cut(frames)
+        return frames
+
+    def close(self) -> Frame | None:
+        """End of stream: return what is left of an incomplete message."""
+        if self._skip and self._oversized is not None:
+            frame, self._oversized, self._skip = self._oversized, None, 0
+            frame.error = "stream ended inside an oversized message"
+            return frame
+        if not self._buf and not self._fds:
+            return None
+        frame = Frame(bytes(self._buf), len(self._buf), self._fds,
+                      error=f"stream ended after {len(self._buf)} bytes of an incomplete message")
+        self._buf, self._fds = bytearray(), []
+        return frame
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered for the message being assembled."""
+        return len(self._buf)
+
+    def _cut(self, frames: list[Frame]) -> None:
+        while len(self._buf) >= HEADER_SIZE:
+            size = _SIZE.unpack_from(self._buf, 4)[0]
+            if size < HEADER_SIZE:
+                frames.append(Frame(bytes(self._buf), len(self._buf), self._take_fds(),
+                                    error=f"msg_size {size} is smaller than the header: "
+                                          "framing lost"))
+                self._buf = bytearray()
+                self.lost = True
+                return
+            if size > self.max_message:
+                self._start_oversized(size, frames)
+                return
+            if len(self._buf) < size:
+                return
+            frames.append(Frame(bytes(self._buf[:size]), size, self._take_fds()))
+            del self._buf[:size]
+
+    def _start_oversized(self, size: int, frames: list[Frame]) -> None:
+        kept = bytes(self._buf[:self.keep])
+        self._oversized = Frame(kept, size, self._take_fds(), truncated=True,
+                                error=f"msg_size {size} exceeds the {self.max_message}-byte limit")
+        consumed = min(len(self._buf), size)
+        self._skip = size - consumed
+        rest = self._buf[consumed:]
+        self._buf = bytearray()
+        if not self._skip:
+            frames.append(self._finish_oversized())
+            self._buf = bytearray(rest)
+            self._cut(frames)
+
+    def _drop(self, view: memoryview, frames: list[Frame]) -> memoryview:
+        n = min(self._skip, len(view))
+        self._skip -= n
+        if not self._skip:
+            frames.append(self._finish_oversized())
+        return view[n:]
+
+    def _finish_oversized(self) -> Frame:
+        frame, self._oversized = self._oversized, None
+        assert frame is not None
+        return frame
+
+    def _take_fds(self) -> list[Any]:
+        fds, self._fds = self._fds, []
+        return fds

@@ -1,0 +1,126 @@
+"""Text and JSON renderings of dissected messages, shared by every view."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from .capture import TWIN
+from .dissect import Dissected
+from .fields import BYTES, PROTOCOL
+from .tree import Item
+
+SUMMARY_HEADER = (f"{'No.':>7} {'Time':>11} {'Delta':>9} {'Conn':>6} {'Dir':3} "
+                  f"{'Msg-ID':>6} {'Command':<24} {'Type':<7} {'Len':>6} {'Fds':>3}  Info")
+ARROWS = {"c2s": "C→S", "s2c": "C←S"}
+COLORS = {"error": "\x1b[31m", "warning": "\x1b[33m", "note": "\x1b[36m",
+          "reply": "\x1b[2m", "server": "\x1b[35m"}
+RESET = "\x1b[0m"
+
+
+def summary_line(p: Dissected, color: bool = False) -> str:
+    h = p.header
+    conn = f"{p.msg.conn}" + (":twin" if p.msg.channel == TWIN else "")
+    cmd = h.command_name if h else "?"
+    kind = h.kind if h else "short"
+    msg_id = f"{h.msg_id:#06x}" if h else "-"
+    info = p.tree.info
+    if p.latency is not None:
+        info = f"{info} [{p.latency * 1e6:.0f} µs]".lstrip()
+    if p.tree.experts:
+        worst = p.tree.experts[0] if len(p.tree.experts) == 1 else None
+        info += f"  [{p.tree.worst_severity}: {worst.message if worst else f'{len(p.tree.experts)} items'}]"
+    line = (f"{p.number:>7} {p.time_relative:>11.6f} {p.time_delta:>9.6f} {conn:>6} "
+            f"{ARROWS[p.direction]:3} {msg_id:>6} {cmd:<24} {kind:<7} "
+            f"{p.msg.wire_size:>6} {len(p.msg.fds):>3}  {info}")
+    return _colored(line, p) if color else line
+
+
+def _colored(line: str, p: Dissected) -> str:
+    severity = p.tree.worst_severity
+    if severity in ("error", "warning", "note"):
+        return COLORS[severity] + line + RESET
+    if p.header and p.header.kind == "error":
+        return COLORS["error"] + line + RESET
+    if p.header and p.header.cmd in (11, 12) and not p.header.is_reply:
+        return COLORS["server"] + line + RESET
+    if p.header and p.header.is_reply:
+        return COLORS["reply"] + line + RESET
+    return line
+
+
+def detail_text(p: Dissected) -> str:
+    """The detail tree, as tshark -V prints it."""
+    lines: list[str] = []
+    for item in p.tree.items:
+        _tree_lines(item, 0, lines)
+    for e in p.tree.experts:
+        lines.append(f"    [Expert Info ({e.severity.capitalize()}/{e.id}): {e.message}]")
+    return "\n".join(lines)
+
+
+def _tree_lines(item: Item, depth: int, out: list[str]) -> None:
+    pad = "    " * depth
+    if item.field.type == PROTOCOL:
+        out.append(f"{pad}{item.text or item.field.label}")
+    else:
+        out.append(f"{pad}{item.field.label}: {item.value_text()}")
+    for child in item.children:
+        _tree_lines(child, depth + 1, out)
+
+
+def hex_dump(data: bytes, width: int = 16) -> str:
+    lines = []
+    for off in range(0, len(data), width):
+        chunk = data[off:off + width]
+        hexpart = " ".join(f"{b:02x}" for b in chunk)
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append(f"{off:04x}  {hexpart:<{width * 3 - 1}}  {text}")
+    return "\n".join(lines)
+
+
+def json_packet(p: Dissected) -> dict[str, Any]:
+    """Every field, nested as the tree is; repeated fields become lists."""
+    out: dict[str, Any] = {"frame": p.number, "layers": _json_children(p.tree.items)}
+    if p.tree.experts:
+        out["expert"] = [{"id": e.id, "severity": e.severity, "message": e.message}
+                         for e in p.tree.experts]
+    return out
+
+
+def _json_children(items: list[Item]) -> dict[str, Any]:
+    grouped: dict[str, list[Any]] = {}
+    for item in items:
+        for key, value in _json_entries(item):
+            grouped.setdefault(key, []).append(value)
+    return {k: v[0] if len(v) == 1 else v for k, v in grouped.items()}
+
+
+def _json_entries(item: Item) -> list[tuple[str, Any]]:
+    name = item.field.name
+    if item.field.type == PROTOCOL:
+        return [(name, _json_children(item.children))]
+    entries = [(name, json_value(item))]
+    if item.children:
+        entries.append((f"{name}_tree", _json_children(item.children)))
+    return entries
+
+
+def json_value(item: Item) -> Any:
+    if item.field.type == BYTES:
+        return item.value.hex()
+    return item.value
+
+
+def field_values(p: Dissected, names: Iterable[str], values: dict[str, list] | None = None
+                 ) -> list[str]:
+    """The values of the named fields, for -T fields (repeats joined by ',')."""
+    values = values if values is not None else p.tree.values()
+    return [",".join(_plain(v) for v in values.get(name, [])) for name in names]
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.hex()
+    if value is None:
+        return ""
+    return str(value)
