@@ -140,6 +140,7 @@ class CaptureReader:
         self.poll = poll
         self.damage: str | None = None
         self._stopped = False
+        self._consumed = 0      # end of the last whole object (tell() moves on failure)
         try:
             self._file: BinaryIO = open(self.path, "rb")
         except OSError as exc:
@@ -197,11 +198,13 @@ class CaptureReader:
     def _next_object(self, wait: bool) -> Any:
         while True:
             try:
-                return self._unpacker.unpack()
+                obj = self._unpacker.unpack()
+                self._consumed = self._unpacker.tell()
+                return obj
             except msgpack.OutOfData:
                 pass
             except (msgpack.FormatError, msgpack.StackError, ValueError) as exc:
-                self._report(f"capture is corrupt after byte {self._unpacker.tell()}: {exc}")
+                self._report(f"capture is corrupt after byte {self._consumed}: {exc}")
                 return _END
             chunk = self._file.read(_READ_CHUNK)
             if chunk:
@@ -212,8 +215,7 @@ class CaptureReader:
             time.sleep(self.poll)
 
     def _unpacker_tail(self) -> int:
-        consumed = self._unpacker.tell()
-        return max(os.fstat(self._file.fileno()).st_size - consumed, 0)
+        return max(os.fstat(self._file.fileno()).st_size - self._consumed, 0)
 
 
 _END = object()

@@ -13,10 +13,10 @@ from typing import Any, Iterable, Iterator
 
 from .capture import CHANNELS, DIRECTIONS, Message, Record
 from .dissectors import vfio_user as proto
-from .fields import FLOAT, FRAME, PROTOCOL, field
-from .tree import Tree
+from .fields import FLOAT, FRAME, PROTOCOL, field, lookup
+from .tree import Item, Tree
 
-field("frame", "Frame", PROTOCOL)
+FRAME_FIELD = field("frame", "Frame", PROTOCOL)
 field("frame.number", "Frame number", FRAME)
 field("frame.time_epoch", "Epoch time (s)", FLOAT)
 field("frame.time_relative", "Time since first message (s)", FLOAT)
@@ -150,25 +150,35 @@ class Analyzer:
     @staticmethod
     def _add_frame_items(p: Dissected) -> None:
         tree, msg = p.tree, p.msg
-        node = tree.add("frame", None, text=f"Frame {p.number}: {msg.wire_size} bytes, "
-                                              f"{len(msg.fds)} fds")
-        tree.add("frame.number", p.number, parent=node)
-        tree.add("frame.time_epoch", msg.ts_ns / 1e9, parent=node)
-        tree.add("frame.time_relative", p.time_relative, parent=node)
-        tree.add("frame.time_delta", p.time_delta, parent=node)
-        tree.add("frame.conn", msg.conn, parent=node)
-        tree.add("frame.channel", msg.channel, parent=node)
-        tree.add("frame.dir", msg.direction, parent=node)
-        tree.add("frame.len", msg.wire_size, parent=node)
-        tree.add("frame.fds", len(msg.fds), parent=node)
+        tree.items.insert(0, FrameItem(p))     # the frame comes first, as in Wireshark
         if msg.size is not None:
-            tree.add("frame.truncated", len(msg.data), parent=node)
             tree.expert("warning", "capture.truncated",
                         f"only {len(msg.data)} of {msg.size} bytes were captured")
-        tree.items.insert(0, tree.items.pop())     # the frame comes first, as in Wireshark
-        links = tree.items[1] if len(tree.items) > 1 else node
+        links = tree.items[1]
         if p.request_in is not None:
             tree.add("vfio_user.response_to", p.request_in, parent=links)
             tree.add("vfio_user.time", p.latency, parent=links)
         if p.response_in is not None:
             tree.add("vfio_user.response_in", p.response_in, parent=links)
+
+
+class FrameItem(Item):
+    """The frame node; its fields are built only when a view asks for them."""
+
+    __slots__ = ("packet",)
+
+    def __init__(self, p: Dissected) -> None:
+        super().__init__(FRAME_FIELD, None, text=f"Frame {p.number}: {p.msg.wire_size} bytes, "
+                                                 f"{len(p.msg.fds)} fds")
+        self.packet = p
+
+    def _build_children(self) -> list[Item]:
+        p, msg = self.packet, self.packet.msg
+        values = [("frame.number", p.number), ("frame.time_epoch", msg.ts_ns / 1e9),
+                  ("frame.time_relative", p.time_relative), ("frame.time_delta", p.time_delta),
+                  ("frame.conn", msg.conn), ("frame.channel", msg.channel),
+                  ("frame.dir", msg.direction), ("frame.len", msg.wire_size),
+                  ("frame.fds", len(msg.fds))]
+        if msg.size is not None:
+            values.append(("frame.truncated", len(msg.data)))
+        return [Item(lookup(name), value) for name, value in values]

@@ -6,7 +6,7 @@ hex highlighting) reads the same items, so a field looks the same everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .fields import BOOL, BYTES, FLOAT, FieldDef, describe_bits, lookup
@@ -14,14 +14,34 @@ from .fields import BOOL, BYTES, FLOAT, FieldDef, describe_bits, lookup
 SEVERITIES = ("error", "warning", "note", "chat")
 
 
-@dataclass(slots=True)
 class Item:
-    field: FieldDef
-    value: Any
-    offset: int = -1        # byte offset in the message, -1 when not in the bytes
-    length: int = 0
-    text: str | None = None  # overrides the generated value text
-    children: list[Item] = dc_field(default_factory=list)
+    """One field of the detail tree.
+
+    The bit sub-fields of a flags word are built only when something looks at
+    them: most messages are filtered or summarized, never expanded.
+    """
+
+    __slots__ = ("field", "value", "offset", "length", "text", "_children")
+
+    def __init__(self, field: FieldDef, value: Any, offset: int = -1, length: int = 0,
+                 text: str | None = None) -> None:
+        self.field = field
+        self.value = value
+        self.offset = offset        # byte offset in the message, -1 when not in the bytes
+        self.length = length
+        self.text = text            # overrides the generated value text
+        self._children: list[Item] | None = None
+
+    @property
+    def children(self) -> list[Item]:
+        if self._children is None:
+            self._children = self._build_children()
+        return self._children
+
+    def _build_children(self) -> list[Item]:
+        """Children known from the value alone: the bits of a flags word."""
+        return [Item(sub, value, self.offset, self.length)
+                for sub, value in bit_values(self.field, self.value)]
 
     def value_text(self) -> str:
         if self.text is not None:
@@ -32,6 +52,9 @@ class Item:
         yield self
         for child in self.children:
             yield from child.walk()
+
+    def __repr__(self) -> str:
+        return f"Item({self.field.name}={self.value!r})"
 
 
 @dataclass(slots=True)
@@ -61,11 +84,6 @@ class Tree:
             raise KeyError(f"unregistered field {name}")
         item = Item(fd, value, offset, length, text)
         (parent.children if parent else self.items).append(item)
-        if fd.children and isinstance(value, int):
-            for sub in fd.children:
-                part = value & sub.mask
-                sub_value = bool(part) if sub.type == BOOL else part >> _shift(sub.mask)
-                item.children.append(Item(sub, sub_value, offset, length))
         return item
 
     def expert(self, severity: str, id: str, message: str,
@@ -85,8 +103,7 @@ class Tree:
     def values(self) -> dict[str, list[Any]]:
         """Every field's values, keyed by filter name (a field may repeat)."""
         out: dict[str, list[Any]] = {}
-        for item in self.walk():
-            out.setdefault(item.field.name, []).append(item.value)
+        _collect(self.items, out)
         if self.experts:
             out["expert"] = [True]
             out["expert.id"] = [e.id for e in self.experts]
@@ -98,6 +115,33 @@ class Tree:
     def worst_severity(self) -> str | None:
         ranks = [SEVERITIES.index(e.severity) for e in self.experts]
         return SEVERITIES[min(ranks)] if ranks else None
+
+
+def _collect(items: list[Item], out: dict[str, list[Any]]) -> None:
+    """Field values of `items` and below; bit values without building items."""
+    for item in items:
+        fd = item.field
+        values = out.get(fd.name)
+        if values is None:
+            out[fd.name] = [item.value]
+        else:
+            values.append(item.value)
+        if item._children is None and type(item) is Item:
+            for sub, value in bit_values(fd, item.value):
+                out.setdefault(sub.name, []).append(value)
+        elif item.children:
+            _collect(item.children, out)
+
+
+def bit_values(fd: FieldDef, value: Any) -> list[tuple[FieldDef, Any]]:
+    """The bit sub-fields of a flags word and their values."""
+    if not fd.children or not isinstance(value, int):
+        return []
+    out = []
+    for sub in fd.children:
+        part = value & sub.mask
+        out.append((sub, bool(part) if sub.type == BOOL else part >> _shift(sub.mask)))
+    return out
 
 
 def _shift(mask: int) -> int:
