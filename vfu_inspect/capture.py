@@ -9,6 +9,8 @@ reported once.  See README.md, "Capture files".
 from __future__ import annotations
 
 import os
+import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
@@ -85,9 +87,7 @@ class CaptureWriter:
         self._file: BinaryIO = open(self.path, "wb")
         self._packer = msgpack.Packer(use_bin_type=True)
         self.autoflush = autoflush
-        self._write({"format": FORMAT, "version": VERSION,
-                     "created_ns": time.time_ns(), "source": source,
-                     "tool": f"vfu-inspect {_tool_version()}"})
+        self._write(header_record(source))
 
     def write(self, record: Record) -> None:
         self._write(record.to_record())
@@ -119,9 +119,11 @@ class CaptureWriter:
             self._file.flush()
 
 
-def _tool_version() -> str:
+def header_record(source: str) -> dict[str, Any]:
+    """The map that starts every capture file and live stream."""
     from . import __version__
-    return __version__
+    return {"format": FORMAT, "version": VERSION, "created_ns": time.time_ns(),
+            "source": source, "tool": f"vfu-inspect {__version__}"}
 
 
 class CaptureReader:
@@ -141,10 +143,8 @@ class CaptureReader:
         self.damage: str | None = None
         self._stopped = False
         self._consumed = 0      # end of the last whole object (tell() moves on failure)
-        try:
-            self._file: BinaryIO = open(self.path, "rb")
-        except OSError as exc:
-            raise CaptureError(f"cannot open {self.path}: {exc.strerror}") from None
+        self._fed = 0
+        self._file, self._read = _open_source(self.path)
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_RECORD,
                                           strict_map_key=False)
         self.header = self._read_header()
@@ -206,19 +206,37 @@ class CaptureReader:
             except (msgpack.FormatError, msgpack.StackError, ValueError) as exc:
                 self._report(f"capture is corrupt after byte {self._consumed}: {exc}")
                 return _END
-            chunk = self._file.read(_READ_CHUNK)
+            chunk = self._read(_READ_CHUNK)
             if chunk:
                 self._unpacker.feed(chunk)
+                self._fed += len(chunk)
                 continue
             if not wait or self._stopped:
                 return _END
             time.sleep(self.poll)
 
     def _unpacker_tail(self) -> int:
-        return max(os.fstat(self._file.fileno()).st_size - self._consumed, 0)
+        return self._fed - self._consumed
 
 
 _END = object()
+
+
+def _open_source(path: str) -> tuple[Any, Any]:
+    """A capture file, or a proxy's live monitor socket: (closable, read function)."""
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+            except OSError:
+                sock.close()
+                raise
+            return sock, sock.recv
+        file = open(path, "rb")
+        return file, file.read
+    except OSError as exc:
+        raise CaptureError(f"cannot open {path}: {exc.strerror}") from None
 
 
 def _parse_record(obj: Any) -> Record | None:

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vfu-inspect {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _read_parser(sub)
+    _proxy_parser(sub)
     _import_parser(sub)
     return parser
 
@@ -59,7 +60,9 @@ def _read_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("read", help="decode a capture file (like tshark -r)",
                        description="Print the messages of a capture, one line each, "
                                    "or decoded in full.")
-    p.add_argument("file", help="capture file (.vfucap)")
+    p.add_argument("file", nargs="?", help="capture file (.vfucap)")
+    p.add_argument("--live", metavar="MONITOR",
+                   help="read the live stream of a running proxy (its --monitor socket)")
     p.add_argument("-V", dest="verbose", action="store_true", help="print the detail tree")
     p.add_argument("-x", dest="hex", action="store_true", help="print a hex dump of each message")
     p.add_argument("-Y", dest="filter", metavar="FILTER", help="display filter, e.g. "
@@ -75,6 +78,10 @@ def _read_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_read(args: argparse.Namespace) -> int:
+    if (args.file is None) == (args.live is None):
+        raise UserError("give a capture FILE or --live MONITOR")
+    if args.live:
+        args.file, args.follow = args.live, True
     display = _compile(args.filter) if args.filter else None
     if args.format == "fields":
         if not args.fields:
@@ -155,6 +162,56 @@ def _print_json(packets: Iterator[Dissected], out: TextIO) -> int:
         shown += 1
     out.write("\n]\n")
     return shown
+
+
+# --- proxy ---------------------------------------------------------------------
+
+def _proxy_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("proxy", help="relay a vfio-user client to its server and record it",
+                       description="Listen for vfio-user clients and relay each one to a "
+                                   "new connection to the server, byte for byte, with its "
+                                   "file descriptors.")
+    p.add_argument("--listen", required=True, metavar="PATH",
+                   help="socket the client connects to (created by the proxy)")
+    p.add_argument("--server", required=True, metavar="PATH", help="the real server's socket")
+    p.add_argument("-w", dest="write", metavar="FILE", help="write a capture file")
+    p.add_argument("--print", action="store_true", help="print one line per message")
+    p.add_argument("--monitor", metavar="PATH",
+                   help="serve the live record stream here (vfu-inspect read --live PATH)")
+    p.add_argument("--mode", type=lambda v: int(v, 8), default=0o600,
+                   help="permissions of the created sockets, octal (default 600)")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.set_defaults(run=cmd_proxy)
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from .addons import MonitorAddon, PrintAddon, SaveAddon
+    from .proxy import Proxy, ProxyError
+    source = f"proxy {args.listen} -> {args.server}"
+    addons: list = []
+    try:
+        if args.write:
+            addons.append(SaveAddon(args.write, source))
+        if args.print:
+            color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+            addons.append(PrintAddon(sys.stdout, color))
+        if args.monitor:
+            addons.append(MonitorAddon(args.monitor, source, args.mode))
+        proxy = Proxy(args.listen, args.server, addons, args.mode, log=_log)
+        proxy.start()
+    except (ProxyError, OSError) as exc:
+        for addon in addons:
+            addon.close()
+        raise UserError(str(exc)) from None
+    proxy.install_signal_handlers()
+    _log(f"listening on {args.listen}, relaying to {args.server}"
+         + (f", writing {args.write}" if args.write else ""))
+    proxy.run()
+    return EXIT_OK
+
+
+def _log(text: str) -> None:
+    print(f"vfu-inspect: {text}", file=sys.stderr, flush=True)
 
 
 # --- import --------------------------------------------------------------------

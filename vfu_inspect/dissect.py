@@ -80,8 +80,11 @@ class Matcher:
             del self._pending[key]
         return entry
 
-    def outstanding(self) -> list[int]:
-        return sorted(n for q in self._pending.values() for n, _ in q)
+    def outstanding(self) -> list[Any]:
+        """Payloads of the requests still unanswered, oldest first."""
+        entries = sorted((n, i, payload) for i, q in enumerate(self._pending.values())
+                         for n, payload in q)
+        return [payload for _, _, payload in entries]
 
 
 def expects_reply(header: proto.HeaderInfo) -> bool:

@@ -1,0 +1,102 @@
+"""UNIX-socket I/O with file descriptors, shared by the proxy and the endpoints."""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import stat
+from typing import Any
+
+from .framing import Framer, Frame
+
+MAX_FDS_PER_RECV = 253          # SCM_MAX_FD: the kernel's limit for one message
+RECV_CHUNK = 256 * 1024
+_ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_RECV * array.array("i").itemsize)
+
+
+class PeerClosed(Exception):
+    """The other end closed the connection."""
+
+
+def recv_chunk(sock: socket.socket, size: int = RECV_CHUNK) -> tuple[bytes, list[int]]:
+    """One recvmsg: bytes and the fds that came with them ("" at EOF)."""
+    data, ancdata, flags, _ = sock.recvmsg(size, _ANCILLARY)
+    fds = fds_from_ancillary(ancdata)
+    if flags & socket.MSG_CTRUNC:
+        # More fds than we can take: the kernel closed the rest.  Say so loudly.
+        raise OSError("ancillary data truncated: the peer passed more than "
+                      f"{MAX_FDS_PER_RECV} fds in one message")
+    return data, fds
+
+
+def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % array.array("i").itemsize
+            fds.extend(array.array("i", payload[:usable]))
+    return fds
+
+
+def send_all(sock: socket.socket, data: bytes, fds: list[int] = ()) -> None:
+    """Send bytes with fds on the first byte (blocking socket)."""
+    view = memoryview(data)
+    sent = socket.send_fds(sock, [view], list(fds)) if fds else sock.send(view)
+    while sent < len(view):
+        sent += sock.send(view[sent:])
+
+
+def fd_info(fd: int) -> dict[str, Any]:
+    """What a passed fd is: kind, size and inode, as the capture records it."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return {"kind": "other"}
+    kind = "other"
+    if stat.S_ISSOCK(st.st_mode):
+        kind = "socket"
+    elif stat.S_ISREG(st.st_mode):
+        kind = "memfd" if _link(fd).startswith("/memfd:") else "file"
+    elif _link(fd) == "anon_inode:[eventfd]":
+        kind = "eventfd"
+    info: dict[str, Any] = {"kind": kind, "inode": st.st_ino}
+    if stat.S_ISREG(st.st_mode):
+        info["size"] = st.st_size
+    return info
+
+
+def _link(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+class MessageSocket:
+    """A blocking vfio-user connection: whole messages in, whole messages out."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._framer = Framer()
+        self._ready: list[Frame] = []
+
+    def send(self, data: bytes, fds: list[int] = ()) -> None:
+        send_all(self.sock, data, fds)
+
+    def recv(self) -> Frame:
+        """The next whole message; raises PeerClosed at EOF."""
+        while not self._ready:
+            data, fds = recv_chunk(self.sock)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                raise PeerClosed("peer closed the connection")
+            self._ready.extend(self._framer.feed(data, fds))
+        return self._ready.pop(0)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
