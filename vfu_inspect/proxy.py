@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol
 from .capture import C2S, CHANNELS, CLOSE, DIRECTIONS, MAIN, NOTE, OPEN, S2C, TWIN, Event, Message
 from .dissect import Matcher, expects_reply
 from .dissectors import vfio_user as proto
-from .framing import Framer
+from .framing import Frame, Framer
 from .sockio import fd_info, recv_chunk
 
 
@@ -225,12 +225,15 @@ class Proxy:
         self._send_queued(dst)
         for frame in frames:
             self._track(src, frame.data, now)
-            self._emit(Message(now, conn.id, src.channel, src.direction, frame.data,
-                               frame.fds, frame.size if frame.truncated else None))
-            if frame.error:
-                self._emit(Event(NOTE, now, conn.id, {
-                    "text": frame.error, "channel": CHANNELS[src.channel],
-                    "dir": DIRECTIONS[src.direction]}))
+            self._emit_frame(src, frame, now)
+
+    def _emit_frame(self, src: Side, frame: Frame, now: int) -> None:
+        self._emit(Message(now, src.conn.id, src.channel, src.direction, frame.data,
+                           frame.fds, frame.size if frame.truncated else None))
+        if frame.error:
+            self._emit(Event(NOTE, now, src.conn.id, {
+                "text": frame.error, "channel": CHANNELS[src.channel],
+                "dir": DIRECTIONS[src.direction]}))
 
     def _send_queued(self, side: Side) -> None:
         while side.queue:
@@ -299,6 +302,11 @@ class Proxy:
         if conn.closed:
             return
         conn.closed = True
+        now = time.time_ns()
+        for side in conn.sides:
+            leftover = side.framer.close()
+            if leftover is not None:
+                self._emit_frame(side, leftover, now)
         for side in conn.sides:
             if side.queue and side.name != by and not side.closed:
                 side.closing = True      # deliver what was sent before the close

@@ -1,0 +1,69 @@
+"""Process and socket helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+
+def wait_for_socket(path: Path | str, proc: subprocess.Popen | None = None,
+                    timeout: float = 10.0) -> None:
+    """Wait until something listens on `path`, without connecting to it
+    (a probe connection would show up in the proxy's capture)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_listening(path):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {path} appeared")
+        time.sleep(0.02)
+    raise TimeoutError(f"{path} did not appear")
+
+
+def is_listening(path: Path | str) -> bool:
+    listening = 0x10000     # __SO_ACCEPTCON in /proc/net/unix's Flags column
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & listening:
+            return True
+    return False
+
+
+def vfu(*args: str, **kw) -> subprocess.Popen:
+    """Start `vfu-inspect ARGS` as a real process."""
+    return subprocess.Popen([sys.executable, "-m", "vfu_inspect", *args],
+                            stdout=kw.pop("stdout", subprocess.PIPE),
+                            stderr=kw.pop("stderr", subprocess.PIPE), text=True, **kw)
+
+
+def run_vfu(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vfu_inspect", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")

@@ -1,0 +1,243 @@
+"""The proxy between real processes over real UNIX sockets, with real fds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import TESTS, open_fds, rss_kib, run_vfu, stop, vfu, wait_for_socket
+from vfu_inspect.capture import C2S, CLOSE, OPEN, S2C, Event, Message, read_all
+from vfu_inspect.dissectors.vfio_user import CMD, DmaMap, DmaUnmap, Header
+from vfu_inspect.sockio import recv_chunk, send_all
+
+
+@pytest.fixture
+def echo(tmp_path):
+    """A raw echo peer standing in for the server."""
+    path = tmp_path / "real.sock"
+    proc = subprocess.Popen([sys.executable, str(TESTS / "raw_echo.py"), str(path)])
+    wait_for_socket(path, proc)
+    yield path
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def proxy(tmp_path, echo):
+    listen, capture = tmp_path / "p.sock", tmp_path / "cap.vfucap"
+    proc = vfu("proxy", "--listen", str(listen), "--server", str(echo), "-w", str(capture))
+    wait_for_socket(listen, proc)
+    yield proc, listen, capture
+    stop(proc)
+
+
+def connect(path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    sock.settimeout(10)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
+    data, fds = b"", []
+    while len(data) < size:
+        chunk, more = recv_chunk(sock)
+        if not chunk:
+            raise EOFError(f"closed after {len(data)} of {size} bytes")
+        data += chunk
+        fds += more
+    return data, fds
+
+
+def dma_map(msg_id: int, iova: int) -> bytes:
+    return bytes(Header(msg_id=msg_id, cmd=CMD["DMA_MAP"]) /
+                 DmaMap(flags=3, address=iova, size=0x1000))
+
+
+def messages(path) -> list[Message]:
+    records, damage = read_all(path)
+    assert damage is None
+    return [r for r in records if isinstance(r, Message)]
+
+
+def events(path) -> list[Event]:
+    return [r for r in read_all(path)[0] if isinstance(r, Event)]
+
+
+def test_relays_bytes_and_fds_exactly_and_captures_them(proxy):
+    proc, listen, capture = proxy
+    memfd = os.memfd_create("dma")
+    os.ftruncate(memfd, 0x1000)
+    sent = [dma_map(1, 0x1000), b"\xde\xad" * 20, dma_map(2, 0x2000)]   # the middle is garbage
+    with connect(listen) as sock:
+        send_all(sock, sent[0], [memfd])
+        data, fds = recv_exactly(sock, len(sent[0]))
+        assert data == sent[0] and len(fds) == 1
+        assert os.fstat(fds[0]).st_ino == os.fstat(memfd).st_ino   # the same memory
+        os.close(fds[0])
+        send_all(sock, sent[1] + sent[2])
+        assert recv_exactly(sock, len(sent[1] + sent[2]))[0] == sent[1] + sent[2]
+    stop(proc, signal.SIGINT)
+    assert proc.returncode == 0
+    got = messages(capture)
+    # The garbage (msg_size 0xaddeadde) is kept as a truncated message, flagged.
+    assert [m.direction for m in got] == [C2S, S2C, C2S, S2C]
+    assert got[0].data == sent[0] and got[1].data == sent[0]
+    assert got[0].fds == [{"kind": "memfd", "size": 0x1000, "inode": os.fstat(memfd).st_ino}]
+    assert got[2].data.startswith(sent[1]) and got[2].size == 0xaddeadde
+
+
+def test_bogus_message_size_does_not_allocate(proxy):
+    proc, listen, capture = proxy
+    header = struct.pack("<HHIII", 1, CMD["REGION_WRITE"], 0xFFFFFFF0, 0, 0)
+    block = os.urandom(64 << 10)
+    with connect(listen) as sock:
+        send_all(sock, header)
+        recv_exactly(sock, len(header))
+        before = rss_kib(proc.pid)
+        for _ in range(1024):                       # 64 MiB through the proxy
+            send_all(sock, block)
+            assert recv_exactly(sock, len(block))[0] == block
+        grown = rss_kib(proc.pid) - before
+    assert grown < 32 * 1024, f"proxy grew by {grown} KiB relaying 64 MiB"
+    stop(proc)
+    first = messages(capture)[0]
+    assert first.size == 0xFFFFFFF0 and len(first.data) <= 64 * 1024
+
+
+def test_no_fd_leak_after_1000_map_unmap_cycles(proxy):
+    proc, listen, _ = proxy
+    memfd = os.memfd_create("dma")
+    os.ftruncate(memfd, 0x1000)
+    unmap = bytes(Header(msg_id=2, cmd=CMD["DMA_UNMAP"]) / DmaUnmap(address=0, size=0x1000))
+    with connect(listen) as sock:
+        send_all(sock, dma_map(1, 0), [memfd])
+        os.close(recv_exactly(sock, 48)[1][0])
+        baseline = open_fds(proc.pid)
+        for i in range(1000):
+            send_all(sock, dma_map(i, 0), [memfd])
+            for fd in recv_exactly(sock, 48)[1]:
+                os.close(fd)
+            send_all(sock, unmap)
+            recv_exactly(sock, len(unmap))
+        assert open_fds(proc.pid) == baseline
+
+
+def test_client_close_reaches_the_server_and_is_recorded(proxy, tmp_path):
+    proc, listen, capture = proxy
+    with connect(listen) as sock:
+        send_all(sock, dma_map(7, 0))       # a request the echo never "answers"
+        recv_exactly(sock, 48)
+    time.sleep(0.3)
+    stop(proc)
+    closes = [e for e in events(capture) if e.kind == CLOSE]
+    assert closes[0].info["by"] == "client"
+
+
+def test_server_close_reaches_the_client(tmp_path):
+    real, listen = tmp_path / "real.sock", tmp_path / "p.sock"
+    server = subprocess.Popen([sys.executable, str(TESTS / "raw_echo.py"), str(real),
+                               "--close-on", "2", "--as-reply"])
+    wait_for_socket(real, server)
+    proc = vfu("proxy", "--listen", str(listen), "--server", str(real),
+               "-w", str(tmp_path / "c.vfucap"))
+    wait_for_socket(listen, proc)
+    try:
+        with connect(listen) as sock:
+            send_all(sock, dma_map(1, 0))
+            recv_exactly(sock, 48)
+            send_all(sock, dma_map(2, 0x1000))
+            assert recv_chunk(sock)[0] == b""        # the server left: so does the proxy
+    finally:
+        stop(proc)
+        server.kill()
+    close = [e for e in events(tmp_path / "c.vfucap") if e.kind == CLOSE][0]
+    assert close.info["by"] == "server"
+    assert close.info["unanswered"] == [{"msg_id": 2, "cmd": "DMA_MAP",
+                                         "channel": "main", "dir": "c2s"}]
+
+
+def test_missing_server_closes_the_client_and_keeps_listening(tmp_path, echo):
+    listen, capture = tmp_path / "p.sock", tmp_path / "c.vfucap"
+    proc = vfu("proxy", "--listen", str(listen), "--server", str(tmp_path / "absent.sock"),
+               "-w", str(capture))
+    wait_for_socket(listen, proc)
+    for _ in range(2):
+        with connect(listen) as sock:
+            assert recv_chunk(sock)[0] == b""
+    assert proc.poll() is None
+    stop(proc)
+    err = proc.stderr.read()
+    assert "cannot connect to server" in err and "Traceback" not in err
+    kinds = [(e.kind, e.conn) for e in events(capture)]
+    assert kinds == [(OPEN, 0), (CLOSE, 0), (OPEN, 1), (CLOSE, 1)]
+
+
+def test_several_clients_at_once_get_their_own_connection(proxy):
+    proc, listen, capture = proxy
+    socks = [connect(listen) for _ in range(3)]
+    for i, sock in enumerate(socks):
+        send_all(sock, dma_map(i, i * 0x1000))
+    for i, sock in enumerate(socks):
+        assert recv_exactly(sock, 48)[0] == dma_map(i, i * 0x1000)
+        sock.close()
+    time.sleep(0.2)
+    stop(proc)
+    by_conn = {}
+    for m in messages(capture):
+        by_conn.setdefault(m.conn, []).append(m.data)
+    assert sorted(by_conn) == [0, 1, 2]
+    assert sorted(v[0] for v in by_conn.values()) == sorted(dma_map(i, i * 0x1000)
+                                                             for i in range(3))
+
+
+def test_kill_9_leaves_a_readable_capture(proxy):
+    proc, listen, capture = proxy
+    with connect(listen) as sock:
+        for i in range(50):
+            send_all(sock, dma_map(i, 0))
+            recv_exactly(sock, 48)
+        proc.kill()
+        proc.wait()
+    got = messages(capture)
+    assert len(got) == 100
+
+
+def test_listening_socket_mode_and_removal(proxy):
+    proc, listen, _ = proxy
+    assert stat.S_IMODE(os.stat(listen).st_mode) == 0o600
+    stop(proc, signal.SIGINT)
+    assert proc.returncode == 0
+    assert not listen.exists()
+
+
+def test_refuses_to_replace_a_file_that_is_not_a_socket(tmp_path, echo):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    result = run_vfu("proxy", "--listen", str(target), "--server", str(echo))
+    assert result.returncode == 2
+    assert "not a socket" in result.stderr and "Traceback" not in result.stderr
+    assert target.read_text() == "keep me"
+
+
+def test_replaces_a_stale_socket(tmp_path, echo):
+    stale = tmp_path / "stale.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(stale))
+    sock.close()                                # bound, never listened: stale
+    proc = vfu("proxy", "--listen", str(stale), "--server", str(echo))
+    wait_for_socket(stale, proc)
+    assert stop(proc) == 0
+
+
+def test_refuses_a_socket_in_use(tmp_path, echo):
+    result = run_vfu("proxy", "--listen", str(echo), "--server", str(echo))
+    assert result.returncode == 2 and "in use" in result.stderr
