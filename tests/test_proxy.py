@@ -241,3 +241,26 @@ def test_replaces_a_stale_socket(tmp_path, echo):
 def test_refuses_a_socket_in_use(tmp_path, echo):
     result = run_vfu("proxy", "--listen", str(echo), "--server", str(echo))
     assert result.returncode == 2 and "in use" in result.stderr
+
+
+def test_live_monitor_stream_reaches_read_live(tmp_path, echo):
+    listen, monitor = tmp_path / "p.sock", tmp_path / "mon.sock"
+    proc = vfu("proxy", "--listen", str(listen), "--server", str(echo),
+               "--monitor", str(monitor), "--print")
+    wait_for_socket(listen, proc)
+    viewer = vfu("read", "--live", str(monitor), "-T", "fields", "-e", "frame.number",
+                 "-e", "vfio_user.msg_id", "-e", "dma_map.address")
+    time.sleep(0.5)                    # let the viewer attach before traffic starts
+    with connect(listen) as sock:
+        for i in range(5):
+            send_all(sock, dma_map(i, i * 0x1000))
+            recv_exactly(sock, 48)
+    time.sleep(0.3)
+    stop(proc)
+    out, err = viewer.communicate(timeout=10)
+    assert viewer.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0::2] == [f"{2 * i + 1}\t{i}\t{i * 0x1000}" for i in range(5)]
+    printed = proc.stdout.read().splitlines()
+    assert sum("DMA_MAP" in line for line in printed if not line.startswith("#")) == 10
+    assert not monitor.exists()

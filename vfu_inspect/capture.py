@@ -145,6 +145,7 @@ class CaptureReader:
         self._consumed = 0      # end of the last whole object (tell() moves on failure)
         self._fed = 0
         self._file, self._read = _open_source(self.path)
+        self._live = isinstance(self._file, socket.socket)   # EOF ends a live stream
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_RECORD,
                                           strict_map_key=False)
         self.header = self._read_header()
@@ -211,7 +212,7 @@ class CaptureReader:
                 self._unpacker.feed(chunk)
                 self._fed += len(chunk)
                 continue
-            if not wait or self._stopped:
+            if not wait or self._stopped or self._live:
                 return _END
             time.sleep(self.poll)
 
