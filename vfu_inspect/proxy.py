@@ -56,6 +56,7 @@ class Side:
     queue: list[tuple[memoryview, list[int]]] = field(default_factory=list)
     closing: bool = False                       # close once the queue is sent
     closed: bool = False
+    events: int = 0                             # what the selector watches for
 
 
 @dataclass(eq=False)
@@ -186,13 +187,15 @@ class Proxy:
             mask |= selectors.EVENT_READ
         if side.queue:
             mask |= selectors.EVENT_WRITE
-        registered = side.sock in self.selector.get_map()
-        if mask and registered:
+        if mask == side.events:
+            return                                  # spare the epoll_ctl call
+        if mask and side.events:
             self.selector.modify(side.sock, mask, side)
         elif mask:
             self.selector.register(side.sock, mask, side)
-        elif registered:
+        else:
             self.selector.unregister(side.sock)
+        side.events = mask
 
     def _ready(self, side: Side, events: int) -> None:
         if side.closed:
@@ -322,8 +325,9 @@ class Proxy:
     def _close_side(self, side: Side) -> None:
         if side.closed:
             return
-        if side.sock in self.selector.get_map():
+        if side.events:
             self.selector.unregister(side.sock)
+            side.events = 0
         for _, fds in side.queue:
             _close_all(fds)
         side.queue.clear()
