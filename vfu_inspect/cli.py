@@ -228,10 +228,10 @@ def _import_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    fmt = args.format if args.format != "auto" else _detect_format(args.inputs[0])
     for path in args.inputs:
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such file")
+    fmt = args.format if args.format != "auto" else _detect_format(args.inputs[0])
     if fmt == "jsonl":
         if len(args.inputs) != 1:
             raise UserError("a JSON Lines trace is imported one file at a time")
