@@ -78,7 +78,7 @@ def test_fields_output():
     ("vfio_user.error", 1),
     ("vfio_user.error == EINVAL", 1),
     ("fd.kind == \"file\"", 25),
-    ("frame.dir == s2c && frame.conn == 1", 50),
+    ("frame.dir == s2c && frame.conn == 1", 45),
     ("region_info.area", 1),
     ("expert.severity == note", 2),
     ("vfio_user.cmd in {DMA_READ DMA_WRITE} && !vfio_user.flags.type == reply", 16),
