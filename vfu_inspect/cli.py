@@ -48,10 +48,35 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vfu-inspect", description="Analyzer and proxy for the vfio-user protocol.")
     parser.add_argument("--version", action="version", version=f"vfu-inspect {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _demo_parser(sub)
     _read_parser(sub)
     _proxy_parser(sub)
     _import_parser(sub)
+    from .endpoints import add_commands
+    add_commands(sub)
     return parser
+
+
+# --- demo ----------------------------------------------------------------------
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the sample server and client through the proxy",
+                       description="Start the sample device server, the proxy and the sample "
+                                   "client, show the session live and save it.")
+    p.add_argument("-w", dest="write", default="vfu-demo.vfucap", metavar="FILE",
+                   help="capture file to write (default: %(default)s)")
+    p.add_argument("--no-twin", action="store_true", help="do not negotiate a twin socket")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.set_defaults(run=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(args.write, sys.stdout, _use_color(args.color), twin=not args.no_twin)
+
+
+def _use_color(choice: str) -> bool:
+    return choice == "always" or (choice == "auto" and sys.stdout.isatty())
 
 
 # --- read ----------------------------------------------------------------------
@@ -127,7 +152,7 @@ def _select(packets: Iterator[Dissected], display, count: int | None) -> Iterato
 
 
 def _print_packets(args: argparse.Namespace, packets: Iterator[Dissected], out: TextIO) -> int:
-    color = args.color == "always" or (args.color == "auto" and out.isatty())
+    color = _use_color(args.color)
     render: Callable[[Dissected], str]
     if args.format == "json":
         return _print_json(packets, out)
@@ -193,8 +218,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         if args.write:
             addons.append(SaveAddon(args.write, source))
         if args.print:
-            color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-            addons.append(PrintAddon(sys.stdout, color))
+            addons.append(PrintAddon(sys.stdout, _use_color(args.color)))
         if args.monitor:
             addons.append(MonitorAddon(args.monitor, source, args.mode))
         proxy = Proxy(args.listen, args.server, addons, args.mode, log=_log)
