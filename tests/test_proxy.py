@@ -205,6 +205,7 @@ def test_kill_9_leaves_a_readable_capture(proxy):
         for i in range(50):
             send_all(sock, dma_map(i, 0))
             recv_exactly(sock, 48)
+        time.sleep(0.1)                     # past the proxy's 5 ms flush interval
         proc.kill()
         proc.wait()
     got = messages(capture)

@@ -50,10 +50,6 @@ class Dissected:
         return DIRECTIONS[self.msg.direction]
 
 
-def _key(msg: Message, msg_id: int, direction: int) -> tuple[int, int, int, int]:
-    return (msg.conn, msg.channel, direction, msg_id)
-
-
 class Matcher:
     """Pairs replies with requests by (connection, channel, direction, msg_id).
 
@@ -64,14 +60,19 @@ class Matcher:
     def __init__(self) -> None:
         self._pending: dict[tuple[int, int, int, int], deque[tuple[int, Any]]] = {}
 
-    def request(self, msg: Message, header: proto.HeaderInfo, number: int,
+    def request(self, conn: int, channel: int, direction: int, msg_id: int, number: int,
                 payload: Any) -> None:
-        queue = self._pending.setdefault(_key(msg, header.msg_id, msg.direction),
-                                         deque(maxlen=MAX_PENDING_PER_KEY))
+        """A command sent in `direction` that expects a reply."""
+        queue = self._pending.get((conn, channel, direction, msg_id))
+        if queue is None:
+            queue = self._pending[(conn, channel, direction, msg_id)] = deque(
+                maxlen=MAX_PENDING_PER_KEY)
         queue.append((number, payload))
 
-    def reply(self, msg: Message, header: proto.HeaderInfo) -> tuple[int, Any] | None:
-        key = _key(msg, header.msg_id, 1 - msg.direction)
+    def reply(self, conn: int, channel: int, direction: int, msg_id: int
+              ) -> tuple[int, Any] | None:
+        """The oldest request answered by a reply sent in `direction`."""
+        key = (conn, channel, 1 - direction, msg_id)
         queue = self._pending.get(key)
         if not queue:
             return None
@@ -102,11 +103,12 @@ def find_responses(records: Iterable[Record]) -> dict[int, int]:
         if header is None:
             continue
         if header.is_reply:
-            hit = matcher.reply(record, header)
+            hit = matcher.reply(record.conn, record.channel, record.direction, header.msg_id)
             if hit:
                 links[hit[0]] = number
         elif expects_reply(header):
-            matcher.request(record, header, number, None)
+            matcher.request(record.conn, record.channel, record.direction, header.msg_id,
+                            number, None)
     return links
 
 
@@ -130,7 +132,7 @@ class Analyzer:
         header = proto.parse_header(msg.data)
         request = None
         if header is not None and header.is_reply:
-            request = self.matcher.reply(msg, header)
+            request = self.matcher.reply(msg.conn, msg.channel, msg.direction, header.msg_id)
         ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds,
                             request[1][0] if request else None)
         tree, _ = proto.dissect_message(msg.data, ctx)
@@ -139,7 +141,8 @@ class Analyzer:
             packet.request_in = request[0]
             packet.latency = (msg.ts_ns - request[1][1]) / 1e9
         elif header is not None and expects_reply(header):
-            self.matcher.request(msg, header, self.number, (msg.data, msg.ts_ns))
+            self.matcher.request(msg.conn, msg.channel, msg.direction, header.msg_id,
+                                 self.number, (msg.data, msg.ts_ns))
             if self.responses is not None:
                 packet.response_in = self.responses.get(self.number)
         self._add_frame_items(packet)
