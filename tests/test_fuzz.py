@@ -1,0 +1,93 @@
+"""Random and mutated messages: the dissector and the framer never raise."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from hypothesis import given, settings, strategies as st
+
+from vfu_inspect.dissectors.vfio_user import Context, dissect_message
+from vfu_inspect.framing import Framer
+from vfu_inspect.importers.trace_jsonl import import_trace
+from vfu_inspect.tree import SEVERITIES
+
+TRACE = Path(__file__).resolve().parent.parent / "captures" / "libvfio-user-samples.jsonl"
+SAMPLES = [m.data for m in import_trace(str(TRACE)).records]
+
+
+def check(data: bytes, request: bytes | None = None) -> None:
+    tree, _ = dissect_message(data, Context("s2c", [{"kind": "memfd"}], request))
+    for e in tree.experts:
+        assert e.severity in SEVERITIES
+    for item in tree.walk():
+        if item.offset >= 0:
+            assert item.offset + item.length <= max(len(data), 16), item
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        choice = rng.random()
+        if choice < 0.4 and out:
+            out[rng.randrange(len(out))] = rng.randrange(256)
+        elif choice < 0.55:
+            out = out[:rng.randrange(len(out) + 1)]
+        elif choice < 0.7:
+            out += rng.randbytes(rng.randint(1, 64))
+        elif choice < 0.85 and len(out) >= 4:
+            out[2:4] = rng.randrange(20).to_bytes(2, "little")        # another command
+        elif len(out) >= 12:
+            out[8:12] = rng.choice([0, 1, 0x10, 0x21, 0x11, 7]).to_bytes(4, "little")
+    return bytes(out)
+
+
+def test_thousands_of_mutated_real_messages():
+    rng = random.Random(1234)
+    for _ in range(5000):
+        data = rng.choice(SAMPLES)
+        check(mutate(rng, data), request=rng.choice([None, rng.choice(SAMPLES)]))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes(data):
+    check(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(SAMPLES), min_size=1, max_size=30), st.randoms())
+def test_framer_accounts_for_every_byte_and_fd(messages, rnd):
+    stream = b"".join(messages)
+    framer, frames, pos, fds_given = Framer(), [], 0, []
+    while pos < len(stream):
+        size = rnd.randint(1, 300)
+        fds = [object() for _ in range(rnd.choice([0, 0, 0, 1, 2]))]
+        fds_given += fds
+        frames += framer.feed(stream[pos:pos + size], fds)
+        pos += size
+    tail = framer.close()
+    frames += [tail] if tail else []
+    assert b"".join(f.data for f in frames) == stream
+    assert [f.data for f in frames] == messages
+    got = [fd for f in frames for fd in f.fds]
+    assert sorted(map(id, got)) == sorted(map(id, fds_given))     # none lost or doubled
+
+
+def test_framer_memory_is_bounded_on_absurd_sizes():
+    framer = Framer(keep=4096)
+    header = (1).to_bytes(2, "little") + (10).to_bytes(2, "little") + (0xFFFFFFFF).to_bytes(
+        4, "little") + bytes(8)
+    assert framer.feed(header) == []
+    for _ in range(256):                                  # 64 MiB of body
+        assert framer.feed(bytes(1 << 18)) == []
+        assert framer.pending == 0
+    frame = framer.close()
+    assert frame.truncated and len(frame.data) <= 4096 and frame.size == 0xFFFFFFFF
+
+
+def test_framer_reports_lost_framing():
+    framer = Framer()
+    frames = framer.feed(bytes(4) + (3).to_bytes(4, "little") + bytes(20))
+    assert frames[0].error and "framing lost" in frames[0].error
+    assert framer.feed(b"more")[0].error.startswith("unframed bytes")
