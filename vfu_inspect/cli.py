@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _read_parser(sub)
     _proxy_parser(sub)
     _import_parser(sub)
+    _replay_parser(sub)
     from .endpoints import add_commands
     add_commands(sub)
     return parser
@@ -286,3 +287,37 @@ def _detect_format(path: str) -> str:
     except OSError as exc:
         raise UserError(f"{path}: {exc.strerror}") from None
     raise UserError(f"{path} is empty")
+
+
+# --- replay --------------------------------------------------------------------
+
+def _replay_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="be the client of a recorded session against a server",
+                       description="Send a recorded connection's client commands to a live "
+                                   "server and report where its answers diverge. Exit 0 when "
+                                   "they match, 1 when they diverge, 2 when the replay cannot run.")
+    p.add_argument("file", help="capture file")
+    p.add_argument("--server", required=True, metavar="PATH")
+    p.add_argument("--conn", type=int, help="connection to replay (default: the first)")
+    p.add_argument("--ignore", action="append", default=[], metavar="FIELD",
+                   help="a field (or prefix ending in '.') that may differ, e.g. region_read.data")
+    p.add_argument("-w", dest="write", metavar="FILE", help="record the replayed session")
+    p.set_defaults(run=cmd_replay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .endpoints.common import Recorder
+    from .replay import Replayer, ReplayError, load_connection
+    recorder = Recorder(args.write, f"replay {args.file}") if args.write else None
+    try:
+        recorded, conn = load_connection(args.file, args.conn)
+        outcome = Replayer(recorded, args.server, args.ignore, sys.stdout, recorder).run()
+    except ReplayError as exc:
+        raise UserError(f"replay failed: {exc}") from None
+    finally:
+        if recorder:
+            recorder.close()
+    diverged = len(outcome.divergences)
+    print(f"replay of connection {conn}: {outcome.sent} requests sent, {outcome.matched} "
+          f"answers matched, {diverged} diverged")
+    return EXIT_FAIL if diverged else EXIT_OK

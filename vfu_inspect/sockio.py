@@ -95,6 +95,10 @@ class MessageSocket:
             self._ready.extend(self._framer.feed(data, fds))
         return self._ready.pop(0)
 
+    def buffered(self) -> bool:
+        """Whole messages already received and not yet returned by recv()."""
+        return bool(self._ready)
+
     def fileno(self) -> int:
         return self.sock.fileno()
 

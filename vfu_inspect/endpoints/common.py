@@ -3,6 +3,7 @@ sends, receives and records them, and the device's register map."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -129,3 +130,33 @@ def close_fds(fds: list[int]) -> None:
 
 def u64(data: bytes) -> int:
     return struct.unpack("<Q", data[:8].ljust(8, b"\0"))[0]
+
+
+class DmaMemory:
+    """A client's DMA windows (iova -> memory), answering the server's
+    DMA_READ/DMA_WRITE commands from them."""
+
+    def __init__(self) -> None:
+        self.windows: dict[int, Any] = {}
+
+    def window(self, addr: int, count: int) -> tuple[int, Any] | None:
+        for base, memory in self.windows.items():
+            if base <= addr and addr + count <= base + len(memory):
+                return base, memory
+        return None
+
+    def serve(self, peer: Peer, frame: Frame) -> None:
+        close_fds(frame.fds)
+        h = proto.parse_header(frame.data)
+        addr, count = unpack(proto.DmaRead, frame.data)
+        found = self.window(addr, count)
+        if found is None:
+            peer.send(error_to(frame.data, errno.EFAULT))
+            return
+        base, memory = found
+        if h.cmd == proto.CMD["DMA_READ"]:
+            data = bytes(memory[addr - base:addr - base + count])
+            peer.send(reply_to(frame.data, pack(proto.DmaRead, addr, count) + data))
+        else:
+            memory[addr - base:addr - base + count] = frame.data[proto.HEADER_SIZE + 16:]
+            peer.send(reply_to(frame.data, pack(proto.DmaWrite, addr, count)))

@@ -25,7 +25,7 @@ from ..dissectors import vfio_user as proto
 from ..sockio import MessageSocket, PeerClosed
 from .common import (BAR2_AREAS, BAR2_SIZE, DEFAULT_ID_VALUE, DMA_FROM_DEVICE, DMA_TO_DEVICE,
                      MSIX_VECTORS, PAGE, REG_DMA_ADDR, REG_DMA_CMD, REG_DMA_LEN, REG_ID, REG_IRQ,
-                     REG_SCRATCH, VENDOR_ID, Peer, ProtocolError, Recorder, close_fds,
+                     REG_SCRATCH, VENDOR_ID, DmaMemory, Peer, ProtocolError, Recorder, close_fds,
                      message, pack, parse_caps, reply_to, u64, unpack, version_payload)
 
 CMD = proto.CMD
@@ -53,7 +53,7 @@ class Client:
         self.main = Peer(MessageSocket(sock), "client", recorder=recorder, conn_id=conn_id)
         self.recorder, self.conn_id = recorder, conn_id
         self.options = options
-        self.memory: dict[int, mmap.mmap] = {}     # iova -> our memory window
+        self.memory = DmaMemory()
         self.server_caps: dict = {}
         self.twin: Peer | None = None
 
@@ -68,7 +68,7 @@ class Client:
             frame = self.main.recv()
             h = proto.parse_header(frame.data)
             if h is not None and not h.is_reply:
-                self.serve(self.main, frame)         # a DMA command on the main socket
+                self.memory.serve(self.main, frame)  # a DMA command on the main socket
                 continue
             break
         if h is None or h.msg_id != msg_id or h.cmd != CMD[cmd]:
@@ -80,33 +80,10 @@ class Client:
         self.last_fds = frame.fds
         return frame.data[proto.HEADER_SIZE:]
 
-    def serve(self, peer: Peer, frame) -> None:
-        """Answer the server's DMA_READ/DMA_WRITE from our memory."""
-        close_fds(frame.fds)
-        addr, count = unpack(proto.DmaRead, frame.data)
-        window = self.window(addr, count)
-        h = proto.parse_header(frame.data)
-        if window is None:
-            peer.send(message(h.msg_id, h.cmd, b"", 0x21, errno.EFAULT))
-            return
-        base, memory = window
-        if h.cmd == CMD["DMA_READ"]:
-            data = memory[addr - base:addr - base + count]
-            peer.send(reply_to(frame.data, pack(proto.DmaRead, addr, count) + data))
-        else:
-            memory[addr - base:addr - base + count] = frame.data[proto.HEADER_SIZE + 16:]
-            peer.send(reply_to(frame.data, pack(proto.DmaWrite, addr, count)))
-
-    def window(self, addr: int, count: int) -> tuple[int, mmap.mmap] | None:
-        for base, memory in self.memory.items():
-            if base <= addr and addr + count <= base + len(memory):
-                return base, memory
-        return None
-
     def serve_twin(self) -> None:
         try:
             while True:
-                self.serve(self.twin, self.twin.recv())
+                self.memory.serve(self.twin, self.twin.recv())
         except (PeerClosed, OSError, ProtocolError):
             pass
 
@@ -166,11 +143,12 @@ class Client:
         nr = struct.unpack_from("<I", full, 32 + 8)[0]
         areas = [struct.unpack_from("<QQ", full, 48 + 16 * i) for i in range(nr)]
         expect(f"region {index} sparse areas", tuple(areas), BAR2_AREAS)
-        offset, size = areas[1]
-        with mmap.mmap(fds[0], size, offset=offset) as area:   # the device memory, mapped
-            area[:4] = b"mmap"
-        expect("BAR2 through mmap", self.read(2, offset, 4), b"mmap")
+        # Checks read the device memory through the mapping, never through a
+        # message, so that a replay (which cannot map it) sees the same messages.
+        self.bar2 = mmap.mmap(fds[0], areas[0][1], offset=areas[0][0])
         close_fds(fds)
+        self.write(2, 0x10, b"mmap")
+        expect("BAR2 through mmap", self.bar2[0x10:0x14], b"mmap")
 
     def config_space(self) -> None:
         config = self.read(7, 0, 64)
@@ -207,10 +185,10 @@ class Client:
     def dma_maps(self) -> None:
         memfd = os.memfd_create("vfu-sample-client-dma")
         os.ftruncate(memfd, WINDOW)
-        self.memory[FD_WINDOW] = mmap.mmap(memfd, WINDOW)
+        self.memory.windows[FD_WINDOW] = mmap.mmap(memfd, WINDOW)
         self.request("DMA_MAP", pack(proto.DmaMap, 32, 3, 0, FD_WINDOW, WINDOW), [memfd])
         os.close(memfd)
-        self.memory[MSG_WINDOW] = mmap.mmap(-1, WINDOW)
+        self.memory.windows[MSG_WINDOW] = mmap.mmap(-1, WINDOW)
         self.request("DMA_MAP", pack(proto.DmaMap, 32, 3, 0, MSG_WINDOW, WINDOW))
         self.request("DMA_MAP", pack(proto.DmaMap, 32, 3, 0, FD_WINDOW + PAGE, PAGE),
                      expect_errno=errno.EEXIST)
@@ -230,15 +208,17 @@ class Client:
 
     def dma_engine(self) -> None:
         for base in (FD_WINDOW, MSG_WINDOW):
+            memory = self.memory.windows[base]
             pattern = os.urandom(256)
-            self.memory[base][0x100:0x200] = pattern
+            memory[0x100:0x200] = pattern
             self.dma(DMA_TO_DEVICE, base + 0x100, 256)
-            expect(f"device read of client memory at {base:#x}", self.read(2, 0, 256), pattern)
+            expect(f"device read of client memory at {base:#x}", self.bar2[:256], pattern)
+            self.write(2, 0, bytes(256))        # no later message depends on the pattern
             pattern = os.urandom(256)
             self.write(2, 0, pattern)
             self.dma(DMA_FROM_DEVICE, base + 0x800, 256)
             expect(f"device write to client memory at {base:#x}",
-                   bytes(self.memory[base][0x800:0x900]), pattern)
+                   bytes(memory[0x800:0x900]), pattern)
 
     def dma(self, cmd: int, addr: int, length: int) -> None:
         self.reg(REG_DMA_ADDR, addr)
