@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _proxy_parser(sub)
     _import_parser(sub)
     _replay_parser(sub)
+    _serve_parser(sub)
     from .endpoints import add_commands
     add_commands(sub)
     return parser
@@ -321,3 +322,31 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(f"replay of connection {conn}: {outcome.sent} requests sent, {outcome.matched} "
           f"answers matched, {diverged} diverged")
     return EXIT_FAIL if diverged else EXIT_OK
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="be the server of a recorded session",
+                       description="Answer clients with the recorded replies of matching "
+                                   "recorded requests. Exit 1 if a request had no recorded answer.")
+    p.add_argument("file", help="capture file")
+    p.add_argument("--listen", required=True, metavar="PATH")
+    p.add_argument("--conn", type=int, help="recorded connection to serve to every client "
+                   "(default: the n-th client gets connection n)")
+    p.add_argument("--ignore", action="append", default=[], metavar="FIELD",
+                   help="a request field (or prefix ending in '.') not compared when matching")
+    p.add_argument("--close-on-unknown", action="store_true",
+                   help="close the connection on a request with no recorded answer "
+                        "(default: answer EINVAL)")
+    p.add_argument("--clients", type=int, metavar="N", help="exit after serving N clients")
+    p.set_defaults(run=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .replay import ReplayError
+    from .serve import serve_recording
+    try:
+        unknown = serve_recording(args.file, args.listen, args.conn, args.ignore,
+                                  args.close_on_unknown, sys.stdout, args.clients)
+    except ReplayError as exc:
+        raise UserError(f"serve failed: {exc}") from None
+    return EXIT_FAIL if unknown else EXIT_OK

@@ -80,9 +80,9 @@ class Replayer:
         self.out = out
         self.outcome = Outcome()
         self.memory = DmaMemory()
-        self.replies = _recorded_replies(recorded)
+        self.replies = recorded_replies(recorded)
         self.server_commands = [(n, m) for n, m in recorded
-                                if m.direction == S2C and not _is_reply(m)]
+                                if m.direction == S2C and not is_reply(m)]
         self.next_server_command = 0
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -99,7 +99,7 @@ class Replayer:
 
     def run(self) -> Outcome:
         for index, (number, msg) in enumerate(self.recorded):
-            if msg.direction != C2S or msg.channel != MAIN or _is_reply(msg):
+            if msg.direction != C2S or msg.channel != MAIN or is_reply(msg):
                 continue
             while self.replies_seen < self.replies_before[index]:
                 self.receive()
@@ -124,7 +124,7 @@ class Replayer:
         h = proto.parse_header(msg.data)
         if h.cmd == proto.CMD["DMA_MAP"]:
             return self.dma_memory(msg)
-        return [_fresh_fd(meta) for meta in msg.fds]
+        return [fresh_fd(meta) for meta in msg.fds]
 
     def dma_memory(self, msg: Message) -> list[int]:
         _, _, offset, iova, size = unpack(proto.DmaMap, msg.data)
@@ -217,14 +217,17 @@ class Replayer:
                 frame: Frame, live_request: bytes | None, rec_request: bytes | None) -> bool:
         live_fds = [fd_info(fd) for fd in frame.fds]
         direction = "s2c"
-        recorded = _values(rec_data, rec_fds, direction, rec_request, self.ignore)
-        live = _values(frame.data, live_fds, direction, live_request, self.ignore)
+        recorded = values_without(rec_data, rec_fds, direction, rec_request, self.ignore)
+        live = values_without(frame.data, live_fds, direction, live_request, self.ignore)
         if recorded == live:
             self.outcome.matched += 1
             return True
         fields = [(name, recorded.get(name), live.get(name))
                   for name in sorted(set(recorded) | set(live))
-                  if recorded.get(name) != live.get(name)]
+                  if recorded.get(name) != live.get(name) and not _unrecorded(name, recorded)]
+        if not fields:
+            self.outcome.matched += 1
+            return True
         self.diverge(number, what, fields)
         return False
 
@@ -237,11 +240,16 @@ class Replayer:
                   file=self.out)
 
 
-def _values(data: bytes, fds: list, direction: str, request: bytes | None,
+def values_without(data: bytes, fds: list, direction: str, request: bytes | None,
             ignore: tuple[str, ...]) -> dict[str, list]:
     tree, _ = proto.dissect_message(data, proto.Context(direction, fds, request))
     return {name: values for name, values in tree.values().items()
             if not any(name == i or (i.endswith(".") and name.startswith(i)) for i in ignore)}
+
+
+def _unrecorded(name: str, recorded: dict[str, list]) -> bool:
+    """fd metadata the recording did not have (traces give only the kind)."""
+    return name.startswith("fd.") and name not in recorded
 
 
 def _show(values: Any) -> str:
@@ -252,12 +260,12 @@ def _show(values: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "…"
 
 
-def _is_reply(msg: Message) -> bool:
+def is_reply(msg: Message) -> bool:
     h = proto.parse_header(msg.data)
     return h is not None and h.is_reply
 
 
-def _recorded_replies(recorded: list[tuple[int, Message]]) -> dict[int, int]:
+def recorded_replies(recorded: list[tuple[int, Message]]) -> dict[int, int]:
     """Index of each recorded request -> index of its recorded reply."""
     matcher, links = Matcher(), {}
     for index, (_, m) in enumerate(recorded):
@@ -284,7 +292,7 @@ def _replies_before(recorded: list[tuple[int, Message]], replies: dict[int, int]
     return counts
 
 
-def _fresh_fd(meta: dict[str, Any]) -> int:
+def fresh_fd(meta: dict[str, Any]) -> int:
     kind = meta.get("kind")
     if kind == "eventfd":
         return os.eventfd(0)

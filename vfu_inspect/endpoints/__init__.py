@@ -29,6 +29,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--no-twin", action="store_true", help="do not offer a twin socket")
     client.add_argument("--id-value", type=lambda v: int(v, 0), metavar="N",
                         help="the ID register value to expect")
+    client.add_argument("--protocol-only", action="store_true",
+                        help="skip checks of mapped memory and interrupts, which no message "
+                             "shows (for a recording served by vfu-inspect serve)")
     client.add_argument("--rounds", type=int, default=0, metavar="N",
                         help="benchmark: N REGION_READ round trips instead of the exercise")
     client.add_argument("--pipeline", type=int, default=1, metavar="K",
@@ -60,8 +63,8 @@ def _run_client(args: argparse.Namespace) -> int:
     from .sample_client import ClientOptions, run
     if not os.path.exists(args.server):
         raise UserError(f"{args.server}: no such socket")
-    options = ClientOptions(no_twin=args.no_twin, record=args.record,
-                            rounds=args.rounds, pipeline=args.pipeline)
+    options = ClientOptions(no_twin=args.no_twin, record=args.record, rounds=args.rounds,
+                            pipeline=args.pipeline, protocol_only=args.protocol_only)
     if args.id_value is not None:
         options.id_value = args.id_value
     return run(args.server, options)
