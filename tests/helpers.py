@@ -67,3 +67,12 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+def streams(msgs: list) -> dict[tuple, list[tuple[bytes, list[str]]]]:
+    """Per (conn, channel, direction): the messages in order, with their fd kinds."""
+    out: dict[tuple, list] = {}
+    for m in msgs:
+        out.setdefault((m.conn, m.channel, m.direction), []).append(
+            (m.data, [fd["kind"] for fd in m.fds]))
+    return out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_vfu, stop, vfu, wait_for_socket
+from helpers import run_vfu, stop, streams, vfu, wait_for_socket
 from vfu_inspect.capture import MAIN, TWIN, Message, read_all
 from vfu_inspect.dissect import Analyzer
 from vfu_inspect.dissectors.vfio_user import CMD, parse_header
@@ -49,15 +49,6 @@ def messages(path: Path) -> list[Message]:
     records, damage = read_all(path)
     assert damage is None
     return [r for r in records if isinstance(r, Message)]
-
-
-def streams(msgs: list[Message]) -> dict[tuple, list[tuple[bytes, list[str]]]]:
-    """Per (conn, channel, direction): the messages in order, with fd kinds."""
-    out: dict[tuple, list] = {}
-    for m in msgs:
-        out.setdefault((m.conn, m.channel, m.direction), []).append(
-            (m.data, [fd["kind"] for fd in m.fds]))
-    return out
 
 
 def test_client_runs_every_command_directly(server):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_vfu, stop, wait_for_socket
+from helpers import run_vfu, stop, streams, wait_for_socket
 from vfu_inspect.capture import Message, read_all
 from vfu_inspect.importers.strace import import_strace
 
@@ -40,14 +40,6 @@ def traced(log: Path, *cmd: str, s: str = "1100000") -> list[str]:
     args = list(TRACE_ARGS)
     args[args.index("-s") + 1] = s
     return [STRACE, *args, "-o", str(log), *cmd]
-
-
-def streams(msgs: list[Message]) -> dict[tuple, list[tuple[bytes, list[str]]]]:
-    out: dict[tuple, list] = {}
-    for m in msgs:
-        out.setdefault((m.conn, m.channel, m.direction), []).append(
-            (m.data, [fd["kind"] for fd in m.fds]))
-    return out
 
 
 def messages(records) -> list[Message]:

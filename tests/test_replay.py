@@ -61,12 +61,17 @@ def test_replay_against_the_same_server_matches(recording, tmp_path):
     assert run_vfu("read", str(tmp_path / "replay0.vfucap")).stdout.count("\n") > 100
 
 
-def test_a_changed_register_is_reported_exactly(recording, tmp_path):
-    server = sample_server(tmp_path / "s.sock", "--id-value", "0x99")
+def replay_against_sample(recording: Path, tmp_path: Path, server_options: list[str],
+                          *args: str) -> subprocess.CompletedProcess:
+    server = sample_server(tmp_path / "s.sock", *server_options)
     try:
-        result = replay(recording, tmp_path / "s.sock", "--conn", "0")
+        return replay(recording, tmp_path / "s.sock", "--conn", "0", *args)
     finally:
         stop(server)
+
+
+def test_a_changed_register_is_reported_exactly(recording, tmp_path):
+    result = replay_against_sample(recording, tmp_path, ["--id-value", "0x99"])
     assert result.returncode == 1
     # The ID register read, and the migration stream that carries the registers.
     assert diverged_fields(result.stdout) == ["region_read.data", "mig_data_read.data"]
@@ -75,23 +80,15 @@ def test_a_changed_register_is_reported_exactly(recording, tmp_path):
 
 
 def test_a_changed_errno_is_reported(recording, tmp_path):
-    server = sample_server(tmp_path / "s.sock", "--errno-for", "DEVICE_RESET=EIO")
-    try:
-        result = replay(recording, tmp_path / "s.sock", "--conn", "0")
-    finally:
-        stop(server)
+    result = replay_against_sample(recording, tmp_path, ["--errno-for", "DEVICE_RESET=EIO"])
     assert result.returncode == 1
     first = result.stdout.split("DIVERGED")[1]
     assert "DEVICE_RESET reply" in first and "vfio_user.error" in first and "live 5" in first
 
 
 def test_ignored_fields_do_not_count(recording, tmp_path):
-    server = sample_server(tmp_path / "s.sock", "--id-value", "0x99")
-    try:
-        result = replay(recording, tmp_path / "s.sock", "--conn", "0",
-                        "--ignore", "region_read.data", "--ignore", "mig_data_read.")
-    finally:
-        stop(server)
+    result = replay_against_sample(recording, tmp_path, ["--id-value", "0x99"],
+                                   "--ignore", "region_read.data", "--ignore", "mig_data_read.")
     assert result.returncode == 0 and ", 0 diverged" in result.stdout
 
 
