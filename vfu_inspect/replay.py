@@ -16,6 +16,7 @@ import os
 import select
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -96,6 +97,9 @@ class Replayer:
         self.waiting: dict[int, tuple[int, bytes]] = {}   # live msg_id -> (recorded idx, request)
         self.replies_seen = 0
         self.replies_before = _replies_before(recorded, self.replies)
+        self.total = sum(1 for _, m in recorded
+                         if m.direction == C2S and m.channel == MAIN and not is_reply(m))
+        self.progress = Progress("replay")
 
     def run(self) -> Outcome:
         for index, (number, msg) in enumerate(self.recorded):
@@ -117,6 +121,8 @@ class Replayer:
         for fd in fds:
             os.close(fd)
         self.outcome.sent += 1
+        self.progress.tick(f"{self.outcome.sent}/{self.total} requests sent, "
+                           f"{len(self.outcome.divergences)} diverged")
         if expects_reply(h):
             self.waiting[msg_id] = (index, data)
 
@@ -238,6 +244,20 @@ class Replayer:
         for name, recorded, live in fields:
             print(f"  {name:<{width}}  recorded {_show(recorded)}  live {_show(live)}",
                   file=self.out)
+
+
+class Progress:
+    """A line on stderr every few seconds, for sessions that take a while."""
+
+    def __init__(self, label: str, every: float = 2.0) -> None:
+        self.label, self.every = label, every
+        self.next = time.monotonic() + every
+
+    def tick(self, text: str) -> None:
+        now = time.monotonic()
+        if now >= self.next:
+            print(f"{self.label}: {text}", file=sys.stderr, flush=True)
+            self.next = now + self.every
 
 
 def values_without(data: bytes, fds: list, direction: str, request: bytes | None,

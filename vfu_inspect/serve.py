@@ -23,7 +23,7 @@ from .dissectors import vfio_user as proto
 from .endpoints.common import Peer, error_to, message, parse_caps, reply_to
 from .framing import Frame
 from .proxy import ProxyError, listen_unix, unlink_socket
-from .replay import ALWAYS_IGNORED, ReplayError, fresh_fd, is_reply, recorded_replies, values_without
+from .replay import ALWAYS_IGNORED, Progress, ReplayError, fresh_fd, is_reply, recorded_replies, values_without
 from .sockio import MessageSocket, PeerClosed
 
 
@@ -54,6 +54,7 @@ class RecordedServer:
         self.twin: Peer | None = None
         self.backlog: list[Frame] = []
         self.answered = self.unknown = 0
+        self.progress = Progress("serve")
 
     def run(self) -> None:
         try:
@@ -84,6 +85,7 @@ class RecordedServer:
             return True
         self.used.add(index)
         self.answered += 1
+        self.progress.tick(f"{self.answered} requests answered, {self.unknown} without an answer")
         self.send_server_commands(index)
         reply = self.replies.get(index)
         if reply is not None and not h.no_reply:
