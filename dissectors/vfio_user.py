@@ -20,8 +20,8 @@ from scapy.fields import StrField
 from scapy.packet import Packet
 
 from vfu_inspect.fields import (
-    BOOL, BYTES, FLOAT, FRAME, STRING, bits32, bits64, field, layer, raw, u16,
-    u32, u64)
+    BOOL, BYTES, FLOAT, FRAME, STRING, bits32, bits64, expert_info, field, layer, raw,
+    u16, u32, u64)
 from vfu_inspect.tree import Item, Tree
 
 HEADER_SIZE = 16
@@ -80,6 +80,105 @@ CAPABILITIES: dict[str, tuple[type, Any, str]] = {
     "twin_socket.fd_index": (int, None, "Twin socket fd index"),
     "write_multiple": (bool, False, "REGION_WRITE_MULTI supported"),
 }
+
+
+# --- expert infos -------------------------------------------------------------
+# Every check, once: id, severity, what it means, where the rule comes from.
+# "spec" is QEMU's docs/interop/vfio-user.rst; "facts" is what QEMU 10.2.2 and
+# libvfio-user do on the wire (shared/protocol-facts.md).
+
+SPEC, FACTS = "spec", "facts"
+for _id, _severity, _summary, _section in [
+    # framing
+    ("malformed.short", "error", "a structure is cut short by the message end", f"{SPEC} § Protocol Specification"),
+    ("malformed.trailing", "warning", "bytes beyond what the command's layout accounts for", f"{SPEC} § Protocol Specification"),
+    ("header.size", "error", "msg_size disagrees with the message length", f"{SPEC} § Header"),
+    ("header.type", "error", "message type is neither command nor reply", f"{SPEC} § Header"),
+    ("header.unknown_command", "warning", "command number not in the spec", f"{SPEC} § Commands"),
+    ("header.obsolete_command", "warning", "command number only in QEMU's protocol.h", f"{FACTS} § 2"),
+    ("header.error_in_command", "warning", "ERROR flag on a command (flags contradict)", f"{SPEC} § Header"),
+    ("header.no_reply_in_reply", "warning", "NO_REPLY flag on a reply (flags contradict)", f"{SPEC} § Header"),
+    ("header.flags_unknown", "warning", "flag bits the spec does not define", f"{SPEC} § Header"),
+    ("header.errno_zero", "note", "error reply with errno 0", f"{SPEC} § Header"),
+    ("header.error_reserved", "note", "error field set without the ERROR flag", f"{SPEC} § Header"),
+    ("reply.unmatched", "error", "reply whose msg_id matches no request in flight", f"{SPEC} § Header; QEMU: unexpected reply"),
+    ("reply.command_mismatch", "error", "reply's command differs from its request's", f"{SPEC} § Header"),
+    ("reply.to_no_reply", "error", "reply to a NO_REPLY request (desynchronizes QEMU's posted writes)", f"{SPEC} § Header; {FACTS} § 9/10"),
+    ("request.duplicate_id", "note", "msg_id reused while a request with it is in flight", f"{FACTS} § 1"),
+    ("request.unanswered", "warning", "request never answered", f"{SPEC} § Socket Disconnection Behavior"),
+    ("request.timeout", "warning", "request unanswered for longer than the timeout (QEMU: 5 s)", f"{FACTS} § 4"),
+    ("fd.count", "warning", "fds where the command carries none, or too few", f"{SPEC} § Protocol Specification"),
+    ("fd.over_max", "error", "more fds than the receiver's max_msg_fds", f"{SPEC} § VFIO_USER_VERSION"),
+    ("xfer.too_big", "error", "data transfer over the receiver's max_data_xfer_size", f"{SPEC} § VFIO_USER_VERSION"),
+    ("argsz.truncated", "note", "reply truncated to the request's argsz (the client retries)", f"{SPEC} § argsz"),
+    ("argsz.mismatch", "warning", "argsz disagrees with the payload", f"{SPEC} § argsz"),
+    ("argsz.small", "warning", "request argsz below the reply structure", f"{SPEC} § argsz"),
+    # negotiation
+    ("version.not_first", "error", "a command before VERSION was answered", f"{SPEC} § VFIO_USER_VERSION"),
+    ("version.major", "error", "server's major version differs from the client's", f"{SPEC} § VFIO_USER_VERSION"),
+    ("version.minor", "warning", "server's minor version above the client's", f"{SPEC} § VFIO_USER_VERSION"),
+    ("version.json_unterminated", "warning", "capabilities JSON not NUL-terminated", f"{FACTS} § 1 VERSION"),
+    ("version.json_invalid", "error", "capabilities JSON does not parse", f"{SPEC} § VFIO_USER_VERSION"),
+    ("version.no_capabilities", "warning", "JSON without a capabilities object", f"{SPEC} § VFIO_USER_VERSION"),
+    ("version.unknown_capability", "note", "capability not in the spec", f"{SPEC} § VFIO_USER_VERSION"),
+    ("version.capability_type", "warning", "capability of the wrong JSON type", f"{SPEC} § VFIO_USER_VERSION"),
+    ("version.capability_range", "warning", "capability value out of range", f"{SPEC} § VFIO_USER_VERSION; {FACTS} § 1"),
+    ("twin.not_negotiated", "error", "twin socket used or offered without negotiation", f"{SPEC} § VFIO_USER_VERSION"),
+    # DMA
+    ("dma_map.flags_unknown", "warning", "DMA_MAP prot bits beyond READ/WRITE no implementation knows", f"{SPEC} § VFIO_USER_DMA_MAP"),
+    ("dma_map.flags_extension", "note", "DMA_MAP MMAP/FILE_IO flags (libvfio-user extensions)", f"{FACTS} § 2 DMA_MAP"),
+    ("dma.overlap", "warning", "DMA_MAP overlapping a live map (the server must answer EEXIST)", f"{SPEC} § VFIO_USER_DMA_MAP"),
+    ("dma.overlap_accepted", "error", "server accepted a DMA_MAP overlapping a live map", f"{SPEC} § VFIO_USER_DMA_MAP"),
+    ("dma.unmap_unknown", "warning", "DMA_UNMAP of a range that is not a live map", f"{SPEC} § VFIO_USER_DMA_UNMAP"),
+    ("dma.misaligned", "warning", "DMA map not aligned to the negotiated page size", f"{SPEC} § VFIO_USER_VERSION pgsizes"),
+    ("dma.too_many", "error", "more live DMA maps than max_dma_maps", f"{SPEC} § VFIO_USER_VERSION"),
+    ("dma.access_unmapped", "error", "DMA_READ/WRITE outside every live map", f"{SPEC} § VFIO_USER_DMA_READ"),
+    ("dma_unmap.bitmap_size", "error", "dirty bitmap size disagrees with its header, range or page size", f"{SPEC} § VFIO_USER_DMA_UNMAP"),
+    ("dma_logging.bitmap_size", "warning", "DMA_LOGGING_REPORT bitmap size disagrees with range and page size", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
+    ("dma_logging.ranges_short", "error", "num_ranges exceeds the ranges sent", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
+    ("dirty.bitmap_too_big", "error", "dirty bitmap over the negotiated max_bitmap_size", f"{FACTS} § 1 VERSION; libvfio-user issue 469"),
+    # regions and IRQs
+    ("region_info.caps_missing", "warning", "CAPS flag with no capability chain", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
+    ("region_info.mmap_no_fd", "note", "mmap-able region whose reply carries no fd", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
+    ("region_info.fd_per_area", "note", "one fd per sparse area instead of one per region", f"{FACTS} § 3"),
+    ("region_info.cap_loop", "error", "region capability chain loops", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
+    ("region_info.cap_unknown", "note", "unknown region capability id", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
+    ("region_info.areas_short", "error", "nr_areas exceeds the areas sent", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
+    ("region_io_fds.entry_size", "error", "IO_FDS entries neither 40 nor 48 bytes", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_IO_FDS"),
+    ("region_io_fds.fd_index", "error", "sub-region names an fd that was not passed", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_IO_FDS"),
+    ("region.unknown", "warning", "access to a region index the device did not report", f"{SPEC} § VFIO_USER_DEVICE_GET_INFO"),
+    ("region.out_of_bounds", "error", "region access beyond the region's size", f"{SPEC} § VFIO_USER_REGION_READ"),
+    ("region.access_flags", "error", "region access against its READ/WRITE flags", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
+    ("region_read.count", "error", "REGION_READ count disagrees with the data", f"{SPEC} § VFIO_USER_REGION_READ"),
+    ("region_write.count", "error", "REGION_WRITE count disagrees with the data", f"{SPEC} § VFIO_USER_REGION_WRITE"),
+    ("write_multi.count", "error", "wr_cnt exceeds the entries sent", f"{SPEC} § VFIO_USER_REGION_WRITE_MULTI"),
+    ("write_multi.entry_count", "error", "write entry count over 8 bytes", f"{SPEC} § VFIO_USER_REGION_WRITE_MULTI"),
+    ("set_irqs.flags", "error", "SET_IRQS needs exactly one data type and one action", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
+    ("set_irqs.bool_count", "error", "DATA_BOOL bytes disagree with count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
+    ("set_irqs.fd_count", "warning", "eventfd count disagrees with count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
+    ("irq.out_of_range", "error", "SET_IRQS beyond the index's count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
+    # server commands, interop and deadlock risk
+    ("dma_read.count", "error", "DMA_READ count disagrees with the data", f"{SPEC} § VFIO_USER_DMA_READ"),
+    ("dma_write.count", "error", "DMA_WRITE count disagrees with the data", f"{SPEC} § VFIO_USER_DMA_WRITE"),
+    ("dma_read.count_mismatch", "warning", "DMA_READ reply count differs from the request's", f"{SPEC} § VFIO_USER_DMA_READ"),
+    ("dma_write.count_mismatch", "warning", "DMA_WRITE reply count differs from the request's", f"{SPEC} § VFIO_USER_DMA_WRITE"),
+    ("interop.dma_qemu_layout", "warning", "DMA_READ/WRITE in QEMU's layout (u32 count, data at 12)", f"{FACTS} § 11/12"),
+    ("interop.dma_write_bare_reply", "warning", "DMA_WRITE reply is QEMU's bare header", f"{FACTS} § 11/12"),
+    ("interop.io_fds_48", "note", "48-byte IO_FDS entries (libvfio-user), the spec has 40", f"{FACTS} § 6 IO_FDS"),
+    ("interop.mig_data_padding", "note", "short MIG_DATA_READ reply padded to the buffer (libvfio-user)", f"{FACTS} § 17/18"),
+    ("deadlock.server_command", "warning", "server command on the main socket while a client request is in flight, no twin socket", f"{SPEC} § Command Concurrency; libvfio-user issues 279, 466"),
+    # features and migration
+    ("device_feature.get_and_set", "error", "GET and SET together without PROBE", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
+    ("device_feature.unknown", "note", "unknown device feature", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
+    ("migration.transition", "error", "device-state transition the state machine forbids", f"{SPEC} § VFIO_USER_DEVICE_FEATURE; {FACTS} § 16"),
+    ("migration.data_state", "error", "MIG_DATA_READ/WRITE in a state that allows none", f"{SPEC} § VFIO_USER_MIG_DATA_READ"),
+    ("mig_data_read.size", "error", "MIG_DATA_READ size disagrees with the data", f"{SPEC} § VFIO_USER_MIG_DATA_READ"),
+    ("mig_data_write.size", "error", "MIG_DATA_WRITE size disagrees with the data", f"{SPEC} § VFIO_USER_MIG_DATA_WRITE"),
+    # the tool itself
+    ("dissector.bug", "error", "the dissector failed on this message", "vfu-inspect"),
+    ("capture.truncated", "warning", "the capture holds only part of the message", "vfu-inspect"),
+]:
+    expert_info(_id, _severity, _summary, _section)
 
 
 # --- layers -------------------------------------------------------------------
@@ -406,7 +505,7 @@ def add_layer(tree: Tree, cls: type[Packet], msg: bytes, offset: int,
         raw_values = compiled.struct.unpack_from(msg, offset)
     else:
         raw_values = _unpack_partial(compiled, msg, offset)
-        tree.expert("error", "malformed.short",
+        tree.expert("malformed.short",
                     f"{cls.vfu_name}: {max(available, 0)} bytes, "
                     f"{compiled.size} expected", offset, max(available, 0))
     values = {}
@@ -451,7 +550,7 @@ def expect_end(tree: Tree, msg: bytes, end: int, what: str,
     extra = len(msg) - end
     if extra > 0:
         add_bytes(tree, "vfio_user.trailing", msg, end, len(msg), parent)
-        tree.expert("warning", "malformed.trailing",
+        tree.expert("malformed.trailing",
                     f"{what}: {extra} unexpected trailing bytes", end, extra)
 
 
@@ -462,18 +561,18 @@ def expect_empty(tree: Tree, msg: bytes, what: str) -> None:
 def check_reply_argsz(tree: Tree, argsz: int, payload_len: int, what: str) -> None:
     """In a reply, argsz is the size the full payload needs."""
     if argsz > payload_len:
-        tree.expert("note", "argsz.truncated",
+        tree.expert("argsz.truncated",
                     f"{what} reply truncated: argsz asks for {argsz} bytes, "
                     f"{payload_len} sent; the client should retry with a larger buffer")
     elif argsz < payload_len:
-        tree.expert("warning", "argsz.mismatch",
+        tree.expert("argsz.mismatch",
                     f"{what} reply argsz {argsz} is smaller than its payload ({payload_len})")
 
 
 def check_request_argsz(tree: Tree, argsz: int, minimum: int, what: str) -> None:
     """In most requests argsz is the largest reply the client accepts."""
     if argsz < minimum:
-        tree.expert("warning", "argsz.small",
+        tree.expert("argsz.small",
                     f"{what} argsz {argsz} is below the {minimum}-byte reply struct")
 
 
@@ -525,7 +624,7 @@ def _version(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         return f"{v.get('major', '?')}.{v.get('minor', '?')}"
     text = bytes(msg[start:])
     if not text.endswith(b"\0"):
-        tree.expert("warning", "version.json_unterminated",
+        tree.expert("version.json_unterminated",
                     "capabilities JSON is not NUL-terminated (QEMU rejects such a reply)",
                     start, len(text))
     text = text.rstrip(b"\0")
@@ -534,7 +633,7 @@ def _version(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         caps = json.loads(source) if source.strip() else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         tree.add("version.json", text.decode("utf-8", "replace"), start, len(text), node)
-        tree.expert("error", "version.json_invalid", f"capabilities JSON invalid: {exc}",
+        tree.expert("version.json_invalid", f"capabilities JSON invalid: {exc}",
                     start, len(text))
         return f"{v['major']}.{v['minor']} (invalid JSON)"
     json_item = tree.add("version.json", source, start, len(text), node)
@@ -546,7 +645,7 @@ def _capabilities(tree: Tree, doc: Any, parent: Item, start: int, length: int,
                   ctx: Context) -> None:
     caps = doc.get("capabilities") if isinstance(doc, dict) else None
     if not isinstance(caps, dict):
-        tree.expert("warning", "version.no_capabilities",
+        tree.expert("version.no_capabilities",
                     "JSON has no \"capabilities\" object", start, length)
         return
     for path, value in _flatten(caps):
@@ -554,13 +653,13 @@ def _capabilities(tree: Tree, doc: Any, parent: Item, start: int, length: int,
         if spec is None:
             tree.add("version.unknown_capability", f"{path}={json.dumps(value)}",
                      start, length, parent)
-            tree.expert("note", "version.unknown_capability",
+            tree.expert("version.unknown_capability",
                         f"capability {path!r} is not in the spec", start, length)
             continue
         kind = spec[0]
         if kind is int and (isinstance(value, bool) or not isinstance(value, int)) \
                 or kind is bool and not isinstance(value, bool):
-            tree.expert("warning", "version.capability_type",
+            tree.expert("version.capability_type",
                         f"capability {path} should be a {kind.__name__}, "
                         f"got {json.dumps(value)}", start, length)
             continue
@@ -587,19 +686,19 @@ def _dma_map(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     if "size" not in v:
         return ""
     if v["argsz"] != DmaMap.vfu_compiled.size:
-        tree.expert("warning", "argsz.mismatch",
+        tree.expert("argsz.mismatch",
                     f"DMA_MAP argsz {v['argsz']}, the request struct is 32 bytes")
     if v["flags"] & ~0xF:
-        tree.expert("warning", "dma_map.flags_unknown",
+        tree.expert("dma_map.flags_unknown",
                     f"DMA_MAP flags {v['flags']:#x} has bits no implementation knows")
     elif v["flags"] & ~SPEC_DMA_MAP_FLAGS:
-        tree.expert("note", "dma_map.flags_extension",
+        tree.expert("dma_map.flags_extension",
                     f"DMA_MAP flags {v['flags']:#x}: MMAP/FILE_IO are libvfio-user extensions")
     end = v["address"] + v["size"]
     ctx.purpose(0, f"DMA memory for iova {v['address']:#x}-{end:#x} "
                    f"(file offset {v['offset']:#x})")
     if len(ctx.fds) > 1:
-        tree.expert("warning", "fd.count", f"DMA_MAP carries {len(ctx.fds)} fds, at most 1 expected")
+        tree.expert("fd.count", f"DMA_MAP carries {len(ctx.fds)} fds, at most 1 expected")
     prot = ("R" if v["flags"] & 1 else "") + ("W" if v["flags"] & 2 else "")
     return (f"iova={v['address']:#x} size={hex_size(v['size'])} prot={prot or '-'} "
             f"fd={fd_text(ctx)}" + (f" offset={v['offset']:#x}" if ctx.fds else ""))
@@ -624,7 +723,7 @@ def _dma_unmap(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         if "size" in bm and len(msg) > end:
             add_bytes(tree, "dma_unmap.bitmap.data", msg, end, len(msg), node)
             if len(msg) - end != bm["size"]:
-                tree.expert("error", "dma_unmap.bitmap_size",
+                tree.expert("dma_unmap.bitmap_size",
                             f"dirty bitmap has {len(msg) - end} bytes, header says {bm['size']}")
             end = len(msg)
         info += " +dirty bitmap"
@@ -679,7 +778,7 @@ def _region_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         if v["argsz"] > payload_len:
             info += " (truncated, argsz=%d)" % v["argsz"]
         elif not v["cap_offset"]:
-            tree.expert("warning", "region_info.caps_missing",
+            tree.expert("region_info.caps_missing",
                         "CAPS flag set but cap_offset is 0: no capability chain")
         else:
             end = _region_caps(tree, msg, off, v["cap_offset"], node)
@@ -687,10 +786,10 @@ def _region_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     if v["flags"] & REGION_FLAGS["mmap"]:
         ctx.purpose(0, f"mmap fd of region {name} (offset {v['offset']:#x})")
         if not ctx.fds and v["argsz"] <= payload_len:
-            tree.expert("note", "region_info.mmap_no_fd",
+            tree.expert("region_info.mmap_no_fd",
                         f"{name} is mmap-able but the reply carries no fd")
     if len(ctx.fds) > 1:
-        tree.expert("note", "region_info.fd_per_area",
+        tree.expert("region_info.fd_per_area",
                     f"{len(ctx.fds)} fds with one region: one per sparse area, "
                     "as some servers send (the spec says 1)")
         for i in range(1, len(ctx.fds)):
@@ -709,7 +808,7 @@ def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
     seen, end, offset = set(), base + RegionInfo.vfu_compiled.size, cap_offset
     while offset:
         if offset in seen or offset < RegionInfo.vfu_compiled.size:
-            tree.expert("error", "region_info.cap_loop",
+            tree.expert("region_info.cap_loop",
                         f"capability chain points back to offset {offset}")
             break
         seen.add(offset)
@@ -723,7 +822,7 @@ def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
             add_layer(tree, RegionType, msg, body, node)
             end = max(end, body + RegionType.vfu_compiled.size)
         else:
-            tree.expert("note", "region_info.cap_unknown", f"unknown region capability {cap['id']}")
+            tree.expert("region_info.cap_unknown", f"unknown region capability {cap['id']}")
             end = max(end, body)
         offset = cap["next"]
     return min(end, len(msg))
@@ -735,7 +834,7 @@ def _sparse_areas(tree: Tree, msg: bytes, offset: int, parent: Item) -> int:
     count = sp.get("nr_areas", 0)
     room = max(len(msg) - offset, 0) // SparseArea.vfu_compiled.size
     if count > room:
-        tree.expert("error", "region_info.areas_short",
+        tree.expert("region_info.areas_short",
                     f"nr_areas is {count} but only {room} areas fit in the message")
         count = room
     for _ in range(count):
@@ -765,12 +864,12 @@ def _io_fds_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     entry = body // count if body % count == 0 else 0
     layout = {40: SubRegion, 48: ShadowSubRegion}.get(entry)
     if layout is None:
-        tree.expert("error", "region_io_fds.entry_size",
+        tree.expert("region_io_fds.entry_size",
                     f"{body} bytes for {count} sub-regions: entries must be 40 or 48 bytes")
         layout = SubRegion
         count = min(count, body // SubRegion.vfu_compiled.size)
     elif entry == 48:
-        tree.expert("note", "interop.io_fds_48",
+        tree.expert("interop.io_fds_48",
                     "48-byte sub-regions (libvfio-user's shadow ioeventfd layout), the spec has 40")
     offset = start
     for i in range(count):
@@ -780,12 +879,12 @@ def _io_fds_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
             ctx.purpose(sub["fd_index"], f"{kind} for {region_name(v['index'])} "
                                          f"offset {sub['offset']:#x} (sub-region {i})")
             if sub["fd_index"] >= len(ctx.fds):
-                tree.expert("error", "region_io_fds.fd_index",
+                tree.expert("region_io_fds.fd_index",
                             f"sub-region {i} names fd {sub['fd_index']}, "
                             f"{len(ctx.fds)} fds were passed")
         offset += layout.vfu_compiled.size
     if not ctx.fds:
-        tree.expert("warning", "fd.count", "REGION_IO_FDS reply carries no fd (at least 1 expected)")
+        tree.expert("fd.count", "REGION_IO_FDS reply carries no fd (at least 1 expected)")
     expect_end(tree, msg, offset, "DEVICE_GET_REGION_IO_FDS reply")
     return f"{region_name(v['index'])} {v['count']} sub-regions"
 
@@ -820,7 +919,7 @@ def _set_irqs(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     flags, count, start = v["flags"], v["count"], v["start"]
     kind, action = flags & SET_IRQS_DATA, flags & SET_IRQS_ACTION
     if kind not in (0x1, 0x2, 0x4) or action not in (0x8, 0x10, 0x20):
-        tree.expert("error", "set_irqs.flags",
+        tree.expert("set_irqs.flags",
                     f"flags {flags:#x}: exactly one data type and one action must be set")
     irq = IRQS.get(v["index"], f"index {v['index']}")
     if kind == SET_IRQS_FLAGS["data_bool"]:
@@ -828,7 +927,7 @@ def _set_irqs(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         for i, b in enumerate(msg[data:data + count]):
             tree.add("set_irqs.bool", b, data + i, 1, node, text=f"vector {start + i}: {b}")
         if len(msg) - data != count:
-            tree.expert("error", "set_irqs.bool_count",
+            tree.expert("set_irqs.bool_count",
                         f"DATA_BOOL with count {count} carries {len(msg) - data} bytes")
     else:
         expect_end(tree, msg, data, "DEVICE_SET_IRQS request")
@@ -836,12 +935,12 @@ def _set_irqs(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         for i in range(len(ctx.fds)):
             ctx.purpose(i, f"eventfd of {irq} vector {start + i}")
         if ctx.fds and len(ctx.fds) != count:
-            tree.expert("warning", "set_irqs.fd_count",
+            tree.expert("set_irqs.fd_count",
                         f"{len(ctx.fds)} eventfds for count {count}")
     elif ctx.fds:
-        tree.expert("warning", "fd.count", f"{len(ctx.fds)} fds without DATA_EVENTFD")
+        tree.expert("fd.count", f"{len(ctx.fds)} fds without DATA_EVENTFD")
     if v["argsz"] not in (SetIrqs.vfu_compiled.size, len(msg) - off):
-        tree.expert("warning", "argsz.mismatch",
+        tree.expert("argsz.mismatch",
                     f"SET_IRQS argsz {v['argsz']}, request is {len(msg) - off} bytes")
     action_name = {0x8: "MASK", 0x10: "UNMASK", 0x20: "TRIGGER"}.get(action, "?")
     kind_name = {0x1: "none", 0x2: "bool", 0x4: "eventfd"}.get(kind, "?")
@@ -863,7 +962,7 @@ def _region_access(cls: type[Packet], with_data: bool) -> Dissector:
         if with_data:
             add_bytes(tree, f"{prefix}.data", msg, data, len(msg), node)
             if len(msg) - data != v["count"]:
-                tree.expert("error", f"{prefix}.count",
+                tree.expert(f"{prefix}.count",
                             f"count is {v['count']} but {len(msg) - data} data bytes follow")
         else:
             expect_end(tree, msg, data, cls.vfu_name)
@@ -894,12 +993,12 @@ def _write_multi(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     size = WriteMultiEntry.vfu_compiled.size
     room = (len(msg) - offset) // size
     if v["wr_cnt"] != room or (len(msg) - offset) % size:
-        tree.expert("error", "write_multi.count",
+        tree.expert("write_multi.count",
                     f"wr_cnt is {v['wr_cnt']} but the payload holds {room} entries")
     for _ in range(min(v["wr_cnt"], room)):
         _, e = add_layer(tree, WriteMultiEntry, msg, offset, node)
         if e["count"] > 8:
-            tree.expert("error", "write_multi.entry_count",
+            tree.expert("write_multi.entry_count",
                         f"entry count {e['count']} exceeds the 8-byte data field")
         offset += size
     expect_end(tree, msg, offset, "REGION_WRITE_MULTI request")
@@ -931,21 +1030,21 @@ def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
     def on_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         v = body(tree, msg, off, spec, data_in_request)
         if data_in_request and "count" in v and len(msg) - off - 16 != v["count"]:
-            tree.expert("error", f"{prefix}.count",
+            tree.expert(f"{prefix}.count",
                         f"count is {v['count']} but {len(msg) - off - 16} data bytes follow")
         return f"addr={v.get('address', 0):#x} count={v.get('count', '?')}"
 
     def on_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         asked = _request_count(ctx.request)
         if not data_in_reply and len(msg) == off:
-            tree.expert("warning", "interop.dma_write_bare_reply",
+            tree.expert("interop.dma_write_bare_reply",
                         f"{spec.vfu_name} reply is the bare header (QEMU's layout); "
                         "the spec and libvfio-user expect address and count")
             return "bare reply (QEMU layout)"
         layout = spec
         if _looks_like_qemu(msg, off, asked, data_in_reply):
             layout = qemu
-            tree.expert("warning", "interop.dma_qemu_layout",
+            tree.expert("interop.dma_qemu_layout",
                         f"{spec.vfu_name} reply in QEMU's layout (u32 count, data at offset 12), "
                         "not the spec's (u64 count, data at 16)")
         v = body(tree, msg, off, layout, data_in_reply)
@@ -954,10 +1053,10 @@ def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
             if layout is qemu:
                 got -= 4  # QEMU pads 4 zero bytes after the data
             if got != v["count"]:
-                tree.expert("error", f"{prefix}.count",
+                tree.expert(f"{prefix}.count",
                             f"count is {v['count']} but {got} data bytes follow")
         if asked is not None and v.get("count") not in (None, asked):
-            tree.expert("warning", f"{prefix}.count_mismatch",
+            tree.expert(f"{prefix}.count_mismatch",
                         f"reply count {v['count']} differs from the request's {asked}")
         return f"addr={v.get('address', 0):#x} count={v.get('count', '?')}"
 
@@ -999,7 +1098,7 @@ def _device_feature(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     ops = [n for n, bit in (("GET", FEATURE_GET), ("SET", FEATURE_SET),
                             ("PROBE", FEATURE_PROBE)) if flags & bit]
     if flags & FEATURE_GET and flags & FEATURE_SET and not flags & FEATURE_PROBE:
-        tree.expert("error", "device_feature.get_and_set",
+        tree.expert("device_feature.get_and_set",
                     "GET and SET together are only allowed with PROBE")
     data = off + DeviceFeature.vfu_compiled.size
     is_reply = ctx.direction == "s2c"
@@ -1028,7 +1127,7 @@ def _feature_data(tree: Tree, msg: bytes, offset: int, feature: int,
         count = f.get("num_ranges", 0)
         room = max(len(msg) - offset, 0) // DmaLoggingRange.vfu_compiled.size
         if count > room:
-            tree.expert("error", "dma_logging.ranges_short",
+            tree.expert("dma_logging.ranges_short",
                         f"num_ranges is {count} but {room} ranges fit")
         for _ in range(min(count, room)):
             add_layer(tree, DmaLoggingRange, msg, offset, node)
@@ -1044,11 +1143,11 @@ def _feature_data(tree: Tree, msg: bytes, offset: int, feature: int,
                 pages = -(-f["length"] // f["page_size"])
                 want = -(-pages // 64) * 8
                 if len(msg) - bitmap != want:
-                    tree.expert("warning", "dma_logging.bitmap_size",
+                    tree.expert("dma_logging.bitmap_size",
                                 f"bitmap is {len(msg) - bitmap} bytes; {pages} pages need {want}")
         return f" iova={f.get('iova', 0):#x} length={f.get('length', 0):#x}"
     add_bytes(tree, "device_feature.data", msg, offset, len(msg), parent)
-    tree.expert("note", "device_feature.unknown", f"unknown feature {feature}")
+    tree.expert("device_feature.unknown", f"unknown feature {feature}")
     return ""
 
 
@@ -1080,12 +1179,12 @@ def _mig_payload(tree: Tree, msg: bytes, data: int, size: int, prefix: str,
     end = data + size
     add_bytes(tree, f"{prefix}.data", msg, data, min(end, len(msg)), node)
     if len(msg) < end:
-        tree.expert("error", f"{prefix}.size",
+        tree.expert(f"{prefix}.size",
                     f"size is {size} but {len(msg) - data} data bytes follow")
     elif len(msg) > end:
         # libvfio-user sends its whole buffer with the last, short chunk.
         add_bytes(tree, "vfio_user.trailing", msg, end, len(msg), node)
-        tree.expert("note", "interop.mig_data_padding",
+        tree.expert("interop.mig_data_padding",
                     f"{len(msg) - end} padding bytes after the {size} data bytes", end,
                     len(msg) - end)
 
@@ -1185,7 +1284,7 @@ def dissect_message(msg: bytes, ctx: Context) -> tuple[Tree, HeaderInfo | None]:
             tree.info = fn(tree, msg, ctx, HEADER_SIZE)
         except (struct.error, KeyError, ValueError, IndexError) as exc:
             # A dissector bug must not stop the capture: flag it and go on.
-            tree.expert("error", "dissector.bug",
+            tree.expert("dissector.bug",
                         f"dissector failed: {type(exc).__name__}: {exc}")
     _fd_items(tree, ctx)
     return tree, header
@@ -1193,26 +1292,26 @@ def dissect_message(msg: bytes, ctx: Context) -> tuple[Tree, HeaderInfo | None]:
 
 def _header_checks(tree: Tree, h: HeaderInfo, length: int) -> None:
     if h.size != length:
-        tree.expert("error", "header.size",
+        tree.expert("header.size",
                     f"msg_size is {h.size} but the message has {length} bytes", 4, 4)
     if h.type not in MSG_TYPES:
-        tree.expert("error", "header.type", f"invalid message type {h.type}", 8, 4)
+        tree.expert("header.type", f"invalid message type {h.type}", 8, 4)
     if h.cmd not in COMMANDS:
-        tree.expert("warning", "header.unknown_command", f"unknown command {h.cmd}", 2, 2)
+        tree.expert("header.unknown_command", f"unknown command {h.cmd}", 2, 2)
     elif h.cmd in OBSOLETE_COMMANDS:
-        tree.expert("warning", "header.obsolete_command",
+        tree.expert("header.obsolete_command",
                     f"command {h.cmd} ({COMMANDS[h.cmd]}) is not in the current spec", 2, 2)
     if h.is_error and not h.is_reply:
-        tree.expert("warning", "header.error_in_command",
+        tree.expert("header.error_in_command",
                     "ERROR flag set on a message whose type says command", 8, 4)
     if h.no_reply and h.is_reply:
-        tree.expert("warning", "header.no_reply_in_reply", "NO_REPLY flag set on a reply", 8, 4)
+        tree.expert("header.no_reply_in_reply", "NO_REPLY flag set on a reply", 8, 4)
     if h.flags & ~(FLAG_TYPE_MASK | FLAG_NO_REPLY | FLAG_ERROR):
-        tree.expert("warning", "header.flags_unknown", f"unknown flag bits in {h.flags:#x}", 8, 4)
+        tree.expert("header.flags_unknown", f"unknown flag bits in {h.flags:#x}", 8, 4)
     if h.is_error and h.is_reply and h.error == 0:
-        tree.expert("note", "header.errno_zero", "error reply with errno 0", 12, 4)
+        tree.expert("header.errno_zero", "error reply with errno 0", 12, 4)
     if h.error and not h.is_error:
-        tree.expert("note", "header.error_reserved",
+        tree.expert("header.error_reserved",
                     f"error field {h.error} set without the ERROR flag", 12, 4)
 
 

@@ -158,7 +158,7 @@ class Analyzer:
         tree, msg = p.tree, p.msg
         tree.items.insert(0, FrameItem(p))     # the frame comes first, as in Wireshark
         if msg.size is not None:
-            tree.expert("warning", "capture.truncated",
+            tree.expert("capture.truncated",
                         f"only {len(msg.data)} of {msg.size} bytes were captured")
         links = tree.items[1]
         if p.request_in is not None:

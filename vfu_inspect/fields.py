@@ -69,6 +69,41 @@ def all_fields() -> Iterable[FieldDef]:
     return REGISTRY.values()
 
 
+# --- expert info ---------------------------------------------------------------
+
+SEVERITIES = ("error", "warning", "note", "chat")
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertDef:
+    """One check, registered once as Wireshark's expert infos are.
+
+    Its severity lives here and nowhere else; a dissector raising it gives
+    only the id and the values involved.
+    """
+
+    id: str                 # stable filter value, e.g. "dma.overlap"
+    severity: str           # one of SEVERITIES
+    summary: str            # what the check means, for the -z expert table
+    section: str            # where the rule comes from
+
+    @property
+    def group(self) -> str:
+        return self.id.split(".", 1)[0]
+
+
+EXPERTS: dict[str, ExpertDef] = {}
+
+
+def expert_info(id: str, severity: str, summary: str, section: str) -> ExpertDef:
+    if id in EXPERTS:
+        raise ValueError(f"expert info {id} registered twice")
+    if severity not in SEVERITIES:
+        raise ValueError(f"expert info {id}: bad severity {severity}")
+    EXPERTS[id] = ExpertDef(id, severity, summary, section)
+    return EXPERTS[id]
+
+
 # --- scapy fields that carry display metadata -------------------------------
 
 class Plain(Field):

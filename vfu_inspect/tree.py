@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .fields import BOOL, BYTES, FLOAT, FieldDef, describe_bits, lookup
-
-SEVERITIES = ("error", "warning", "note", "chat")
+from .fields import BOOL, BYTES, EXPERTS, FLOAT, SEVERITIES, FieldDef, describe_bits, lookup
 
 
 class Item:
@@ -86,9 +84,9 @@ class Tree:
         (parent.children if parent else self.items).append(item)
         return item
 
-    def expert(self, severity: str, id: str, message: str,
-               offset: int = -1, length: int = 0) -> None:
-        self.experts.append(Expert(severity, id, message, offset, length))
+    def expert(self, id: str, message: str, offset: int = -1, length: int = 0) -> None:
+        """Raise the registered expert info `id`; its severity comes from the registry."""
+        self.experts.append(Expert(EXPERTS[id].severity, id, message, offset, length))
 
     def walk(self) -> Iterator[Item]:
         for item in self.items:
