@@ -80,6 +80,23 @@ CAPABILITIES: dict[str, tuple[type, Any, str]] = {
     "twin_socket.fd_index": (int, None, "Twin socket fd index"),
     "write_multiple": (bool, False, "REGION_WRITE_MULTI supported"),
 }
+SCM_MAX_FD = 253                       # Linux's limit of fds in one message
+PAGE_4K, MAX_BITMAP_SIZE = 4096, 256 << 20
+
+
+def _pow2_multiple_of_4k(v: int) -> str | None:
+    return None if v >= PAGE_4K and v & (v - 1) == 0 else "not a power of two >= 4096"
+
+
+# What each numeric capability may be (None: fine); QEMU rejects the rest.
+CAPABILITY_RANGES: dict[str, Callable[[int], str | None]] = {
+    "max_msg_fds": lambda v: None if 1 <= v <= SCM_MAX_FD else f"outside 1..{SCM_MAX_FD}",
+    "max_data_xfer_size": lambda v: None if v > 0 else "must be positive",
+    "max_dma_maps": lambda v: None if v > 0 else "must be positive",
+    "pgsizes": lambda v: None if v and not v & (PAGE_4K - 1) else "needs a page size >= 4096",
+    "migration.pgsize": _pow2_multiple_of_4k,
+    "migration.max_bitmap_size": lambda v: None if 0 < v <= MAX_BITMAP_SIZE else "outside 1..256 MiB",
+}
 
 
 # --- expert infos -------------------------------------------------------------
@@ -103,13 +120,14 @@ for _id, _severity, _summary, _section in [
     ("header.error_reserved", "note", "error field set without the ERROR flag", f"{SPEC} § Header"),
     ("reply.unmatched", "error", "reply whose msg_id matches no request in flight", f"{SPEC} § Header; QEMU: unexpected reply"),
     ("reply.command_mismatch", "error", "reply's command differs from its request's", f"{SPEC} § Header"),
+    ("reply.accepted_invalid", "error", "success reply to a request the receiver must refuse", f"{SPEC} § Protocol Specification"),
     ("reply.to_no_reply", "error", "reply to a NO_REPLY request (desynchronizes QEMU's posted writes)", f"{SPEC} § Header; {FACTS} § 9/10"),
     ("request.duplicate_id", "note", "msg_id reused while a request with it is in flight", f"{FACTS} § 1"),
     ("request.unanswered", "warning", "request never answered", f"{SPEC} § Socket Disconnection Behavior"),
     ("request.timeout", "warning", "request unanswered for longer than the timeout (QEMU: 5 s)", f"{FACTS} § 4"),
     ("fd.count", "warning", "fds where the command carries none, or too few", f"{SPEC} § Protocol Specification"),
     ("fd.over_max", "error", "more fds than the receiver's max_msg_fds", f"{SPEC} § VFIO_USER_VERSION"),
-    ("xfer.too_big", "error", "data transfer over the receiver's max_data_xfer_size", f"{SPEC} § VFIO_USER_VERSION"),
+    ("xfer.too_big", "warning", "data transfer over the receiver's max_data_xfer_size", f"{SPEC} § VFIO_USER_VERSION"),
     ("argsz.truncated", "note", "reply truncated to the request's argsz (the client retries)", f"{SPEC} § argsz"),
     ("argsz.mismatch", "warning", "argsz disagrees with the payload", f"{SPEC} § argsz"),
     ("argsz.small", "warning", "request argsz below the reply structure", f"{SPEC} § argsz"),
@@ -128,11 +146,10 @@ for _id, _severity, _summary, _section in [
     ("dma_map.flags_unknown", "warning", "DMA_MAP prot bits beyond READ/WRITE no implementation knows", f"{SPEC} § VFIO_USER_DMA_MAP"),
     ("dma_map.flags_extension", "note", "DMA_MAP MMAP/FILE_IO flags (libvfio-user extensions)", f"{FACTS} § 2 DMA_MAP"),
     ("dma.overlap", "warning", "DMA_MAP overlapping a live map (the server must answer EEXIST)", f"{SPEC} § VFIO_USER_DMA_MAP"),
-    ("dma.overlap_accepted", "error", "server accepted a DMA_MAP overlapping a live map", f"{SPEC} § VFIO_USER_DMA_MAP"),
     ("dma.unmap_unknown", "warning", "DMA_UNMAP of a range that is not a live map", f"{SPEC} § VFIO_USER_DMA_UNMAP"),
     ("dma.misaligned", "warning", "DMA map not aligned to the negotiated page size", f"{SPEC} § VFIO_USER_VERSION pgsizes"),
-    ("dma.too_many", "error", "more live DMA maps than max_dma_maps", f"{SPEC} § VFIO_USER_VERSION"),
-    ("dma.access_unmapped", "error", "DMA_READ/WRITE outside every live map", f"{SPEC} § VFIO_USER_DMA_READ"),
+    ("dma.too_many", "warning", "more live DMA maps than max_dma_maps", f"{SPEC} § VFIO_USER_VERSION"),
+    ("dma.access_unmapped", "warning", "DMA_READ/WRITE outside every live map", f"{SPEC} § VFIO_USER_DMA_READ"),
     ("dma_unmap.bitmap_size", "error", "dirty bitmap size disagrees with its header, range or page size", f"{SPEC} § VFIO_USER_DMA_UNMAP"),
     ("dma_logging.bitmap_size", "warning", "DMA_LOGGING_REPORT bitmap size disagrees with range and page size", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
     ("dma_logging.ranges_short", "error", "num_ranges exceeds the ranges sent", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
@@ -147,8 +164,8 @@ for _id, _severity, _summary, _section in [
     ("region_io_fds.entry_size", "error", "IO_FDS entries neither 40 nor 48 bytes", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_IO_FDS"),
     ("region_io_fds.fd_index", "error", "sub-region names an fd that was not passed", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_IO_FDS"),
     ("region.unknown", "warning", "access to a region index the device did not report", f"{SPEC} § VFIO_USER_DEVICE_GET_INFO"),
-    ("region.out_of_bounds", "error", "region access beyond the region's size", f"{SPEC} § VFIO_USER_REGION_READ"),
-    ("region.access_flags", "error", "region access against its READ/WRITE flags", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
+    ("region.out_of_bounds", "warning", "region access beyond the region's size", f"{SPEC} § VFIO_USER_REGION_READ"),
+    ("region.access_flags", "warning", "region access against its READ/WRITE flags", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
     ("region_read.count", "error", "REGION_READ count disagrees with the data", f"{SPEC} § VFIO_USER_REGION_READ"),
     ("region_write.count", "error", "REGION_WRITE count disagrees with the data", f"{SPEC} § VFIO_USER_REGION_WRITE"),
     ("write_multi.count", "error", "wr_cnt exceeds the entries sent", f"{SPEC} § VFIO_USER_REGION_WRITE_MULTI"),
@@ -156,7 +173,7 @@ for _id, _severity, _summary, _section in [
     ("set_irqs.flags", "error", "SET_IRQS needs exactly one data type and one action", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
     ("set_irqs.bool_count", "error", "DATA_BOOL bytes disagree with count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
     ("set_irqs.fd_count", "warning", "eventfd count disagrees with count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
-    ("irq.out_of_range", "error", "SET_IRQS beyond the index's count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
+    ("irq.out_of_range", "warning", "SET_IRQS beyond the index's count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
     # server commands, interop and deadlock risk
     ("dma_read.count", "error", "DMA_READ count disagrees with the data", f"{SPEC} § VFIO_USER_DMA_READ"),
     ("dma_write.count", "error", "DMA_WRITE count disagrees with the data", f"{SPEC} § VFIO_USER_DMA_WRITE"),
@@ -170,8 +187,8 @@ for _id, _severity, _summary, _section in [
     # features and migration
     ("device_feature.get_and_set", "error", "GET and SET together without PROBE", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
     ("device_feature.unknown", "note", "unknown device feature", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
-    ("migration.transition", "error", "device-state transition the state machine forbids", f"{SPEC} § VFIO_USER_DEVICE_FEATURE; {FACTS} § 16"),
-    ("migration.data_state", "error", "MIG_DATA_READ/WRITE in a state that allows none", f"{SPEC} § VFIO_USER_MIG_DATA_READ"),
+    ("migration.transition", "warning", "device-state transition the state machine forbids", f"{SPEC} § VFIO_USER_DEVICE_FEATURE; {FACTS} § 16"),
+    ("migration.data_state", "warning", "MIG_DATA_READ/WRITE in a state that allows none", f"{SPEC} § VFIO_USER_MIG_DATA_READ"),
     ("mig_data_read.size", "error", "MIG_DATA_READ size disagrees with the data", f"{SPEC} § VFIO_USER_MIG_DATA_READ"),
     ("mig_data_write.size", "error", "MIG_DATA_WRITE size disagrees with the data", f"{SPEC} § VFIO_USER_MIG_DATA_WRITE"),
     # the tool itself
@@ -664,6 +681,9 @@ def _capabilities(tree: Tree, doc: Any, parent: Item, start: int, length: int,
                         f"got {json.dumps(value)}", start, length)
             continue
         tree.add(f"version.{path}", value, start, length, parent)
+        problem = CAPABILITY_RANGES.get(path, lambda v: None)(value)
+        if problem:
+            tree.expert("version.capability_range", f"{path}={value}: {problem}", start, length)
         if path == "twin_socket.fd_index":
             ctx.purpose(value, "twin socket (server-to-client commands)")
 

@@ -11,9 +11,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from .capture import CHANNELS, DIRECTIONS, Message, Record
+from .capture import CHANNELS, CLOSE, DIRECTIONS, Message, Record
 from .dissectors import vfio_user as proto
 from .fields import FLOAT, FRAME, PROTOCOL, field, lookup
+from .session import SessionTracker
 from .tree import Item, Tree
 
 FRAME_FIELD = field("frame", "Frame", PROTOCOL)
@@ -115,9 +116,10 @@ def find_responses(records: Iterable[Record]) -> dict[int, int]:
 class Analyzer:
     """Dissects messages in capture order, carrying what links them."""
 
-    def __init__(self, responses: dict[int, int] | None = None) -> None:
+    def __init__(self, responses: dict[int, int] | None = None,
+                 sessions: SessionTracker | None = None) -> None:
         self.responses = responses
-        self.matcher = Matcher()
+        self.sessions = sessions if sessions is not None else SessionTracker()
         self.number = 0
         self._first_ts: int | None = None
         self._prev_ts: int | None = None
@@ -130,21 +132,19 @@ class Analyzer:
         delta = (msg.ts_ns - self._prev_ts) / 1e9
         self._prev_ts = msg.ts_ns
         header = proto.parse_header(msg.data)
-        request = None
-        if header is not None and header.is_reply:
-            request = self.matcher.reply(msg.conn, msg.channel, msg.direction, header.msg_id)
+        request = self.sessions.pair(self.number, msg, header)
         ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds,
-                            request[1][0] if request else None)
+                            request.data if request else None)
         tree, _ = proto.dissect_message(msg.data, ctx)
         packet = Dissected(self.number, msg, header, tree, rel, delta)
         if request:
-            packet.request_in = request[0]
-            packet.latency = (msg.ts_ns - request[1][1]) / 1e9
-        elif header is not None and expects_reply(header):
-            self.matcher.request(msg.conn, msg.channel, msg.direction, header.msg_id,
-                                 self.number, (msg.data, msg.ts_ns))
-            if self.responses is not None:
-                packet.response_in = self.responses.get(self.number)
+            packet.request_in = request.number
+            packet.latency = (msg.ts_ns - request.ts_ns) / 1e9
+        elif header is not None and expects_reply(header) and self.responses is not None:
+            packet.response_in = self.responses.get(self.number)
+            if packet.response_in is None:
+                tree.expert("request.unanswered", "no reply in this capture")
+        self.sessions.feed(packet, request)
         self._add_frame_items(packet)
         return packet
 
@@ -152,6 +152,8 @@ class Analyzer:
         for record in records:
             if isinstance(record, Message):
                 yield self.feed(record)
+            elif record.kind == CLOSE:
+                self.sessions.close(record.conn)
 
     @staticmethod
     def _add_frame_items(p: Dissected) -> None:

@@ -140,10 +140,9 @@ def describe_bits(bits: dict[str, Any], value: int) -> str:
     for name, spec in bits.items():
         mask, names = spec if isinstance(spec, tuple) else (spec, None)
         part = value & mask
-        if names is not None:
-            shift = (mask & -mask).bit_length() - 1
-            number = part >> shift
-            parts.append(f"{name}={names.get(number, number)}")
+        if isinstance(spec, tuple):      # a multi-bit number, named or not
+            number = part >> ((mask & -mask).bit_length() - 1)
+            parts.append(f"{name}={names.get(number, number) if names else number}")
         elif part:
             parts.append(name.upper())
     unknown = value & ~_all_bits(bits)
@@ -157,6 +156,10 @@ def _all_bits(bits: dict[str, Any]) -> int:
     for spec in bits.values():
         total |= spec[0] if isinstance(spec, tuple) else spec
     return total
+
+
+def u8(name: str, default: int | None = 0, **meta: Any) -> Field:
+    return _meta(Plain(name, default, "<B"), meta)
 
 
 def u16(name: str, default: int | None = 0, **meta: Any) -> Field:
@@ -174,6 +177,10 @@ def u64(name: str, default: int = 0, **meta: Any) -> Field:
 def raw(name: str, length: int, **meta: Any) -> Field:
     """Fixed-length bytes."""
     return _meta(Plain(name, b"\0" * length, f"<{length}s"), {"type": BYTES, **meta})
+
+
+def bits16(name: str, bits: dict[str, Any], default: int = 0, **meta: Any) -> Bits:
+    return _meta(Bits(name, default, "<H", bits), {"base": "hex", **meta})
 
 
 def bits32(name: str, bits: dict[str, Any], default: int = 0, **meta: Any) -> Bits:
@@ -242,7 +249,7 @@ def _field_def(name: str, fld: Field, meta: dict[str, Any]) -> FieldDef:
         for sub, spec in fld.bits.items():
             mask, names = spec if isinstance(spec, tuple) else (spec, None)
             fd.children.append(FieldDef(
-                f"{name}.{sub}", _humanize(sub), UINT if names else BOOL,
+                f"{name}.{sub}", _humanize(sub), UINT if isinstance(spec, tuple) else BOOL,
                 values=names, mask=mask))
     return register(fd)
 

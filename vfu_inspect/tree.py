@@ -157,7 +157,7 @@ def format_value(fd: FieldDef, value: Any) -> str:
         return f"{value:.9f}"
     if isinstance(value, int) and not isinstance(value, bool):
         if fd.children:
-            return describe_bits({c.name.rsplit(".", 1)[1]: (c.mask, c.values) if c.values else c.mask
+            return describe_bits({c.name.rsplit(".", 1)[1]: (c.mask, c.values) if c.type != BOOL else c.mask
                                   for c in fd.children}, value)
         name = fd.value_name(value)
         number = f"{value:#x}" if fd.base == "hex" else str(value)

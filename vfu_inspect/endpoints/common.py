@@ -13,17 +13,17 @@ from typing import Any
 
 from ..capture import C2S, MAIN, S2C, CaptureWriter
 from ..dissectors import vfio_user as proto
+from ..dissectors.device_sample import DEVICE_ID, VENDOR_ID, SampleBar0
 from ..framing import Frame
 from ..sockio import MessageSocket, fd_info
 
-# BAR0 register map of the sample device (offsets, 8 bytes each).
+# BAR0 register map of the sample device: its dissector declares it.
 REG_ID, REG_SCRATCH, REG_DMA_ADDR, REG_DMA_LEN, REG_DMA_CMD, REG_IRQ = (
-    0x00, 0x08, 0x10, 0x18, 0x20, 0x28)
+    offset for _, offset, _ in SampleBar0.vfu_compiled.fields)
 DMA_TO_DEVICE, DMA_FROM_DEVICE = 1, 2     # REG_DMA_CMD values
 BAR0_SIZE, BAR2_SIZE, CONFIG_SIZE = 0x1000, 0x4000, 0x100
 BAR2_AREAS = ((0x0, 0x1000), (0x2000, 0x1000))
 MSIX_VECTORS = 4
-VENDOR_ID, DEVICE_ID = 0x5646, 0x0001     # "VF": the vfu-inspect sample device
 DEFAULT_ID_VALUE = 0x31554656             # "VFU1"
 PAGE = 4096
 

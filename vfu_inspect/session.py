@@ -1,0 +1,839 @@
+"""Session state: what each connection has negotiated and built, as of any message.
+
+The tracker sees every dissected message in capture order.  It pairs replies
+with requests, raises the expert items that need history (overlapping DMA
+maps, accesses outside a region, forbidden migration transitions, deadlock
+risks …), and applies what each successful reply established to the state of
+its connection.  It keeps a copy of every connection's state each
+`checkpoint_every` messages, so that "the state as of message N" costs at
+most that many messages of replay, even at the end of a huge capture.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+from .capture import C2S, MAIN, S2C, TWIN, Message
+from .dissectors import vfio_user as proto
+from .devices import add_registers, device_for
+from .dissectors.pci_config import CONFIG_REGION, ConfigShadow, dissect_config_access
+from .tree import Expert, Item, Tree
+
+if TYPE_CHECKING:
+    from .dissect import Dissected
+
+CMD = proto.CMD
+DEFAULT_TIMEOUT = 5.0                # QEMU's x-msg-timeout
+STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY = 1, 2, 3, 4, 6
+ERROR_STATE = 0
+SAVING = {STOP_COPY, PRE_COPY}
+MIG_ARCS = {(RUNNING, STOP), (STOP_COPY, STOP), (RESUMING, STOP), (PRE_COPY, RUNNING),
+            (STOP, RUNNING), (RUNNING, PRE_COPY), (STOP, STOP_COPY), (PRE_COPY, STOP_COPY),
+            (STOP, RESUMING)}
+MIG_READ_STATES, MIG_WRITE_STATES = {STOP_COPY, PRE_COPY, 7}, {RESUMING}
+REGION_READ_FLAG, REGION_WRITE_FLAG = proto.REGION_FLAGS["read"], proto.REGION_FLAGS["write"]
+SET_IRQS = proto.SET_IRQS_FLAGS
+FEATURE = {name: number for number, name in proto.FEATURES.items()}
+# Requests a connection may have in flight before the oldest are forgotten:
+# a peer that never answers must not grow memory without bound.
+MAX_INFLIGHT = 1 << 16
+# Requests the receiver must refuse; a success reply to one is an error.
+MUST_REFUSE = {"dma.overlap", "dma.unmap_unknown", "dma.too_many", "dma.access_unmapped",
+               "region.unknown", "region.out_of_bounds", "region.access_flags", "xfer.too_big",
+               "irq.out_of_range", "migration.transition", "migration.data_state"}
+REQUEST_KEPT = 64
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request in flight."""
+
+    number: int
+    cmd: int
+    msg_id: int
+    direction: int
+    channel: int
+    ts_ns: int
+    data: bytes           # its first REQUEST_KEPT bytes: what reply dissectors read
+    fds: list[dict[str, Any]]
+    values: dict[str, Any] = field(default_factory=dict)   # its layer's fields
+    must_refuse: list[Expert] = field(default_factory=list)
+    timed_out: bool = False
+
+
+@dataclass(slots=True)
+class DmaMapping:
+    iova: int
+    size: int
+    offset: int
+    flags: int
+    fd: str               # what was passed: "memfd 0x10000 inode 12", or "none"
+    number: int           # the DMA_MAP request that made it
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+
+@dataclass(slots=True)
+class RegionState:
+    index: int
+    size: int
+    flags: int
+    offset: int
+    fd: str
+    areas: list[tuple[int, int]] = field(default_factory=list)
+    caps: list[str] = field(default_factory=list)
+    io_fds: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class IrqState:
+    index: int
+    count: int | None = None
+    flags: int = 0
+    eventfds: set[int] = field(default_factory=set)
+    masked: set[int] = field(default_factory=set)
+    triggers: int = 0
+
+
+class ConnState:
+    """One connection: negotiation, DMA maps, regions, IRQs, migration, in flight."""
+
+    def __init__(self, conn: int) -> None:
+        self.conn = conn
+        self.version_sent = False
+        self.client_version: tuple[int, int] | None = None
+        self.server_version: tuple[int, int] | None = None
+        self.client_caps: dict[str, Any] = {}
+        self.server_caps: dict[str, Any] = {}
+        self.twin = False
+        self.device: dict[str, int] | None = None
+        self.maps: dict[int, DmaMapping] = {}
+        self.map_starts: list[int] = []          # sorted iovas of `maps`
+        self.regions: dict[int, RegionState] = {}
+        self.irqs: dict[int, IrqState] = {}
+        self.mig_state = RUNNING
+        self.logging: str | None = None          # dirty logging: None when off
+        self.config = ConfigShadow()
+        self.inflight: dict[int, Pending] = {}   # by request number, oldest first
+        self.by_key: dict[tuple[int, int, int], list[int]] = {}
+        self.posted: dict[tuple[int, int, int], int] = {}   # NO_REPLY requests
+        self.closed = False
+
+    # --- negotiated values ------------------------------------------------------
+
+    def cap(self, caps: dict[str, Any], name: str) -> Any:
+        return caps.get(name, proto.CAPABILITIES[name][1])
+
+    def receiver_caps(self, direction: int) -> dict[str, Any] | None:
+        """The capabilities of whoever receives a message sent in `direction`."""
+        if self.server_version is None:
+            return None
+        return self.server_caps if direction == C2S else self.client_caps
+
+    @property
+    def page_size(self) -> int:
+        pgsizes = self.cap(self.server_caps, "pgsizes")
+        return pgsizes & -pgsizes if pgsizes else proto.PAGE_4K
+
+    # --- DMA map table ----------------------------------------------------------
+
+    def overlapping(self, iova: int, size: int) -> DmaMapping | None:
+        i = bisect.bisect_left(self.map_starts, iova + size)
+        if i and self.maps[self.map_starts[i - 1]].end > iova:
+            return self.maps[self.map_starts[i - 1]]
+        return None
+
+    def containing(self, addr: int, count: int) -> DmaMapping | None:
+        i = bisect.bisect_right(self.map_starts, addr)
+        if i:
+            m = self.maps[self.map_starts[i - 1]]
+            if addr + count <= m.end:
+                return m
+        return None
+
+    def add_map(self, m: DmaMapping) -> None:
+        if m.iova not in self.maps:
+            bisect.insort(self.map_starts, m.iova)
+        self.maps[m.iova] = m
+
+    def remove_map(self, iova: int) -> None:
+        del self.maps[iova]
+        self.map_starts.remove(iova)
+
+    # --- in flight --------------------------------------------------------------
+
+    def send(self, p: Pending) -> None:
+        if len(self.inflight) >= MAX_INFLIGHT:
+            oldest = next(iter(self.inflight.values()))
+            self.answer(oldest.channel, 1 - oldest.direction, oldest.msg_id)
+        self.inflight[p.number] = p
+        self.by_key.setdefault((p.channel, p.direction, p.msg_id), []).append(p.number)
+
+    def answer(self, channel: int, direction: int, msg_id: int) -> Pending | None:
+        """The oldest request that a reply sent in `direction` answers."""
+        key = (channel, 1 - direction, msg_id)
+        numbers = self.by_key.get(key)
+        if not numbers:
+            return None
+        number = numbers.pop(0)
+        if not numbers:
+            del self.by_key[key]
+        return self.inflight.pop(number)
+
+    def sections(self, at_ns: int | None = None) -> list[tuple[str, list[str]]]:
+        """The state as titled sections of text lines, for the views."""
+        return [("Negotiation", self._negotiation_lines()),
+                ("DMA maps", self._map_lines()),
+                ("Regions", self._region_lines()),
+                ("IRQs", self._irq_lines()),
+                ("Migration", self._migration_lines()),
+                ("In flight", self._inflight_lines(at_ns))]
+
+    def _negotiation_lines(self) -> list[str]:
+        if self.server_version is None:
+            return ["VERSION not answered yet" if self.version_sent else "no VERSION yet"]
+        lines = [f"client {self.client_version[0]}.{self.client_version[1]}, "
+                 f"server {self.server_version[0]}.{self.server_version[1]}"]
+        for name, (_, default, label) in proto.CAPABILITIES.items():
+            client, server = self.client_caps.get(name), self.server_caps.get(name)
+            if client is not None or server is not None:
+                lines.append(f"{label}: client {_shown(client, default)}, "
+                             f"server {_shown(server, default)}")
+        lines.append(f"twin socket: {'yes' if self.twin else 'no'}")
+        if self.device:
+            lines.append(f"device: {self.device['num_regions']} regions, "
+                         f"{self.device['num_irqs']} IRQ indexes, flags {self.device['flags']:#x}")
+        return lines
+
+    def _map_lines(self) -> list[str]:
+        return [f"{m.iova:#014x}-{m.end - 1:#014x} size {m.size:#x} "
+                f"{_prot(m.flags)} fd {m.fd} offset {m.offset:#x} (frame {m.number})"
+                for m in (self.maps[i] for i in self.map_starts)] or ["none"]
+
+    def _region_lines(self) -> list[str]:
+        lines = []
+        for r in sorted(self.regions.values(), key=lambda r: r.index):
+            line = (f"{proto.region_name(r.index)}: size {r.size:#x} "
+                    f"flags {_region_flags(r.flags)} fd {r.fd}")
+            if r.areas:
+                line += " mmap " + ", ".join(f"{o:#x}+{s:#x}" for o, s in r.areas)
+            if r.caps:
+                line += " caps " + ",".join(r.caps)
+            lines.append(line)
+            lines.extend(f"    io fd: {text}" for text in r.io_fds)
+        return lines or ["none described"]
+
+    def _irq_lines(self) -> list[str]:
+        lines = []
+        for irq in sorted(self.irqs.values(), key=lambda i: i.index):
+            count = "?" if irq.count is None else irq.count
+            lines.append(f"{proto.IRQS.get(irq.index, irq.index)}: count {count}, "
+                         f"eventfds {_ranges(irq.eventfds)}, masked {_ranges(irq.masked)}, "
+                         f"{irq.triggers} triggers")
+        return lines or ["none described"]
+
+    def _migration_lines(self) -> list[str]:
+        return [f"device state {proto.MIG_STATES.get(self.mig_state, self.mig_state)}",
+                f"dirty logging {self.logging or 'off'}"]
+
+    def _inflight_lines(self, at_ns: int | None) -> list[str]:
+        lines = []
+        for p in self.inflight.values():
+            age = f", {(at_ns - p.ts_ns) / 1e6:.3f} ms" if at_ns is not None else ""
+            arrow = "C→S" if p.direction == C2S else "C←S"
+            lines.append(f"{arrow} frame {p.number} {proto.COMMANDS.get(p.cmd, p.cmd)} "
+                         f"msg_id {p.msg_id:#06x}{age}")
+        return lines or ["none"]
+
+
+def _shown(value: Any, default: Any) -> str:
+    return f"{default} (default)" if value is None else str(value)
+
+
+def _prot(flags: int) -> str:
+    return ("R" if flags & 1 else "-") + ("W" if flags & 2 else "-")
+
+
+def _region_flags(flags: int) -> str:
+    return "".join(c if flags & bit else "-" for c, bit in zip("RWMC", (1, 2, 4, 8)))
+
+
+def _ranges(numbers: set[int]) -> str:
+    """{0, 1, 2, 5} -> '0-2,5'."""
+    if not numbers:
+        return "none"
+    out, start, prev = [], None, None
+    for n in sorted(numbers) + [None]:
+        if start is not None and n != prev + 1:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = None
+        if start is None:
+            start = n
+        prev = n
+    return ",".join(out)
+
+
+@dataclass
+class Snapshot:
+    number: int                        # the state after this message
+    connections: dict[int, ConnState]
+    ts_ns: int | None = None
+
+
+def layer_values(tree: Tree, prefix: str) -> dict[str, Any]:
+    """Short name -> value of the fields under `prefix.` (first of each)."""
+    out: dict[str, Any] = {}
+    start = prefix + "."
+    for item in _built_items(tree.items):
+        name = item.field.name
+        if name.startswith(start):
+            out.setdefault(name[len(start):], item.value)
+    return out
+
+
+def _built_items(items: list[Item]) -> Iterator[Item]:
+    """Items and the children already built (bit children are not needed)."""
+    for item in items:
+        yield item
+        if item._children:
+            yield from _built_items(item._children)
+
+
+class SessionTracker:
+    """Follows every connection of a capture; see the module docstring."""
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT, checkpoint_every: int = 4096) -> None:
+        self.timeout_ns = int(timeout * 1e9)
+        self.checkpoint_every = checkpoint_every
+        self.conns: dict[int, ConnState] = {}
+        self.checkpoints: list[tuple[int, dict[int, ConnState]]] = []
+
+    def connection(self, conn: int) -> ConnState:
+        state = self.conns.get(conn)
+        if state is None:
+            state = self.conns[conn] = ConnState(conn)
+        return state
+
+    def close(self, conn: int) -> None:
+        self.connection(conn).closed = True
+
+    def pair(self, number: int, msg: Message, header: proto.HeaderInfo | None) -> Pending | None:
+        """Before dissection: the request a reply answers (None for a command)."""
+        if header is None or not header.is_reply:
+            return None
+        return self.connection(msg.conn).answer(msg.channel, msg.direction, header.msg_id)
+
+    def feed(self, p: Dissected, request: Pending | None) -> None:
+        """After dissection: check `p` against the state, then apply it."""
+        state = self.connection(p.msg.conn)
+        h = p.header
+        if h is not None:
+            _check_message(state, p, self.timeout_ns)
+            if h.is_reply:
+                _on_reply(state, p, request)
+            else:
+                _on_command(state, p)
+        if self.checkpoint_every and p.number % self.checkpoint_every == 0:
+            self.checkpoints.append((p.number, copy.deepcopy(self.conns)))
+
+    def state_at(self, number: int, replay: Callable[[int, int], Iterable[Message]]
+                 ) -> Snapshot:
+        """The state after message `number`; `replay(first, last)` yields the
+        messages numbered first..last, from which the nearest checkpoint rolls forward."""
+        from .dissect import Analyzer    # the analyzer drives trackers: avoid the cycle
+        i = bisect.bisect_right(self.checkpoints, number, key=lambda c: c[0])
+        start, conns = self.checkpoints[i - 1] if i else (0, {})
+        tracker = SessionTracker(checkpoint_every=0)
+        tracker.timeout_ns = self.timeout_ns
+        tracker.conns = copy.deepcopy(conns)
+        analyzer = Analyzer(sessions=tracker)
+        analyzer.number = start
+        last = None
+        for msg in replay(start + 1, number):
+            last = analyzer.feed(msg)
+        return Snapshot(number, tracker.conns, last.msg.ts_ns if last else None)
+
+
+# --- checks on every message -------------------------------------------------------
+
+def _check_message(state: ConnState, p: Dissected, timeout_ns: int) -> None:
+    msg, tree, h = p.msg, p.tree, p.header
+    caps = state.receiver_caps(msg.direction)
+    if caps is not None:
+        limit = state.cap(caps, "max_msg_fds")
+        if len(msg.fds) > limit:
+            tree.expert("fd.over_max", f"{len(msg.fds)} fds, the receiver's max_msg_fds is {limit}")
+    if msg.channel == TWIN and not state.twin:
+        tree.expert("twin.not_negotiated", "message on a twin socket that VERSION did not set up")
+    for pending in state.inflight.values():
+        if pending.timed_out or msg.ts_ns - pending.ts_ns <= timeout_ns:
+            break        # oldest first: the rest are younger
+        pending.timed_out = True
+        tree.expert("request.timeout",
+                    f"frame {pending.number} ({proto.COMMANDS.get(pending.cmd, pending.cmd)}) "
+                    f"unanswered for {(msg.ts_ns - pending.ts_ns) / 1e9:.1f} s")
+    if (not h.is_reply and msg.direction == S2C and msg.channel == MAIN and not state.twin
+            and any(q.direction == C2S for q in state.inflight.values())):
+        waiting = next(q for q in state.inflight.values() if q.direction == C2S)
+        tree.expert("deadlock.server_command",
+                    f"{h.command_name} sent while the client waits for frame {waiting.number} "
+                    f"({proto.COMMANDS.get(waiting.cmd, waiting.cmd)}) and no twin socket: "
+                    f"a single-threaded client deadlocks")
+
+
+# --- commands -------------------------------------------------------------------------
+
+# A command check returns the values its reply will need (or None).
+CommandCheck = Callable[[ConnState, "Dissected"], "dict[str, Any] | None"]
+COMMAND_CHECKS: dict[int, CommandCheck] = {}
+
+
+def on_command(*names: str) -> Callable[[CommandCheck], CommandCheck]:
+    def wrap(fn: CommandCheck) -> CommandCheck:
+        for name in names:
+            COMMAND_CHECKS[CMD[name]] = fn
+        return fn
+    return wrap
+
+
+def _on_command(state: ConnState, p: Dissected) -> None:
+    h, msg = p.header, p.msg
+    if h.cmd == CMD["VERSION"]:
+        state.version_sent = True
+    elif msg.direction == C2S and not state.version_sent:
+        p.tree.expert("version.not_first", f"{h.command_name} before VERSION")
+    key = (msg.channel, msg.direction, h.msg_id)
+    if h.no_reply:
+        state.posted[key] = p.number
+    else:
+        if key in state.by_key:
+            p.tree.expert("request.duplicate_id",
+                          f"msg_id {h.msg_id:#06x} is also in flight in frame "
+                          f"{state.by_key[key][0]}; replies are matched in order")
+        pending = Pending(p.number, h.cmd, h.msg_id, msg.direction, msg.channel,
+                          msg.ts_ns, msg.data[:REQUEST_KEPT], msg.fds)
+        state.send(pending)
+    check = COMMAND_CHECKS.get(h.cmd)
+    if check:
+        raised = len(p.tree.experts)
+        values = check(state, p)
+        if not h.no_reply:
+            pending.values = values or {}
+            pending.must_refuse = [e for e in p.tree.experts[raised:] if e.id in MUST_REFUSE]
+
+
+@on_command("VERSION")
+def _version_request(state: ConnState, p: Dissected) -> None:
+    v = layer_values(p.tree, "version")
+    state.client_version = (v.get("major", 0), v.get("minor", 0))
+    state.client_caps = _caps(v)
+
+
+def _caps(values: dict[str, Any]) -> dict[str, Any]:
+    return {name: values[name] for name in proto.CAPABILITIES if name in values}
+
+
+@on_command("DMA_MAP")
+def _dma_map_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
+    v = layer_values(p.tree, "dma_map")
+    if "size" not in v:
+        return None
+    old = state.overlapping(v["address"], v["size"])
+    if old:
+        p.tree.expert("dma.overlap", f"{v['address']:#x}+{v['size']:#x} overlaps the map "
+                      f"{old.iova:#x}+{old.size:#x} of frame {old.number}")
+    page = state.page_size
+    bad = [name for name in ("address", "size", "offset") if v[name] % page]
+    if bad:
+        p.tree.expert("dma.misaligned", f"{', '.join(bad)} not a multiple of the "
+                      f"{page:#x}-byte page size")
+    if state.server_version is not None:
+        limit = state.cap(state.server_caps, "max_dma_maps")
+        if len(state.maps) >= limit:
+            p.tree.expert("dma.too_many", f"{len(state.maps)} maps live, max_dma_maps is {limit}")
+    return v
+
+
+@on_command("DMA_UNMAP")
+def _dma_unmap_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
+    v = layer_values(p.tree, "dma_unmap")
+    if "size" not in v:
+        return None
+    if not v["flags"] & proto.DMA_UNMAP_FLAGS["all"]:
+        m = state.maps.get(v["address"])
+        if m is None or m.size != v["size"]:
+            p.tree.expert("dma.unmap_unknown",
+                          f"{v['address']:#x}+{v['size']:#x} is not a live map"
+                          + (f" (the map there is {m.size:#x} bytes)" if m else ""))
+    bitmap = layer_values(p.tree, "dma_unmap.bitmap")
+    if "size" in bitmap and bitmap.get("pgsize"):
+        _check_bitmap(state, p.tree, v["size"], bitmap["pgsize"], bitmap["size"],
+                      "dma_unmap.bitmap_size")
+    return v
+
+
+def _check_bitmap(state: ConnState, tree: Tree, length: int, page: int, size: int,
+                  mismatch_id: str) -> None:
+    want = bitmap_bytes(length, page)
+    if size != want:
+        tree.expert(mismatch_id, f"bitmap of {size} bytes for {length:#x} bytes of "
+                    f"{page:#x}-byte pages: {want} expected")
+    _check_bitmap_limit(state, tree, length, page)
+
+
+def _check_bitmap_limit(state: ConnState, tree: Tree, length: int, page: int) -> None:
+    want = bitmap_bytes(length, page)
+    limit = state.cap(state.client_caps, "migration.max_bitmap_size") or proto.MAX_BITMAP_SIZE
+    if want > limit:
+        tree.expert("dirty.bitmap_too_big", f"{length:#x} bytes of {page:#x}-byte pages need "
+                    f"a {want}-byte bitmap, max_bitmap_size is {limit}")
+
+
+def bitmap_bytes(length: int, page: int) -> int:
+    """Bytes of a dirty bitmap with one bit per page of `length` bytes."""
+    pages = -(-length // page)
+    return -(-pages // 8)
+
+
+@on_command("REGION_READ", "REGION_WRITE")
+def _region_access_request(state: ConnState, p: Dissected) -> None:
+    write = p.header.cmd == CMD["REGION_WRITE"]
+    prefix = "region_write" if write else "region_read"
+    v = layer_values(p.tree, prefix)
+    if "count" in v:
+        _check_region_access(state, p, v["region"], v["offset"], v["count"], write)
+        if write:
+            _device_access(state, p, prefix, write=True)
+
+
+@on_command("REGION_WRITE_MULTI")
+def _write_multi_request(state: ConnState, p: Dissected) -> None:
+    for entry in _entries(p.tree, "write_multi.entry"):
+        if "count" in entry:
+            _check_region_access(state, p, entry["region"], entry["offset"], entry["count"],
+                                 write=True)
+
+
+def _entries(tree: Tree, prefix: str) -> Iterator[dict[str, Any]]:
+    for item in _built_items(tree.items):
+        if item.field.name == prefix:
+            yield {c.field.name.rsplit(".", 1)[1]: c.value for c in item.children}
+
+
+def _check_region_access(state: ConnState, p: Dissected, index: int, offset: int,
+                         count: int, write: bool) -> None:
+    tree, name = p.tree, proto.region_name(index)
+    if state.device and index >= state.device["num_regions"]:
+        tree.expert("region.unknown", f"{name}: the device reported "
+                    f"{state.device['num_regions']} regions")
+    region = state.regions.get(index)
+    if region is not None:
+        if offset + count > region.size:
+            tree.expert("region.out_of_bounds", f"{name} {offset:#x}+{count:#x} is beyond "
+                        f"its size {region.size:#x}")
+        needed = REGION_WRITE_FLAG if write else REGION_READ_FLAG
+        if not region.flags & needed:
+            tree.expert("region.access_flags", f"{'write to' if write else 'read of'} {name}, "
+                        f"whose flags {_region_flags(region.flags)} forbid it")
+    _check_xfer(state, tree, C2S, count)
+
+
+def _check_xfer(state: ConnState, tree: Tree, direction: int, count: int) -> None:
+    caps = state.receiver_caps(direction)
+    if caps is not None:
+        limit = state.cap(caps, "max_data_xfer_size")
+        if count > limit:
+            tree.expert("xfer.too_big", f"{count} bytes, max_data_xfer_size is {limit}")
+
+
+def _device_access(state: ConnState, p: Dissected, prefix: str, write: bool) -> None:
+    """Hand the data of a region access to the device layer that knows it."""
+    v = layer_values(p.tree, prefix)
+    data = _item(p.tree, f"{prefix}.data")
+    if data is None or "region" not in v:
+        return
+    if v["region"] == CONFIG_REGION:
+        note = dissect_config_access(p.tree, state.config, v["offset"], data.value,
+                                     data.offset, write)
+        if note:
+            p.tree.info += f"  {note}"
+        return
+    device = device_for(state.config.identity)
+    registers = device.regions.get(v["region"]) if device else None
+    if registers is not None:
+        node = p.tree.add(registers.vfu_field, None, data.offset, data.length,
+                          text=f"{device.name}, {proto.region_name(v['region'])}")
+        add_registers(p.tree, node, registers, 0, v["offset"], data.value, data.offset)
+
+
+def _item(tree: Tree, name: str) -> Item | None:
+    for item in _built_items(tree.items):
+        if item.field.name == name:
+            return item
+    return None
+
+
+@on_command("DEVICE_GET_IRQ_INFO", "DEVICE_GET_REGION_INFO", "DEVICE_GET_REGION_IO_FDS")
+def _indexed_request(state: ConnState, p: Dissected) -> dict[str, Any]:
+    prefix = {CMD["DEVICE_GET_IRQ_INFO"]: "irq_info", CMD["DEVICE_GET_REGION_INFO"]: "region_info",
+              CMD["DEVICE_GET_REGION_IO_FDS"]: "region_io_fds"}[p.header.cmd]
+    return layer_values(p.tree, prefix)
+
+
+@on_command("DEVICE_SET_IRQS")
+def _set_irqs_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
+    v = layer_values(p.tree, "set_irqs")
+    if "count" not in v:
+        return None
+    irq = state.irqs.get(v["index"])
+    if irq is not None and irq.count is not None and v["start"] + v["count"] > irq.count:
+        p.tree.expert("irq.out_of_range", f"{proto.IRQS.get(irq.index, irq.index)} "
+                      f"{v['start']}+{v['count']} beyond its {irq.count} vectors")
+    v["bools"] = _item(p.tree, "set_irqs.data")
+    v["bools"] = v["bools"].value if v["bools"] is not None else b""
+    return v
+
+
+@on_command("DMA_READ", "DMA_WRITE")
+def _server_dma_request(state: ConnState, p: Dissected) -> None:
+    prefix = "dma_read" if p.header.cmd == CMD["DMA_READ"] else "dma_write"
+    v = layer_values(p.tree, prefix)
+    if "count" not in v or p.msg.direction != S2C:
+        return
+    if state.containing(v["address"], v["count"]) is None:
+        p.tree.expert("dma.access_unmapped",
+                      f"{v['address']:#x}+{v['count']:#x} is outside every live DMA map")
+    _check_xfer(state, p.tree, S2C, v["count"])
+
+
+@on_command("DEVICE_FEATURE")
+def _feature_request(state: ConnState, p: Dissected) -> dict[str, Any]:
+    v = layer_values(p.tree, "device_feature")
+    flags = v.get("flags", 0)
+    new = layer_values(p.tree, "mig_state").get("device_state")
+    if new is not None and flags & proto.FEATURE_SET and not flags & proto.FEATURE_PROBE:
+        v["device_state"] = new
+        if migration_path(state.mig_state, new) is None:
+            p.tree.expert("migration.transition", f"{proto.MIG_STATES.get(state.mig_state)} → "
+                          f"{proto.MIG_STATES.get(new, new)} is not a transition the spec allows")
+    report = layer_values(p.tree, "dma_logging_report")
+    if flags & proto.FEATURE_GET and report.get("page_size"):
+        _check_bitmap_limit(state, p.tree, report["length"], report["page_size"])
+    v["logging"] = layer_values(p.tree, "dma_logging")
+    return v
+
+
+@on_command("MIG_DATA_READ", "MIG_DATA_WRITE")
+def _mig_data_request(state: ConnState, p: Dissected) -> None:
+    reading = p.header.cmd == CMD["MIG_DATA_READ"]
+    if state.mig_state not in (MIG_READ_STATES if reading else MIG_WRITE_STATES):
+        p.tree.expert("migration.data_state", f"{p.header.command_name} in state "
+                      f"{proto.MIG_STATES.get(state.mig_state, state.mig_state)}")
+
+
+def migration_path(current: int, new: int) -> list[int] | None:
+    """The states a transition passes through (spec: shortest path of direct
+    arcs with no saving state inside it); None when the spec forbids it."""
+    if current == ERROR_STATE or new not in (STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY) \
+            or (current, new) == (STOP_COPY, PRE_COPY):
+        return None
+    paths, frontier = {current: []}, [current]
+    while frontier:
+        state = frontier.pop(0)
+        if state == new:
+            return paths[state]
+        if state != current and state in SAVING:
+            continue
+        for a, b in sorted(MIG_ARCS):
+            if a == state and b not in paths:
+                paths[b] = paths[state] + [b]
+                frontier.append(b)
+    return None
+
+
+# --- replies ----------------------------------------------------------------------------
+
+ReplyApply = Callable[[ConnState, "Dissected", Pending], None]
+REPLY_APPLIES: dict[int, ReplyApply] = {}
+
+
+def on_reply(*names: str) -> Callable[[ReplyApply], ReplyApply]:
+    def wrap(fn: ReplyApply) -> ReplyApply:
+        for name in names:
+            REPLY_APPLIES[CMD[name]] = fn
+        return fn
+    return wrap
+
+
+def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
+    h, msg, tree = p.header, p.msg, p.tree
+    if request is None:
+        posted = state.posted.pop((msg.channel, 1 - msg.direction, h.msg_id), None)
+        if posted is not None:
+            tree.expert("reply.to_no_reply", f"answers frame {posted}, sent with NO_REPLY: "
+                        "a client that posted it (QEMU) takes this for the next reply")
+        else:
+            tree.expert("reply.unmatched", f"no request with msg_id {h.msg_id:#06x} is in flight")
+        return
+    if request.cmd != h.cmd:
+        tree.expert("reply.command_mismatch", f"reply says {h.command_name}, its request "
+                    f"(frame {request.number}) was {proto.COMMANDS.get(request.cmd, request.cmd)}")
+        return
+    if h.is_error:
+        return
+    for e in request.must_refuse:
+        tree.expert("reply.accepted_invalid", f"frame {request.number} should have failed: "
+                    f"{e.message} ({e.id})")
+    apply = REPLY_APPLIES.get(h.cmd)
+    if apply:
+        apply(state, p, request)
+
+
+@on_reply("VERSION")
+def _version_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    v = layer_values(p.tree, "version")
+    state.server_version = (v.get("major", 0), v.get("minor", 0))
+    state.server_caps = _caps(v)
+    client = state.client_version or state.server_version
+    if state.server_version[0] != client[0]:
+        p.tree.expert("version.major", f"server {state.server_version[0]}, client {client[0]}")
+    elif state.server_version[1] > client[1]:
+        p.tree.expert("version.minor", f"server {state.server_version[1]} above the client's "
+                      f"{client[1]}: it must answer with the lower of the two")
+    offered = bool(state.server_caps.get("twin_socket.supported") and p.msg.fds)
+    if offered and not state.client_caps.get("twin_socket.supported"):
+        p.tree.expert("twin.not_negotiated", "server passes a twin socket the client did not offer")
+    state.twin = offered
+
+
+@on_reply("DMA_MAP")
+def _dma_map_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    v = request.values
+    if "size" not in v:
+        return
+    state.add_map(DmaMapping(v["address"], v["size"], v["offset"], v["flags"],
+                             describe_fd(request.fds), request.number))
+
+
+def describe_fd(fds: list[dict[str, Any]], index: int = 0) -> str:
+    if index >= len(fds):
+        return "none"
+    meta = fds[index]
+    text = meta.get("kind", "fd")
+    if meta.get("size") is not None:
+        text += f" {meta['size']:#x}"
+    return text + (f" inode {meta['inode']}" if meta.get("inode") else "")
+
+
+@on_reply("DMA_UNMAP")
+def _dma_unmap_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    v = request.values
+    if v.get("flags", 0) & proto.DMA_UNMAP_FLAGS["all"]:
+        state.maps.clear()
+        state.map_starts.clear()
+    elif v.get("address") in state.maps:
+        state.remove_map(v["address"])
+
+
+@on_reply("DEVICE_GET_INFO")
+def _device_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    v = layer_values(p.tree, "device_info")
+    if "num_irqs" in v:
+        state.device = v
+
+
+@on_reply("DEVICE_GET_REGION_INFO")
+def _region_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    v = layer_values(p.tree, "region_info")
+    if "offset" not in v or any(e.id == "argsz.truncated" for e in p.tree.experts):
+        return                      # truncated: the client asks again with a larger argsz
+    region = RegionState(v["index"], v["size"], v["flags"], v["offset"], describe_fd(p.msg.fds))
+    region.areas = [(a["offset"], a["size"]) for a in _entries(p.tree, "region_info.area")]
+    region.caps = [proto.REGION_CAPS.get(c["id"], str(c["id"]))
+                   for c in _entries(p.tree, "region_info.cap") if "id" in c]
+    old = state.regions.get(region.index)
+    if old is not None:
+        region.io_fds = old.io_fds
+    state.regions[region.index] = region
+
+
+@on_reply("DEVICE_GET_REGION_IO_FDS")
+def _io_fds_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    index = request.values.get("index")
+    region = state.regions.get(index)
+    if region is None:
+        region = state.regions[index] = RegionState(index, 0, 0, 0, "none")
+    region.io_fds = [f"{s['offset']:#x}+{s['size']:#x} {proto.IO_FD_TYPES.get(s['type'], s['type'])}"
+                     f" fd {describe_fd(p.msg.fds, s['fd_index'])} datamatch {s['datamatch']:#x}"
+                     for s in _entries(p.tree, "region_io_fds.sub") if "datamatch" in s]
+
+
+@on_reply("DEVICE_GET_IRQ_INFO")
+def _irq_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    v = layer_values(p.tree, "irq_info")
+    if "count" in v:
+        irq = state.irqs.setdefault(v["index"], IrqState(v["index"]))
+        irq.count, irq.flags = v["count"], v["flags"]
+
+
+@on_reply("DEVICE_SET_IRQS")
+def _set_irqs_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    v = request.values
+    if "count" not in v:
+        return
+    irq = state.irqs.setdefault(v["index"], IrqState(v["index"]))
+    flags, vectors = v["flags"], range(v["start"], v["start"] + v["count"])
+    if flags & SET_IRQS["data_bool"]:
+        vectors = [vector for vector, b in zip(vectors, v["bools"]) if b]
+    if flags & SET_IRQS["trigger"]:
+        if flags & SET_IRQS["data_eventfd"]:
+            _assign_eventfds(irq, v, request.fds)
+        elif flags & SET_IRQS["data_none"] and v["count"] == 0:
+            irq.eventfds.clear()             # count 0: disable the whole index
+        else:
+            irq.triggers += len(vectors)
+    elif flags & SET_IRQS["mask"]:
+        irq.masked.update(vectors)
+    elif flags & SET_IRQS["unmask"] and not flags & SET_IRQS["data_eventfd"]:
+        irq.masked.difference_update(vectors)
+
+
+def _assign_eventfds(irq: IrqState, v: dict[str, Any], fds: list[dict[str, Any]]) -> None:
+    """count eventfds assign vectors; no fds (all -1) de-assign them."""
+    vectors = range(v["start"], v["start"] + v["count"])
+    if fds:
+        irq.eventfds.update(vectors)
+    else:
+        irq.eventfds.difference_update(vectors)
+
+
+@on_reply("REGION_READ")
+def _region_read_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    _device_access(state, p, "region_read", write=False)
+
+
+@on_reply("DEVICE_RESET")
+def _reset_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    if state.mig_state == ERROR_STATE:
+        state.mig_state = RUNNING
+
+
+@on_reply("DEVICE_FEATURE")
+def _feature_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    v = request.values
+    if "device_state" in v:
+        state.mig_state = v["device_state"]
+    feature = v.get("flags", 0) & 0xFFFF
+    if not v.get("flags", 0) & proto.FEATURE_SET:
+        return
+    if feature == FEATURE["DMA_LOGGING_START"]:
+        logging = v.get("logging", {})
+        ranges = logging.get("num_ranges") or "all"
+        state.logging = f"page {logging.get('page_size', 0):#x}, ranges {ranges}"
+    elif feature == FEATURE["DMA_LOGGING_STOP"]:
+        state.logging = None
