@@ -11,6 +11,7 @@ from typing import Callable, Iterator, TextIO
 from . import __version__
 from .capture import CaptureError, CaptureReader, CaptureWriter, Message
 from .dissect import Analyzer, Dissected, find_responses
+from .session import DEFAULT_TIMEOUT, SessionTracker
 from .output import (SUMMARY_HEADER, detail_text, field_values, hex_dump,
                      json_packet, summary_line)
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _demo_parser(sub)
     _read_parser(sub)
+    _check_parser(sub)
     _proxy_parser(sub)
     _import_parser(sub)
     _replay_parser(sub)
@@ -101,7 +103,20 @@ def _read_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--follow", action="store_true",
                    help="keep reading records appended to the file (Ctrl-C to stop)")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("-2", dest="two_pass", action="store_true",
+                   help="two passes: link requests to later replies, flag requests never answered")
+    p.add_argument("-z", dest="stats", action="append", default=[], metavar="STAT",
+                   help="statistics after the messages: 'expert' (expert info table) or "
+                        "'session,N' (each connection's state after message N)")
+    p.add_argument("-q", dest="quiet", action="store_true",
+                   help="print only the -z statistics, not the messages")
+    _add_timeout(p)
     p.set_defaults(run=cmd_read)
+
+
+def _add_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="flag requests unanswered for longer (default %(default)s s, QEMU's)")
 
 
 def cmd_read(args: argparse.Namespace) -> int:
@@ -114,18 +129,91 @@ def cmd_read(args: argparse.Namespace) -> int:
         if not args.fields:
             raise UserError("-T fields needs at least one -e FIELD")
         _check_fields(args.fields)
-    responses = None
-    needs_links = args.verbose or args.format == "json" or (
+    needs_links = args.two_pass or args.verbose or args.format == "json" or (
         display is not None and "vfio_user.response_in" in display.fields)
-    if needs_links and not args.follow:
+    analyzer = _analyzer(args, two_pass=needs_links and not args.follow)
+    stats = _stats(args.stats, analyzer)
+    with CaptureReader(args.file, follow=args.follow) as reader:
+        packets = _tapped(analyzer.run(reader), stats)
+        if args.quiet:
+            _drain(_select(packets, display, args.count))
+        else:
+            _print_packets(args, _select(packets, display, args.count), sys.stdout)
+        _report_damage(args.file, reader)
+    for stat in stats:
+        stat.render(sys.stdout)
+    return EXIT_OK
+
+
+def _analyzer(args: argparse.Namespace, two_pass: bool) -> Analyzer:
+    if args.timeout <= 0:
+        raise UserError("--timeout must be positive")
+    responses = None
+    if two_pass:
         with CaptureReader(args.file) as first_pass:
             responses = find_responses(first_pass)
-    with CaptureReader(args.file, follow=args.follow) as reader:
-        _print_packets(args, _select(Analyzer(responses).run(reader), display, args.count),
-                       sys.stdout)
-        if reader.damage:
-            print(f"vfu-inspect: warning: {args.file}: {reader.damage}", file=sys.stderr)
-    return EXIT_OK
+    return Analyzer(responses, SessionTracker(timeout=args.timeout, checkpoint_every=0))
+
+
+def _stats(specs: list[str], analyzer: Analyzer) -> list:
+    from .stats import parse_stat
+    try:
+        return [parse_stat(spec, analyzer) for spec in specs]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _tapped(packets: Iterator[Dissected], stats: list) -> Iterator[Dissected]:
+    """Every packet goes to the statistics, whether or not it is shown."""
+    for p in packets:
+        for stat in stats:
+            stat.packet(p)
+        yield p
+
+
+def _drain(packets: Iterator[Dissected]) -> None:
+    for _ in packets:
+        pass
+
+
+def _report_damage(path: str, reader: CaptureReader) -> None:
+    if reader.damage:
+        print(f"vfu-inspect: warning: {path}: {reader.damage}", file=sys.stderr)
+
+
+# --- check ---------------------------------------------------------------------
+
+def _check_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="list protocol violations; exit 1 on any error (for CI)",
+                       description="Analyze a capture in two passes and print every expert "
+                                   "item, then the expert table. Exit 0 when no item has "
+                                   "error severity (or the --fail-on one), 1 when one has, "
+                                   "2 when the file cannot be read.")
+    p.add_argument("file", help="capture file")
+    p.add_argument("--fail-on", choices=("error", "warning"), default="error",
+                   help="lowest severity that fails the check (default %(default)s)")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print only the table")
+    _add_timeout(p)
+    p.set_defaults(run=cmd_check)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .fields import SEVERITIES
+    from .stats import ExpertStats
+    if not os.path.isfile(args.file):
+        raise UserError(f"{args.file}: no such file")
+    table = ExpertStats()
+    with CaptureReader(args.file) as reader:
+        for p in _analyzer(args, two_pass=True).run(reader):
+            table.packet(p)
+            if not args.quiet:
+                for e in p.tree.experts:
+                    print(f"{p.number:>7} {e.severity:<7} {e.id:<26} {e.message}")
+        _report_damage(args.file, reader)
+    table.render(sys.stdout)
+    worst = table.worst()
+    failed = worst is not None and SEVERITIES.index(worst) <= SEVERITIES.index(args.fail_on)
+    return EXIT_FAIL if failed else EXIT_OK
 
 
 def _compile(text: str):
