@@ -1120,6 +1120,8 @@ def _device_feature(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     if flags & FEATURE_GET and flags & FEATURE_SET and not flags & FEATURE_PROBE:
         tree.expert("device_feature.get_and_set",
                     "GET and SET together are only allowed with PROBE")
+    if feature not in FEATURES:
+        tree.expert("device_feature.unknown", f"unknown feature {feature}")
     data = off + DeviceFeature.vfu_compiled.size
     is_reply = ctx.direction == "s2c"
     if is_reply:
@@ -1160,15 +1162,20 @@ def _feature_data(tree: Tree, msg: bytes, offset: int, feature: int,
         if len(msg) > bitmap:
             add_bytes(tree, "dma_logging_report.bitmap", msg, bitmap, len(msg), node)
             if f["page_size"]:
-                pages = -(-f["length"] // f["page_size"])
-                want = -(-pages // 64) * 8
+                want = bitmap_bytes(f["length"], f["page_size"])
                 if len(msg) - bitmap != want:
                     tree.expert("dma_logging.bitmap_size",
-                                f"bitmap is {len(msg) - bitmap} bytes; {pages} pages need {want}")
+                                f"bitmap is {len(msg) - bitmap} bytes; "
+                                f"{f['length']:#x} bytes of {f['page_size']:#x}-byte pages need {want}")
         return f" iova={f.get('iova', 0):#x} length={f.get('length', 0):#x}"
     add_bytes(tree, "device_feature.data", msg, offset, len(msg), parent)
-    tree.expert("device_feature.unknown", f"unknown feature {feature}")
     return ""
+
+
+def bitmap_bytes(length: int, page: int) -> int:
+    """Size of a dirty bitmap: one bit per page, in whole u64 words."""
+    pages = -(-length // page)
+    return -(-pages // 64) * 8
 
 
 def _mig_data(cls: type[Packet], with_data: bool, is_reply: bool) -> Dissector:

@@ -479,7 +479,7 @@ def _dma_unmap_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
 
 def _check_bitmap(state: ConnState, tree: Tree, length: int, page: int, size: int,
                   mismatch_id: str) -> None:
-    want = bitmap_bytes(length, page)
+    want = proto.bitmap_bytes(length, page)
     if size != want:
         tree.expert(mismatch_id, f"bitmap of {size} bytes for {length:#x} bytes of "
                     f"{page:#x}-byte pages: {want} expected")
@@ -487,17 +487,11 @@ def _check_bitmap(state: ConnState, tree: Tree, length: int, page: int, size: in
 
 
 def _check_bitmap_limit(state: ConnState, tree: Tree, length: int, page: int) -> None:
-    want = bitmap_bytes(length, page)
+    want = proto.bitmap_bytes(length, page)
     limit = state.cap(state.client_caps, "migration.max_bitmap_size") or proto.MAX_BITMAP_SIZE
     if want > limit:
         tree.expert("dirty.bitmap_too_big", f"{length:#x} bytes of {page:#x}-byte pages need "
                     f"a {want}-byte bitmap, max_bitmap_size is {limit}")
-
-
-def bitmap_bytes(length: int, page: int) -> int:
-    """Bytes of a dirty bitmap with one bit per page of `length` bytes."""
-    pages = -(-length // page)
-    return -(-pages // 8)
 
 
 @on_command("REGION_READ", "REGION_WRITE")

@@ -1,0 +1,660 @@
+"""Every expert check, raised by a message sequence and absent from its fixed twin.
+
+Each scenario builds one connection's messages with the scapy layers, twice:
+with the fault (`bad=True`) and without it.  The first must raise the check,
+the second must not.  A check registered without a scenario fails the suite.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import pytest
+
+from vfu_inspect.capture import C2S, MAIN, S2C, TWIN, Message
+from vfu_inspect.dissect import Analyzer, find_responses
+from vfu_inspect.dissectors import vfio_user as proto
+from vfu_inspect.dissectors.vfio_user import (
+    CMD, DeviceFeature, DeviceInfo, DirtyBitmap, DmaLogging, DmaLoggingRange, DmaLoggingReport,
+    DmaMap, DmaRead, DmaUnmap, DmaWrite, Header, IrqInfo, MigDataRead, MigDataWrite,
+    MigDeviceState, QemuDmaRead, RegionCap, RegionInfo, RegionIoFds, RegionRead, RegionWrite,
+    SetIrqs, ShadowSubRegion, SparseArea, SparseMmap, SubRegion, Version, WriteMulti,
+    WriteMultiEntry)
+from vfu_inspect.fields import EXPERTS
+from vfu_inspect.session import SessionTracker
+
+REPLY, ERROR_REPLY, NO_REPLY = 0x1, 0x21, 0x10
+GET, SET = 1 << 16, 1 << 17
+MEMFD = {"kind": "memfd", "size": 0x100000, "inode": 7}
+EVENTFD = {"kind": "eventfd", "inode": 9}
+SOCKET = {"kind": "socket", "inode": 11}
+SPEC_CAPS = {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20, "max_dma_maps": 64,
+             "pgsizes": 4096, "migration": {"pgsize": 4096, "max_bitmap_size": 1 << 20}}
+
+
+def caps_json(caps: dict[str, Any], nul: bool = True) -> bytes:
+    return json.dumps({"capabilities": caps}).encode() + (b"\0" if nul else b"")
+
+
+class Script:
+    """One connection's messages, in order, one microsecond apart."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.ts_ns = 1_000_000_000
+        self.next_id = 0x100
+
+    def send(self, direction: int, cmd: str | int, *layers: Any, flags: int = 0,
+             msg_id: int | None = None, fds: tuple = (), channel: int = MAIN, error: int = 0,
+             payload: bytes = b"", after: float = 1e-6) -> int:
+        if msg_id is None:
+            msg_id, self.next_id = self.next_id, self.next_id + 1
+        packet = Header(msg_id=msg_id, cmd=CMD.get(cmd, cmd) if isinstance(cmd, str) else cmd,
+                        flags=flags, error=error)
+        for layer in layers:
+            packet = packet / layer
+        data = bytes(packet) + payload
+        if payload:
+            data = data[:4] + len(data).to_bytes(4, "little") + data[8:]
+        self.ts_ns += int(after * 1e9)
+        self.messages.append(Message(self.ts_ns, 0, channel, direction, data, list(fds)))
+        return msg_id
+
+    def command(self, cmd: str, *layers: Any, **kw: Any) -> int:
+        return self.send(C2S, cmd, *layers, **kw)
+
+    def reply(self, msg_id: int, cmd: str, *layers: Any, direction: int = S2C,
+              error: int | None = None, **kw: Any) -> None:
+        flags = kw.pop("flags", ERROR_REPLY if error is not None else REPLY)
+        self.send(direction, cmd, *layers, flags=flags, msg_id=msg_id, error=error or 0, **kw)
+
+    def call(self, cmd: str, *layers: Any, answer: tuple = (), error: int | None = None,
+             fds: tuple = (), reply_fds: tuple = (), direction: int = C2S,
+             channel: int = MAIN) -> None:
+        msg_id = self.send(direction, cmd, *layers, fds=fds, channel=channel)
+        self.reply(msg_id, cmd, *answer, direction=1 - direction, error=error, fds=reply_fds,
+                   channel=channel)
+
+    def negotiate(self, client: dict | None = None, server: dict | None = None,
+                  server_fds: tuple = (), minor: tuple[int, int] = (2, 2),
+                  major: tuple[int, int] = (0, 0)) -> None:
+        self.call("VERSION", Version(major=major[0], minor=minor[0],
+                                     json=caps_json(client if client is not None else SPEC_CAPS)),
+                  answer=(Version(major=major[1], minor=minor[1],
+                                  json=caps_json(server if server is not None else SPEC_CAPS)),),
+                  reply_fds=server_fds)
+
+    def map(self, iova: int, size: int = 0x10000, error: int | None = None) -> None:
+        self.call("DMA_MAP", DmaMap(flags=3, offset=0, address=iova, size=size),
+                  fds=(MEMFD,), error=error)
+
+    def region(self, index: int, size: int, flags: int = 3) -> None:
+        info = RegionInfo(argsz=32, flags=flags, index=index, size=size)
+        self.call("DEVICE_GET_REGION_INFO", RegionInfo(argsz=32, index=index), answer=(info,))
+
+    def experts(self) -> set[str]:
+        analyzer = Analyzer(find_responses(self.messages), SessionTracker())
+        return {e.id for p in analyzer.run(self.messages) for e in p.tree.experts}
+
+
+Scenario = Callable[[Script, bool], None]
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def scenario(expert_id: str) -> Callable[[Scenario], Scenario]:
+    def wrap(fn: Scenario) -> Scenario:
+        SCENARIOS[expert_id] = fn
+        return fn
+    return wrap
+
+
+def test_every_check_has_a_scenario():
+    assert set(SCENARIOS) == set(EXPERTS)
+
+
+@pytest.mark.parametrize("expert_id", sorted(EXPERTS))
+def test_check_fires_on_the_fault_and_not_on_its_fix(expert_id):
+    bad, good = Script(), Script()
+    SCENARIOS[expert_id](bad, True)
+    SCENARIOS[expert_id](good, False)
+    assert expert_id in bad.experts()
+    assert expert_id not in good.experts()
+
+
+# --- framing -----------------------------------------------------------------------------
+
+@scenario("malformed.short")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    payload = bytes(DmaMap(flags=3, address=0x10000, size=0x1000))
+    s.send(C2S, "DMA_MAP", payload=payload[:10] if bad else payload, fds=(MEMFD,))
+
+
+@scenario("malformed.trailing")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.send(C2S, "DEVICE_RESET", payload=b"xx" if bad else b"")
+
+
+@scenario("header.size")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.messages.append(Message(s.ts_ns + 1, 0, MAIN, C2S, bytes(Header(
+        msg_id=1, cmd=13, size=20 if bad else 16))))
+
+
+def _header_variant(s: Script, bad: bool, **bad_fields: int) -> None:
+    s.negotiate()
+    fields = {"msg_id": 1, "cmd": 13, "flags": 0, "error": 0}
+    if bad:
+        fields.update(bad_fields)
+    s.messages.append(Message(s.ts_ns + 1, 0, MAIN, C2S, bytes(Header(**fields))))
+
+
+SCENARIOS["header.type"] = lambda s, bad: _header_variant(s, bad, flags=2)
+SCENARIOS["header.unknown_command"] = lambda s, bad: _header_variant(s, bad, cmd=99)
+SCENARIOS["header.obsolete_command"] = lambda s, bad: _header_variant(s, bad, cmd=14)
+SCENARIOS["header.error_in_command"] = lambda s, bad: _header_variant(s, bad, flags=0x20)
+SCENARIOS["header.flags_unknown"] = lambda s, bad: _header_variant(s, bad, flags=0x40)
+SCENARIOS["header.error_reserved"] = lambda s, bad: _header_variant(s, bad, error=5)
+
+
+@scenario("header.no_reply_in_reply")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.reply(s.command("DEVICE_RESET"), "DEVICE_RESET", flags=REPLY | (NO_REPLY if bad else 0))
+
+
+@scenario("header.errno_zero")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.reply(s.command("DEVICE_RESET"), "DEVICE_RESET", error=0 if bad else 5)
+
+
+@scenario("reply.unmatched")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    msg_id = s.command("DEVICE_RESET")
+    s.reply(msg_id + 7 if bad else msg_id, "DEVICE_RESET")
+
+
+@scenario("reply.command_mismatch")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.reply(s.command("DEVICE_RESET"), "DMA_MAP" if bad else "DEVICE_RESET")
+
+
+@scenario("reply.to_no_reply")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.region(0, 0x1000)
+    msg_id = s.command("REGION_WRITE", RegionWrite(offset=0, region=0, count=4, data=b"abcd"),
+                       flags=NO_REPLY)
+    if bad:
+        s.reply(msg_id, "REGION_WRITE", RegionWrite(offset=0, region=0, count=4))
+
+
+@scenario("reply.accepted_invalid")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.map(0x10000)
+    s.map(0x18000, error=None if bad else 17)        # dma.overlap; EEXIST is the right answer
+
+
+@scenario("request.duplicate_id")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    first = s.command("DEVICE_RESET")
+    second = s.command("DEVICE_RESET", msg_id=first if bad else None)
+    s.reply(first, "DEVICE_RESET")
+    s.reply(second, "DEVICE_RESET")
+
+
+@scenario("request.unanswered")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    msg_id = s.command("DEVICE_RESET")
+    if not bad:
+        s.reply(msg_id, "DEVICE_RESET")
+
+
+@scenario("request.timeout")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    first = s.command("DEVICE_RESET")
+    second = s.command("DEVICE_GET_INFO", DeviceInfo(), after=6.0 if bad else 1.0)
+    s.reply(first, "DEVICE_RESET")
+    s.reply(second, "DEVICE_GET_INFO", DeviceInfo(num_regions=9, num_irqs=5))
+
+
+@scenario("fd.count")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DMA_MAP", DmaMap(flags=3, address=0x10000, size=0x1000),
+           fds=(MEMFD, MEMFD) if bad else (MEMFD,))
+
+
+@scenario("fd.over_max")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate(server={**SPEC_CAPS, "max_msg_fds": 1 if bad else 8})
+    s.call("DEVICE_GET_IRQ_INFO", IrqInfo(index=2), answer=(IrqInfo(index=2, count=4),))
+    s.call("DEVICE_SET_IRQS", SetIrqs(flags=0x24, index=2, start=0, count=2),
+           fds=(EVENTFD, EVENTFD))
+
+
+@scenario("xfer.too_big")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate(server={**SPEC_CAPS, "max_data_xfer_size": 4096})
+    s.region(2, 0x10000)
+    count = 8192 if bad else 4096
+    s.call("REGION_READ", RegionRead(offset=0, region=2, count=count), error=7 if bad else None,
+           answer=(RegionRead(offset=0, region=2, count=count, data=bytes(count)),))
+
+
+@scenario("argsz.truncated")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DEVICE_GET_REGION_INFO", RegionInfo(argsz=32, index=1),
+           answer=(RegionInfo(argsz=80 if bad else 32, flags=3, index=1, size=0x1000),))
+
+
+@scenario("argsz.mismatch")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DMA_MAP", DmaMap(argsz=40 if bad else 32, flags=3, address=0x10000, size=0x1000),
+           fds=(MEMFD,))
+
+
+@scenario("argsz.small")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DEVICE_GET_INFO", DeviceInfo(argsz=8 if bad else 16),
+           answer=(DeviceInfo(num_regions=9, num_irqs=5),))
+
+
+# --- negotiation -------------------------------------------------------------------------
+
+@scenario("version.not_first")
+def _(s: Script, bad: bool) -> None:
+    if bad:
+        s.call("DEVICE_RESET")
+    s.negotiate()
+    s.call("DEVICE_RESET")
+
+
+SCENARIOS["version.major"] = lambda s, bad: s.negotiate(major=(0, 1 if bad else 0))
+SCENARIOS["version.minor"] = lambda s, bad: s.negotiate(minor=(2, 3 if bad else 2))
+
+
+def _client_version(s: Script, bad: bool, bad_json: bytes) -> None:
+    json_text = bad_json if bad else caps_json(SPEC_CAPS)
+    s.call("VERSION", Version(major=0, minor=2, json=json_text),
+           answer=(Version(major=0, minor=2, json=caps_json(SPEC_CAPS)),))
+
+
+SCENARIOS["version.json_unterminated"] = lambda s, bad: _client_version(
+    s, bad, caps_json(SPEC_CAPS, nul=False))
+SCENARIOS["version.json_invalid"] = lambda s, bad: _client_version(s, bad, b"{oops\0")
+SCENARIOS["version.no_capabilities"] = lambda s, bad: _client_version(s, bad, b'{"caps": {}}\0')
+SCENARIOS["version.unknown_capability"] = lambda s, bad: _client_version(
+    s, bad, caps_json({**SPEC_CAPS, "frobnicate": 1}))
+SCENARIOS["version.capability_type"] = lambda s, bad: _client_version(
+    s, bad, caps_json({**SPEC_CAPS, "max_msg_fds": "8"}))
+SCENARIOS["version.capability_range"] = lambda s, bad: _client_version(
+    s, bad, caps_json({**SPEC_CAPS, "max_msg_fds": 1000}))
+
+
+@scenario("twin.not_negotiated")
+def _(s: Script, bad: bool) -> None:
+    twin = {"twin_socket": {"supported": True, "fd_index": 0}}
+    client = SPEC_CAPS if bad else {**SPEC_CAPS, "twin_socket": {"supported": True}}
+    s.negotiate(client=client, server={**SPEC_CAPS, **twin}, server_fds=(SOCKET,))
+    s.map(0x10000)
+    s.call("DMA_READ", DmaRead(address=0x10000, count=4), direction=S2C, channel=TWIN,
+           answer=(DmaRead(address=0x10000, count=4, data=b"abcd"),))
+
+
+# --- DMA ---------------------------------------------------------------------------------
+
+@scenario("dma_map.flags_unknown")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DMA_MAP", DmaMap(flags=0x13 if bad else 3, address=0x10000, size=0x1000),
+           fds=(MEMFD,))
+
+
+@scenario("dma_map.flags_extension")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DMA_MAP", DmaMap(flags=7 if bad else 3, address=0x10000, size=0x1000),
+           fds=(MEMFD,))
+
+
+@scenario("dma.overlap")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.map(0x10000)
+    s.map(0x18000 if bad else 0x20000, error=17 if bad else None)
+
+
+@scenario("dma.unmap_unknown")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.map(0x10000)
+    s.call("DMA_UNMAP", DmaUnmap(address=0x30000 if bad else 0x10000, size=0x10000),
+           answer=(DmaUnmap(address=0x10000, size=0x10000),), error=22 if bad else None)
+
+
+@scenario("dma.misaligned")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.map(0x10800 if bad else 0x10000, error=22 if bad else None)
+
+
+@scenario("dma.too_many")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate(server={**SPEC_CAPS, "max_dma_maps": 1 if bad else 2})
+    s.map(0x10000)
+    s.map(0x20000, error=28 if bad else None)
+
+
+@scenario("dma.access_unmapped")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.map(0x10000)
+    address = 0x90000 if bad else 0x10000
+    s.call("DMA_READ", DmaRead(address=address, count=4), direction=S2C, error=14 if bad else None,
+           answer=(DmaRead(address=address, count=4, data=b"abcd"),))
+
+
+@scenario("dma_unmap.bitmap_size")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.map(0x10000, size=0x40000)
+    bitmap = DirtyBitmap(pgsize=0x1000, size=2 if bad else 8)
+    s.call("DMA_UNMAP", DmaUnmap(argsz=48, flags=1, address=0x10000, size=0x40000), bitmap,
+           answer=(DmaUnmap(argsz=48, flags=1, address=0x10000, size=0x40000),
+                   DirtyBitmap(pgsize=0x1000, size=8, data=bytes(8))))
+
+
+def _logging_report(s: Script, length: int, bitmap: bytes, client: dict | None = None) -> None:
+    s.negotiate(client=client)
+    s.call("DEVICE_FEATURE", DeviceFeature(argsz=48, flags=GET | 8),
+           DmaLoggingReport(iova=0, length=length, page_size=0x1000),
+           answer=(DeviceFeature(argsz=32 + len(bitmap), flags=GET | 8),
+                   DmaLoggingReport(iova=0, length=length, page_size=0x1000, bitmap=bitmap)))
+
+
+SCENARIOS["dma_logging.bitmap_size"] = lambda s, bad: _logging_report(
+    s, 0x40000, bytes(4 if bad else 8))
+SCENARIOS["dirty.bitmap_too_big"] = lambda s, bad: _logging_report(
+    s, 0x100000 if bad else 0x10000, bytes(32 if bad else 8),
+    client={**SPEC_CAPS, "migration": {"pgsize": 4096, "max_bitmap_size": 8}})
+
+
+@scenario("dma_logging.ranges_short")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    request = (DeviceFeature(argsz=40, flags=SET | 6),
+               DmaLogging(page_size=0x1000, num_ranges=2 if bad else 1),
+               DmaLoggingRange(iova=0, length=0x1000))
+    s.call("DEVICE_FEATURE", *request, answer=request)
+
+
+# --- regions and IRQs --------------------------------------------------------------------
+
+def _region_info_reply(s: Script, info: RegionInfo, *tail: Any, fds: tuple = ()) -> None:
+    s.negotiate()
+    s.call("DEVICE_GET_REGION_INFO", RegionInfo(argsz=info.argsz, index=info.index),
+           answer=(info, *tail), reply_fds=fds)
+
+
+SPARSE = (RegionCap(id=1, version=1, next=0), SparseMmap(nr_areas=2),
+          SparseArea(offset=0, size=0x1000), SparseArea(offset=0x2000, size=0x1000))
+SCENARIOS["region_info.caps_missing"] = lambda s, bad: _region_info_reply(
+    s, RegionInfo(argsz=32, flags=0xB if bad else 3, index=1, size=0x4000))
+SCENARIOS["region_info.mmap_no_fd"] = lambda s, bad: _region_info_reply(
+    s, RegionInfo(argsz=32, flags=7, index=1, size=0x4000), fds=() if bad else (MEMFD,))
+SCENARIOS["region_info.fd_per_area"] = lambda s, bad: _region_info_reply(
+    s, RegionInfo(argsz=80, flags=0xF, index=1, cap_offset=32, size=0x4000), *SPARSE,
+    fds=(MEMFD, MEMFD) if bad else (MEMFD,))
+SCENARIOS["region_info.cap_loop"] = lambda s, bad: _region_info_reply(
+    s, RegionInfo(argsz=48, flags=0xB, index=1, cap_offset=32, size=0x4000),
+    RegionCap(id=2, version=1, next=32 if bad else 0), proto.RegionType(type=1, subtype=1))
+SCENARIOS["region_info.cap_unknown"] = lambda s, bad: _region_info_reply(
+    s, RegionInfo(argsz=48, flags=0xB, index=1, cap_offset=32, size=0x4000),
+    RegionCap(id=9 if bad else 2, version=1, next=0), proto.RegionType(type=1, subtype=1))
+SCENARIOS["region_info.areas_short"] = lambda s, bad: _region_info_reply(
+    s, RegionInfo(argsz=80, flags=0xF, index=1, cap_offset=32, size=0x4000),
+    RegionCap(id=1, version=1, next=0), SparseMmap(nr_areas=3 if bad else 2),
+    SparseArea(offset=0, size=0x1000), SparseArea(offset=0x2000, size=0x1000), fds=(MEMFD,))
+
+
+def _io_fds(s: Script, entries: bytes, count: int = 1, fds: tuple = (EVENTFD,)) -> None:
+    s.negotiate()
+    s.call("DEVICE_GET_REGION_IO_FDS", RegionIoFds(argsz=64, index=0),
+           answer=(RegionIoFds(argsz=16 + len(entries), index=0, count=count),),
+           reply_fds=fds)
+    s.messages[-1].data += entries
+    data = s.messages[-1].data
+    s.messages[-1].data = data[:4] + len(data).to_bytes(4, "little") + data[8:]
+
+
+SCENARIOS["region_io_fds.entry_size"] = lambda s, bad: _io_fds(
+    s, bytes(SubRegion(offset=0x28, size=8)) + (bytes(4) if bad else b""))
+SCENARIOS["region_io_fds.fd_index"] = lambda s, bad: _io_fds(
+    s, bytes(SubRegion(offset=0x28, size=8, fd_index=3 if bad else 0)))
+SCENARIOS["interop.io_fds_48"] = lambda s, bad: _io_fds(
+    s, bytes(ShadowSubRegion(offset=0x28, size=8) if bad else SubRegion(offset=0x28, size=8)))
+
+
+@scenario("region.unknown")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DEVICE_GET_INFO", DeviceInfo(), answer=(DeviceInfo(num_regions=9, num_irqs=5),))
+    region = 12 if bad else 0
+    s.call("REGION_READ", RegionRead(offset=0, region=region, count=4), error=22 if bad else None,
+           answer=(RegionRead(offset=0, region=region, count=4, data=bytes(4)),))
+
+
+@scenario("region.out_of_bounds")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.region(0, 0x1000)
+    offset = 0x1000 if bad else 0xFFC
+    s.call("REGION_READ", RegionRead(offset=offset, region=0, count=4), error=22 if bad else None,
+           answer=(RegionRead(offset=offset, region=0, count=4, data=bytes(4)),))
+
+
+@scenario("region.access_flags")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.region(0, 0x1000, flags=1)                  # read-only
+    if bad:
+        s.call("REGION_WRITE", RegionWrite(offset=0, region=0, count=4, data=b"abcd"), error=1)
+    else:
+        s.call("REGION_READ", RegionRead(offset=0, region=0, count=4),
+               answer=(RegionRead(offset=0, region=0, count=4, data=bytes(4)),))
+
+
+@scenario("region_read.count")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("REGION_READ", RegionRead(offset=0, region=0, count=8),
+           answer=(RegionRead(offset=0, region=0, count=8, data=bytes(4 if bad else 8)),))
+
+
+@scenario("region_write.count")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("REGION_WRITE", RegionWrite(offset=0, region=0, count=8, data=bytes(4 if bad else 8)),
+           answer=(RegionWrite(offset=0, region=0, count=8),))
+
+
+@scenario("write_multi.count")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.command("REGION_WRITE_MULTI", WriteMulti(wr_cnt=3 if bad else 1),
+              WriteMultiEntry(offset=8, region=0, count=4, data=b"abcd" + bytes(4)),
+              flags=NO_REPLY)
+
+
+@scenario("write_multi.entry_count")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.command("REGION_WRITE_MULTI", WriteMulti(wr_cnt=1),
+              WriteMultiEntry(offset=8, region=0, count=9 if bad else 8, data=bytes(8)),
+              flags=NO_REPLY)
+
+
+def _set_irqs(s: Script, flags: int, count: int, data: bytes = b"", fds: tuple = (),
+              vectors: int = 4, start: int = 0) -> None:
+    s.negotiate()
+    s.call("DEVICE_GET_IRQ_INFO", IrqInfo(index=2), answer=(IrqInfo(index=2, count=vectors),))
+    s.call("DEVICE_SET_IRQS", SetIrqs(argsz=20 + len(data), flags=flags, index=2, start=start,
+                                      count=count, data=data), fds=fds)
+
+
+SCENARIOS["set_irqs.flags"] = lambda s, bad: _set_irqs(s, 0x23 if bad else 0x21, 0)
+SCENARIOS["set_irqs.bool_count"] = lambda s, bad: _set_irqs(
+    s, 0x22, 2, data=b"\1" if bad else b"\1\1")
+SCENARIOS["set_irqs.fd_count"] = lambda s, bad: _set_irqs(
+    s, 0x24, 2, fds=(EVENTFD,) if bad else (EVENTFD, EVENTFD))
+SCENARIOS["irq.out_of_range"] = lambda s, bad: _set_irqs(
+    s, 0x24, 4, fds=(EVENTFD,) * 4, start=2 if bad else 0)
+
+
+# --- server commands, interop, deadlock -------------------------------------------------------
+
+def _server_dma(s: Script, cmd: str, request: Any, *answer: Any) -> None:
+    s.negotiate()
+    s.map(0x10000)
+    s.call(cmd, request, direction=S2C, answer=answer)
+
+
+SCENARIOS["dma_read.count"] = lambda s, bad: _server_dma(
+    s, "DMA_READ", DmaRead(address=0x10000, count=8),
+    DmaRead(address=0x10000, count=8, data=bytes(4 if bad else 8)))
+SCENARIOS["dma_write.count"] = lambda s, bad: _server_dma(
+    s, "DMA_WRITE", DmaWrite(address=0x10000, count=8, data=bytes(4 if bad else 8)),
+    DmaWrite(address=0x10000, count=8))
+SCENARIOS["dma_read.count_mismatch"] = lambda s, bad: _server_dma(
+    s, "DMA_READ", DmaRead(address=0x10000, count=8),
+    DmaRead(address=0x10000, count=4 if bad else 8, data=bytes(4 if bad else 8)))
+SCENARIOS["dma_write.count_mismatch"] = lambda s, bad: _server_dma(
+    s, "DMA_WRITE", DmaWrite(address=0x10000, count=8, data=bytes(8)),
+    DmaWrite(address=0x10000, count=4 if bad else 8))
+SCENARIOS["interop.dma_qemu_layout"] = lambda s, bad: _server_dma(
+    s, "DMA_READ", DmaRead(address=0x10000, count=8),
+    (QemuDmaRead(address=0x10000, count=8, data=b"\xaa" * 12) if bad
+     else DmaRead(address=0x10000, count=8, data=bytes(8))))
+SCENARIOS["interop.dma_write_bare_reply"] = lambda s, bad: _server_dma(
+    s, "DMA_WRITE", DmaWrite(address=0x10000, count=8, data=bytes(8)),
+    *(() if bad else (DmaWrite(address=0x10000, count=8),)))
+
+
+@scenario("deadlock.server_command")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.map(0x10000)
+    s.region(0, 0x1000)
+    write = s.command("REGION_WRITE", RegionWrite(offset=0x20, region=0, count=8, data=bytes(8)))
+    if not bad:
+        s.reply(write, "REGION_WRITE", RegionWrite(offset=0x20, region=0, count=8))
+    s.call("DMA_READ", DmaRead(address=0x10000, count=4), direction=S2C,
+           answer=(DmaRead(address=0x10000, count=4, data=bytes(4)),))
+    if bad:
+        s.reply(write, "REGION_WRITE", RegionWrite(offset=0x20, region=0, count=8))
+
+
+# --- features and migration --------------------------------------------------------------
+
+@scenario("device_feature.get_and_set")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DEVICE_FEATURE", DeviceFeature(argsz=16, flags=(GET | SET if bad else GET) | 1),
+           answer=(DeviceFeature(argsz=16, flags=GET | 1), proto.MigrationFeature(flags=1)))
+
+
+@scenario("device_feature.unknown")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    request = DeviceFeature(argsz=8, flags=(1 << 18) | SET | (9 if bad else 2))
+    s.call("DEVICE_FEATURE", request, answer=(request,))
+
+
+def _set_state(s: Script, state: int, error: int | None = None) -> None:
+    request = (DeviceFeature(argsz=16, flags=SET | 2), MigDeviceState(device_state=state))
+    s.call("DEVICE_FEATURE", *request, answer=request, error=error)
+
+
+@scenario("migration.transition")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    _set_state(s, 3)                                # RUNNING -> (STOP) -> STOP_COPY
+    _set_state(s, 6 if bad else 1, error=22 if bad else None)   # STOP_COPY -> PRE_COPY: no
+
+
+@scenario("migration.data_state")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    if not bad:
+        _set_state(s, 6)                            # PRE_COPY allows reading
+    s.call("MIG_DATA_READ", MigDataRead(argsz=8 + 4, size=4), error=22 if bad else None,
+           answer=(MigDataRead(argsz=12, size=4, data=b"data"),))
+
+
+@scenario("mig_data_read.size")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    _set_state(s, 6)
+    s.call("MIG_DATA_READ", MigDataRead(argsz=8 + 8, size=8),
+           answer=(MigDataRead(argsz=16, size=8, data=bytes(4 if bad else 8)),))
+
+
+@scenario("interop.mig_data_padding")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    _set_state(s, 6)
+    s.call("MIG_DATA_READ", MigDataRead(argsz=8 + 64, size=64),
+           answer=(MigDataRead(argsz=72 if bad else 16, size=8, data=bytes(64 if bad else 8)),))
+
+
+@scenario("mig_data_write.size")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    _set_state(s, 4)                                # RESUMING
+    s.call("MIG_DATA_WRITE", MigDataWrite(argsz=16, size=8, data=bytes(4 if bad else 8)))
+
+
+# --- the tool itself ---------------------------------------------------------------------
+
+@scenario("capture.truncated")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DEVICE_RESET")
+    if bad:
+        s.messages[-1].size = len(s.messages[-1].data) + 100
+
+
+@scenario("dissector.bug")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DEVICE_RESET")
+    # A capture whose reset carries a cmd the tables map to a failing dissector.
+    if bad:
+        s.messages[-2] = Message(s.messages[-2].ts_ns, 0, MAIN, C2S,
+                                 bytes(Header(msg_id=0x500, cmd=BUGGY_CMD)))
+
+
+BUGGY_CMD = 0x7FFF
+
+
+@pytest.fixture(autouse=True)
+def buggy_dissector(monkeypatch):
+    """A dissector that raises, as a bug would: the message must still be shown."""
+    def broken(tree, msg, ctx, off):
+        raise ValueError("deliberate")
+    monkeypatch.setitem(proto.REQUESTS, BUGGY_CMD, broken)
+    monkeypatch.setitem(proto.COMMANDS, BUGGY_CMD, "BUGGY")
