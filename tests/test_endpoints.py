@@ -14,7 +14,8 @@ from helpers import run_vfu, stop, streams, vfu, wait_for_socket
 from vfu_inspect.capture import MAIN, TWIN, Message, read_all
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors.vfio_user import CMD, parse_header
-from vfu_inspect.endpoints.common import DEFAULT_ID_VALUE
+from vfu_inspect.endpoints.common import (BAR0_SIZE, DEFAULT_ID_VALUE, DEVICE_ID, MSIX_VECTORS,
+                                           VENDOR_ID)
 
 EVERY_COMMAND = set(range(1, 14)) | {15, 16, 17, 18}
 
@@ -96,6 +97,16 @@ def test_capture_of_the_reference_session_has_fd_metadata_and_no_errors(tmp_path
     for p in packets:
         if any(e.id in DELIBERATE_WARNINGS for e in p.tree.experts):
             assert packets[p.response_in - 1].header.is_error
+    # The device layers: config space (with the BAR sizing probe and the MSI-X
+    # capability) and the sample device's own registers.
+    values: dict[str, list] = {}
+    for p in packets:
+        for name, found in p.tree.values().items():
+            values.setdefault(name, []).extend(found)
+    assert VENDOR_ID in values["pci.vendor_id"] and DEVICE_ID in values["pci.device_id"]
+    assert values["pci.bar_size"] == [BAR0_SIZE]
+    assert values["pci.msix.control.table_size"][0] == MSIX_VECTORS - 1
+    assert DEFAULT_ID_VALUE in values["vfu_sample.bar0.id"]
 
 
 def test_two_clients_at_once(tmp_path, server, proxy):

@@ -47,16 +47,14 @@ def pci_device(name: str, vendor: int, device: int,
 
 
 def device_for(identity: tuple[int, int] | None) -> PciDevice | None:
-    if identity is None:
-        return None
-    if not _loaded:
-        load_plugins()
-    return DEVICES.get(identity)
+    return DEVICES.get(identity) if identity is not None else None
 
 
 def load_plugins() -> None:
-    """Import the bundled device dissectors, then the user's."""
+    """Import the bundled device dissectors, then the user's (once)."""
     global _loaded
+    if _loaded:
+        return
     _loaded = True
     from . import dissectors
     for info in pkgutil.iter_modules(dissectors.__path__):

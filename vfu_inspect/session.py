@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .capture import C2S, MAIN, S2C, TWIN, Message
 from .dissectors import vfio_user as proto
-from .devices import add_registers, device_for
+from .devices import add_registers, device_for, load_plugins
 from .dissectors.pci_config import CONFIG_REGION, ConfigShadow, dissect_config_access
 from .tree import Expert, Item, Tree
 
 if TYPE_CHECKING:
     from .dissect import Dissected
+
+load_plugins()      # device layers register their fields before any filter is compiled
 
 CMD = proto.CMD
 DEFAULT_TIMEOUT = 5.0                # QEMU's x-msg-timeout
