@@ -189,7 +189,9 @@ def _check_parser(sub: argparse._SubParsersAction) -> None:
                                    "item, then the expert table. Exit 0 when no item has "
                                    "error severity (or the --fail-on one), 1 when one has, "
                                    "2 when the file cannot be read.")
-    p.add_argument("file", help="capture file")
+    p.add_argument("file", nargs="?", help="capture file")
+    p.add_argument("--list", action="store_true",
+                   help="list every check: id, severity, meaning, where the rule comes from")
     p.add_argument("--fail-on", choices=("error", "warning"), default="error",
                    help="lowest severity that fails the check (default %(default)s)")
     p.add_argument("-q", dest="quiet", action="store_true", help="print only the table")
@@ -198,8 +200,14 @@ def _check_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .fields import SEVERITIES
+    from .fields import EXPERTS, SEVERITIES
     from .stats import ExpertStats
+    if args.list:
+        for d in sorted(EXPERTS.values(), key=lambda d: (d.group, d.id)):
+            print(f"{d.id:<28} {d.severity:<8} {d.summary}  ({d.section})")
+        return EXIT_OK
+    if args.file is None:
+        raise UserError("give a capture FILE (or --list)")
     if not os.path.isfile(args.file):
         raise UserError(f"{args.file}: no such file")
     table = ExpertStats()
