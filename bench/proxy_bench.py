@@ -80,15 +80,21 @@ def main() -> None:
                        relay))
     procs.append(start([*vfu, "proxy", "--listen", str(proxy), "--server", str(server),
                         "-w", str(tmp / "bench.vfucap")], proxy))
+    # The same with every message dissected and analyzed (to /dev/null): the
+    # analysis runs off the relay thread, so the rate should not drop.
+    printing = tmp / "printing.sock"
+    procs.append(start([*vfu, "proxy", "--listen", str(printing), "--server", str(server),
+                        "-w", str(tmp / "printing.vfucap"), "--print"], printing))
     try:
         for label, depth in (("lock-step", 1), (f"pipelined ({args.depth} in flight)", args.depth)):
             rates = {name: max(round_trips(path, args.rounds, depth) for _ in range(args.repeat))
                      for name, path in (("direct", server), ("blind relay", relay),
-                                        ("proxy -w", proxy))}
+                                        ("proxy -w", proxy),
+                                        ("proxy -w --print", printing))}
             print(f"{label}: " + ", ".join(f"{n} {r:,.0f} rt/s" for n, r in rates.items()))
             print(f"  proxy/blind time ratio {rates['blind relay'] / rates['proxy -w']:.2f}x "
                   f"(target <= 1.1), proxy/direct {rates['direct'] / rates['proxy -w']:.2f}x "
-                  f"(target <= 2 lock-step)")
+                  f"(target <= 2 lock-step), --print/-w {rates['proxy -w --print'] / rates['proxy -w']:.2f}x")
     finally:
         for proc in procs:
             proc.terminate()

@@ -11,7 +11,7 @@ import socket
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Any, Callable, TextIO
 
 import msgpack
 
@@ -38,25 +38,90 @@ class SaveAddon:
 
 
 class PrintAddon:
-    """One summary line per message, as `vfu-inspect read` prints it."""
+    """One summary line per message, as `vfu-inspect read` prints it.
+
+    Dissection and session analysis run on a thread of their own, behind a
+    bounded queue: a slow terminal or a costly message delays the lines,
+    never the relay.
+    """
+
+    QUEUE_RECORDS = 100000
 
     def __init__(self, out: TextIO = sys.stdout, color: bool = False) -> None:
         self.out = out
         self.color = color
         self.analyzer = Analyzer()
+        self.worker = Worker(self._print, self.QUEUE_RECORDS)
 
     def record(self, record: Message | Event) -> None:
-        if isinstance(record, Message):
-            line = summary_line(self.analyzer.feed(record), self.color)
+        self.worker.offer(record)
+
+    def _print(self, item: Message | Event | int) -> None:
+        if isinstance(item, int):
+            line = f"# {item} records not printed: the printer fell behind the relay"
+        elif isinstance(item, Message):
+            line = summary_line(self.analyzer.feed(item), self.color)
         else:
-            line = describe_event(record)
-        print(line, file=self.out)
+            if item.kind == CLOSE:
+                self.analyzer.sessions.close(item.conn)
+            line = describe_event(item)
+        print(line, file=self.out, flush=self.worker.idle)
 
     def flush(self) -> None:
-        self.out.flush()
+        pass
 
     def close(self) -> None:
+        self.worker.finish()
         self.out.flush()
+
+
+class Worker:
+    """Consumes items on its own thread, behind a bounded queue.
+
+    When the queue is full, items are counted, not queued, and the consumer
+    later receives the count (an int) in their place.
+    """
+
+    def __init__(self, consume: Callable[[Any], None], size: int,
+                 on_exit: Callable[[], None] = lambda: None) -> None:
+        self.consume = consume
+        self.on_exit = on_exit
+        self.queue: queue.Queue[Any] = queue.Queue(size)
+        self.skipped = 0
+        self.alive = True
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    @property
+    def idle(self) -> bool:
+        return self.queue.empty()
+
+    def offer(self, item: Any) -> None:
+        try:
+            if self.skipped:
+                self.queue.put_nowait(self.skipped)
+                self.skipped = 0
+            self.queue.put_nowait(item)
+        except queue.Full:
+            self.skipped += 1
+
+    def finish(self, timeout: float = 10) -> None:
+        """Consume what is queued, then stop."""
+        self.offer(_STOP)
+        self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        try:
+            while (item := self.queue.get()) is not _STOP:
+                self.consume(item)
+        except OSError:
+            pass
+        finally:
+            self.alive = False
+            self.on_exit()
+
+
+_STOP = object()
 
 
 def describe_event(event: Event) -> str:
@@ -123,27 +188,15 @@ def _skipped_note(count: int) -> bytes:
 class _Viewer:
     def __init__(self, sock: socket.socket, header: bytes, size: int) -> None:
         self.sock = sock
-        self.queue: queue.Queue[bytes | None] = queue.Queue(size)
-        self.skipped = 0
-        self.alive = True
-        self.queue.put(header)
-        threading.Thread(target=self._send_loop, daemon=True).start()
+        self.worker = Worker(self._send, size, on_exit=sock.close)
+        self.worker.offer(header)
+
+    @property
+    def alive(self) -> bool:
+        return self.worker.alive
 
     def offer(self, packed: bytes | None) -> None:
-        try:
-            if self.skipped:
-                self.queue.put_nowait(_skipped_note(self.skipped))
-                self.skipped = 0
-            self.queue.put_nowait(packed)
-        except queue.Full:
-            self.skipped += 1
+        self.worker.offer(_STOP if packed is None else packed)
 
-    def _send_loop(self) -> None:
-        try:
-            while (packed := self.queue.get()) is not None:
-                self.sock.sendall(packed)
-        except OSError:
-            pass
-        finally:
-            self.alive = False
-            self.sock.close()
+    def _send(self, item: bytes | int) -> None:
+        self.sock.sendall(_skipped_note(item) if isinstance(item, int) else item)
