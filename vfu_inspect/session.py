@@ -395,12 +395,18 @@ CommandCheck = Callable[[ConnState, "Dissected"], "dict[str, Any] | None"]
 COMMAND_CHECKS: dict[int, CommandCheck] = {}
 
 
-def on_command(*names: str) -> Callable[[CommandCheck], CommandCheck]:
-    def wrap(fn: CommandCheck) -> CommandCheck:
-        for name in names:
-            COMMAND_CHECKS[CMD[name]] = fn
-        return fn
-    return wrap
+def handles(table: dict[int, Any]) -> Callable[..., Callable[[Any], Any]]:
+    """A decorator factory: @handles(table)("DMA_MAP", …) files a function by command."""
+    def by_names(*names: str) -> Callable[[Any], Any]:
+        def wrap(fn: Any) -> Any:
+            for name in names:
+                table[CMD[name]] = fn
+            return fn
+        return wrap
+    return by_names
+
+
+on_command = handles(COMMAND_CHECKS)
 
 
 def _on_command(state: ConnState, p: Dissected) -> None:
@@ -656,14 +662,7 @@ def migration_path(current: int, new: int) -> list[int] | None:
 
 ReplyApply = Callable[[ConnState, "Dissected", Pending], None]
 REPLY_APPLIES: dict[int, ReplyApply] = {}
-
-
-def on_reply(*names: str) -> Callable[[ReplyApply], ReplyApply]:
-    def wrap(fn: ReplyApply) -> ReplyApply:
-        for name in names:
-            REPLY_APPLIES[CMD[name]] = fn
-        return fn
-    return wrap
+on_reply = handles(REPLY_APPLIES)
 
 
 def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
