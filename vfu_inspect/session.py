@@ -314,11 +314,18 @@ class SessionTracker:
         self.checkpoint_every = checkpoint_every
         self.conns: dict[int, ConnState] = {}
         self.checkpoints: list[tuple[int, dict[int, ConnState]]] = []
+        # Connections whose state a checkpoint holds too: copied before their
+        # first change, so a checkpoint costs only what changes after it.
+        self._shared: set[int] = set()
 
     def connection(self, conn: int) -> ConnState:
+        """The state of `conn`, ready to be changed."""
         state = self.conns.get(conn)
         if state is None:
             state = self.conns[conn] = ConnState(conn)
+        elif conn in self._shared:
+            state = self.conns[conn] = copy.deepcopy(state)
+            self._shared.discard(conn)
         return state
 
     def close(self, conn: int) -> None:
@@ -341,7 +348,8 @@ class SessionTracker:
             else:
                 _on_command(state, p)
         if self.checkpoint_every and p.number % self.checkpoint_every == 0:
-            self.checkpoints.append((p.number, copy.deepcopy(self.conns)))
+            self.checkpoints.append((p.number, dict(self.conns)))
+            self._shared = set(self.conns)
 
     def state_at(self, number: int, replay: Callable[[int, int], Iterable[Message]]
                  ) -> Snapshot:
@@ -352,7 +360,7 @@ class SessionTracker:
         start, conns = self.checkpoints[i - 1] if i else (0, {})
         tracker = SessionTracker(checkpoint_every=0)
         tracker.timeout_ns = self.timeout_ns
-        tracker.conns = copy.deepcopy(conns)
+        tracker.conns, tracker._shared = dict(conns), set(conns)
         analyzer = Analyzer(sessions=tracker)
         analyzer.number = start
         last = None
