@@ -31,6 +31,7 @@ CHANNELS = {MAIN: "main", TWIN: "twin"}
 FD_KINDS = ("memfd", "file", "eventfd", "socket", "other")
 
 _READ_CHUNK = 1 << 20
+_RANDOM_READ = 1 << 16        # most records fit: random access reads little
 _MAX_RECORD = 256 << 20     # bounds memory on a corrupt length field
 
 
@@ -162,8 +163,14 @@ class CaptureReader:
         return obj
 
     def __iter__(self) -> Iterator[Record]:
+        for _, record in self.indexed():
+            yield record
+
+    def indexed(self) -> Iterator[tuple[int, Record]]:
+        """Each record with the byte offset where it starts (see `read_record`)."""
         bad = 0
         while True:
+            start = self._consumed
             obj = self._next_object(wait=self.follow)
             if obj is _END:
                 break
@@ -171,13 +178,18 @@ class CaptureReader:
             if record is None:
                 bad += 1
                 continue
-            yield record
+            yield start, record
         if bad:
             self._report(f"{bad} malformed record(s) skipped")
         tail = self._unpacker_tail()
         if tail:
             self._report(f"capture ends inside a record: last {tail} bytes ignored "
                          "(was the writer killed?)")
+
+    @property
+    def live(self) -> bool:
+        """Reading a proxy's monitor socket rather than a file."""
+        return self._live
 
     def stop(self) -> None:
         """End a follow-mode iteration at the next poll."""
@@ -254,6 +266,21 @@ def _parse_record(obj: Any) -> Record | None:
         return None
     if kind in EVENT_NAMES and len(obj) == 4 and isinstance(obj[3], dict):
         return Event(kind, obj[1], obj[2], obj[3])
+    return None
+
+
+def read_record(file: Any, offset: int) -> Record | None:
+    """The record that starts at `offset` of an open capture file."""
+    file.seek(offset)
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_RECORD, strict_map_key=False)
+    while chunk := file.read(_RANDOM_READ):
+        unpacker.feed(chunk)
+        try:
+            return _parse_record(unpacker.unpack())
+        except msgpack.OutOfData:
+            continue
+        except (msgpack.FormatError, msgpack.StackError, ValueError):
+            return None
     return None
 
 

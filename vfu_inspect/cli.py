@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     from .endpoints import add_commands
     add_commands(sub)
+    from .tui import add_commands as add_tui
+    add_tui(sub)
     return parser
 
 

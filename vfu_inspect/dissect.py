@@ -124,6 +124,11 @@ class Analyzer:
         self._first_ts: int | None = None
         self._prev_ts: int | None = None
 
+    def resume_at(self, number: int, first_ts: int, prev_ts: int) -> None:
+        """Go on as if messages up to `number` had been fed (times need the
+        capture's first timestamp and that of message `number`)."""
+        self.number, self._first_ts, self._prev_ts = number, first_ts, prev_ts
+
     def feed(self, msg: Message) -> Dissected:
         self.number += 1
         if self._first_ts is None:

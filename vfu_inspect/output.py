@@ -68,14 +68,19 @@ def _tree_lines(item: Item, depth: int, out: list[str]) -> None:
         _tree_lines(child, depth + 1, out)
 
 
-def hex_dump(data: bytes, width: int = 16) -> str:
-    lines = []
-    for off in range(0, len(data), width):
-        chunk = data[off:off + width]
-        hexpart = " ".join(f"{b:02x}" for b in chunk)
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
-        lines.append(f"{off:04x}  {hexpart:<{width * 3 - 1}}  {text}")
-    return "\n".join(lines)
+HEX_WIDTH = 16
+
+
+def hex_dump(data: bytes, width: int = HEX_WIDTH) -> str:
+    return "\n".join(f"{off:04x}  {' '.join(cells):<{width * 3 - 1}}  {''.join(chars)}"
+                     for off, cells, chars in hex_rows(data, width))
+
+
+def hex_rows(data: bytes, width: int = HEX_WIDTH) -> list[tuple[int, list[str], list[str]]]:
+    """(offset, hex cell of each byte, printable char of each byte) per line."""
+    return [(off, [f"{b:02x}" for b in data[off:off + width]],
+             [chr(b) if 32 <= b < 127 else "." for b in data[off:off + width]])
+            for off in range(0, len(data), width)]
 
 
 def json_packet(p: Dissected) -> dict[str, Any]:

@@ -351,6 +351,12 @@ class SessionTracker:
             self.checkpoints.append((p.number, dict(self.conns)))
             self._shared = set(self.conns)
 
+    def restored(self, conns: dict[int, ConnState]) -> SessionTracker:
+        """A tracker without checkpoints that goes on from `conns` (left untouched)."""
+        tracker = SessionTracker(self.timeout_ns / 1e9, checkpoint_every=0)
+        tracker.conns, tracker._shared = dict(conns), set(conns)
+        return tracker
+
     def state_at(self, number: int, replay: Callable[[int, int], Iterable[Message]]
                  ) -> Snapshot:
         """The state after message `number`; `replay(first, last)` yields the
@@ -358,9 +364,7 @@ class SessionTracker:
         from .dissect import Analyzer    # the analyzer drives trackers: avoid the cycle
         i = bisect.bisect_right(self.checkpoints, number, key=lambda c: c[0])
         start, conns = self.checkpoints[i - 1] if i else (0, {})
-        tracker = SessionTracker(checkpoint_every=0)
-        tracker.timeout_ns = self.timeout_ns
-        tracker.conns, tracker._shared = dict(conns), set(conns)
+        tracker = self.restored(conns)
         analyzer = Analyzer(sessions=tracker)
         analyzer.number = start
         last = None
