@@ -78,6 +78,14 @@ class AllRows(Sequence[int]):
 class MessageList(ScrollView, can_focus=True):
     """The list pane: one line per row, rendered only when visible."""
 
+    BINDINGS = [
+        Binding("j,down", "move(1)", "down", show=False),
+        Binding("k,up", "move(-1)", "up", show=False),
+        Binding("pagedown", "page(1)", "page down", show=False),
+        Binding("pageup", "page(-1)", "page up", show=False),
+        Binding("g,home", "move_to(0)", "first", show=False),
+        Binding("G,end", "last", "last", show=False),
+    ]
     cursor = reactive(0)
 
     class Selected(TextualMessage):
@@ -108,10 +116,16 @@ class MessageList(ScrollView, can_focus=True):
     def entry(self) -> int | None:
         return self.rows[self.cursor] if 0 <= self.cursor < len(self.rows) else None
 
-    def move(self, delta: int) -> None:
-        self.move_to(self.cursor + delta)
+    def action_move(self, delta: int) -> None:
+        self.action_move_to(self.cursor + delta)
 
-    def move_to(self, index: int) -> None:
+    def action_page(self, direction: int) -> None:
+        self.action_move(direction * max(self.scrollable_content_region.height - 1, 1))
+
+    def action_last(self) -> None:
+        self.action_move_to(len(self.rows) - 1)
+
+    def action_move_to(self, index: int) -> None:
         if not len(self.rows):
             return
         self.cursor = max(0, min(index, len(self.rows) - 1))
@@ -126,11 +140,11 @@ class MessageList(ScrollView, can_focus=True):
     def go_to_number(self, number: int) -> bool:
         """Select message `number` if the list shows it."""
         if isinstance(self.rows, AllRows):
-            self.move_to(self.rows.index_of(number))
+            self.action_move_to(self.rows.index_of(number))
             return True
         i = bisect.bisect_left(self.rows, number)
         if i < len(self.rows) and self.rows[i] == number:
-            self.move_to(i)
+            self.action_move_to(i)
             return True
         return False
 
@@ -140,7 +154,7 @@ class MessageList(ScrollView, can_focus=True):
             self.post_message(self.Selected(entry))
 
     def on_click(self, event: Any) -> None:
-        self.move_to(int(self.scroll_offset.y) + event.y)
+        self.action_move_to(int(self.scroll_offset.y) + event.y)
 
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
@@ -230,8 +244,10 @@ class DetailTree(Tree[Item]):
 class HexPane(Static):
     """The bytes of the selected message, the selected field's highlighted."""
 
+    text = Text()
+
     def show(self, data: bytes, start: int = -1, length: int = 0) -> None:
-        text = Text()
+        self.text = text = Text()
         for off, cells, chars in hex_rows(data):
             text.append(f"{off:04x}  ")
             for i, cell in enumerate(cells):
@@ -309,6 +325,9 @@ class TableScreen(ModalScreen[int | None]):
                 yield table
         yield Footer()
 
+    def on_mount(self) -> None:
+        self.query(DataTable).first().focus()
+
     @on(DataTable.RowSelected)
     def jump(self, event: DataTable.RowSelected) -> None:
         if event.row_key.value is not None:
@@ -333,12 +352,6 @@ class InspectApp(App[None]):
         Binding("q", "quit", "quit"),
         Binding("question_mark", "help", "help"),
         Binding("slash", "edit_filter", "filter"),
-        Binding("j,down", "move(1)", "down", show=False),
-        Binding("k,up", "move(-1)", "up", show=False),
-        Binding("pagedown", "page(1)", "page down", show=False),
-        Binding("pageup", "page(-1)", "page up", show=False),
-        Binding("g,home", "first", "first", show=False),
-        Binding("G,end", "last", "last", show=False),
         Binding("n", "match(1)", "next match"),
         Binding("N", "match(-1)", "previous match", show=False),
         Binding("r", "partner", "request↔reply"),
@@ -395,9 +408,9 @@ class InspectApp(App[None]):
             if self.matches is None or not self.matches_only:
                 self.messages.grown()
             if self.follow:
-                self.messages.move_to(len(self.messages.rows) - 1)
+                self.messages.action_move_to(len(self.messages.rows) - 1)
             elif first and self.model.count:
-                self.messages.move_to(0)
+                self.messages.action_move_to(0)
         self.update_status()
 
     def update_status(self) -> None:
@@ -514,7 +527,7 @@ class InspectApp(App[None]):
             self.messages.marked = None
             self.messages.set_rows(self.matches)
             if keep:
-                self.messages.go_to_number(keep) or self.messages.move_to(
+                self.messages.go_to_number(keep) or self.messages.action_move_to(
                     bisect.bisect_left(self.matches, keep))
         else:
             self.messages.marked = self.matches
@@ -522,18 +535,6 @@ class InspectApp(App[None]):
         self.update_status()
 
     # --- navigation ---------------------------------------------------------------------
-
-    def action_move(self, delta: int) -> None:
-        self.messages.move(delta)
-
-    def action_page(self, direction: int) -> None:
-        self.messages.move(direction * max(self.messages.scrollable_content_region.height - 1, 1))
-
-    def action_first(self) -> None:
-        self.messages.move_to(0)
-
-    def action_last(self) -> None:
-        self.messages.move_to(len(self.messages.rows) - 1)
 
     def action_match(self, step: int) -> None:
         """Next/previous message the filter selects, also when all are shown."""
@@ -576,14 +577,14 @@ class InspectApp(App[None]):
     def action_follow(self) -> None:
         self.follow = not self.follow
         if self.follow:
-            self.action_last()
+            self.messages.action_last()
         self.update_status()
 
     # --- screens ------------------------------------------------------------------------
 
     def action_help(self) -> None:
         lines = [f"{b.key.replace(',', ' / '):<22} {b.description or b.action}"
-                 for b in self.BINDINGS]
+                 for b in [*MessageList.BINDINGS, *self.BINDINGS]]
         lines += ["", "In the filter bar: Enter applies, up/down walk the history, "
                       "Esc returns to the list.",
                   "In the detail tree: Enter on 'Response in' / 'Request in' jumps there.",

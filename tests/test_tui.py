@@ -1,0 +1,244 @@
+"""The terminal UI, driven by textual's pilot on the sample capture and a live proxy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from helpers import stop, vfu, wait_for_socket
+from vfu_inspect.capture import CLOSE, OPEN, Message, read_all
+from vfu_inspect.dissect import Analyzer, find_responses
+from vfu_inspect.dissectors.vfio_user import CMD
+from vfu_inspect.tui.app import DetailTree, FilterBar, HexPane, InspectApp, MessageList
+from vfu_inspect.tui.model import CaptureModel
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACE = str(ROOT / "captures" / "libvfio-user-samples.vfucap")
+SIZE = (160, 48)
+
+
+def trace_packets() -> list:
+    records, _ = read_all(TRACE)
+    messages = [r for r in records if isinstance(r, Message)]
+    return list(Analyzer(find_responses(messages)).run(messages))
+
+
+async def loaded(pilot, app: InspectApp) -> None:
+    """Wait until the background pass has read the whole capture."""
+    for _ in range(200):
+        if app.model.done:
+            break
+        await pilot.pause(0.02)
+    await pilot.pause(0.3)          # one poll tick: the list learns the count
+
+
+async def until(pilot, condition, seconds: float = 30) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("condition not reached")
+
+
+def run(test) -> None:
+    """Run an async pilot scenario on a fresh app over the sample capture."""
+    async def main():
+        app = InspectApp(CaptureModel(TRACE))
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(pilot, app)
+            await test(pilot, app)
+    asyncio.run(main())
+
+
+async def type_filter(pilot, text: str, submit: bool = True) -> None:
+    await pilot.press("slash")
+    pilot.app.query_one(FilterBar).value = text
+    await pilot.pause(0.05)
+    if submit:
+        await pilot.press("enter")
+
+
+def test_moving_through_the_list_selects_and_shows_each_message():
+    async def scenario(pilot, app):
+        assert app.model.count == 344 and app.messages.entry() == 1
+        assert "VERSION" in app.messages.row(1)[0]
+        await pilot.press("j", "j", "down", "k")
+        assert app.messages.entry() == 3
+        assert str(app.query_one(DetailTree).root.label) == "Message 3"
+        await pilot.press("G")
+        assert app.messages.entry() == 344
+        await pilot.press("g", "pagedown")
+        height = app.messages.scrollable_content_region.height
+        assert app.messages.entry() == height            # moved a screenful (less one)
+        await pilot.press("pageup")
+        assert app.messages.entry() == 1
+        await pilot.click(MessageList, offset=(5, 4))
+        assert app.messages.entry() == 5
+    run(scenario)
+
+
+def test_valid_filter_shows_the_matches_and_invalid_leaves_the_list_alone():
+    expected = [p.number for p in trace_packets() if p.header.cmd == CMD["DMA_MAP"]]
+
+    async def scenario(pilot, app):
+        await type_filter(pilot, "vfio_user.cmd == DMA_MAP")
+        await until(pilot, lambda: app.matches is not None)
+        assert list(app.matches) == expected
+        assert list(app.messages.rows) == expected
+        assert "48/344 shown" in str(app.query_one("#status").render())
+        await type_filter(pilot, "vfio_user.cmd == ", submit=False)
+        assert app.query_one(FilterBar).has_class("-invalid")
+        await pilot.press("enter")
+        assert "invalid filter" in str(app.query_one("#status").render())
+        assert list(app.messages.rows) == expected                 # unchanged
+        await type_filter(pilot, "dma_map.size >= 0x1000 && expert")   # a deep filter
+        await until(pilot, lambda: app.filter_text.startswith("dma_map"))
+        assert len(app.matches) == 0
+        await type_filter(pilot, "")                                    # cleared
+        assert len(app.messages.rows) == 344 + len(app.model.events)
+    run(scenario)
+
+
+def test_n_and_N_walk_the_matches_in_the_full_list_and_history_recalls_filters():
+    async def scenario(pilot, app):
+        await type_filter(pilot, "vfio_user.error")
+        await until(pilot, lambda: app.matches is not None)
+        errors = list(app.matches)
+        assert errors, "the sample has error replies"
+        await pilot.press("v", "g", "n")                 # all rows shown, walk the matches
+        assert app.messages.entry() == errors[0] and len(app.messages.rows) == 344
+        await pilot.press("n", "N")
+        assert app.messages.entry() == errors[0]
+        await pilot.press("slash")
+        app.query_one(FilterBar).value = ""
+        await pilot.press("up")
+        assert app.query_one(FilterBar).value == "vfio_user.error"
+    run(scenario)
+
+
+def test_r_jumps_between_a_request_and_its_reply():
+    packets = trace_packets()
+    request = next(p for p in packets if p.header.cmd == CMD["DMA_UNMAP"])
+
+    async def scenario(pilot, app):
+        app.messages.go_to_number(request.number)
+        await pilot.press("r")
+        assert app.messages.entry() == request.response_in
+        await pilot.press("r")
+        assert app.messages.entry() == request.number
+    run(scenario)
+
+
+def test_c_limits_the_list_to_one_connection():
+    second = [p.number for p in trace_packets() if p.msg.conn == 1]
+
+    async def scenario(pilot, app):
+        app.messages.go_to_number(second[0])
+        await pilot.press("c")
+        await until(pilot, lambda: app.matches is not None)
+        assert list(app.messages.rows) == second
+        await pilot.press("c")                                   # again: back to all
+        await until(pilot, lambda: app.matches is None)
+    run(scenario)
+
+
+def test_the_selected_field_is_highlighted_in_the_hex_pane():
+    async def scenario(pilot, app):
+        app.messages.go_to_number(31)                            # a DMA_MAP request
+        await pilot.pause(0.1)
+        tree = app.query_one(DetailTree)
+        node = next(n for n in _walk(tree.root)
+                    if n.data is not None and n.data.field.name == "dma_map.size")
+        tree.select_node(node)
+        tree.move_cursor(node)
+        await pilot.pause(0.1)
+        text = app.query_one(HexPane).text
+        lit = [span for span in text.spans if span.style and "reverse" in str(span.style)]
+        assert len(lit) == 2 * node.data.length                # hex cell and char per byte
+    run(scenario)
+
+
+def _walk(node):
+    yield node
+    for child in node.children:
+        yield from _walk(child)
+
+
+def test_screens_show_statistics_experts_session_and_help():
+    packets = trace_packets()
+    counts = Counter(p.header.cmd for p in packets)
+
+    async def scenario(pilot, app):
+        await pilot.press("s")
+        stats = _screen_text(app)
+        assert f"\nDMA_MAP │ {counts[CMD['DMA_MAP']]} │" in stats
+        assert "Median" in stats and "p99" in stats and "Errno" in stats
+        await pilot.press("escape", "x")
+        experts = _screen_text(app)
+        assert "argsz.truncated" in experts and "interop.mig_data_padding" in experts
+        await pilot.press("enter")                               # jump to the first
+        assert app.messages.entry() == 10
+        await pilot.press("G", "i")
+        session = _screen_text(app)
+        assert "Session state after message 344" in session
+        assert "0x000000008000-0x000000008fff" in session and "SPARSE_MMAP" in session
+        await pilot.press("escape", "question_mark")
+        help_text = _screen_text(app)
+        for binding in [*MessageList.BINDINGS, *app.BINDINGS]:
+            assert binding.description in help_text
+    run(scenario)
+
+
+def _screen_text(app) -> str:
+    lines = [str(w.render()) for w in app.screen.query("Static")]
+    for table in app.screen.query("DataTable"):
+        lines.append(" │ ".join(str(c.label) for c in table.columns.values()))
+        lines += [" │ ".join(str(c) for c in table.get_row_at(i)) for i in range(table.row_count)]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("keys", [(), ("s",), ("question_mark",)],
+                         ids=["main", "statistics", "help"])
+def test_snapshot(snap_compare, keys):
+    async def before(pilot):
+        await loaded(pilot, pilot.app)
+        await pilot.press("j", "j", "j")
+        for key in keys:
+            await pilot.press(key)
+        await pilot.pause(0.2)
+    assert snap_compare(InspectApp(CaptureModel(TRACE)), terminal_size=SIZE, run_before=before)
+
+
+def test_attached_to_a_live_proxy_messages_and_events_arrive(tmp_path):
+    server_sock, proxy_sock, monitor = (tmp_path / n for n in ("s.sock", "p.sock", "m.sock"))
+    server = vfu("sample-server", "--listen", str(server_sock))
+    wait_for_socket(server_sock, server)
+    proxy = vfu("proxy", "--listen", str(proxy_sock), "--server", str(server_sock),
+                "--monitor", str(monitor))
+    wait_for_socket(proxy_sock, proxy)
+
+    async def main():
+        app = InspectApp(CaptureModel(str(monitor), follow=True))
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f")                               # follow the tail
+            client = vfu("sample-client", "--server", str(proxy_sock))
+            await until(pilot, lambda: any(e.kind == CLOSE for _, e in app.model.events))
+            assert client.wait(timeout=30) == 0
+            await pilot.pause(0.5)
+            kinds = [e.kind for _, e in app.model.events]
+            assert OPEN in kinds and CLOSE in kinds
+            assert app.model.count > 100 and app.model.live
+            assert app.messages.cursor == len(app.messages.rows) - 1    # followed
+            assert "close: client closed the connection" in app.messages.row(app.messages.entry())[0]
+            await pilot.press("g")
+            assert "# conn 0 open" in app.messages.row(app.messages.entry())[0]
+            await pilot.press("j")
+            assert "VERSION" in app.messages.row(app.messages.entry())[0]
+    try:
+        asyncio.run(main())
+    finally:
+        stop(proxy)
+        stop(server)
