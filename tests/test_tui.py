@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from helpers import stop, vfu, wait_for_socket
+from helpers import run_vfu, stop, vfu, wait_for_socket
 from vfu_inspect.capture import CLOSE, OPEN, Message, read_all
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors.vfio_user import CMD
@@ -242,3 +248,42 @@ def test_attached_to_a_live_proxy_messages_and_events_arrive(tmp_path):
     finally:
         stop(proxy)
         stop(server)
+
+
+def test_demo_on_a_terminal_runs_the_tui_and_quits_on_q(tmp_path):
+    """A real pseudo-terminal: the demo shows the TUI; q ends it, the capture stays."""
+    capture = tmp_path / "demo.vfucap"
+    leader, follower = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "160", "LINES": "48"}
+    proc = subprocess.Popen([sys.executable, "-m", "vfu_inspect", "demo", "-w", str(capture)],
+                            stdin=follower, stdout=follower, stderr=follower, env=env,
+                            cwd=ROOT, start_new_session=True)
+    os.close(follower)
+    screen = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and b"DMA_MAP" not in screen:
+        screen += _read_some(leader)
+    time.sleep(2)                               # the client finishes meanwhile
+    os.write(leader, b"q")
+    while proc.poll() is None and time.monotonic() < deadline:
+        screen += _read_some(leader)
+    os.close(leader)
+    assert proc.wait(timeout=10) == 0
+    assert b"DMA_MAP" in screen and b"The sample client succeeded" in screen
+    records, damage = read_all(capture)
+    assert damage is None and sum(isinstance(r, Message) for r in records) > 100
+
+
+def _read_some(fd: int) -> bytes:
+    if select.select([fd], [], [], 0.1)[0]:
+        try:
+            return os.read(fd, 65536)
+        except OSError:
+            return b""
+    return b""
+
+
+def test_proxy_tui_and_print_are_exclusive(tmp_path):
+    result = run_vfu("proxy", "--listen", str(tmp_path / "p.sock"), "--server",
+                     str(tmp_path / "s.sock"), "--tui", "--print")
+    assert result.returncode == 2 and "choose one" in result.stderr

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from typing import Callable, Iterator, TextIO
 
 from . import __version__
@@ -72,13 +73,17 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-w", dest="write", default="vfu-demo.vfucap", metavar="FILE",
                    help="capture file to write (default: %(default)s)")
     p.add_argument("--no-twin", action="store_true", help="do not negotiate a twin socket")
+    p.add_argument("--no-tui", action="store_true",
+                   help="print lines even on a terminal (the TUI is the default there)")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     p.set_defaults(run=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    return run_demo(args.write, sys.stdout, _use_color(args.color), twin=not args.no_twin)
+    tui = not args.no_tui and sys.stdout.isatty() and sys.stdin.isatty()
+    return run_demo(args.write, sys.stdout, _use_color(args.color), twin=not args.no_twin,
+                    tui=tui)
 
 
 def _use_color(choice: str) -> bool:
@@ -306,6 +311,7 @@ def _proxy_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", type=lambda v: int(v, 8), default=0o600,
                    help="permissions of the created sockets, octal (default 600)")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("--tui", action="store_true", help="show the session in the terminal UI")
     p.set_defaults(run=cmd_proxy)
 
 
@@ -314,6 +320,10 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     from .proxy import Proxy, ProxyError
     source = f"proxy {args.listen} -> {args.server}"
     addons: list = []
+    if args.tui and args.print:
+        raise UserError("--tui and --print both want the terminal: choose one")
+    if args.tui and not args.monitor:
+        args.monitor = os.path.join(tempfile.mkdtemp(prefix="vfu-tui-"), "monitor.sock")
     try:
         if args.write:
             addons.append(SaveAddon(args.write, source))
@@ -327,6 +337,9 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         for addon in addons:
             addon.close()
         raise UserError(str(exc)) from None
+    if args.tui:
+        from .tui import run_with_proxy
+        return run_with_proxy(proxy, args.monitor)
     proxy.install_signal_handlers()
     _log(f"listening on {args.listen}, relaying to {args.server}"
          + (f", writing {args.write}" if args.write else ""))

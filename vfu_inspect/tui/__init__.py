@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
+from typing import Any, Callable
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +28,28 @@ def _run_tui(args: argparse.Namespace) -> int:
     return run_tui(path, follow=True)
 
 
-def run_tui(path: str, follow: bool) -> int:
-    """Open the UI on a capture or monitor socket until the user quits."""
+def run_tui(path: str, follow: bool, then: Callable[[], Any] = lambda: None) -> int:
+    """Open the UI on a capture or monitor socket until the user quits; `then`
+    runs once the UI is reading (so that a live stream misses nothing)."""
+    from ..capture import CaptureError
+    from ..cli import UserError
     from .app import InspectApp
     from .model import CaptureModel
-    app = InspectApp(CaptureModel(path, follow=follow), follow=False)
-    app.run()
+    try:
+        model = CaptureModel(path, follow=follow)
+    except CaptureError as exc:
+        raise UserError(str(exc)) from None
+    then()
+    InspectApp(model, follow=model.live).run()
     return 0
+
+
+def run_with_proxy(proxy: Any, monitor: str, then: Callable[[], Any] = lambda: None) -> int:
+    """Relay on a thread while the UI, attached to the proxy's monitor, runs here."""
+    relay = threading.Thread(target=proxy.run, daemon=True)
+    relay.start()
+    try:
+        return run_tui(monitor, follow=True, then=then)
+    finally:
+        proxy.stop()
+        relay.join(timeout=5)
