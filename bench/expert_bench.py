@@ -12,13 +12,11 @@ throughputs and the cost of the analysis as a share of the JSON throughput
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
-from read_bench import build
+from read_bench import bench_capture
 
 from vfu_inspect.capture import CaptureReader
 from vfu_inspect.dissect import Analyzer, find_responses
@@ -50,12 +48,7 @@ def json_rate(path: Path, tracker: SessionTracker) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=1_000_000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bench.vfucap"
-        n = build(path, args.messages)
+    with bench_capture(__doc__) as (path, n):
         plain = json_rate(path, PairingOnly(checkpoint_every=0))
         full = json_rate(path, SessionTracker(checkpoint_every=0))
     cost = 1 - full / plain

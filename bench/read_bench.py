@@ -16,7 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from vfu_inspect.capture import CaptureWriter, Message, read_all
 
@@ -39,6 +41,18 @@ def build(path: Path, count: int) -> int:
             written += len(chunk)
             rep += 1
     return written
+
+
+@contextmanager
+def bench_capture(doc: str) -> Iterator[tuple[Path, int]]:
+    """For the other benchmarks: parse --messages N, build that capture in a
+    temporary directory, yield its path and size."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.vfucap"
+        yield path, build(path, args.messages)
 
 
 def timed(args: list[str]) -> float:

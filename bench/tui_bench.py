@@ -11,14 +11,12 @@ Targets: first screen <= 2 s, a filter <= 10 s, under 1.5 GB.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import resource
-import tempfile
 import time
 from pathlib import Path
 
-from read_bench import build
+from read_bench import bench_capture
 
 from vfu_inspect.tui.app import FilterBar, InspectApp
 from vfu_inspect.tui.model import CaptureModel
@@ -54,12 +52,8 @@ async def measure(path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=1_000_000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bench.vfucap"
-        print(f"built {build(path, args.messages):,} messages")
+    with bench_capture(__doc__) as (path, count):
+        print(f"built {count:,} messages")
         asyncio.run(measure(path))
 
 
