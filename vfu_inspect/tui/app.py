@@ -376,19 +376,19 @@ class InspectApp(App[None]):
         self._seen = (-1, -1)
 
     def compose(self) -> ComposeResult:
-        yield FilterBar()
+        # Kept as attributes: a modal screen on top must not hide them from updates.
+        self.filter_bar, self.messages = FilterBar(), MessageList(self.model)
+        self.detail, self.hex = DetailTree("message"), HexPane(id="hex")
+        self.status = Static("", id="status")
+        yield self.filter_bar
         yield Static(COLUMNS, id="columns")
-        yield MessageList(self.model)
+        yield self.messages
         with Horizontal(id="panes"):
-            yield DetailTree("message")
+            yield self.detail
             with VerticalScroll(id="hex-scroll"):
-                yield HexPane(id="hex")
-        yield Static("", id="status")
+                yield self.hex
+        yield self.status
         yield Footer()
-
-    @property
-    def messages(self) -> MessageList:
-        return self.query_one(MessageList)
 
     def on_mount(self) -> None:
         self.model.start()
@@ -421,7 +421,7 @@ class InspectApp(App[None]):
                  f"time: {self.messages.time_mode}", "follow: on" if self.follow else "",
                  f"filter: {self.filter_text}" if self.filter_text else "",
                  self.model.damage or ""]
-        self.query_one("#status", Static).update("  ".join(p for p in parts if p))
+        self.status.update("  ".join(p for p in parts if p))
 
     # --- selection -----------------------------------------------------------------------
 
@@ -429,14 +429,14 @@ class InspectApp(App[None]):
     def selected(self, event: MessageList.Selected) -> None:
         if event.entry > 0:
             p = self.model.packet(event.entry)
-            self.query_one(DetailTree).show(p)
-            self.query_one(HexPane).show(p.msg.data)
+            self.detail.show(p)
+            self.hex.show(p.msg.data)
 
     @on(Tree.NodeHighlighted)
     def highlight_field(self, event: Tree.NodeHighlighted) -> None:
         item, entry = event.node.data, self.messages.entry()
         if isinstance(item, Item) and entry and entry > 0:
-            self.query_one(HexPane).show(self.model.packet(entry).msg.data, item.offset,
+            self.hex.show(self.model.packet(entry).msg.data, item.offset,
                                          item.length)
 
     @on(Tree.NodeSelected)
@@ -454,14 +454,14 @@ class InspectApp(App[None]):
     # --- filter -------------------------------------------------------------------------
 
     def action_edit_filter(self) -> None:
-        self.query_one(FilterBar).focus()
+        self.filter_bar.focus()
 
     def action_leave_filter(self) -> None:
         self.messages.focus()
 
     @on(Input.Changed, "#filter")
     def validate(self, event: Input.Changed) -> None:
-        bar = self.query_one(FilterBar)
+        bar = self.filter_bar
         try:
             if event.value.strip():
                 compile_filter(event.value)
@@ -481,7 +481,7 @@ class InspectApp(App[None]):
         self.apply_filter(event.value.strip())
 
     def apply_filter(self, text: str) -> None:
-        bar = self.query_one(FilterBar)
+        bar = self.filter_bar
         bar.remember(text)
         bar.value = text
         if not text:
