@@ -287,3 +287,13 @@ def test_proxy_tui_and_print_are_exclusive(tmp_path):
     result = run_vfu("proxy", "--listen", str(tmp_path / "p.sock"), "--server",
                      str(tmp_path / "s.sock"), "--tui", "--print")
     assert result.returncode == 2 and "choose one" in result.stderr
+
+
+def test_bad_inputs_get_one_line_and_exit_2(tmp_path):
+    garbage = tmp_path / "garbage.vfucap"
+    garbage.write_bytes(b"\x93not a capture")
+    for args in (["tui", str(tmp_path / "missing.vfucap")], ["tui", str(garbage)], ["tui"],
+                 ["tui", "--attach", str(tmp_path / "no.sock")]):
+        result = run_vfu(*args)
+        assert result.returncode == 2, args
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, args
