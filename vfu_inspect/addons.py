@@ -6,9 +6,13 @@ The relay calls `record()` for every message and connection event, and
 
 from __future__ import annotations
 
+import os
 import queue
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, TextIO
@@ -16,8 +20,6 @@ from typing import Any, Callable, TextIO
 import msgpack
 
 from .capture import CLOSE, EVENT_NAMES, NOTE, CaptureWriter, Event, Message, header_record
-from .dissect import Analyzer
-from .output import summary_line
 from .proxy import listen_unix, unlink_socket
 
 
@@ -40,39 +42,39 @@ class SaveAddon:
 class PrintAddon:
     """One summary line per message, as `vfu-inspect read` prints it.
 
-    Dissection and session analysis run on a thread of their own, behind a
-    bounded queue: a slow terminal or a costly message delays the lines,
-    never the relay.
+    The lines come from a child `vfu-inspect read --live` on a private
+    monitor stream: dissection and analysis run in another interpreter, so
+    they never take the relay's time (nor its GIL).  A child that falls
+    behind is told how many records it missed.
     """
 
-    QUEUE_RECORDS = 100000
+    STARTUP_SECONDS = 10.0
 
     def __init__(self, out: TextIO = sys.stdout, color: bool = False) -> None:
-        self.out = out
-        self.color = color
-        self.analyzer = Analyzer()
-        self.worker = Worker(self._print, self.QUEUE_RECORDS)
+        self._dir = tempfile.mkdtemp(prefix="vfu-print-")
+        path = os.path.join(self._dir, "print.sock")
+        self.monitor = MonitorAddon(path, "print")
+        self.child = subprocess.Popen(
+            [sys.executable, "-m", "vfu_inspect", "read", "--live", path, "--events",
+             "--color", "always" if color else "never"], stdout=out)
+        deadline = time.monotonic() + self.STARTUP_SECONDS
+        while not self.monitor.viewers() and time.monotonic() < deadline \
+                and self.child.poll() is None:
+            time.sleep(0.01)             # lines start with the first record
 
     def record(self, record: Message | Event) -> None:
-        self.worker.offer(record)
-
-    def _print(self, item: Message | Event | int) -> None:
-        if isinstance(item, int):
-            line = f"# {item} records not printed: the printer fell behind the relay"
-        elif isinstance(item, Message):
-            line = summary_line(self.analyzer.feed(item), self.color)
-        else:
-            if item.kind == CLOSE:
-                self.analyzer.sessions.close(item.conn)
-            line = describe_event(item)
-        print(line, file=self.out, flush=self.worker.idle)
+        self.monitor.record(record)
 
     def flush(self) -> None:
         pass
 
     def close(self) -> None:
-        self.worker.finish()
-        self.out.flush()
+        self.monitor.close()             # the child prints what it has, then ends
+        try:
+            self.child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class Worker:
@@ -92,10 +94,6 @@ class Worker:
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
-    @property
-    def idle(self) -> bool:
-        return self.queue.empty()
-
     def offer(self, item: Any) -> None:
         try:
             if self.skipped:
@@ -104,11 +102,6 @@ class Worker:
             self.queue.put_nowait(item)
         except queue.Full:
             self.skipped += 1
-
-    def finish(self, timeout: float = 10) -> None:
-        """Consume what is queued, then stop."""
-        self.offer(_STOP)
-        self.thread.join(timeout)
 
     def _loop(self) -> None:
         try:
@@ -157,6 +150,10 @@ class MonitorAddon:
             viewers = list(self._viewers)
         for viewer in viewers:
             viewer.offer(packed)
+
+    def viewers(self) -> int:
+        with self._lock:
+            return sum(v.alive for v in self._viewers)
 
     def flush(self) -> None:
         pass

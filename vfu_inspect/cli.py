@@ -10,7 +10,7 @@ import tempfile
 from typing import Callable, Iterator, TextIO
 
 from . import __version__
-from .capture import CaptureError, CaptureReader, CaptureWriter, Message
+from .capture import CaptureError, CaptureReader, CaptureWriter, Event, Message
 from .dissect import Analyzer, Dissected, find_responses
 from .session import DEFAULT_TIMEOUT, SessionTracker
 from .output import (SUMMARY_HEADER, detail_text, field_values, hex_dump,
@@ -117,6 +117,8 @@ def _read_parser(sub: argparse._SubParsersAction) -> None:
                         "'session,N' (each connection's state after message N)")
     p.add_argument("-q", dest="quiet", action="store_true",
                    help="print only the -z statistics, not the messages")
+    p.add_argument("--events", action="store_true",
+                   help="also print connection open/close/note events ('# …' lines)")
     _add_timeout(p)
     p.set_defaults(run=cmd_read)
 
@@ -141,7 +143,8 @@ def cmd_read(args: argparse.Namespace) -> int:
     analyzer = _analyzer(args, two_pass=needs_links and not args.follow)
     stats = _stats(args.stats, analyzer)
     with CaptureReader(args.file, follow=args.follow) as reader:
-        packets = _tapped(analyzer.run(reader), stats)
+        packets = _tapped(analyzer.run(reader, events=args.events and args.format == "text"),
+                          stats)
         if args.quiet:
             _drain(_select(packets, display, args.count))
         else:
@@ -170,11 +173,12 @@ def _stats(specs: list[str], analyzer: Analyzer) -> list:
         raise UserError(str(exc)) from None
 
 
-def _tapped(packets: Iterator[Dissected], stats: list) -> Iterator[Dissected]:
+def _tapped(packets: Iterator[Dissected | Event], stats: list) -> Iterator[Dissected | Event]:
     """Every packet goes to the statistics, whether or not it is shown."""
     for p in packets:
-        for stat in stats:
-            stat.packet(p)
+        if isinstance(p, Dissected):
+            for stat in stats:
+                stat.packet(p)
         yield p
 
 
@@ -251,7 +255,10 @@ def _select(packets: Iterator[Dissected], display, count: int | None) -> Iterato
     for p in packets:
         if count is not None and shown >= count:
             return
-        if display is None or display.matches(p.tree.values()):
+        if isinstance(p, Event):
+            if display is None:
+                yield p
+        elif display is None or display.matches(p.tree.values()):
             shown += 1
             yield p
 
@@ -274,7 +281,10 @@ def _print_packets(args: argparse.Namespace, packets: Iterator[Dissected], out: 
     return shown
 
 
-def _text(p: Dissected, args: argparse.Namespace, color: bool) -> str:
+def _text(p: Dissected | Event, args: argparse.Namespace, color: bool) -> str:
+    if isinstance(p, Event):
+        from .addons import describe_event
+        return describe_event(p)
     parts = [detail_text(p) if args.verbose else summary_line(p, color)]
     if args.hex:
         parts.append(hex_dump(p.msg.data))

@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from .capture import CHANNELS, CLOSE, DIRECTIONS, Message, Record
+from .capture import CHANNELS, CLOSE, DIRECTIONS, Event, Message, Record
 from .dissectors import vfio_user as proto
 from .fields import FLOAT, FRAME, PROTOCOL, field, lookup
 from .session import SessionTracker
@@ -153,12 +153,17 @@ class Analyzer:
         self._add_frame_items(packet)
         return packet
 
-    def run(self, records: Iterable[Record]) -> Iterator[Dissected]:
+    def run(self, records: Iterable[Record], events: bool = False
+            ) -> Iterator[Dissected | Event]:
+        """Dissected messages, and with `events` the connection events too."""
         for record in records:
             if isinstance(record, Message):
                 yield self.feed(record)
-            elif record.kind == CLOSE:
+                continue
+            if record.kind == CLOSE:
                 self.sessions.close(record.conn)
+            if events:
+                yield record
 
     @staticmethod
     def _add_frame_items(p: Dissected) -> None:
