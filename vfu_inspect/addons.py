@@ -19,7 +19,8 @@ from typing import Any, Callable, TextIO
 
 import msgpack
 
-from .capture import CLOSE, EVENT_NAMES, NOTE, CaptureWriter, Event, Message, header_record
+from . import pcapng
+from .capture import NOTE, CaptureWriter, Event, Message, header_record
 from .proxy import listen_unix, unlink_socket
 
 
@@ -27,7 +28,12 @@ class SaveAddon:
     """Writes every record to a capture file (lossless), flushed each loop turn."""
 
     def __init__(self, path: str, source: str) -> None:
-        self.writer = CaptureWriter(path, source=source, autoflush=False)
+        # pcapng by extension: fds in comments; expert items need `export`,
+        # whose analysis would take the relay's time here.
+        if path.endswith(pcapng.SUFFIX):
+            self.writer = pcapng.PcapngFileWriter(path, source)
+        else:
+            self.writer = CaptureWriter(path, source=source, autoflush=False)
 
     def record(self, record: Message | Event) -> None:
         self.writer.write(record)
@@ -115,16 +121,6 @@ class Worker:
 
 
 _STOP = object()
-
-
-def describe_event(event: Event) -> str:
-    info = event.info
-    text = info.get("text") or info.get("reason") or info.get("server", "")
-    line = f"# conn {event.conn} {EVENT_NAMES[event.kind]}: {text}"
-    if event.kind == CLOSE and info.get("unanswered"):
-        pending = ", ".join(f"{u['cmd']} id {u['msg_id']:#x}" for u in info["unanswered"])
-        line += f" (unanswered: {pending})"
-    return line
 
 
 class MonitorAddon:

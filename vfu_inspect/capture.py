@@ -75,6 +75,16 @@ class Event:
 Record = Message | Event
 
 
+def describe_event(event: Event) -> str:
+    info = event.info
+    text = info.get("text") or info.get("reason") or info.get("server", "")
+    line = f"# conn {event.conn} {EVENT_NAMES[event.kind]}: {text}"
+    if event.kind == CLOSE and info.get("unanswered"):
+        pending = ", ".join(f"{u['cmd']} id {u['msg_id']:#x}" for u in info["unanswered"])
+        line += f" (unanswered: {pending})"
+    return line
+
+
 class CaptureError(Exception):
     """The file is not a capture vfu-inspect can read."""
 
@@ -155,6 +165,10 @@ class CaptureReader:
         obj = self._next_object(wait=self.follow)
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             self.close()
+            from .pcapng import is_pcapng
+            if is_pcapng(self.path):
+                raise CaptureError(f"{self.path} is a pcapng file: `vfu-inspect import` it "
+                                   "to a capture first")
             raise CaptureError(f"{self.path} is not a vfu-inspect capture file")
         if obj.get("version") != VERSION:
             self.close()

@@ -26,7 +26,7 @@ from ..dissectors import vfio_user as proto
 from ..sockio import MessageSocket, PeerClosed
 from .common import (BAR0_SIZE, BAR2_AREAS, BAR2_SIZE, CONFIG_SIZE, DEFAULT_ID_VALUE,
                      DEVICE_ID, DMA_FROM_DEVICE, DMA_TO_DEVICE, MSIX_VECTORS, PAGE, REG_DMA_ADDR,
-                     REG_DMA_CMD, REG_DMA_LEN, REG_ID, REG_IRQ, VENDOR_ID, Peer, ProtocolError,
+                     REG_DMA_CMD, REG_ID, REG_IRQ, VENDOR_ID, Peer, ProtocolError,
                      Recorder, close_fds, error_to, message, pack, parse_caps, reply_to, unpack,
                      version_payload)
 

@@ -18,7 +18,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.geometry import Size
 from textual.message import Message as TextualMessage
 from textual.reactive import reactive
@@ -28,7 +28,7 @@ from textual.strip import Strip
 from textual.widgets import DataTable, Footer, Input, Static, Tree
 from textual.worker import get_current_worker
 
-from ..addons import describe_event
+from ..capture import describe_event
 from ..capture import TWIN
 from ..dfilter import FilterError, compile_filter
 from ..dissect import Dissected
