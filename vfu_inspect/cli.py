@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     _check_parser(sub)
     _proxy_parser(sub)
     _import_parser(sub)
+    _export_parser(sub)
+    _wireshark_parser(sub)
     _replay_parser(sub)
     _serve_parser(sub)
     from .endpoints import add_commands
@@ -283,7 +285,7 @@ def _print_packets(args: argparse.Namespace, packets: Iterator[Dissected], out: 
 
 def _text(p: Dissected | Event, args: argparse.Namespace, color: bool) -> str:
     if isinstance(p, Event):
-        from .addons import describe_event
+        from .capture import describe_event
         return describe_event(p)
     parts = [detail_text(p) if args.verbose else summary_line(p, color)]
     if args.hex:
@@ -370,7 +372,7 @@ def _import_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="trace file (.jsonl) or strace log(s) (strace -f -yy -xx ...)")
     p.add_argument("-o", "--output", required=True, help="capture file to write")
-    p.add_argument("--format", choices=("auto", "jsonl", "strace"), default="auto")
+    p.add_argument("--format", choices=("auto", "jsonl", "strace", "pcapng"), default="auto")
     p.set_defaults(run=cmd_import)
 
 
@@ -379,7 +381,13 @@ def cmd_import(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such file")
     fmt = args.format if args.format != "auto" else _detect_format(args.inputs[0])
-    if fmt == "jsonl":
+    if fmt == "pcapng":
+        if len(args.inputs) != 1:
+            raise UserError("a pcapng file is imported one file at a time")
+        from .importers import ImportResult
+        from .pcapng import read_pcapng
+        result = ImportResult(*read_pcapng(args.inputs[0]))
+    elif fmt == "jsonl":
         if len(args.inputs) != 1:
             raise UserError("a JSON Lines trace is imported one file at a time")
         from .importers.trace_jsonl import import_trace
@@ -401,6 +409,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def _detect_format(path: str) -> str:
+    from .pcapng import is_pcapng
+    if is_pcapng(path):
+        return "pcapng"
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -409,6 +420,86 @@ def _detect_format(path: str) -> str:
     except OSError as exc:
         raise UserError(f"{path}: {exc.strerror}") from None
     raise UserError(f"{path} is empty")
+
+
+# --- export and the Wireshark plugin ----------------------------------------------
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a capture as pcapng for Wireshark",
+                       description="Write a capture as a pcapng file that Wireshark and "
+                                   "tshark open with the vfio_user Lua plugin: one packet per "
+                                   "message, a comment listing its fds and expert items.")
+    p.add_argument("file", help="capture file")
+    p.add_argument("-o", "--output", required=True, help="pcapng file to write")
+    _add_timeout(p)
+    p.set_defaults(run=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .pcapng import PcapngFileWriter
+    analyzer = _analyzer(args, two_pass=True)
+    messages = 0
+    with CaptureReader(args.file) as reader, \
+            _output(PcapngFileWriter, args.output, f"export of {args.file}") as writer:
+        for p in analyzer.run(reader, events=True):
+            if isinstance(p, Dissected):
+                writer.write(p.msg, packet_comment(p))
+                messages += 1
+            else:
+                writer.write(p)
+        _report_damage(args.file, reader)
+    print(f"wrote {messages} messages to {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _output(factory, path: str, source: str):
+    try:
+        return factory(path, source)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def packet_comment(p: Dissected) -> str:
+    """A pcapng comment: the fds with what the message made of them, and expert items."""
+    from .pcapng import fd_comment
+    purposes = {}
+    for item in p.tree.items:
+        if item.field.name == "fd":
+            values = {child.field.name: child.value for child in item.children}
+            if "fd.purpose" in values:
+                purposes[values["fd.index"]] = values["fd.purpose"]
+    experts = [(e.severity, e.id, e.message) for e in p.tree.experts]
+    return fd_comment(p.msg.fds, purposes, experts)
+
+
+def _wireshark_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("wireshark-plugin", help="the Wireshark Lua dissector: path, install",
+                       description="Print the path of the vfio_user Lua plugin, copy it to "
+                                   "Wireshark's personal plugins folder, or regenerate it "
+                                   "from the field registry.")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--install", nargs="?", const="", metavar="DIR",
+                        help="copy the plugin to DIR (default: Wireshark's personal "
+                             "plugins folder, ~/.config/wireshark/plugins)")
+    action.add_argument("--generate", action="store_true",
+                        help="rewrite dissectors/vfio_user.lua from the registry (developers)")
+    p.set_defaults(run=cmd_wireshark_plugin)
+
+
+def cmd_wireshark_plugin(args: argparse.Namespace) -> int:
+    from . import wireshark
+    from pathlib import Path
+    try:
+        if args.generate:
+            wireshark.PLUGIN.write_text(wireshark.generate())
+            print(wireshark.PLUGIN)
+        elif args.install is not None:
+            print(wireshark.install(Path(args.install) if args.install else None))
+        else:
+            print(wireshark.PLUGIN)
+    except OSError as exc:
+        raise UserError(f"{exc.filename or wireshark.PLUGIN}: {exc.strerror}") from None
+    return EXIT_OK
 
 
 # --- replay --------------------------------------------------------------------
