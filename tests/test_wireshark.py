@@ -1,0 +1,290 @@
+"""pcapng export/import and the generated Lua plugin, checked against real tshark."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from scapy.utils import RawPcapNgReader
+
+from helpers import run_vfu, stop, streams, vfu, wait_for_socket
+from vfu_inspect import fields, pcapng, wireshark
+from vfu_inspect.capture import C2S, CaptureWriter, Message, read_all
+from vfu_inspect.dissectors.vfio_user import HEADER_SIZE
+
+CAPTURES = Path(__file__).resolve().parent.parent / "captures"
+SAMPLES = [CAPTURES / "libvfio-user-samples.vfucap", CAPTURES / "sample-endpoints.vfucap"]
+TSHARK = shutil.which("tshark")
+needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed (.ci/run installs it)")
+
+# Checks the Lua plugin does not make, and why: it sees one message at a time
+# and no fds (they are not in the packet bytes).
+SESSION_OR_FD_CHECKS = {
+    "reply.unmatched", "reply.command_mismatch", "reply.accepted_invalid", "reply.to_no_reply",
+    "request.duplicate_id", "request.unanswered", "request.timeout", "fd.count", "fd.over_max",
+    "xfer.too_big", "version.not_first", "version.major", "version.minor",
+    "version.capability_range", "twin.not_negotiated", "dma.overlap", "dma.unmap_unknown",
+    "dma.misaligned", "dma.too_many", "dma.access_unmapped", "dirty.bitmap_too_big",
+    "region_info.mmap_no_fd", "region_info.fd_per_area", "region_io_fds.fd_index",
+    "region.unknown", "region.out_of_bounds", "region.access_flags", "set_irqs.fd_count",
+    "irq.out_of_range", "deadlock.server_command", "migration.transition",
+    "migration.data_state", "capture.truncated", "dissector.bug",
+}
+COMPARED = {fd.name: fd for fd in wireshark.protocol_fields() if fd.type != fields.PROTOCOL}
+
+
+def tshark(pcap: Path, *args: str) -> str:
+    result = subprocess.run([TSHARK, "-X", f"lua_script:{wireshark.PLUGIN}", "-r", str(pcap),
+                             *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Lua" not in result.stderr, result.stderr     # a plugin that failed to load
+    return result.stdout
+
+
+def export(capture: Path, out: Path) -> Path:
+    result = run_vfu("export", str(capture), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def read_json(capture: Path) -> list[dict]:
+    result = run_vfu("read", str(capture), "-T", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def leaves(pairs, out: dict[str, list]) -> dict[str, list]:
+    """Field name -> values in tree order, from either JSON (tshark repeats keys)."""
+    for key, value in pairs:
+        if isinstance(value, dict):
+            leaves(value.items(), out)
+        elif isinstance(value, list) and value and isinstance(value[0], tuple):
+            leaves(value, out)                          # a tshark subtree
+        elif isinstance(value, list):
+            leaves([(key, v) for v in value], out)      # vfu-inspect's repeated field
+        elif key in COMPARED:
+            out.setdefault(key, []).append(normal(key, value))
+    return out
+
+
+def normal(name: str, value):
+    """tshark prints every value as text; vfu-inspect's JSON keeps types."""
+    kind = COMPARED[name].type
+    if kind == fields.UINT:
+        return value if isinstance(value, int) else int(value, 0)
+    if kind == fields.BOOL:
+        return value == "1" if isinstance(value, str) else bool(value)
+    if kind == fields.BYTES:
+        return value.replace(":", "")
+    if kind == fields.FLOAT:
+        return round(float(value), 6)
+    if kind == fields.FRAME:
+        return int(value)
+    return value
+
+
+def tshark_packets(pcap: Path) -> list[list]:
+    packets = json.loads(tshark(pcap, "-2", "-T", "json"), object_pairs_hook=lambda p: p)
+    return [dict(dict(p)["_source"])["layers"] for p in packets]
+
+
+def test_committed_plugin_is_generated_from_the_current_registry():
+    assert wireshark.PLUGIN.read_text() == wireshark.generate(), \
+        "dissectors/vfio_user.lua is stale: run `vfu-inspect wireshark-plugin --generate`"
+
+
+def test_plugin_declares_every_protocol_field_once():
+    text = wireshark.PLUGIN.read_text()
+    for name in COMPARED:
+        assert text.count(f'F["{name}"] = ProtoField.') == 1, name
+    assert "ProtoField.bool(\"vfio_user.flags.no_reply\", \"No reply\", 32, nil, 0x10)" in text
+
+
+@needs_tshark
+@pytest.mark.parametrize("capture", SAMPLES, ids=lambda p: p.stem)
+def test_tshark_with_the_plugin_gives_the_same_fields_as_read(tmp_path, capture):
+    ours = read_json(capture)
+    theirs = tshark_packets(export(capture, tmp_path / "out.pcapng"))
+    assert len(theirs) == len(ours)
+    compared = 0
+    for mine, other in zip(ours, theirs):
+        expected = leaves(mine["layers"].items(), {})
+        assert leaves(other, {}) == expected, f"frame {mine['frame']}"
+        compared += sum(map(len, expected.values()))
+    assert compared > 12 * len(ours)      # payloads too: a header alone has 10
+
+
+@needs_tshark
+@pytest.mark.parametrize("ours, theirs", [
+    ("vfio_user.cmd == DMA_MAP", "vfio_user.cmd == 2"),
+    ("vfio_user.cmd == DEVICE_FEATURE && vfio_user.flags.type == 1",
+     "vfio_user.cmd == 16 && vfio_user.flags.type == 1"),
+    ("region_info.area.size >= 0x1000", "region_info.area.size >= 0x1000"),
+    ("vfio_user.error", "vfio_user.error"),
+    ("frame.dir == 0", "frame.packet_flags_direction == 1"),
+    ("frame.dir == 1", "frame.packet_flags_direction == 2"),
+    ('fd.kind == "memfd"', 'frame.comment contains "memfd"'),
+    ('fd.kind == "eventfd"', 'frame.comment contains "eventfd"'),
+])
+def test_tshark_filters_select_the_same_messages(tmp_path, ours, theirs):
+    capture = SAMPLES[1]
+    pcap = export(capture, tmp_path / "out.pcapng")
+    mine = run_vfu("read", str(capture), "-Y", ours, "-T", "fields", "-e", "frame.number")
+    assert mine.returncode == 0, mine.stderr
+    other = tshark(pcap, "-2", "-Y", theirs, "-T", "fields", "-e", "frame.number")
+    assert mine.stdout.split() == other.split()
+    assert mine.stdout.split()
+
+
+def mutations(records: list) -> list:
+    """Each message cut short, cut inside its header's reach, and with trailing bytes."""
+    out = []
+    for r in records:
+        if not isinstance(r, Message):
+            continue
+        variants = [r.data + b"\xee" * 4]
+        if len(r.data) > HEADER_SIZE + 4:
+            variants += [r.data[:-1], r.data[:HEADER_SIZE + 4]]
+        for data in variants:
+            # keep msg_size honest so that the payload checks, not the size check, fire
+            data = data[:4] + struct.pack("<I", len(data)) + data[8:]
+            out.append(Message(r.ts_ns, r.conn, r.channel, r.direction, data, r.fds))
+    return out
+
+
+@needs_tshark
+def test_malformed_variants_raise_the_same_expert_items(tmp_path):
+    records, _ = read_all(SAMPLES[0])
+    capture = tmp_path / "mutated.vfucap"
+    with CaptureWriter(capture) as writer:
+        for m in mutations(records):
+            writer.write(m)
+    ours = read_json(capture)
+    theirs = tshark_packets(export(capture, tmp_path / "mutated.pcapng"))
+    flagged = 0
+    for mine, other in zip(ours, theirs, strict=True):
+        expected = sorted(e["id"] for e in mine.get("expert", [])
+                          if e["id"] not in SESSION_OR_FD_CHECKS)
+        assert lua_experts(other) == expected, f"frame {mine['frame']}"
+        flagged += bool(expected)
+    assert flagged > len(ours) // 2
+
+
+def lua_experts(layers: list) -> list[str]:
+    found: list[str] = []
+
+    def walk(pairs):
+        for key, value in pairs:
+            if key.startswith("vfio_user.expert."):
+                found.append(key.removeprefix("vfio_user.expert."))
+            if isinstance(value, list):
+                walk(value if value and isinstance(value[0], tuple) else [])
+    walk(layers)
+    return sorted(found)
+
+
+@pytest.mark.parametrize("capture", SAMPLES, ids=lambda p: p.stem)
+def test_export_then_import_gives_back_every_record(tmp_path, capture):
+    pcap = export(capture, tmp_path / "out.pcapng")
+    result = run_vfu("import", str(pcap), "-o", str(tmp_path / "back.vfucap"))
+    assert result.returncode == 0, result.stderr
+    original, _ = read_all(capture)
+    back, damage = read_all(tmp_path / "back.vfucap")
+    assert damage is None
+    assert back == original     # bytes, fd records, timestamps, channels, events
+
+
+def test_scapy_reads_the_export_as_wireshark_would(tmp_path):
+    """An independent pcapng reader sees the interfaces, directions, times and comments."""
+    records = [r for r in read_all(SAMPLES[1])[0] if isinstance(r, Message)]
+    pcap = export(SAMPLES[1], tmp_path / "out.pcapng")
+    seen = []
+    with RawPcapNgReader(str(pcap)) as reader:
+        for data, meta in reader:
+            seen.append((data, meta))
+    assert len(seen) == len(records)
+    for (data, meta), msg in zip(seen, records):
+        assert data.endswith(msg.data) and data.startswith(pcapng.PDU_HEADER)
+        assert meta.linktype == pcapng.LINKTYPE_WIRESHARK_UPPER_PDU
+        assert meta.direction == (1 if msg.direction == C2S else 2)
+        assert (meta.tshigh << 32 | meta.tslow) == msg.ts_ns and meta.tsresol == 10**9
+        assert meta.ifname == pcapng.interface_name(msg.conn, msg.channel).encode()
+        kinds = [fd["kind"] for fd in msg.fds]
+        comment = b"\n".join(meta.comments or []).decode()
+        assert [line.split()[2] for line in comment.splitlines()
+                if line.startswith("fd ")] == kinds
+
+
+def test_truncated_pcapng_imports_what_came_before_the_cut(tmp_path):
+    pcap = export(SAMPLES[0], tmp_path / "out.pcapng")
+    data = pcap.read_bytes()
+    cut = tmp_path / "cut.pcapng"
+    cut.write_bytes(data[:len(data) // 2])
+    records, problems = pcapng.read_pcapng(cut)
+    original, _ = read_all(SAMPLES[0])
+    assert 0 < len(records) < len(original) and records == original[:len(records)]
+    assert problems and "ends inside a block" in problems[0]
+    result = run_vfu("import", str(cut), "-o", str(tmp_path / "back.vfucap"))
+    assert result.returncode == 0 and "ends inside a block" in result.stderr
+
+
+def test_pcapng_of_another_link_type_is_refused_with_one_line(tmp_path):
+    pcap = tmp_path / "ethernet.pcapng"
+    writer = pcapng.PcapngWriter(pcap.open("wb"))
+    writer._file.write(pcapng._block(pcapng.IDB, struct.pack("<HHI", 1, 0, 0)))
+    body = struct.pack("<IIIII", 0, 0, 0, 4, 4) + b"abcd"
+    writer._file.write(pcapng._block(pcapng.EPB, body))
+    writer._file.close()
+    result = run_vfu("import", str(pcap), "-o", str(tmp_path / "x.vfucap"))
+    assert result.returncode == 2
+    assert "not an exported vfio_user PDU" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "/nonexistent.vfucap", "-o", "x.pcapng"], "cannot open"),
+    (["export", str(SAMPLES[0]), "-o", "/nonexistent/dir/x.pcapng"], "cannot write"),
+    (["wireshark-plugin", "--install", "/proc/none"], "vfu-inspect: error"),
+])
+def test_bad_paths_exit_2_with_one_line(args, message):
+    result = run_vfu(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_read_of_a_pcapng_says_to_import_it(tmp_path):
+    pcap = export(SAMPLES[0], tmp_path / "out.pcapng")
+    result = run_vfu("read", str(pcap))
+    assert result.returncode == 2 and "vfu-inspect import" in result.stderr
+
+
+def test_install_copies_the_plugin(tmp_path):
+    result = run_vfu("wireshark-plugin", "--install", str(tmp_path / "plugins"))
+    assert result.returncode == 0, result.stderr
+    installed = tmp_path / "plugins" / "vfio_user.lua"
+    assert installed.read_text() == wireshark.PLUGIN.read_text()
+    assert result.stdout.strip() == str(installed)
+
+
+def test_proxy_writes_pcapng_by_extension(tmp_path):
+    server_sock, server_record = tmp_path / "server.sock", tmp_path / "server.vfucap"
+    server = vfu("sample-server", "--listen", str(server_sock), "--record", str(server_record))
+    wait_for_socket(server_sock, server)
+    listen, capture = tmp_path / "proxy.sock", tmp_path / "proxy.pcapng"
+    proxy = vfu("proxy", "--listen", str(listen), "--server", str(server_sock), "-w", str(capture))
+    wait_for_socket(listen, proxy)
+    client_record = tmp_path / "client.vfucap"
+    result = run_vfu("sample-client", "--server", str(listen), "--record", str(client_record))
+    assert result.returncode == 0, result.stderr
+    assert stop(proxy) == 0 and stop(server) == 0
+    records, problems = pcapng.read_pcapng(capture)
+    assert problems == []
+    captured = [r for r in records if isinstance(r, Message)]
+    sent = [m for m in read_all(client_record)[0] if isinstance(m, Message) and m.direction == 0]
+    sent += [m for m in read_all(server_record)[0] if isinstance(m, Message) and m.direction == 1]
+    assert streams(captured) == streams(sent)
+    assert len(records) > len(captured)          # connection events came along
