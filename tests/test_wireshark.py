@@ -156,13 +156,17 @@ def mutations(records: list) -> list:
     return out
 
 
-@needs_tshark
-def test_malformed_variants_raise_the_same_expert_items(tmp_path):
-    records, _ = read_all(SAMPLES[0])
+def mutated_capture(tmp_path: Path) -> Path:
     capture = tmp_path / "mutated.vfucap"
     with CaptureWriter(capture) as writer:
-        for m in mutations(records):
+        for m in mutations(read_all(SAMPLES[0])[0]):
             writer.write(m)
+    return capture
+
+
+@needs_tshark
+def test_malformed_variants_raise_the_same_expert_items(tmp_path):
+    capture = mutated_capture(tmp_path)
     ours = read_json(capture)
     theirs = tshark_packets(export(capture, tmp_path / "mutated.pcapng"))
     flagged = 0
@@ -288,3 +292,58 @@ def test_proxy_writes_pcapng_by_extension(tmp_path):
     sent += [m for m in read_all(server_record)[0] if isinstance(m, Message) and m.direction == 1]
     assert streams(captured) == streams(sent)
     assert len(records) > len(captured)          # connection events came along
+
+
+HARNESS = Path(__file__).resolve().parent / "lua_harness.lua"
+
+
+def as_text(name: str, value) -> str:
+    """A value as the Lua harness prints it."""
+    kind = COMPARED[name].type
+    if kind == fields.BOOL:
+        return "1" if value else "0"
+    if kind == fields.STRING:
+        return value.encode().hex()
+    if kind == fields.FLOAT:
+        return f"{value:.6f}"
+    return str(value)
+
+
+@pytest.mark.parametrize("lua", ["lua5.2", "lua5.4"])
+@pytest.mark.parametrize("capture", [*SAMPLES, "mutated"], ids=lambda p: getattr(p, "stem", p))
+def test_plugin_runs_the_same_on_lua_5_2_and_5_4(tmp_path, lua, capture):
+    """Wireshark 4.0 embeds Lua 5.2, 4.4+ embed 5.4: the plugin's own code is
+    run on both interpreters (with a stand-in for Wireshark's API) and must
+    decode every message, and flag every malformed one, as vfu-inspect does."""
+    if shutil.which(lua) is None:
+        pytest.skip(f"{lua} is not installed (.ci/run installs it)")
+    if capture == "mutated":
+        capture = mutated_capture(tmp_path)
+    msgs = [r for r in read_all(capture)[0] if isinstance(r, Message)]
+    interfaces: dict[tuple[int, int], int] = {}
+    lines = [f"{interfaces.setdefault((m.conn, m.channel), len(interfaces))} "
+             f"{int(m.direction == C2S)} {(m.ts_ns - msgs[0].ts_ns) / 1e9:.9f} {m.data.hex()}"
+             for m in msgs]
+    (tmp_path / "messages").write_text("\n".join(lines) + "\n")
+    result = subprocess.run([lua, str(HARNESS), str(wireshark.PLUGIN), str(tmp_path / "messages")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    decoded: dict[int, dict[str, list[str]]] = {}
+    for line in result.stdout.splitlines():
+        number, name, value = line.split("\t")
+        if name in COMPARED and COMPARED[name].type == fields.STRING:
+            # Wireshark shows invalid UTF-8 as U+FFFD, as vfu-inspect does
+            value = bytes.fromhex(value).decode("utf-8", "replace").encode().hex()
+        if name in COMPARED or name == "expert":
+            decoded.setdefault(int(number), {}).setdefault(name, []).append(value)
+    for mine in read_json(capture):
+        expected = {name: [as_text(name, v) for v in values]
+                    for name, values in leaves(mine["layers"].items(), {}).items()}
+        experts = sorted(e["id"] for e in mine.get("expert", [])
+                         if e["id"] not in SESSION_OR_FD_CHECKS)
+        if experts:
+            expected["expert"] = experts
+        got = decoded.get(mine["frame"], {})
+        got["expert"] = sorted(got.get("expert", [])) or None
+        expected.setdefault("expert", None)
+        assert got == expected, f"frame {mine['frame']}"
