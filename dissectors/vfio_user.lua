@@ -424,6 +424,8 @@ local Dissection = {}
 Dissection.__index = Dissection
 
 function Dissection:expert(id, message)
+    -- In a packet cut at Wireshark's size limit, the end is missing, not wrong.
+    if self.truncated and not id:match("^header%.") and id ~= "capture.truncated" then return end
     self.root:add_proto_expert_info(E[id], message)
 end
 
@@ -1160,9 +1162,9 @@ end
 -- --- the message -------------------------------------------------------------------
 
 local function header_checks(d, h)
-    if h.size ~= d.len then
+    if h.size ~= d.wire then
         d:expert("header.size", string.format(
-            "msg_size is %d but the message has %d bytes", h.size, d.len))
+            "msg_size is %d but the message has %d bytes", h.size, d.wire))
     end
     if h.type ~= TYPE_COMMAND and h.type ~= TYPE_REPLY then
         d:expert("header.type", "invalid message type " .. h.type)
@@ -1217,8 +1219,14 @@ end
 function vfio_user.dissector(buf, pinfo, tree)
     pinfo.cols.protocol = "vfio-user"
     local root = tree:add(vfio_user, buf())
-    local d = setmetatable({buf = buf, len = buf:len(), root = root,
+    local d = setmetatable({buf = buf, len = buf:len(), wire = buf:reported_len(), root = root,
                             c2s = pinfo.p2p_dir == P2P_DIR_RECV}, Dissection)
+    if d.wire > d.len then
+        d:expert("capture.truncated", string.format("only %d of the message's %d bytes are in "
+            .. "this packet (Wireshark's packet size limit); vfu-inspect import has them all",
+            d.len, d.wire))
+        d.truncated = true
+    end
     if d.len < HEADER_SIZE then
         d:layer("Header", 0)
         pinfo.cols.info = string.format("short message (%d bytes)", d.len)

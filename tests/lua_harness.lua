@@ -52,7 +52,7 @@ local function tvb(data)
         length = length or (#data - offset)
         if offset + length > #data or length < 0 then error("range out of bounds") end
         return range(data, offset, length)
-    end, __index = {len = function() return #data end}})
+    end, __index = {len = function() return #data end, reported_len = function() return #data end}})
 end
 
 -- A tree that prints what is added to it.

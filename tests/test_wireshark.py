@@ -347,3 +347,23 @@ def test_plugin_runs_the_same_on_lua_5_2_and_5_4(tmp_path, lua, capture):
         got["expert"] = sorted(got.get("expert", [])) or None
         expected.setdefault("expert", None)
         assert got == expected, f"frame {mine['frame']}"
+
+
+@needs_tshark
+def test_a_message_over_wiresharks_packet_limit_is_cut_for_it_and_whole_on_import(tmp_path):
+    size = 1 << 20
+    request = struct.pack("<HHIIIII", 1, 17, 24, 0, 0, 8, size)
+    reply = struct.pack("<HHIIIII", 1, 17, 24 + size, 1, 0, 8 + size, size) + b"\xab" * size
+    capture = tmp_path / "big.vfucap"
+    with CaptureWriter(capture) as writer:
+        writer.write(Message(1000, 0, 0, 0, request, []))
+        writer.write(Message(2000, 0, 0, 1, reply, []))
+    pcap = export(capture, tmp_path / "big.pcapng")
+    shown = tshark(pcap, "-T", "fields", "-e", "frame.len", "-e", "frame.cap_len",
+                   "-e", "mig_data_read.size").splitlines()
+    wire, captured, decoded = shown[1].split("\t")
+    assert int(wire) == len(pcapng.PDU_HEADER) + len(reply)
+    assert int(captured) == pcapng.PACKET_LIMIT and int(decoded) == size
+    # one item, the cut: what is missing is not flagged as malformed
+    assert lua_experts(tshark_packets(pcap)[1]) == ["capture.truncated"]
+    assert pcapng.read_pcapng(pcap) == (read_all(capture)[0], [])

@@ -16,6 +16,11 @@ capture records exactly:
   (with a readable comment) where they happened in the stream.
 A packet comment lists the fds and expert items for people and filters
 (`frame.comment contains "memfd"`).
+
+Wireshark refuses packets over 256 KiB.  A bigger message is written as its
+first 256 KiB (the EPB's original length says the whole size, as a snap
+length would) followed by the rest in custom options of Interface Statistics
+Blocks, which `import` puts back together.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ CUSTOM_MAGIC = b"vfu1"
 EXP_PDU_TAG_DISSECTOR_NAME, EXP_PDU_TAG_END = 12, 0
 DISSECTOR_NAME = b"vfio_user"
 
+PACKET_LIMIT = 262144         # Wireshark's WTAP_MAX_PACKET_SIZE_STANDARD
+REST_CHUNK = 65000            # an option's length is 16 bits
 _MAX_BLOCK = 256 << 20        # bounds memory on a corrupt length field
 
 
@@ -65,6 +72,10 @@ def _options(*options: bytes) -> bytes:
 def _block(kind: int, body: bytes) -> bytes:
     length = 12 + len(body)
     return struct.pack("<II", kind, length) + body + struct.pack("<I", length)
+
+
+def _ticks(ts_ns: int) -> tuple[int, int]:
+    return ts_ns >> 32, ts_ns & 0xFFFFFFFF
 
 
 def _custom(value: Any) -> bytes:
@@ -116,22 +127,30 @@ class PcapngWriter:
 
     def message(self, msg: Message, comment: str = "") -> None:
         interface = self._interface(msg.conn, msg.channel)
-        packet = PDU_HEADER + msg.data
+        fit = PACKET_LIMIT - len(PDU_HEADER)
+        packet, rest = PDU_HEADER + msg.data[:fit], msg.data[fit:]
+        ours = {key: value for key, value in (("fds", msg.fds), ("rest", len(rest))) if value}
         options = _options(
             _option(EPB_FLAGS, struct.pack("<I", EPB_DIRECTION[msg.direction])),
             _option(OPT_COMMENT, comment.encode()) if comment else b"",
-            _option(OPT_CUSTOM_BINARY, _custom(msg.fds)) if msg.fds else b"")
-        body = struct.pack("<IIIII", interface, msg.ts_ns >> 32, msg.ts_ns & 0xFFFFFFFF,
+            _option(OPT_CUSTOM_BINARY, _custom(ours)) if ours else b"")
+        body = struct.pack("<IIIII", interface, *_ticks(msg.ts_ns),
                            len(packet), len(PDU_HEADER) + msg.wire_size)
         self._file.write(_block(EPB, body + _padded(packet) + options))
+        for start in range(0, len(rest), REST_CHUNK):
+            self._statistics(interface, msg.ts_ns, {"rest": rest[start:start + REST_CHUNK]})
 
     def event(self, event: Event) -> None:
-        """An Interface Statistics Block on the connection's interface: Wireshark
-        keeps it out of the packet list, so frame numbers stay message numbers."""
-        interface = self._interface(event.conn, MAIN)
-        options = _options(_option(OPT_COMMENT, describe_event(event).encode()),
-                           _option(OPT_CUSTOM_BINARY, _custom(event.to_record())))
-        body = struct.pack("<III", interface, event.ts_ns >> 32, event.ts_ns & 0xFFFFFFFF)
+        self._statistics(self._interface(event.conn, MAIN), event.ts_ns,
+                         {"event": event.to_record()}, describe_event(event))
+
+    def _statistics(self, interface: int, ts_ns: int, ours: dict[str, Any],
+                    comment: str = "") -> None:
+        """An Interface Statistics Block: Wireshark keeps it out of the packet
+        list, so frame numbers stay message numbers."""
+        options = _options(_option(OPT_COMMENT, comment.encode()) if comment else b"",
+                           _option(OPT_CUSTOM_BINARY, _custom(ours)))
+        body = struct.pack("<III", interface, *_ticks(ts_ns))
         self._file.write(_block(ISB, body + options))
 
     def flush(self) -> None:
@@ -206,23 +225,46 @@ def read_pcapng(path: str | os.PathLike[str]) -> tuple[list[Record], list[str]]:
 
 def _records(f: BinaryIO, problems: list[str]) -> Iterator[Record]:
     interfaces: list[tuple[int, int, int, int]] = []   # linktype, conn, channel, tsresol
+    split: tuple[Message, int] | None = None          # a message and the bytes still due
     first = True
     for kind, body in _blocks(f, problems):
         if first and kind != SHB:
             raise CaptureError("not a pcapng file (no section header block)")
         first = False
+        if kind == ISB and split is not None:
+            msg, due = split
+            msg.data += _ours(body[12:]).get("rest", b"")
+            if len(msg.data) >= due:
+                yield _whole(msg)
+                split = None
+            continue
+        if split is not None:
+            problems.append("a message split over blocks lacks its end: kept truncated")
+            yield _whole(split[0])
+            split = None
         if kind == SHB:
             interfaces = []
         elif kind == IDB:
             interfaces.append(_interface_of(body, len(interfaces)))
         elif kind == EPB:
-            msg = _message_of(body, interfaces, problems)
-            if msg is not None:
+            msg, rest = _message_of(body, interfaces, problems)
+            if rest:
+                split = msg, len(msg.data) + rest
+            elif msg is not None:
                 yield msg
         elif kind == ISB:
-            event = _event_of(body)
+            event = _event_of(_ours(body[12:]).get("event"))
             if event is not None:
                 yield event
+    if split is not None:
+        problems.append("file ends inside a message split over blocks: kept truncated")
+        yield _whole(split[0])
+
+
+def _whole(msg: Message) -> Message:
+    """Now that the data is complete (or all there is), size says if it is not."""
+    msg.size = msg.size if msg.size != len(msg.data) else None
+    return msg
 
 
 def _blocks(f: BinaryIO, problems: list[str]) -> Iterator[tuple[int, bytes]]:
@@ -279,30 +321,31 @@ def _parse_interface_name(name: str, index: int) -> tuple[int, int]:
 
 
 def _message_of(body: bytes, interfaces: list[tuple[int, int, int, int]],
-                problems: list[str]) -> Message | None:
+                problems: list[str]) -> tuple[Message | None, int]:
+    """The message of an EPB, and how many of its bytes follow in other blocks."""
     if len(body) < 20:
         problems.append("enhanced packet block too short: skipped")
-        return None
+        return None, 0
     interface, ts_high, ts_low, caplen, origlen = struct.unpack_from("<IIIII", body)
     if interface >= len(interfaces) or caplen > len(body) - 20:
         problems.append(f"packet on undeclared interface {interface} or cut short: skipped")
-        return None
+        return None, 0
     linktype, conn, channel, tsresol = interfaces[interface]
     packet = body[20:20 + caplen]
     header_len = _pdu_header_length(packet) if linktype == LINKTYPE_WIRESHARK_UPPER_PDU else None
     if header_len is None:
         problems.append(f"packet on interface {interface} is not an exported vfio_user PDU: skipped")
-        return None
+        return None, 0
     options = _parse_options(body[20 + caplen + (-caplen % 4):])
     flags = options.get(EPB_FLAGS, [b"\0\0\0\0"])[0]
     direction = S2C if len(flags) == 4 and struct.unpack("<I", flags)[0] & 3 == FLAG_OUTBOUND \
         else C2S
-    fds = next((v for v in map(_custom_value, options.get(OPT_CUSTOM_BINARY, []))
-                if isinstance(v, list)), [])
+    ours = _ours_of(options)
     data = packet[header_len:]
-    wire = origlen - header_len
-    return Message(_nanoseconds((ts_high << 32) | ts_low, tsresol), conn, channel, direction,
-                   data, fds, wire if wire != len(data) else None)
+    msg = Message(_nanoseconds((ts_high << 32) | ts_low, tsresol), conn, channel, direction,
+                  data, ours.get("fds", []), origlen - header_len)
+    rest = ours.get("rest", 0)
+    return (msg, rest) if rest else (_whole(msg), 0)
 
 
 def _pdu_header_length(packet: bytes) -> int | None:
@@ -326,8 +369,18 @@ def _nanoseconds(ticks: int, tsresol: int) -> int:
     return ticks // 10**exponent if exponent >= 0 else ticks * 10**-exponent
 
 
+def _ours(options: bytes) -> dict[str, Any]:
+    return _ours_of(_parse_options(options))
+
+
+def _ours_of(options: dict[int, list[bytes]]) -> dict[str, Any]:
+    """What vfu-inspect keeps in its custom option: {} when there is none."""
+    values = (_custom_value(o) for o in options.get(OPT_CUSTOM_BINARY, []))
+    return next((v for v in values if isinstance(v, dict)), {})
+
+
 def _custom_value(option: bytes) -> Any:
-    """The value of one of our custom options or blocks; None for others'."""
+    """The value of one of our custom options; None for others'."""
     if len(option) < 8 or struct.unpack_from("<I", option)[0] != PEN \
             or option[4:8] != CUSTOM_MAGIC:
         return None
@@ -337,9 +390,7 @@ def _custom_value(option: bytes) -> Any:
         return None
 
 
-def _event_of(body: bytes) -> Event | None:
-    options = _parse_options(body[12:])
-    value = next(filter(None, map(_custom_value, options.get(OPT_CUSTOM_BINARY, []))), None)
+def _event_of(value: Any) -> Event | None:
     if (isinstance(value, list) and len(value) == 4 and value[0] in EVENT_NAMES
             and isinstance(value[1], int) and isinstance(value[2], int)
             and isinstance(value[3], dict)):
