@@ -11,6 +11,7 @@ All integers are little-endian; every struct is packed.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import struct
 from dataclasses import dataclass, field as dc_field
@@ -20,8 +21,8 @@ from scapy.fields import StrField
 from scapy.packet import Packet
 
 from vfu_inspect.fields import (
-    BOOL, BYTES, FLOAT, FRAME, STRING, bits32, bits64, expert_info, field, layer, raw,
-    u16, u32, u64)
+    BOOL, BYTES, FLOAT, FRAME, STRING, FieldDef, all_fields, bits32, bits64, expert_info,
+    field, layer, raw, u16, u32, u64)
 from vfu_inspect.tree import Item, Tree
 
 HEADER_SIZE = 16
@@ -427,12 +428,14 @@ class DeviceFeature(Packet):
 @layer("migration")
 class MigrationFeature(Packet):
     name = "Migration feature"
+    vfu_command = "DEVICE_FEATURE"      # a payload of that command
     fields_desc = [bits64("flags", MIGRATION_FLAGS)]
 
 
 @layer("mig_state")
 class MigDeviceState(Packet):
     name = "Device state"
+    vfu_command = "DEVICE_FEATURE"      # a payload of that command
     fields_desc = [u32("device_state", values=MIG_STATES, label="Device state"),
                    u32("data_fd", base="hex", label="Data fd (unused)")]
 
@@ -440,6 +443,7 @@ class MigDeviceState(Packet):
 @layer("dma_logging")
 class DmaLogging(Packet):
     name = "DMA logging"
+    vfu_command = "DEVICE_FEATURE"      # a payload of that command
     fields_desc = [u64("page_size", base="hex"),
                    u32("num_ranges", label="Number of ranges"), u32("reserved")]
 
@@ -453,6 +457,7 @@ class DmaLoggingRange(Packet):
 @layer("dma_logging_report")
 class DmaLoggingReport(Packet):
     name = "DMA logging report"
+    vfu_command = "DEVICE_FEATURE"      # a payload of that command
     fields_desc = [u64("iova", base="hex", label="IOVA"), u64("length", base="hex"),
                    u64("page_size", base="hex"), StrField("bitmap", b"")]
 
@@ -1353,3 +1358,34 @@ def _fd_items(tree: Tree, ctx: Context) -> None:
         if purpose:
             tree.add("fd.purpose", purpose, parent=node)
             node.text += f", {purpose}"
+
+
+# --- what the layers say about the protocol -------------------------------------------
+
+def layers() -> list[type[Packet]]:
+    """The protocol's layers, in declaration order."""
+    return [cls for cls in globals().values() if isinstance(cls, type)
+            and issubclass(cls, Packet) and "vfu_compiled" in vars(cls)]
+
+
+@functools.cache
+def _layer_commands() -> dict[str, frozenset[int]]:
+    out: dict[str, frozenset[int]] = {}
+    for cls in layers():
+        command = getattr(cls, "vfu_command", cls.vfu_name)
+        if "." not in cls.vfu_field.name and command in CMD:
+            out[cls.vfu_field.name] = frozenset({CMD[command]})
+    return out
+
+
+def protocol_fields() -> list[FieldDef]:
+    """Registry entries a message's own bytes give (not frames, fds or devices)."""
+    prefixes = {cls.vfu_field.name.split(".")[0] for cls in layers()}
+    return [fd for fd in all_fields()
+            if fd.name.split(".")[0] in prefixes and fd.name != "vfio_user"]
+
+
+def field_commands(name: str) -> frozenset[int] | None:
+    """The commands whose messages can carry field `name`; None when any can
+    (header, payload, trailing bytes) or the field is not this protocol's."""
+    return _layer_commands().get(name.split(".", 1)[0])

@@ -14,7 +14,7 @@ from scapy.utils import RawPcapNgReader
 from helpers import run_vfu, stop, streams, vfu, wait_for_socket
 from vfu_inspect import fields, pcapng, wireshark
 from vfu_inspect.capture import C2S, CaptureWriter, Message, read_all
-from vfu_inspect.dissectors.vfio_user import HEADER_SIZE
+from vfu_inspect.dissectors.vfio_user import HEADER_SIZE, protocol_fields
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 SAMPLES = [CAPTURES / "libvfio-user-samples.vfucap", CAPTURES / "sample-endpoints.vfucap"]
@@ -34,7 +34,7 @@ SESSION_OR_FD_CHECKS = {
     "irq.out_of_range", "deadlock.server_command", "migration.transition",
     "migration.data_state", "capture.truncated", "dissector.bug",
 }
-COMPARED = {fd.name: fd for fd in wireshark.protocol_fields() if fd.type != fields.PROTOCOL}
+COMPARED = {fd.name: fd for fd in protocol_fields() if fd.type != fields.PROTOCOL}
 
 
 def tshark(pcap: Path, *args: str) -> str:
