@@ -17,6 +17,7 @@ import pytest
 from helpers import run_vfu, stop, vfu, wait_for_socket
 from vfu_inspect.capture import CLOSE, OPEN, Message, read_all
 from vfu_inspect.dissect import Analyzer, find_responses
+from vfu_inspect.dfilter import compile_filter
 from vfu_inspect.dissectors.vfio_user import CMD
 from vfu_inspect.tui.app import DetailTree, FilterBar, HexPane, InspectApp, MessageList
 from vfu_inspect.tui.model import CaptureModel
@@ -106,6 +107,31 @@ def test_valid_filter_shows_the_matches_and_invalid_leaves_the_list_alone():
         await type_filter(pilot, "")                                    # cleared
         assert len(app.messages.rows) == 344 + len(app.model.events)
     run(scenario)
+
+
+@pytest.mark.parametrize("text", [
+    "vfio_user.cmd == DMA_MAP",                         # header: the index alone
+    "vfio_user.time > 0.0000015 || vfio_user.response_to == 1",
+    "dma_map.size >= 0x1000",                           # stateless: DMA_MAP messages only
+    "!dma_map && vfio_user.flags.type == 0",            # negation of a deep field
+    'fd.kind == "eventfd" || region_info.area.size',
+    "version.max_msg_fds == 8 || mig_data_read.size < 1024",
+    "vfio_user.trailing || vfio_user.payload",          # any command: all dissected
+    'expert.id == "argsz.truncated" || pci.vendor_id',  # stateful: the full pass
+])
+@pytest.mark.parametrize("capture", [TRACE, str(ROOT / "captures" / "sample-endpoints.vfucap")],
+                         ids=["libvfio-user", "sample-endpoints"])
+def test_every_filter_path_selects_what_read_selects(capture, text):
+    model = CaptureModel(capture)
+    model.start()
+    model._thread.join(timeout=60)
+    try:
+        got = model.matches(compile_filter(text), lambda n: True)
+    finally:
+        model.close()
+    read = run_vfu("read", capture, "-Y", text, "-T", "fields", "-e", "frame.number")
+    assert read.returncode == 0, read.stderr
+    assert list(got) == [int(n) for n in read.stdout.split()]
 
 
 def test_n_and_N_walk_the_matches_in_the_full_list_and_history_recalls_filters():

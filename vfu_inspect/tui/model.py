@@ -6,6 +6,11 @@ path needs, and what the analysis found (worst expert severity, request/reply
 links, statistics, session checkpoints).  Messages are read back and dissected
 only when they are on screen, from the nearest session checkpoint, so the
 detail of any message shows the same stateful expert items as `read`.
+
+Filters take the cheapest exact path: header fields and links from the index
+alone; fields a message's own bytes give by dissecting, without session
+state, only the messages whose command can carry them; anything else (expert
+items, device layers, times) by a full analysis pass.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from ..capture import CaptureReader, Event, Message, read_record
+from ..capture import DIRECTIONS, CaptureReader, Event, Message, read_record
 from ..dfilter import DisplayFilter
 from ..dissect import Analyzer, Dissected
 from ..dissectors import vfio_user as proto
@@ -33,7 +38,11 @@ HEADER_FIELDS = {"frame.number", "frame.conn", "frame.channel", "frame.dir", "fr
                  "frame.fds", "vfio_user", "vfio_user.msg_id", "vfio_user.cmd",
                  "vfio_user.size", "vfio_user.flags", "vfio_user.flags.type",
                  "vfio_user.flags.no_reply", "vfio_user.flags.error", "vfio_user.error",
-                 "vfio_user.reserved"}
+                 "vfio_user.reserved", "vfio_user.response_in", "vfio_user.response_to",
+                 "vfio_user.time"}
+# Fields dissection without session state gives exactly (the fds' items too).
+STATELESS_FIELDS = HEADER_FIELDS | {fd.name for fd in proto.protocol_fields()} | {
+    "fd", "fd.index", "fd.kind", "fd.size", "fd.inode", "fd.purpose"}
 FLAGS_FIELD = lookup("vfio_user.flags")
 
 
@@ -213,6 +222,12 @@ class CaptureModel:
                 values[sub.name] = [value]
             error_field = "vfio_user.error" if flags & proto.FLAG_ERROR else "vfio_user.reserved"
             values[error_field] = [c["error"][i]]
+        request, response = self.request_of[i], self.response_of[i]
+        if request:
+            values["vfio_user.response_to"] = [request]
+            values["vfio_user.time"] = [(c["ts"][i] - c["ts"][request - 1]) / 1e9]
+        if response:
+            values["vfio_user.response_in"] = [response]
         return values
 
     def matches(self, display: DisplayFilter, progress: Callable[[int], bool]) -> array | None:
@@ -221,6 +236,8 @@ class CaptureModel:
         out, total = array("i"), self.count
         if set(display.fields) <= HEADER_FIELDS:
             candidates = ((n, self.header_values(n)) for n in range(1, total + 1))
+        elif set(display.fields) <= STATELESS_FIELDS:
+            candidates = self._stateless_pass(display.fields, total)
         else:
             candidates = ((p.number, p.tree.values()) for p in self._full_pass(total))
         for number, values in candidates:
@@ -240,6 +257,43 @@ class CaptureModel:
                 if p.number > total:
                     return
                 yield p
+
+
+    def _stateless_pass(self, names: frozenset[str], total: int
+                        ) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+        """Values of each message, dissecting only those that can carry the
+        filter's deeper fields: the others lack them, so their header values
+        decide exactly (negations included)."""
+        deep = names - HEADER_FIELDS
+        wants_fds = any(name.split(".")[0] == "fd" for name in deep)
+        commands = [proto.field_commands(name) for name in deep if name.split(".")[0] != "fd"]
+        any_command = None in commands
+        wanted = frozenset().union(*(c for c in commands if c is not None))
+        cmd, fds = self.columns["cmd"], self.columns["fds"]
+        requests: dict[int, bytes] = {}      # start of each request until its reply
+        for number, msg in enumerate(self._messages_in_order(total), 1):
+            i = number - 1
+            if self.response_of[i]:
+                requests[number] = msg.data[:64]
+            request = requests.pop(self.request_of[i], None)
+            values = self.header_values(number)
+            if any_command or cmd[i] in wanted or (wants_fds and fds[i]):
+                ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds, request)
+                values.update(proto.dissect_message(msg.data, ctx)[0].values())
+            yield number, values
+
+    def _messages_in_order(self, total: int) -> Iterator[Message]:
+        if self.live:
+            yield from self.kept[:total]
+            return
+        with CaptureReader(self.path) as reader:
+            count = 0
+            for record in reader:
+                if isinstance(record, Message):
+                    count += 1
+                    if count > total:
+                        return
+                    yield record
 
 
 class _Links:
