@@ -367,3 +367,26 @@ def test_a_message_over_wiresharks_packet_limit_is_cut_for_it_and_whole_on_impor
     # one item, the cut: what is missing is not flagged as malformed
     assert lua_experts(tshark_packets(pcap)[1]) == ["capture.truncated"]
     assert pcapng.read_pcapng(pcap) == (read_all(capture)[0], [])
+
+
+def test_damaged_pcapng_files_never_raise_anything_but_a_clear_error(tmp_path):
+    import random
+    from vfu_inspect.capture import CaptureError
+    data = export(SAMPLES[1], tmp_path / "out.pcapng").read_bytes()
+    rng = random.Random(8)
+    outcomes = {"read": 0, "refused": 0}
+    for i in range(300):
+        damaged = bytearray(data[:rng.randrange(len(data))] if i % 3 == 0 else data)
+        for _ in range(rng.randrange(1, 20)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        path = tmp_path / "damaged.pcapng"
+        path.write_bytes(bytes(damaged))
+        try:
+            records, _ = pcapng.read_pcapng(path)
+            assert all(isinstance(r.fds, list) for r in records if isinstance(r, Message))
+            outcomes["read"] += 1
+        except CaptureError:
+            outcomes["refused"] += 1
+    assert outcomes["read"] > 100          # most damage loses a block, not the file
+    result = run_vfu("import", str(path), "-o", str(tmp_path / "x.vfucap"))
+    assert result.returncode in (0, 2) and "Traceback" not in result.stderr

@@ -233,7 +233,8 @@ def _records(f: BinaryIO, problems: list[str]) -> Iterator[Record]:
         first = False
         if kind == ISB and split is not None:
             msg, due = split
-            msg.data += _ours(body[12:]).get("rest", b"")
+            chunk = _ours(body[12:]).get("rest", b"")
+            msg.data += chunk if isinstance(chunk, bytes) else b""
             if len(msg.data) >= due:
                 yield _whole(msg)
                 split = None
@@ -341,10 +342,13 @@ def _message_of(body: bytes, interfaces: list[tuple[int, int, int, int]],
     direction = S2C if len(flags) == 4 and struct.unpack("<I", flags)[0] & 3 == FLAG_OUTBOUND \
         else C2S
     ours = _ours_of(options)
-    data = packet[header_len:]
+    fds, rest = ours.get("fds", []), ours.get("rest", 0)
+    if not isinstance(fds, list) or not all(isinstance(fd, dict) for fd in fds):
+        problems.append("a packet's fd records are not valid: dropped")
+        fds = []
+    rest = rest if isinstance(rest, int) and rest > 0 else 0
     msg = Message(_nanoseconds((ts_high << 32) | ts_low, tsresol), conn, channel, direction,
-                  data, ours.get("fds", []), origlen - header_len)
-    rest = ours.get("rest", 0)
+                  packet[header_len:], fds, origlen - header_len)
     return (msg, rest) if rest else (_whole(msg), 0)
 
 
