@@ -401,17 +401,7 @@ vfio_user.fields = all_fields
 vfio_user.experts = all_experts
 
 -- Lua 5.2 has no bit operators and 5.4's would not parse on 5.2.
-local band, rshift
-if bit then
-    band, rshift = bit.band, bit.rshift
-else
-    band = load("return function(a, b) return a & b end")()
-    rshift = load("return function(a, b) return a >> b end")()
-end
--- Flags above bit 31 do not fit Lua 5.2's bit library: test them by division.
-local function has_bit(value, mask)
-    return math.floor(value / mask) % 2 == 1
-end
+local band = bit and bit.band or load("return function(a, b) return a & b end")()
 
 local HEADER_SIZE = 16
 local TYPE_COMMAND, TYPE_REPLY = 0, 1
@@ -1067,8 +1057,8 @@ local function device_feature(d, off)
     local node, v = d:layer("DeviceFeature", off)
     if v.flags == nil then return "" end
     local feature = band(v.flags, 0xFFFF)
-    local get, set, probe = has_bit(v.flags, 0x10000), has_bit(v.flags, 0x20000),
-                            has_bit(v.flags, 0x40000)
+    local get, set, probe = band(v.flags, 0x10000) ~= 0, band(v.flags, 0x20000) ~= 0,
+                            band(v.flags, 0x40000) ~= 0
     if get and set and not probe then
         d:expert("device_feature.get_and_set", "GET and SET together are only allowed with PROBE")
     end
