@@ -270,17 +270,20 @@ class CaptureModel:
         any_command = None in commands
         wanted = frozenset().union(*(c for c in commands if c is not None))
         cmd, fds = self.columns["cmd"], self.columns["fds"]
+        uses_header = bool(names & HEADER_FIELDS)
         requests: dict[int, bytes] = {}      # start of each request until its reply
         for number, msg in enumerate(self._messages_in_order(total), 1):
             i = number - 1
             if self.response_of[i]:
                 requests[number] = msg.data[:64]
             request = requests.pop(self.request_of[i], None)
-            values = self.header_values(number)
             if any_command or cmd[i] in wanted or (wants_fds and fds[i]):
                 ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds, request)
+                values = self.header_values(number)
                 values.update(proto.dissect_message(msg.data, ctx)[0].values())
-            yield number, values
+                yield number, values
+            else:     # none of the filter's fields, unless it tests the header
+                yield number, self.header_values(number) if uses_header else {}
 
     def _messages_in_order(self, total: int) -> Iterator[Message]:
         if self.live:
