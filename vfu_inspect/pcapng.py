@@ -9,7 +9,7 @@ setup on every machine.
 One interface per (connection, channel); the EPB flags carry the direction,
 seen from the server's socket (client to server = inbound); timestamps are in
 nanoseconds (if_tsresol 9).  What pcapng has no field for is kept in
-vfu-inspect's own custom options and blocks, so that `import` gives back the
+vfu-inspect's own custom options, so that `import` gives back the
 capture records exactly:
 - a message's fd list, as a custom option of its EPB;
 - connection open/close events and notes, as Interface Statistics Blocks
@@ -45,7 +45,7 @@ SHB_USERAPPL, IF_NAME, IF_DESCRIPTION, IF_TSRESOL, EPB_FLAGS = 4, 2, 3, 9, 2
 FLAG_INBOUND, FLAG_OUTBOUND = 1, 2
 EPB_DIRECTION = {C2S: FLAG_INBOUND, S2C: FLAG_OUTBOUND}
 # RFC 5612's enterprise number for examples: vfu-inspect has none of its own
-# yet; the magic below tells our options and blocks from anyone else's.
+# yet; the magic below tells our options from anyone else's.
 PEN = 32473
 CUSTOM_MAGIC = b"vfu1"
 EXP_PDU_TAG_DISSECTOR_NAME, EXP_PDU_TAG_END = 12, 0
