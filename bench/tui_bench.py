@@ -2,7 +2,8 @@
 
 Runs the app headless (textual's pilot) on a capture built like read_bench's,
 and prints the time from start to the first painted screen of messages, the
-time to apply a header-only filter and a deep one (each with progress shown),
+time to apply a header-only filter, a deep one and one on expert ids (each
+with progress shown),
 the time until the background pass has read everything, and peak RSS.
 Targets: first screen <= 2 s, a filter <= 10 s, under 1.5 GB.
 
@@ -23,6 +24,8 @@ from vfu_inspect.tui.model import CaptureModel
 
 HEADER_FILTER = "vfio_user.cmd == DMA_MAP"
 DEEP_FILTER = "dma_map.size >= 0x1000"
+EXPERT_FILTER = 'expert.id == "argsz.truncated"'
+
 
 
 async def measure(path: Path) -> None:
@@ -38,7 +41,7 @@ async def measure(path: Path) -> None:
             await pilot.pause(0.2)
         print(f"background pass done: {time.perf_counter() - start:.1f} s, "
               f"{app.model.count:,} messages")
-        for text in (HEADER_FILTER, DEEP_FILTER):
+        for text in (HEADER_FILTER, DEEP_FILTER, EXPERT_FILTER):
             await pilot.press("slash")
             app.query_one(FilterBar).value = text
             began = time.perf_counter()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import run_vfu, stop, vfu, wait_for_socket
-from vfu_inspect.capture import CLOSE, OPEN, Message, read_all
+from vfu_inspect.capture import CLOSE, OPEN, CaptureWriter, Message, read_all
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dfilter import compile_filter
 from vfu_inspect.dissectors.vfio_user import CMD
@@ -117,21 +117,46 @@ def test_valid_filter_shows_the_matches_and_invalid_leaves_the_list_alone():
     'fd.kind == "eventfd" || region_info.area.size',
     "version.max_msg_fds == 8 || mig_data_read.size < 1024",
     "vfio_user.trailing || vfio_user.payload",          # any command: all dissected
+    'expert.severity == "warning" || !expert && vfio_user.cmd == DMA_UNMAP',  # index
+    'expert.id == "argsz.truncated" || dma_map.size > 0x1000000',  # stateless + index
     'expert.id == "argsz.truncated" || pci.vendor_id',  # stateful: the full pass
+    'expert.message contains "EINVAL" || vfio_user.flags.error',
 ])
 @pytest.mark.parametrize("capture", [TRACE, str(ROOT / "captures" / "sample-endpoints.vfucap")],
                          ids=["libvfio-user", "sample-endpoints"])
 def test_every_filter_path_selects_what_read_selects(capture, text):
+    assert model_matches(capture, text) == read_matches(capture, text)
+
+
+def model_matches(capture: str, text: str) -> list[int]:
     model = CaptureModel(capture)
     model.start()
     model._thread.join(timeout=60)
     try:
-        got = model.matches(compile_filter(text), lambda n: True)
+        return list(model.matches(compile_filter(text), lambda n: True))
     finally:
         model.close()
-    read = run_vfu("read", capture, "-Y", text, "-T", "fields", "-e", "frame.number")
+
+
+def read_matches(capture: str, text: str) -> list[int]:
+    """What `read` selects, with the links of a two-pass read as the TUI has them."""
+    read = run_vfu("read", capture, "-2", "-Y", text, "-T", "fields", "-e", "frame.number")
     assert read.returncode == 0, read.stderr
-    assert list(got) == [int(n) for n in read.stdout.split()]
+    return [int(n) for n in read.stdout.split()]
+
+
+def test_unanswered_requests_are_found_from_the_index(tmp_path):
+    records, _ = read_all(TRACE)
+    messages = [r for r in records if isinstance(r, Message)]
+    replies = {8, 30, 31, 90}      # drop a few replies: their requests go unanswered
+    capture = tmp_path / "unanswered.vfucap"
+    with CaptureWriter(capture) as writer:
+        for number, m in enumerate(messages, 1):
+            if number not in replies:
+                writer.write(m)
+    for text in ('expert.id == "request.unanswered"', "expert.severity == \"warning\""):
+        expected = read_matches(str(capture), text)
+        assert expected and model_matches(str(capture), text) == expected
 
 
 def test_n_and_N_walk_the_matches_in_the_full_list_and_history_recalls_filters():

@@ -7,10 +7,10 @@ links, statistics, session checkpoints).  Messages are read back and dissected
 only when they are on screen, from the nearest session checkpoint, so the
 detail of any message shows the same stateful expert items as `read`.
 
-Filters take the cheapest exact path: header fields and links from the index
-alone; fields a message's own bytes give by dissecting, without session
+Filters take the cheapest exact path: header fields, links and expert ids from
+the index alone; fields a message's own bytes give by dissecting, without session
 state, only the messages whose command can carry them; anything else (expert
-items, device layers, times) by a full analysis pass.
+messages, device layers, times) by a full analysis pass.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any, Callable, Iterator
 
 from ..capture import DIRECTIONS, CaptureReader, Event, Message, read_record
 from ..dfilter import DisplayFilter
-from ..dissect import Analyzer, Dissected
+from ..dissect import Analyzer, Dissected, expects_reply
 from ..dissectors import vfio_user as proto
-from ..fields import SEVERITIES, lookup
+from ..fields import EXPERTS, SEVERITIES, lookup
 from ..session import SessionTracker, Snapshot
 from ..tree import bit_values
 
@@ -39,7 +39,8 @@ HEADER_FIELDS = {"frame.number", "frame.conn", "frame.channel", "frame.dir", "fr
                  "vfio_user.size", "vfio_user.flags", "vfio_user.flags.type",
                  "vfio_user.flags.no_reply", "vfio_user.flags.error", "vfio_user.error",
                  "vfio_user.reserved", "vfio_user.response_in", "vfio_user.response_to",
-                 "vfio_user.time"}
+                 "vfio_user.time", "expert", "expert.id", "expert.severity"}
+EXPERT_FIELDS = {"expert", "expert.id", "expert.severity", "expert.message"}
 # Fields dissection without session state gives exactly (the fds' items too).
 STATELESS_FIELDS = HEADER_FIELDS | {fd.name for fd in proto.protocol_fields()} | {
     "fd", "fd.index", "fd.kind", "fd.size", "fd.inode", "fd.purpose"}
@@ -93,6 +94,10 @@ class CaptureModel:
         self.columns = {name: array("q") for name in (
             "ts", "conn", "channel", "dir", "msg_id", "cmd", "flags", "error", "len", "fds")}
         self.severity = bytearray()
+        self.expert_codes = array("H")         # every message's expert ids, in order,
+        self.expert_end = array("I")           # ... message n's end at expert_end[n - 1]
+        self.expert_ids: list[str] = []        # code -> id
+        self._expert_code: dict[str, int] = {}
         self.request_of = array("i")           # reply -> request number (0: none)
         self.response_of = array("i")          # request -> reply number (0: none)
         self.events: list[tuple[int, Event]] = []   # (messages before it, event)
@@ -146,6 +151,12 @@ class CaptureModel:
             column.append(value)
         worst = p.tree.worst_severity
         self.severity.append(SEVERITIES.index(worst) if worst else NO_SEVERITY)
+        for e in p.tree.experts:
+            code = self._expert_code.setdefault(e.id, len(self.expert_ids))
+            if code == len(self.expert_ids):
+                self.expert_ids.append(e.id)
+            self.expert_codes.append(code)
+        self.expert_end.append(len(self.expert_codes))
         self.request_of.append(p.request_in or 0)
         self.response_of.append(0)
         if p.request_in:
@@ -206,8 +217,8 @@ class CaptureModel:
 
     # --- filtering -----------------------------------------------------------------------
 
-    def header_values(self, number: int) -> dict[str, list[Any]]:
-        """What a header-only filter may test, from the index."""
+    def header_values(self, number: int, experts: bool = False) -> dict[str, list[Any]]:
+        """What an index-only filter may test (the expert ids if asked)."""
         c, i = self.columns, number - 1
         flags = c["flags"][i]
         values: dict[str, list[Any]] = {
@@ -228,14 +239,29 @@ class CaptureModel:
             values["vfio_user.time"] = [(c["ts"][i] - c["ts"][request - 1]) / 1e9]
         if response:
             values["vfio_user.response_in"] = [response]
+        if experts:
+            self._expert_values(number, values)
         return values
+
+    def _expert_values(self, number: int, values: dict[str, list[Any]]) -> None:
+        i = number - 1
+        ids = [self.expert_ids[code] for code in
+               self.expert_codes[self.expert_end[i - 1] if i else 0:self.expert_end[i]]]
+        header = proto.HeaderInfo(0, 0, 0, self.columns["flags"][i], 0)
+        if self.columns["cmd"][i] >= 0 and expects_reply(header) and not self.response_of[i]:
+            ids.append("request.unanswered")   # what a two-pass analysis adds
+        if ids:
+            values["expert"] = [True]
+            values["expert.id"] = ids
+            values["expert.severity"] = [EXPERTS[id].severity for id in ids]
 
     def matches(self, display: DisplayFilter, progress: Callable[[int], bool]) -> array | None:
         """Numbers of the messages `display` selects, or None when `progress`
         (called with each message number) asks to stop."""
         out, total = array("i"), self.count
+        experts = bool(display.fields & EXPERT_FIELDS)
         if set(display.fields) <= HEADER_FIELDS:
-            candidates = ((n, self.header_values(n)) for n in range(1, total + 1))
+            candidates = ((n, self.header_values(n, experts)) for n in range(1, total + 1))
         elif set(display.fields) <= STATELESS_FIELDS:
             candidates = self._stateless_pass(display.fields, total)
         else:
@@ -271,6 +297,7 @@ class CaptureModel:
         wanted = frozenset().union(*(c for c in commands if c is not None))
         cmd, fds = self.columns["cmd"], self.columns["fds"]
         uses_header = bool(names & HEADER_FIELDS)
+        experts = bool(names & EXPERT_FIELDS)
         requests: dict[int, bytes] = {}      # start of each request until its reply
         for number, msg in enumerate(self._messages_in_order(total), 1):
             i = number - 1
@@ -279,11 +306,13 @@ class CaptureModel:
             request = requests.pop(self.request_of[i], None)
             if any_command or cmd[i] in wanted or (wants_fds and fds[i]):
                 ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds, request)
-                values = self.header_values(number)
-                values.update(proto.dissect_message(msg.data, ctx)[0].values())
+                values = proto.dissect_message(msg.data, ctx)[0].values()
+                for name in EXPERT_FIELDS:       # the stateful analysis's, from the index
+                    values.pop(name, None)
+                values.update(self.header_values(number, experts))
                 yield number, values
             else:     # none of the filter's fields, unless it tests the header
-                yield number, self.header_values(number) if uses_header else {}
+                yield number, self.header_values(number, experts) if uses_header else {}
 
     def _messages_in_order(self, total: int) -> Iterator[Message]:
         if self.live:
