@@ -3,8 +3,8 @@
 Runs the app headless (textual's pilot) on a capture built like read_bench's,
 and prints the time from start to the first painted screen of messages, the
 time to apply a header-only filter, a deep one and one on expert ids (each
-with progress shown),
-the time until the background pass has read everything, and peak RSS.
+with progress shown), the time until the background pass has read
+everything, and peak RSS.
 Targets: first screen <= 2 s, a filter <= 10 s, under 1.5 GB.
 
     python bench/tui_bench.py [--messages N]
