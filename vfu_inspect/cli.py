@@ -7,14 +7,14 @@ import json
 import os
 import sys
 import tempfile
-from typing import Callable, Iterator, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
 
 from . import __version__
-from .capture import CaptureError, CaptureReader, CaptureWriter, Event, Message
+from .capture import CaptureError, CaptureReader, CaptureWriter, Event, Message, Record
 from .dissect import Analyzer, Dissected, find_responses
 from .session import DEFAULT_TIMEOUT, SessionTracker
 from .output import (SUMMARY_HEADER, detail_text, field_values, hex_dump,
-                     json_packet, summary_line)
+                     json_packet, packet_comment, summary_line)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -381,31 +381,37 @@ def cmd_import(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such file")
     fmt = args.format if args.format != "auto" else _detect_format(args.inputs[0])
-    if fmt == "pcapng":
-        if len(args.inputs) != 1:
-            raise UserError("a pcapng file is imported one file at a time")
-        from .importers import ImportResult
-        from .pcapng import read_pcapng
-        result = ImportResult(*read_pcapng(args.inputs[0]))
-    elif fmt == "jsonl":
-        if len(args.inputs) != 1:
-            raise UserError("a JSON Lines trace is imported one file at a time")
-        from .importers.trace_jsonl import import_trace
-        result = import_trace(args.inputs[0])
-    else:
-        from .importers.strace import import_strace
-        result = import_strace(args.inputs)
-    for problem in result.problems:
-        print(f"vfu-inspect: warning: {problem}", file=sys.stderr)
-    messages = sum(isinstance(r, Message) for r in result.records)
-    if not messages:
-        raise UserError(f"no vfio-user message found in {', '.join(args.inputs)}")
-    with CaptureWriter(args.output, source=f"import {fmt}: {' '.join(args.inputs)}",
-                       autoflush=False) as writer:
-        for record in result.records:
+    if fmt in ("pcapng", "jsonl") and len(args.inputs) != 1:
+        raise UserError(f"a {fmt} file is imported one file at a time")
+    records, problems = _imported(fmt, args.inputs)
+    messages = 0
+    with _output(CaptureWriter, args.output, f"import {fmt}: {' '.join(args.inputs)}",
+                 autoflush=False) as writer:
+        for record in records:          # streamed: a big pcapng is never held whole
             writer.write(record)
+            messages += isinstance(record, Message)
+    for problem in problems:
+        print(f"vfu-inspect: warning: {problem}", file=sys.stderr)
+    if not messages:
+        os.unlink(args.output)
+        raise UserError(f"no vfio-user message found in {', '.join(args.inputs)}")
     print(f"wrote {messages} messages to {args.output}", file=sys.stderr)
     return EXIT_OK
+
+
+def _imported(fmt: str, inputs: list[str]) -> tuple[Iterable[Record], list[str]]:
+    """The records of the inputs, and a list of problems filled as they are read."""
+    if fmt == "pcapng":
+        from .pcapng import iter_pcapng
+        problems: list[str] = []
+        return iter_pcapng(inputs[0], problems), problems
+    if fmt == "jsonl":
+        from .importers.trace_jsonl import import_trace
+        result = import_trace(inputs[0])
+    else:
+        from .importers.strace import import_strace
+        result = import_strace(inputs)
+    return result.records, result.problems
 
 
 def _detect_format(path: str) -> str:
@@ -452,24 +458,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _output(factory, path: str, source: str):
+def _output(factory, path: str, source: str, **options):
     try:
-        return factory(path, source)
+        return factory(path, source, **options)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def packet_comment(p: Dissected) -> str:
-    """A pcapng comment: the fds with what the message made of them, and expert items."""
-    from .pcapng import fd_comment
-    purposes = {}
-    for item in p.tree.items:
-        if item.field.name == "fd":
-            values = {child.field.name: child.value for child in item.children}
-            if "fd.purpose" in values:
-                purposes[values["fd.index"]] = values["fd.purpose"]
-    experts = [(e.severity, e.id, e.message) for e in p.tree.experts]
-    return fd_comment(p.msg.fds, purposes, experts)
 
 
 def _wireshark_parser(sub: argparse._SubParsersAction) -> None:

@@ -7,6 +7,7 @@ from typing import Any, Iterable
 from .capture import TWIN
 from .dissect import Dissected
 from .fields import BYTES, PROTOCOL
+from .pcapng import fd_comment
 from .tree import Item
 
 SUMMARY_HEADER = (f"{'No.':>7} {'Time':>11} {'Delta':>9} {'Conn':>6} {'Dir':3} "
@@ -129,3 +130,15 @@ def _plain(value: Any) -> str:
     if value is None:
         return ""
     return str(value)
+
+
+def packet_comment(p: Dissected) -> str:
+    """A pcapng comment: the fds with what the message made of them, and expert items."""
+    purposes = {}
+    for item in p.tree.items:
+        if item.field.name == "fd":
+            values = {child.field.name: child.value for child in item.children}
+            if "fd.purpose" in values:
+                purposes[values["fd.index"]] = values["fd.purpose"]
+    experts = [(e.severity, e.id, e.message) for e in p.tree.experts]
+    return fd_comment(p.msg.fds, purposes, experts)

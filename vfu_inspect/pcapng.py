@@ -209,18 +209,22 @@ def is_pcapng(path: str | os.PathLike[str]) -> bool:
 
 
 def read_pcapng(path: str | os.PathLike[str]) -> tuple[list[Record], list[str]]:
-    """The capture records of a pcapng file vfu-inspect wrote, and what was odd.
-
-    Packets of other link types or without our Exported PDU header are skipped
-    and reported; a file cut short yields what came before the cut.
-    """
+    """Every record of a pcapng file vfu-inspect wrote, and what was odd."""
     problems: list[str] = []
+    return list(iter_pcapng(path, problems)), problems
+
+
+def iter_pcapng(path: str | os.PathLike[str], problems: list[str]) -> Iterator[Record]:
+    """The capture records of a pcapng file, one at a time; what was odd is
+    appended to `problems`.  Packets of other link types or without our
+    Exported PDU header are skipped and reported; a file cut short yields what
+    came before the cut."""
     try:
-        with open(path, "rb") as f:
-            records = list(_records(f, problems))
+        f = open(path, "rb")
     except OSError as exc:
         raise CaptureError(f"cannot open {path}: {exc.strerror}") from None
-    return records, problems
+    with f:
+        yield from _records(f, problems)
 
 
 def _records(f: BinaryIO, problems: list[str]) -> Iterator[Record]:
