@@ -309,7 +309,7 @@ local CAPABILITIES = {
     ["write_multiple"] = "bool",
 }
 
-local COMMANDS, ERRNOS, REGIONS, FEATURES = VALUES[1], VALUES[3], VALUES[4], VALUES[8]
+local COMMANDS, ERRNOS, REGIONS, IRQS, FEATURES, MIG_STATES = VALUES[1], VALUES[3], VALUES[4], VALUES[7], VALUES[8], VALUES[9]
 
 local E = {}
 E["malformed.short"] = ProtoExpert.new("vfio_user.expert.malformed.short", "a structure is cut short by the message end", expert.group.MALFORMED, expert.severity.ERROR)
@@ -505,6 +505,10 @@ end
 
 local function region_name(index)
     return REGIONS[index] or ("region " .. index)
+end
+
+local function irq_name(index)
+    return IRQS[index] or ("index " .. index)
 end
 
 -- --- a small JSON reader, keeping key order and int/float apart ------------------
@@ -865,7 +869,7 @@ REQUESTS[7] = function(d, off)
     d:expect_end(off + d:size("IrqInfo"), "DEVICE_GET_IRQ_INFO request")
     if v.index == nil then return "" end
     d:request_argsz(v.argsz, d:size("IrqInfo"), "DEVICE_GET_IRQ_INFO")
-    return "index " .. v.index
+    return irq_name(v.index)
 end
 
 REPLIES[7] = function(d, off)
@@ -873,7 +877,7 @@ REPLIES[7] = function(d, off)
     d:expect_end(off + d:size("IrqInfo"), "DEVICE_GET_IRQ_INFO reply")
     if v.count == nil then return "" end
     d:reply_argsz(v.argsz, d.len - off, "DEVICE_GET_IRQ_INFO")
-    return string.format("index %d count=%d", v.index, v.count)
+    return string.format("%s count=%d", irq_name(v.index), v.count)
 end
 
 REQUESTS[8] = function(d, off)
@@ -902,7 +906,7 @@ REQUESTS[8] = function(d, off)
         d:expert("argsz.mismatch", string.format(
             "SET_IRQS argsz %d, request is %d bytes", v.argsz, d.len - off))
     end
-    return string.format("index %d start=%d count=%d", v.index, v.start, v.count)
+    return string.format("%s start=%d count=%d", irq_name(v.index), v.start, v.count)
 end
 bare(8, {REPLIES})
 
@@ -1017,7 +1021,7 @@ local function feature_data(d, offset, feature, parent)
     elseif feature == 2 then
         local _, f = d:layer("MigDeviceState", offset, parent)
         d:expect_end(offset + d:size("MigDeviceState"), "MIG_DEVICE_STATE")
-        return " state=" .. tostring(f.device_state)
+        return " state=" .. (MIG_STATES[f.device_state] or tostring(f.device_state))
     elseif feature == 6 or feature == 7 then
         local node, f = d:layer("DmaLogging", offset, parent)
         offset = offset + d:size("DmaLogging")
@@ -1068,7 +1072,7 @@ local function device_feature(d, off)
     if not d.c2s then d:reply_argsz(v.argsz, d.len - off, "DEVICE_FEATURE") end
     local data = off + d:size("DeviceFeature")
     local info = (get and "GET " or "") .. (set and "SET " or "") .. (probe and "PROBE " or "")
-        .. "feature " .. feature
+        .. (FEATURES[feature] or ("feature " .. feature))
     if d.len > data then info = info .. feature_data(d, data, feature, node) end
     return info
 end
@@ -1208,6 +1212,8 @@ end
 
 function vfio_user.dissector(buf, pinfo, tree)
     pinfo.cols.protocol = "vfio-user"
+    pinfo.cols.src = (pinfo.p2p_dir == P2P_DIR_RECV) and "client" or "server"
+    pinfo.cols.dst = (pinfo.p2p_dir == P2P_DIR_RECV) and "server" or "client"
     local root = tree:add(vfio_user, buf())
     local d = setmetatable({buf = buf, len = buf:len(), wire = buf:reported_len(), root = root,
                             c2s = pinfo.p2p_dir == P2P_DIR_RECV}, Dissection)

@@ -106,9 +106,10 @@ def generate() -> str:
             "local BITS = {", *_bits_lines(), "}",
             "", "local LAYERS = {", *_layer_lines(), "}",
             "", "local CAPABILITIES = {", *_capability_lines(), "}",
-            "", "local COMMANDS, ERRNOS, REGIONS, FEATURES = "
+            "", "local COMMANDS, ERRNOS, REGIONS, IRQS, FEATURES, MIG_STATES = "
             f"{values.name(proto.COMMANDS)}, {values.name(proto.ERRNO_NAMES)}, "
-            f"{values.name(proto.REGIONS)}, {values.name(proto.FEATURES)}",
+            f"{values.name(proto.REGIONS)}, {values.name(proto.IRQS)}, "
+            f"{values.name(proto.FEATURES)}, {values.name(proto.MIG_STATES)}",
             "", "local E = {}", *_expert_lines()]
     return TEMPLATE.read_text().replace(MARKER, "\n".join(body))
 
