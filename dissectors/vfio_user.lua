@@ -404,6 +404,7 @@ vfio_user.experts = all_experts
 local band = bit and bit.band or load("return function(a, b) return a & b end")()
 
 local HEADER_SIZE = 16
+local TWO_64 = 18446744073709551616.0
 local TYPE_COMMAND, TYPE_REPLY = 0, 1
 local FLAG_NO_REPLY, FLAG_ERROR = 0x10, 0x20
 local P2P_DIR_RECV = 1          -- inbound at the server's socket: client to server
@@ -442,10 +443,31 @@ function Dissection:add_bytes(parent, name, from, to)
     return parent:add(F[name], self.buf(0, 0), "")
 end
 
+-- An 8-byte value from its two halves: an integer on 5.4 up to 2^63, a double
+-- beyond (and on 5.2, exact to 2^53).  The tree shows the exact value anyway;
+-- this one is for checks and text, through hex() and dec().
 function Dissection:number(offset, size)
-    local r = self.buf(offset, size)
-    if size == 8 then return r:le_uint64():tonumber() end
-    return r:le_uint()
+    if size == 8 then
+        local n = self.buf(offset + 4, 4):le_uint() * 4294967296 + self.buf(offset, 4):le_uint()
+        if n < 0 then n = n + TWO_64 end     -- 5.4 wrapped past 2^63
+        return n
+    end
+    return self.buf(offset, size):le_uint()
+end
+
+-- Text of a 64-bit value: "%x" and "%d" refuse numbers past 2^63 on both Luas,
+-- and a double rounds the largest ones up to 2^64.
+local function hex(v)
+    if v >= TWO_64 then return "0xffffffffffffffff" end
+    local high = math.floor(v / 4294967296)
+    if high == 0 then return string.format("0x%x", v) end
+    return string.format("0x%x%08x", high, v - high * 4294967296.0)
+end
+
+local function dec(v)
+    if v >= TWO_64 then return "18446744073709551615" end
+    if v < 2^53 then return string.format("%d", v) end
+    return string.format("%.0f", v)
 end
 
 -- A layer's fixed members, as many as fit; the node and the values by name.
@@ -501,6 +523,11 @@ function Dissection:request_argsz(argsz, minimum, what)
         self:expert("argsz.small", string.format(
             "%s argsz %d is below the %d-byte reply struct", what, argsz, minimum))
     end
+end
+
+-- Size of a dirty bitmap: one bit per page, in whole u64 words.
+local function bitmap_bytes(length, page)
+    return math.ceil(math.ceil(length / page) / 64) * 8
 end
 
 local function region_name(index)
@@ -713,7 +740,7 @@ REQUESTS[2] = function(d, off)
         d:expert("dma_map.flags_extension", string.format(
             "DMA_MAP flags 0x%x: MMAP/FILE_IO are libvfio-user extensions", v.flags))
     end
-    return string.format("iova=0x%x size=0x%x", v.address, v.size)
+    return string.format("iova=%s size=%s", hex(v.address), hex(v.size))
 end
 bare(2, {REPLIES})
 
@@ -721,16 +748,24 @@ local function dma_unmap(d, off)
     local node, v = d:layer("DmaUnmap", off)
     if v.size == nil then return "" end
     local stop = off + d:size("DmaUnmap")
-    local info = string.format("iova=0x%x size=0x%x", v.address, v.size)
+    local info = string.format("iova=%s size=%s", hex(v.address), hex(v.size))
     if band(v.flags, 2) ~= 0 then info = info .. " ALL" end
     if band(v.flags, 1) ~= 0 then
         local _, bm = d:layer("DirtyBitmap", stop, node)
         stop = stop + d:size("DirtyBitmap")
+        if not d.reply and bm.size ~= nil and bm.pgsize ~= 0 then
+            local want = bitmap_bytes(v.size, bm.pgsize)
+            if bm.size ~= want then
+                d:expert("dma_unmap.bitmap_size", string.format(
+                    "bitmap of %s bytes for %s bytes of %s-byte pages: %s expected",
+                    dec(bm.size), hex(v.size), hex(bm.pgsize), dec(want)))
+            end
+        end
         if bm.size ~= nil and d.len > stop then
             d:add_bytes(node, "dma_unmap.bitmap.data", stop, d.len)
             if d.len - stop ~= bm.size then
                 d:expert("dma_unmap.bitmap_size", string.format(
-                    "dirty bitmap has %d bytes, header says %d", d.len - stop, bm.size))
+                    "dirty bitmap has %d bytes, header says %s", d.len - stop, dec(bm.size)))
             end
             stop = d.len
         end
@@ -811,7 +846,7 @@ REPLIES[5] = function(d, off)
     if v.offset == nil then return "" end
     local payload = d.len - off
     d:reply_argsz(v.argsz, payload, "DEVICE_GET_REGION_INFO")
-    local info = string.format("%s size=0x%x", region_name(v.index), v.size)
+    local info = string.format("%s size=%s", region_name(v.index), hex(v.size))
     local stop = off + d:size("RegionInfo")
     if band(v.flags, 8) ~= 0 then
         if v.argsz > payload then
@@ -924,7 +959,7 @@ local function region_access(layout, prefix, with_data)
         else
             d:expect_end(data, LAYERS[layout].label)
         end
-        return string.format("%s offset=0x%x count=%d", region_name(v.region), v.offset, v.count)
+        return string.format("%s offset=%s count=%d", region_name(v.region), hex(v.offset), v.count)
     end
 end
 REQUESTS[9] = region_access("RegionRead", "region_read", false)
@@ -939,7 +974,7 @@ REQUESTS[15] = function(d, off)
     local room = math.floor((d.len - offset) / size)
     if v.wr_cnt ~= room or (d.len - offset) % size ~= 0 then
         d:expert("write_multi.count", string.format(
-            "wr_cnt is %d but the payload holds %d entries", v.wr_cnt, room))
+            "wr_cnt is %s but the payload holds %d entries", dec(v.wr_cnt), room))
     end
     for _ = 1, math.min(v.wr_cnt, room) do
         local _, e = d:layer("WriteMultiEntry", offset, node)
@@ -950,13 +985,13 @@ REQUESTS[15] = function(d, off)
         offset = offset + size
     end
     d:expect_end(offset, "REGION_WRITE_MULTI request")
-    return v.wr_cnt .. " writes"
+    return dec(v.wr_cnt) .. " writes"
 end
 
 REPLIES[15] = function(d, off)
     local _, v = d:layer("WriteMulti", off)
     d:expect_end(off + d:size("WriteMulti"), "REGION_WRITE_MULTI reply")
-    return v.wr_cnt and (v.wr_cnt .. " completed") or ""
+    return v.wr_cnt and (dec(v.wr_cnt) .. " completed") or ""
 end
 
 local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
@@ -974,9 +1009,9 @@ local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
         local v = body(d, off, spec, data_in_request)
         if data_in_request and v.count ~= nil and d.len - off - 16 ~= v.count then
             d:expert(prefix .. ".count", string.format(
-                "count is %d but %d data bytes follow", v.count, d.len - off - 16))
+                "count is %s but %d data bytes follow", dec(v.count), d.len - off - 16))
         end
-        return string.format("addr=0x%x count=%s", v.address or 0, tostring(v.count or "?"))
+        return string.format("addr=%s count=%s", hex(v.address or 0), v.count and dec(v.count) or "?")
     end
     local function on_reply(d, off)
         local asked = d.request and d.request.count
@@ -999,14 +1034,14 @@ local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
             if layout == qemu then got = got - 4 end
             if got ~= v.count then
                 d:expert(prefix .. ".count", string.format(
-                    "count is %d but %d data bytes follow", v.count, got))
+                    "count is %s but %d data bytes follow", dec(v.count), got))
             end
         end
         if asked ~= nil and v.count ~= nil and v.count ~= asked then
             d:expert(prefix .. ".count_mismatch", string.format(
-                "reply count %d differs from the request's %d", v.count, asked))
+                "reply count %s differs from the request's %s", dec(v.count), dec(asked)))
         end
-        return string.format("addr=0x%x count=%s", v.address or 0, tostring(v.count or "?"))
+        return string.format("addr=%s count=%s", hex(v.address or 0), v.count and dec(v.count) or "?")
     end
     return on_request, on_reply
 end
@@ -1042,12 +1077,11 @@ local function feature_data(d, offset, feature, parent)
         if d.len > bitmap then
             d:add_bytes(node, "dma_logging_report.bitmap", bitmap, d.len)
             if f.page_size ~= 0 then
-                local pages = math.ceil(f.length / f.page_size)
-                local want = math.ceil(pages / 64) * 8
+                local want = bitmap_bytes(f.length, f.page_size)
                 if d.len - bitmap ~= want then
                     d:expert("dma_logging.bitmap_size", string.format(
-                        "bitmap is %d bytes; 0x%x bytes of 0x%x-byte pages need %d",
-                        d.len - bitmap, f.length, f.page_size, want))
+                        "bitmap is %d bytes; %s bytes of %s-byte pages need %s",
+                        d.len - bitmap, hex(f.length), hex(f.page_size), dec(want)))
                 end
             end
         end
@@ -1217,6 +1251,7 @@ function vfio_user.dissector(buf, pinfo, tree)
     local root = tree:add(vfio_user, buf())
     local d = setmetatable({buf = buf, len = buf:len(), wire = buf:reported_len(), root = root,
                             c2s = pinfo.p2p_dir == P2P_DIR_RECV}, Dissection)
+    d.reply = buf:len() >= HEADER_SIZE and band(d:number(8, 4), 0xF) == TYPE_REPLY
     if d.wire > d.len then
         d:expert("capture.truncated", string.format("only %d of the message's %d bytes are in "
             .. "this packet (Wireshark's packet size limit); vfu-inspect import has them all",

@@ -44,7 +44,21 @@ function Range:le_uint()
     return value
 end
 function Range:uint() return self.data:byte(self.offset + 1) end
-function Range:le_uint64() local v = self:le_uint() return {tonumber = function() return v end} end
+-- The exact unsigned decimal of the range, as Wireshark's C code shows a field.
+function Range:decimal()
+    local digits = {0}                  -- little-endian base-10 digits
+    for i = self.length, 1, -1 do
+        local carry = self.data:byte(self.offset + i)
+        for k = 1, #digits do
+            local v = digits[k] * 256 + carry
+            digits[k], carry = v % 10, (v - v % 10) / 10
+        end
+        while carry > 0 do digits[#digits + 1], carry = carry % 10, (carry - carry % 10) / 10 end
+    end
+    local out = {}
+    for k = #digits, 1, -1 do out[#out + 1] = string.format("%d", digits[k]) end
+    return table.concat(out)
+end
 
 local function tvb(data)
     return setmetatable({}, {__call = function(_, offset, length)
@@ -66,6 +80,7 @@ local function shown(f, r, value)
         if value == nil then value = band(r:le_uint(), f.mask or 0xFFFFFFFF) ~= 0 end
         return value and "1" or "0"
     elseif f.kind:match("^uint") then
+        if value == nil and not f.mask then return r:decimal() end
         if value == nil then
             value = r:le_uint()
             if f.mask then
