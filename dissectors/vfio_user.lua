@@ -1143,11 +1143,11 @@ REQUESTS[18] = mig_data("MigDataWrite", "mig_data_write", true, false)
 bare(18, {REPLIES})
 
 -- --- request/reply matching (as Wireshark's SRT does) ----------------------------
--- First pass: requests wait in a FIFO per (interface, direction, msg_id);
--- a reply in the other direction takes the oldest.  Later passes read the
--- links recorded for each frame.
+-- First pass: requests wait in a FIFO per (connection, channel, direction,
+-- msg_id); a reply in the other direction takes the oldest.  Later passes
+-- read the links recorded for each frame.  The export puts the connection and
+-- channel in the "ports" of each packet.
 
-local f_interface = Field.new("frame.interface_id")
 local pending, links = {}, {}
 
 function vfio_user.init()
@@ -1157,14 +1157,14 @@ end
 local function match(d, pinfo, h)
     local number = pinfo.number
     if not pinfo.visited then
-        local iface = f_interface() and f_interface().value or 0
+        local stream = string.format("%d/%d", pinfo.src_port, pinfo.dst_port)
         if h.type == TYPE_COMMAND and not h.no_reply then
-            local key = string.format("%d/%s/%d", iface, tostring(d.c2s), h.msg_id)
+            local key = string.format("%s/%s/%d", stream, tostring(d.c2s), h.msg_id)
             pending[key] = pending[key] or {}
             table.insert(pending[key], {number = number, ts = pinfo.rel_ts,
                                         count = d.request_count, size = d.request_size})
         elseif h.type == TYPE_REPLY then
-            local key = string.format("%d/%s/%d", iface, tostring(not d.c2s), h.msg_id)
+            local key = string.format("%s/%s/%d", stream, tostring(not d.c2s), h.msg_id)
             local queue = pending[key]
             if queue and #queue > 0 then
                 local req = table.remove(queue, 1)

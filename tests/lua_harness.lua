@@ -18,7 +18,6 @@ base, frametype = identity_table(), identity_table()
 expert = {group = identity_table(), severity = identity_table()}
 
 local current = {}
-Field = {new = function(name) return function() return {value = current.interface} end end}
 UInt64 = {new = function(n) return {u64 = n} end}
 
 local function field(kind)
@@ -132,8 +131,10 @@ end
 if proto.init then proto.init() end
 for pass = 1, 2 do
     for number, row in ipairs(rows) do
-        current = {interface = row.interface, number = number, print = pass == 2}
+        current = {number = number, print = pass == 2}
+        -- the export's Exported PDU tags put connection and channel in the ports
         local pinfo = {number = number, visited = pass == 2, p2p_dir = row.c2s and 1 or 0,
+                       src_port = row.interface, dst_port = 0,
                        rel_ts = row.ts, cols = {}}
         proto.dissector(tvb(row.data), pinfo, setmetatable({}, Item))
     end

@@ -105,7 +105,8 @@ def test_plugin_declares_every_protocol_field_once():
 
 
 @needs_tshark
-@pytest.mark.parametrize("capture", [*SAMPLES, "extreme"], ids=lambda p: getattr(p, "stem", p))
+@pytest.mark.parametrize("capture", [*SAMPLES, "extreme", "interleaved"],
+                         ids=lambda p: getattr(p, "stem", p))
 def test_tshark_with_the_plugin_gives_the_same_fields_as_read(tmp_path, capture):
     capture = made_capture(capture, tmp_path)
     ours = read_json(capture)
@@ -177,12 +178,23 @@ def extreme_messages() -> list[Message]:
     ]
 
 
+def interleaved_messages() -> list[Message]:
+    """Two clients at once, reusing the same msg_ids: replies must be paired
+    within their own connection."""
+    first = [r for r in read_all(SAMPLES[0])[0] if isinstance(r, Message) and r.conn == 0]
+    second = [Message(m.ts_ns, 7, m.channel, m.direction, m.data, m.fds) for m in first]
+    return [m for pair in zip(first, second) for m in pair]
+
+
+MADE = {"mutated": lambda: mutations(read_all(SAMPLES[0])[0]),
+        "extreme": extreme_messages, "interleaved": interleaved_messages}
+
+
 def made_capture(name: str | Path, tmp_path: Path) -> Path:
-    """A sample capture, or one made here: "mutated" or "extreme"."""
+    """A sample capture, or one made here (MADE)."""
     if isinstance(name, Path):
         return name
-    messages = (mutations(read_all(SAMPLES[0])[0]) if name == "mutated"
-                else extreme_messages())
+    messages = MADE[name]()
     capture = tmp_path / f"{name}.vfucap"
     with CaptureWriter(capture) as writer:
         for m in messages:
@@ -238,7 +250,7 @@ def test_scapy_reads_the_export_as_wireshark_would(tmp_path):
             seen.append((data, meta))
     assert len(seen) == len(records)
     for (data, meta), msg in zip(seen, records):
-        assert data.endswith(msg.data) and data.startswith(pcapng.PDU_HEADER)
+        assert data == pcapng.pdu_header(msg.conn, msg.channel) + msg.data
         assert meta.linktype == pcapng.LINKTYPE_WIRESHARK_UPPER_PDU
         assert meta.direction == (1 if msg.direction == C2S else 2)
         assert (meta.tshigh << 32 | meta.tslow) == msg.ts_ns and meta.tsresol == 10**9
@@ -336,8 +348,7 @@ def as_text(name: str, value) -> str:
 
 
 @pytest.mark.parametrize("lua", ["lua5.2", "lua5.4"])
-@pytest.mark.parametrize("capture", [*SAMPLES, "mutated", "extreme"],
-                         ids=lambda p: getattr(p, "stem", p))
+@pytest.mark.parametrize("capture", [*SAMPLES, *MADE], ids=lambda p: getattr(p, "stem", p))
 def test_plugin_runs_the_same_on_lua_5_2_and_5_4(tmp_path, lua, capture):
     """Wireshark 4.0 embeds Lua 5.2, 4.4+ embed 5.4: the plugin's own code is
     run on both interpreters (with a stand-in for Wireshark's API) and must
@@ -388,7 +399,7 @@ def test_a_message_over_wiresharks_packet_limit_is_cut_for_it_and_whole_on_impor
     shown = tshark(pcap, "-T", "fields", "-e", "frame.len", "-e", "frame.cap_len",
                    "-e", "mig_data_read.size").splitlines()
     wire, captured, decoded = shown[1].split("\t")
-    assert int(wire) == len(pcapng.PDU_HEADER) + len(reply)
+    assert int(wire) == pcapng.PDU_HEADER_SIZE + len(reply)
     assert int(captured) == pcapng.PACKET_LIMIT and int(decoded) == size
     # one item, the cut: what is missing is not flagged as malformed
     assert lua_experts(tshark_packets(pcap)[1]) == ["capture.truncated"]

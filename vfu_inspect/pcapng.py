@@ -49,6 +49,7 @@ EPB_DIRECTION = {C2S: FLAG_INBOUND, S2C: FLAG_OUTBOUND}
 PEN = 32473
 CUSTOM_MAGIC = b"vfu1"
 EXP_PDU_TAG_DISSECTOR_NAME, EXP_PDU_TAG_END = 12, 0
+EXP_PDU_TAG_SRC_PORT, EXP_PDU_TAG_DST_PORT = 25, 26
 DISSECTOR_NAME = b"vfio_user"
 
 PACKET_LIMIT = 262144         # Wireshark's WTAP_MAX_PACKET_SIZE_STANDARD
@@ -82,13 +83,19 @@ def _custom(value: Any) -> bytes:
     return struct.pack("<I", PEN) + CUSTOM_MAGIC + msgpack.packb(value, use_bin_type=True)
 
 
-def _exported_pdu_header() -> bytes:
+def pdu_header(conn: int, channel: int) -> bytes:
+    """The Exported PDU tags: the dissector's name, and the connection and
+    channel as source and destination "ports", which the plugin reads as
+    pinfo.src_port / dst_port to keep connections apart when it pairs replies
+    (frame fields such as the interface id are not there in tshark's first pass)."""
     name = _padded(DISSECTOR_NAME)
     return (struct.pack(">HH", EXP_PDU_TAG_DISSECTOR_NAME, len(name)) + name
+            + struct.pack(">HHI", EXP_PDU_TAG_SRC_PORT, 4, conn & 0xFFFFFFFF)
+            + struct.pack(">HHI", EXP_PDU_TAG_DST_PORT, 4, channel)
             + struct.pack(">HH", EXP_PDU_TAG_END, 0))
 
 
-PDU_HEADER = _exported_pdu_header()
+PDU_HEADER_SIZE = len(pdu_header(0, MAIN))
 
 
 def interface_name(conn: int, channel: int) -> str:
@@ -127,15 +134,15 @@ class PcapngWriter:
 
     def message(self, msg: Message, comment: str = "") -> None:
         interface = self._interface(msg.conn, msg.channel)
-        fit = PACKET_LIMIT - len(PDU_HEADER)
-        packet, rest = PDU_HEADER + msg.data[:fit], msg.data[fit:]
+        fit = PACKET_LIMIT - PDU_HEADER_SIZE
+        packet, rest = pdu_header(msg.conn, msg.channel) + msg.data[:fit], msg.data[fit:]
         ours = {key: value for key, value in (("fds", msg.fds), ("rest", len(rest))) if value}
         options = _options(
             _option(EPB_FLAGS, struct.pack("<I", EPB_DIRECTION[msg.direction])),
             _option(OPT_COMMENT, comment.encode()) if comment else b"",
             _option(OPT_CUSTOM_BINARY, _custom(ours)) if ours else b"")
         body = struct.pack("<IIIII", interface, *_ticks(msg.ts_ns),
-                           len(packet), len(PDU_HEADER) + msg.wire_size)
+                           len(packet), PDU_HEADER_SIZE + msg.wire_size)
         self._file.write(_block(EPB, body + _padded(packet) + options))
         for start in range(0, len(rest), REST_CHUNK):
             self._statistics(interface, msg.ts_ns, {"rest": rest[start:start + REST_CHUNK]})
