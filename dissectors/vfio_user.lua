@@ -712,10 +712,11 @@ local function version(d, off)
         d:expert("version.json_unterminated",
                  "capabilities JSON is not NUL-terminated (QEMU rejects such a reply)")
     end
-    text = text:gsub("%z+$", "")
+    text = text:gsub("\0+$", "")
     local ok, doc = pcall(json.decode, text)
     if text:match("^%s*$") then ok, doc = true, {kind = "object", keys = {}, items = {}} end
-    local item = d:add(node, "version.json", start, #text, text)
+    -- shown up to its first NUL, as QEMU reads it
+    local item = d:add(node, "version.json", start, #text, text:match("^[^\0]*"))
     if not ok then
         d:expert("version.json_invalid", "capabilities JSON invalid: " .. tostring(doc))
         return string.format("%d.%d (invalid JSON)", v.major, v.minor)

@@ -654,7 +654,9 @@ def _version(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         source = text.decode("utf-8")
         caps = json.loads(source) if source.strip() else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        tree.add("version.json", text.decode("utf-8", "replace"), start, len(text), node)
+        # shown up to its first NUL, as QEMU reads it and Wireshark shows strings
+        shown = text.split(b"\0", 1)[0].decode("utf-8", "replace")
+        tree.add("version.json", shown, start, len(text), node)
         tree.expert("version.json_invalid", f"capabilities JSON invalid: {exc}",
                     start, len(text))
         return f"{v['major']}.{v['minor']} (invalid JSON)"
