@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -87,9 +89,33 @@ def normal(name: str, value):
     return value
 
 
-def tshark_packets(pcap: Path) -> list[list]:
-    packets = json.loads(tshark(pcap, "-2", "-T", "json"), object_pairs_hook=lambda p: p)
+def tshark_packets(pcap: Path, run=tshark) -> list[list]:
+    packets = json.loads(run(pcap, "-2", "-T", "json"), object_pairs_hook=lambda p: p)
     return [dict(dict(p)["_source"])["layers"] for p in packets]
+
+
+# Another Wireshark, in a root filesystem of its own: e.g. Debian 13's 4.4 with
+# Lua 5.4 (debootstrap trixie DIR; chroot DIR apt-get install tshark).  Needs root.
+OTHER_ROOT = os.environ.get("VFU_INSPECT_TSHARK_ROOT")
+
+
+def tshark_in_other_root(pcap: Path, *args: str) -> str:
+    """tshark of OTHER_ROOT, as an unprivileged user (Wireshark 4.4 ignores Lua
+    scripts when run as root)."""
+    work = Path(tempfile.mkdtemp(dir=Path(OTHER_ROOT) / "tmp"))
+    try:
+        for path in (pcap, wireshark.PLUGIN):
+            shutil.copy(path, work / path.name)
+        work.chmod(0o755)
+        inside = Path("/") / work.relative_to(OTHER_ROOT)
+        result = subprocess.run(
+            ["chroot", "--userspec=65534:65534", OTHER_ROOT, "env", f"HOME={inside}", "tshark",
+             "-X", f"lua_script:{inside / wireshark.PLUGIN.name}", "-r", str(inside / pcap.name),
+             *args], capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(work)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def test_committed_plugin_is_generated_from_the_current_registry():
@@ -186,12 +212,15 @@ def made_capture(name: str | Path, tmp_path: Path) -> Path:
     return capture
 
 
-@needs_tshark
+@pytest.mark.parametrize("run", [
+    pytest.param(tshark, marks=needs_tshark, id="tshark"),
+    pytest.param(tshark_in_other_root, id="other-root", marks=pytest.mark.skipif(
+        OTHER_ROOT is None, reason="VFU_INSPECT_TSHARK_ROOT names no other Wireshark"))])
 @pytest.mark.parametrize("capture", [*SAMPLES, *MADE], ids=lambda p: getattr(p, "stem", p))
-def test_tshark_with_the_plugin_gives_the_same_fields_as_read(tmp_path, capture):
+def test_tshark_with_the_plugin_gives_the_same_fields_as_read(tmp_path, capture, run):
     capture = made_capture(capture, tmp_path)
     ours = read_json(capture)
-    theirs = tshark_packets(export(capture, tmp_path / "out.pcapng"))
+    theirs = tshark_packets(export(capture, tmp_path / "out.pcapng"), run)
     assert len(theirs) == len(ours)
     compared = 0
     for mine, other in zip(ours, theirs):
