@@ -455,3 +455,21 @@ def test_damaged_pcapng_files_never_raise_anything_but_a_clear_error(tmp_path):
     assert outcomes["read"] > 100          # most damage loses a block, not the file
     result = run_vfu("import", str(path), "-o", str(tmp_path / "x.vfucap"))
     assert result.returncode in (0, 2) and "Traceback" not in result.stderr
+
+
+@needs_tshark
+def test_records_bigger_than_a_pcapng_option_survive(tmp_path):
+    """An option's length is 16 bits: a close event listing 5000 unanswered
+    requests, 253 fds and a 80 KB comment are split or cut, never corrupt."""
+    from vfu_inspect.capture import CLOSE, Event
+    event = Event(CLOSE, 5, 0, {"by": "client", "unanswered": [
+        {"cmd": "DMA_MAP", "msg_id": i} for i in range(5000)]})
+    msg = Message(1, 0, 0, 0, struct.pack("<HHIII", 1, 13, 16, 0, 0),
+                  [{"kind": "memfd", "size": 4096, "inode": i} for i in range(253)])
+    pcap = tmp_path / "big.pcapng"
+    with pcapng.PcapngFileWriter(pcap, "x" * 70000) as writer:
+        writer.write(msg, "é" * 40000)
+        writer.write(event)
+    assert pcapng.read_pcapng(pcap) == ([msg, event], [])
+    comment = tshark(pcap, "-T", "fields", "-e", "frame.comment").strip()
+    assert 0 < len(comment.encode()) <= 0xFFFF and set(comment) == {"é"}

@@ -76,11 +76,22 @@ def _block(kind: int, body: bytes) -> bytes:
 
 
 def _ticks(ts_ns: int) -> tuple[int, int]:
+    ts_ns = min(max(ts_ns, 0), (1 << 64) - 1)      # a record's time, however odd, fits
     return ts_ns >> 32, ts_ns & 0xFFFFFFFF
 
 
-def _custom(value: Any) -> bytes:
-    return struct.pack("<I", PEN) + CUSTOM_MAGIC + msgpack.packb(value, use_bin_type=True)
+def _text(text: str) -> bytes:
+    """A text option's value: UTF-8, cut to the 16-bit option length."""
+    return text.encode()[:0xFFFF].decode("utf-8", "ignore").encode()
+
+
+def _ours_options(value: dict[str, Any]) -> bytes:
+    """vfu-inspect's value as custom options: as many as its size needs, each
+    holding the next piece (an option's length is 16 bits)."""
+    data = msgpack.packb(value, use_bin_type=True)
+    tag = struct.pack("<I", PEN) + CUSTOM_MAGIC
+    return b"".join(_option(OPT_CUSTOM_BINARY, tag + data[start:start + REST_CHUNK])
+                    for start in range(0, len(data), REST_CHUNK))
 
 
 def pdu_header(conn: int, channel: int) -> bytes:
@@ -122,7 +133,7 @@ class PcapngWriter:
         self._interfaces: dict[tuple[int, int], int] = {}
         shb = struct.pack("<IHHq", BYTE_ORDER_MAGIC, 1, 0, -1) + _options(
             _option(SHB_USERAPPL, f"vfu-inspect {__version__}".encode()),
-            _option(OPT_COMMENT, source.encode()) if source else b"")
+            _option(OPT_COMMENT, _text(source)) if source else b"")
         file.write(_block(SHB, shb))
 
     def write(self, record: Record, comment: str | None = None) -> None:
@@ -139,8 +150,8 @@ class PcapngWriter:
         ours = {key: value for key, value in (("fds", msg.fds), ("rest", len(rest))) if value}
         options = _options(
             _option(EPB_FLAGS, struct.pack("<I", EPB_DIRECTION[msg.direction])),
-            _option(OPT_COMMENT, comment.encode()) if comment else b"",
-            _option(OPT_CUSTOM_BINARY, _custom(ours)) if ours else b"")
+            _option(OPT_COMMENT, _text(comment)) if comment else b"",
+            _ours_options(ours) if ours else b"")
         body = struct.pack("<IIIII", interface, *_ticks(msg.ts_ns),
                            len(packet), PDU_HEADER_SIZE + msg.wire_size)
         self._file.write(_block(EPB, body + _padded(packet) + options))
@@ -155,8 +166,8 @@ class PcapngWriter:
                     comment: str = "") -> None:
         """An Interface Statistics Block: Wireshark keeps it out of the packet
         list, so frame numbers stay message numbers."""
-        options = _options(_option(OPT_COMMENT, comment.encode()) if comment else b"",
-                           _option(OPT_CUSTOM_BINARY, _custom(ours)))
+        options = _options(_option(OPT_COMMENT, _text(comment)) if comment else b"",
+                           _ours_options(ours))
         body = struct.pack("<III", interface, *_ticks(ts_ns))
         self._file.write(_block(ISB, body + options))
 
@@ -169,8 +180,7 @@ class PcapngWriter:
             self._interfaces[key] = len(self._interfaces)
             idb = struct.pack("<HHI", LINKTYPE_WIRESHARK_UPPER_PDU, 0, 0) + _options(
                 _option(IF_NAME, interface_name(conn, channel).encode()),
-                _option(IF_DESCRIPTION,
-                        interface_description(conn, channel, self.source).encode()),
+                _option(IF_DESCRIPTION, _text(interface_description(conn, channel, self.source))),
                 _option(IF_TSRESOL, bytes([9])))
             self._file.write(_block(IDB, idb))
         return self._interfaces[key]
@@ -389,20 +399,14 @@ def _ours(options: bytes) -> dict[str, Any]:
 
 
 def _ours_of(options: dict[int, list[bytes]]) -> dict[str, Any]:
-    """What vfu-inspect keeps in its custom option: {} when there is none."""
-    values = (_custom_value(o) for o in options.get(OPT_CUSTOM_BINARY, []))
-    return next((v for v in values if isinstance(v, dict)), {})
-
-
-def _custom_value(option: bytes) -> Any:
-    """The value of one of our custom options; None for others'."""
-    if len(option) < 8 or struct.unpack_from("<I", option)[0] != PEN \
-            or option[4:8] != CUSTOM_MAGIC:
-        return None
+    """What vfu-inspect keeps in its custom options: {} when there is none."""
+    tag = struct.pack("<I", PEN) + CUSTOM_MAGIC
+    pieces = [o[8:] for o in options.get(OPT_CUSTOM_BINARY, []) if o[:8] == tag]
     try:
-        return msgpack.unpackb(option[8:], raw=False, strict_map_key=False)
+        value = msgpack.unpackb(b"".join(pieces), raw=False, strict_map_key=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-        return None
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _event_of(value: Any) -> Event | None:
