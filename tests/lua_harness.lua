@@ -94,7 +94,7 @@ local function shown(f, r, value)
     elseif f.kind == "string" then
         return hex(value or r:raw())
     elseif f.kind == "double" then
-        return string.format("%.6f", value)
+        return string.format("%.9f", value)
     end
     return tostring(value)
 end

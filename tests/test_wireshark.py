@@ -82,8 +82,8 @@ def normal(name: str, value):
         return value == "1" if isinstance(value, str) else bool(value)
     if kind == fields.BYTES:
         return value.replace(":", "")
-    if kind == fields.FLOAT:
-        return round(float(value), 6)
+    if kind == fields.FLOAT:        # times: whole nanoseconds, whatever the float's last digits
+        return round(float(value), 9)
     if kind == fields.FRAME:
         return int(value)
     return value
@@ -371,7 +371,7 @@ def as_text(name: str, value) -> str:
     if kind == fields.STRING:
         return value.encode().hex()
     if kind == fields.FLOAT:
-        return f"{value:.6f}"
+        return f"{value:.9f}"
     return str(value)
 
 
@@ -473,3 +473,34 @@ def test_records_bigger_than_a_pcapng_option_survive(tmp_path):
     assert pcapng.read_pcapng(pcap) == ([msg, event], [])
     comment = tshark(pcap, "-T", "fields", "-e", "frame.comment").strip()
     assert 0 < len(comment.encode()) <= 0xFFFF and set(comment) == {"é"}
+
+
+LIBVFIO_USER = os.environ.get("LIBVFIO_USER_BUILD")
+
+
+@needs_tshark
+@pytest.mark.skipif(not LIBVFIO_USER, reason="set LIBVFIO_USER_BUILD to a libvfio-user build dir")
+def test_libvfio_user_session_recorded_as_pcapng_reads_the_same_in_tshark(tmp_path):
+    """libvfio-user's samples/client and samples/server through `proxy -w
+    X.pcapng`: the file imports, and tshark decodes it as vfu-inspect does."""
+    build = Path(LIBVFIO_USER)
+    real, listen, pcap = tmp_path / "lvu.sock", tmp_path / "p.sock", tmp_path / "lvu.pcapng"
+    server = subprocess.Popen([str(build / "samples" / "server"), "-v", str(real)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_socket(real, server)
+    proxy = vfu("proxy", "--listen", str(listen), "--server", str(real), "-w", str(pcap))
+    wait_for_socket(listen, proxy)
+    try:
+        result = subprocess.run([str(build / "samples" / "client"), str(listen)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+    finally:
+        stop(proxy)
+        server.kill()
+        server.wait()
+    capture = tmp_path / "lvu.vfucap"
+    assert run_vfu("import", str(pcap), "-o", str(capture)).returncode == 0
+    ours, theirs = read_json(capture), tshark_packets(pcap)
+    assert len(ours) == len(theirs) > 100
+    for mine, other in zip(ours, theirs):
+        assert leaves(other, {}) == leaves(mine["layers"].items(), {}), f"frame {mine['frame']}"
