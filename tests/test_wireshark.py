@@ -317,6 +317,8 @@ def test_pcapng_of_another_link_type_is_refused_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["export", "/nonexistent.vfucap", "-o", "x.pcapng"], "cannot open"),
+    (["export", str(SAMPLES[0]), "-o", str(SAMPLES[0])], "is also the input"),
+    (["import", str(SAMPLES[0]), "-o", str(SAMPLES[0])], "is also the input"),
     (["export", str(SAMPLES[0]), "-o", "/nonexistent/dir/x.pcapng"], "cannot write"),
     (["wireshark-plugin", "--install", "/proc/none"], "vfu-inspect: error"),
 ])

@@ -386,7 +386,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     records, problems = _imported(fmt, args.inputs)
     messages = 0
     with _output(CaptureWriter, args.output, f"import {fmt}: {' '.join(args.inputs)}",
-                 autoflush=False) as writer:
+                 args.inputs, autoflush=False) as writer:
         for record in records:          # streamed: a big pcapng is never held whole
             writer.write(record)
             messages += isinstance(record, Message)
@@ -446,7 +446,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     analyzer = _analyzer(args, two_pass=True)
     messages = 0
     with CaptureReader(args.file) as reader, \
-            _output(PcapngFileWriter, args.output, f"export of {args.file}") as writer:
+            _output(PcapngFileWriter, args.output, f"export of {args.file}", [args.file]) as writer:
         for p in analyzer.run(reader, events=True):
             if isinstance(p, Dissected):
                 writer.write(p.msg, packet_comment(p))
@@ -458,7 +458,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _output(factory, path: str, source: str, **options):
+def _output(factory, path: str, source: str, inputs: list[str], **options):
+    """The writer of `path`, refusing to overwrite an input it is made from."""
+    for name in inputs:
+        if os.path.exists(path) and os.path.samefile(path, name):
+            raise UserError(f"{path} is also the input: choose another output")
     try:
         return factory(path, source, **options)
     except OSError as exc:
