@@ -309,6 +309,17 @@ local CAPABILITIES = {
     ["write_multiple"] = "bool",
 }
 
+-- protocol constants, named as in dissectors/vfio_user.py
+local P = {HEADER_SIZE = 16, TYPE_COMMAND = 0, TYPE_REPLY = 1, FLAG_TYPE_MASK = 15, FLAG_NO_REPLY = 16, FLAG_ERROR = 32, SPEC_DMA_MAP_FLAGS = 3, SET_IRQS_DATA = 7, SET_IRQS_ACTION = 56, FEATURE_GET = 65536, FEATURE_SET = 131072, FEATURE_PROBE = 262144}
+local CMD = {VERSION = 1, DMA_MAP = 2, DMA_UNMAP = 3, DEVICE_GET_INFO = 4, DEVICE_GET_REGION_INFO = 5, DEVICE_GET_REGION_IO_FDS = 6, DEVICE_GET_IRQ_INFO = 7, DEVICE_SET_IRQS = 8, REGION_READ = 9, REGION_WRITE = 10, DMA_READ = 11, DMA_WRITE = 12, DEVICE_RESET = 13, DIRTY_PAGES = 14, REGION_WRITE_MULTI = 15, DEVICE_FEATURE = 16, MIG_DATA_READ = 17, MIG_DATA_WRITE = 18}
+local FEATURE = {MIGRATION = 1, MIG_DEVICE_STATE = 2, DMA_LOGGING_START = 6, DMA_LOGGING_STOP = 7, DMA_LOGGING_REPORT = 8}
+local REGION_CAP = {SPARSE_MMAP = 1, TYPE = 2, MIGRATION = 3}
+local DMA_MAP_FLAGS = {read = 1, write = 2, mmap = 4, file_io = 8}
+local DMA_UNMAP_FLAGS = {get_dirty_bitmap = 1, all = 2}
+local REGION_FLAGS = {read = 1, write = 2, mmap = 4, caps = 8}
+local SET_IRQS_FLAGS = {data_none = 1, data_bool = 2, data_eventfd = 4, mask = 8, unmask = 16, trigger = 32}
+local OBSOLETE_COMMANDS = {[14] = true}
+
 local COMMANDS, ERRNOS, REGIONS, IRQS, FEATURES, MIG_STATES = VALUES[1], VALUES[3], VALUES[4], VALUES[7], VALUES[8], VALUES[9]
 
 local E = {}
@@ -403,11 +414,17 @@ vfio_user.experts = all_experts
 -- Lua 5.2 has no bit operators and 5.4's would not parse on 5.2.
 local band = bit and bit.band or load("return function(a, b) return a & b end")()
 
-local HEADER_SIZE = 16
+local HEADER_SIZE, TYPE_COMMAND, TYPE_REPLY = P.HEADER_SIZE, P.TYPE_COMMAND, P.TYPE_REPLY
+local U32 = 0xFFFFFFFF
 local TWO_64 = 18446744073709551616.0
-local TYPE_COMMAND, TYPE_REPLY = 0, 1
-local FLAG_NO_REPLY, FLAG_ERROR = 0x10, 0x20
 local P2P_DIR_RECV = 1          -- inbound at the server's socket: client to server
+
+-- The sum of a flag table's bits (they are distinct).
+local function all_bits(flags)
+    local sum = 0
+    for _, bit_ in pairs(flags) do sum = sum + bit_ end
+    return sum
+end
 
 -- --- building the tree ----------------------------------------------------------
 
@@ -497,6 +514,16 @@ end
 
 function Dissection:size(name)
     return LAYERS[name].size
+end
+
+-- A layer member's value at `offset` (where the layer starts), or nil when
+-- the message is too short: for the few values read before the layer is.
+function Dissection:member(name, field, offset)
+    for _, m in ipairs(LAYERS[name]) do
+        if m[1] == field and offset + m[2] + m[3] <= self.len then
+            return self:number(offset + m[2], m[3])
+        end
+    end
 end
 
 function Dissection:expect_end(stop, what, parent)
@@ -724,9 +751,9 @@ local function version(d, off)
     capabilities(d, doc, item, start, #text)
     return string.format("%d.%d %s", v.major, v.minor, text)
 end
-REQUESTS[1], REPLIES[1] = version, version
+REQUESTS[CMD.VERSION], REPLIES[CMD.VERSION] = version, version
 
-REQUESTS[2] = function(d, off)
+REQUESTS[CMD.DMA_MAP] = function(d, off)
     local _, v = d:layer("DmaMap", off)
     d:expect_end(off + d:size("DmaMap"), "DMA_MAP request")
     if v.size == nil then return "" end
@@ -734,24 +761,25 @@ REQUESTS[2] = function(d, off)
         d:expert("argsz.mismatch", string.format(
             "DMA_MAP argsz %d, the request struct is 32 bytes", v.argsz))
     end
-    if band(v.flags, 0xFFFFFFF0) ~= 0 then
+    local known = all_bits(DMA_MAP_FLAGS)
+    if band(v.flags, U32 - known) ~= 0 then
         d:expert("dma_map.flags_unknown", string.format(
             "DMA_MAP flags 0x%x has bits no implementation knows", v.flags))
-    elseif band(v.flags, 0xC) ~= 0 then
+    elseif band(v.flags, known - P.SPEC_DMA_MAP_FLAGS) ~= 0 then
         d:expert("dma_map.flags_extension", string.format(
             "DMA_MAP flags 0x%x: MMAP/FILE_IO are libvfio-user extensions", v.flags))
     end
     return string.format("iova=%s size=%s", hex(v.address), hex(v.size))
 end
-bare(2, {REPLIES})
+bare(CMD.DMA_MAP, {REPLIES})
 
 local function dma_unmap(d, off)
     local node, v = d:layer("DmaUnmap", off)
     if v.size == nil then return "" end
     local stop = off + d:size("DmaUnmap")
     local info = string.format("iova=%s size=%s", hex(v.address), hex(v.size))
-    if band(v.flags, 2) ~= 0 then info = info .. " ALL" end
-    if band(v.flags, 1) ~= 0 then
+    if band(v.flags, DMA_UNMAP_FLAGS.all) ~= 0 then info = info .. " ALL" end
+    if band(v.flags, DMA_UNMAP_FLAGS.get_dirty_bitmap) ~= 0 then
         local _, bm = d:layer("DirtyBitmap", stop, node)
         stop = stop + d:size("DirtyBitmap")
         if not d.reply and bm.size ~= nil and bm.pgsize ~= 0 then
@@ -775,16 +803,16 @@ local function dma_unmap(d, off)
     d:expect_end(stop, "DMA_UNMAP")
     return info
 end
-REQUESTS[3], REPLIES[3] = dma_unmap, dma_unmap
+REQUESTS[CMD.DMA_UNMAP], REPLIES[CMD.DMA_UNMAP] = dma_unmap, dma_unmap
 
-REQUESTS[4] = function(d, off)
+REQUESTS[CMD.DEVICE_GET_INFO] = function(d, off)
     local _, v = d:layer("DeviceInfo", off)
     d:expect_end(off + d:size("DeviceInfo"), "DEVICE_GET_INFO request")
     if v.argsz then d:request_argsz(v.argsz, d:size("DeviceInfo"), "DEVICE_GET_INFO") end
     return ""
 end
 
-REPLIES[4] = function(d, off)
+REPLIES[CMD.DEVICE_GET_INFO] = function(d, off)
     local _, v = d:layer("DeviceInfo", off)
     d:expect_end(off + d:size("DeviceInfo"), "DEVICE_GET_INFO reply")
     if v.num_irqs == nil then return "" end
@@ -792,7 +820,7 @@ REPLIES[4] = function(d, off)
     return string.format("regions=%d irqs=%d flags=0x%x", v.num_regions, v.num_irqs, v.flags)
 end
 
-REQUESTS[5] = function(d, off)
+REQUESTS[CMD.DEVICE_GET_REGION_INFO] = function(d, off)
     local _, v = d:layer("RegionInfo", off)
     if v.index == nil then return "" end
     d:request_argsz(v.argsz, d:size("RegionInfo"), "DEVICE_GET_REGION_INFO")
@@ -828,9 +856,9 @@ local function region_caps(d, base, cap_offset, parent)
         local node, cap = d:layer("RegionCap", base + offset, parent)
         if cap.next == nil then break end
         local body = base + offset + d:size("RegionCap")
-        if cap.id == 1 then
+        if cap.id == REGION_CAP.SPARSE_MMAP then
             stop = math.max(stop, sparse_areas(d, body, node))
-        elseif cap.id == 2 then
+        elseif cap.id == REGION_CAP.TYPE then
             d:layer("RegionType", body, node)
             stop = math.max(stop, body + d:size("RegionType"))
         else
@@ -842,14 +870,14 @@ local function region_caps(d, base, cap_offset, parent)
     return math.min(stop, d.len)
 end
 
-REPLIES[5] = function(d, off)
+REPLIES[CMD.DEVICE_GET_REGION_INFO] = function(d, off)
     local node, v = d:layer("RegionInfo", off)
     if v.offset == nil then return "" end
     local payload = d.len - off
     d:reply_argsz(v.argsz, payload, "DEVICE_GET_REGION_INFO")
     local info = string.format("%s size=%s", region_name(v.index), hex(v.size))
     local stop = off + d:size("RegionInfo")
-    if band(v.flags, 8) ~= 0 then
+    if band(v.flags, REGION_FLAGS.caps) ~= 0 then
         if v.argsz > payload then
             info = info .. " (truncated)"
         elseif v.cap_offset == 0 then
@@ -864,13 +892,13 @@ REPLIES[5] = function(d, off)
     return info
 end
 
-REQUESTS[6] = function(d, off)
+REQUESTS[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, off)
     local _, v = d:layer("RegionIoFds", off)
     d:expect_end(off + d:size("RegionIoFds"), "DEVICE_GET_REGION_IO_FDS request")
     return v.index and region_name(v.index) or ""
 end
 
-REPLIES[6] = function(d, off)
+REPLIES[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, off)
     local node, v = d:layer("RegionIoFds", off)
     if v.count == nil then return "" end
     local start = off + d:size("RegionIoFds")
@@ -881,7 +909,8 @@ REPLIES[6] = function(d, off)
         return region_name(v.index) .. " 0 sub-regions"
     end
     local entry = (body % count == 0) and body / count or 0
-    local layout = ({[40] = "SubRegion", [48] = "ShadowSubRegion"})[entry]
+    local layout = ({[d:size("SubRegion")] = "SubRegion",
+                     [d:size("ShadowSubRegion")] = "ShadowSubRegion"})[entry]
     if layout == nil then
         d:expert("region_io_fds.entry_size", string.format(
             "%d bytes for %d sub-regions: entries must be 40 or 48 bytes", body, count))
@@ -900,7 +929,7 @@ REPLIES[6] = function(d, off)
     return string.format("%s %d sub-regions", region_name(v.index), v.count)
 end
 
-REQUESTS[7] = function(d, off)
+REQUESTS[CMD.DEVICE_GET_IRQ_INFO] = function(d, off)
     local _, v = d:layer("IrqInfo", off)
     d:expect_end(off + d:size("IrqInfo"), "DEVICE_GET_IRQ_INFO request")
     if v.index == nil then return "" end
@@ -908,7 +937,7 @@ REQUESTS[7] = function(d, off)
     return irq_name(v.index)
 end
 
-REPLIES[7] = function(d, off)
+REPLIES[CMD.DEVICE_GET_IRQ_INFO] = function(d, off)
     local _, v = d:layer("IrqInfo", off)
     d:expect_end(off + d:size("IrqInfo"), "DEVICE_GET_IRQ_INFO reply")
     if v.count == nil then return "" end
@@ -916,16 +945,18 @@ REPLIES[7] = function(d, off)
     return string.format("%s count=%d", irq_name(v.index), v.count)
 end
 
-REQUESTS[8] = function(d, off)
+REQUESTS[CMD.DEVICE_SET_IRQS] = function(d, off)
     local node, v = d:layer("SetIrqs", off)
     if v.count == nil then return "" end
     local data = off + d:size("SetIrqs")
-    local kind, action = band(v.flags, 0x7), band(v.flags, 0x38)
-    if not (kind == 1 or kind == 2 or kind == 4) or not (action == 8 or action == 16 or action == 32) then
+    local kind, action = band(v.flags, P.SET_IRQS_DATA), band(v.flags, P.SET_IRQS_ACTION)
+    local F_ = SET_IRQS_FLAGS
+    if not (kind == F_.data_none or kind == F_.data_bool or kind == F_.data_eventfd)
+            or not (action == F_.mask or action == F_.unmask or action == F_.trigger) then
         d:expert("set_irqs.flags", string.format(
             "flags 0x%x: exactly one data type and one action must be set", v.flags))
     end
-    if kind == 2 then
+    if kind == F_.data_bool then
         d:add_bytes(node, "set_irqs.data", data, d.len)
         for i = 0, math.min(v.count, d.len - data) - 1 do
             local item = d:add(node, "set_irqs.bool", data + i, 1, d.buf(data + i, 1):uint())
@@ -944,7 +975,7 @@ REQUESTS[8] = function(d, off)
     end
     return string.format("%s start=%d count=%d", irq_name(v.index), v.start, v.count)
 end
-bare(8, {REPLIES})
+bare(CMD.DEVICE_SET_IRQS, {REPLIES})
 
 local function region_access(layout, prefix, with_data)
     return function(d, off)
@@ -963,12 +994,12 @@ local function region_access(layout, prefix, with_data)
         return string.format("%s offset=%s count=%d", region_name(v.region), hex(v.offset), v.count)
     end
 end
-REQUESTS[9] = region_access("RegionRead", "region_read", false)
-REPLIES[9] = region_access("RegionRead", "region_read", true)
-REQUESTS[10] = region_access("RegionWrite", "region_write", true)
-REPLIES[10] = region_access("RegionWrite", "region_write", false)
+REQUESTS[CMD.REGION_READ] = region_access("RegionRead", "region_read", false)
+REPLIES[CMD.REGION_READ] = region_access("RegionRead", "region_read", true)
+REQUESTS[CMD.REGION_WRITE] = region_access("RegionWrite", "region_write", true)
+REPLIES[CMD.REGION_WRITE] = region_access("RegionWrite", "region_write", false)
 
-REQUESTS[15] = function(d, off)
+REQUESTS[CMD.REGION_WRITE_MULTI] = function(d, off)
     local node, v = d:layer("WriteMulti", off)
     if v.wr_cnt == nil then return "" end
     local offset, size = off + d:size("WriteMulti"), d:size("WriteMultiEntry")
@@ -989,7 +1020,7 @@ REQUESTS[15] = function(d, off)
     return dec(v.wr_cnt) .. " writes"
 end
 
-REPLIES[15] = function(d, off)
+REPLIES[CMD.REGION_WRITE_MULTI] = function(d, off)
     local _, v = d:layer("WriteMulti", off)
     d:expect_end(off + d:size("WriteMulti"), "REGION_WRITE_MULTI reply")
     return v.wr_cnt and (dec(v.wr_cnt) .. " completed") or ""
@@ -1008,9 +1039,10 @@ local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
     end
     local function on_request(d, off)
         local v = body(d, off, spec, data_in_request)
-        if data_in_request and v.count ~= nil and d.len - off - 16 ~= v.count then
+        local sent = d.len - off - d:size(spec)
+        if data_in_request and v.count ~= nil and sent ~= v.count then
             d:expert(prefix .. ".count", string.format(
-                "count is %s but %d data bytes follow", dec(v.count), d.len - off - 16))
+                "count is %s but %d data bytes follow", dec(v.count), sent))
         end
         return string.format("addr=%s count=%s", hex(v.address or 0), v.count and dec(v.count) or "?")
     end
@@ -1023,8 +1055,10 @@ local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
             return "bare reply (QEMU layout)"
         end
         local layout = spec
-        if data_in_reply and asked ~= nil and d.len >= off + 16
-                and d:number(off + 8, 8) ~= asked and d:number(off + 8, 4) == asked then
+        -- the spec's count is a u64 where QEMU's is a u32 followed by data
+        if data_in_reply and asked ~= nil and d.len >= off + d:size(spec)
+                and d:member(spec, prefix .. ".count", off) ~= asked
+                and d:member(qemu, prefix .. ".count", off) == asked then
             layout = qemu
             d:expert("interop.dma_qemu_layout", LAYERS[spec].label ..
                 " reply in QEMU's layout (u32 count, data at offset 12), not the spec's")
@@ -1046,19 +1080,21 @@ local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
     end
     return on_request, on_reply
 end
-REQUESTS[11], REPLIES[11] = dma_access("DmaRead", "QemuDmaRead", "dma_read", false, true)
-REQUESTS[12], REPLIES[12] = dma_access("DmaWrite", "QemuDmaWrite", "dma_write", true, false)
-bare(13, {REQUESTS, REPLIES})
+REQUESTS[CMD.DMA_READ], REPLIES[CMD.DMA_READ] =
+    dma_access("DmaRead", "QemuDmaRead", "dma_read", false, true)
+REQUESTS[CMD.DMA_WRITE], REPLIES[CMD.DMA_WRITE] =
+    dma_access("DmaWrite", "QemuDmaWrite", "dma_write", true, false)
+bare(CMD.DEVICE_RESET, {REQUESTS, REPLIES})
 
 local function feature_data(d, offset, feature, parent)
-    if feature == 1 then
+    if feature == FEATURE.MIGRATION then
         d:layer("MigrationFeature", offset, parent)
         d:expect_end(offset + d:size("MigrationFeature"), "MIGRATION feature")
-    elseif feature == 2 then
+    elseif feature == FEATURE.MIG_DEVICE_STATE then
         local _, f = d:layer("MigDeviceState", offset, parent)
         d:expect_end(offset + d:size("MigDeviceState"), "MIG_DEVICE_STATE")
         return " state=" .. (MIG_STATES[f.device_state] or tostring(f.device_state))
-    elseif feature == 6 or feature == 7 then
+    elseif feature == FEATURE.DMA_LOGGING_START or feature == FEATURE.DMA_LOGGING_STOP then
         local node, f = d:layer("DmaLogging", offset, parent)
         offset = offset + d:size("DmaLogging")
         local count = f.num_ranges or 0
@@ -1072,7 +1108,7 @@ local function feature_data(d, offset, feature, parent)
             offset = offset + d:size("DmaLoggingRange")
         end
         d:expect_end(offset, "DMA logging")
-    elseif feature == 8 then
+    elseif feature == FEATURE.DMA_LOGGING_REPORT then
         local node, f = d:layer("DmaLoggingReport", offset, parent)
         local bitmap = offset + d:size("DmaLoggingReport")
         if d.len > bitmap then
@@ -1095,9 +1131,9 @@ end
 local function device_feature(d, off)
     local node, v = d:layer("DeviceFeature", off)
     if v.flags == nil then return "" end
-    local feature = band(v.flags, 0xFFFF)
-    local get, set, probe = band(v.flags, 0x10000) ~= 0, band(v.flags, 0x20000) ~= 0,
-                            band(v.flags, 0x40000) ~= 0
+    local feature = band(v.flags, P.FEATURE_GET - 1)      -- the bits below the operations
+    local get, set, probe = band(v.flags, P.FEATURE_GET) ~= 0, band(v.flags, P.FEATURE_SET) ~= 0,
+                            band(v.flags, P.FEATURE_PROBE) ~= 0
     if get and set and not probe then
         d:expert("device_feature.get_and_set", "GET and SET together are only allowed with PROBE")
     end
@@ -1111,7 +1147,7 @@ local function device_feature(d, off)
     if d.len > data then info = info .. feature_data(d, data, feature, node) end
     return info
 end
-REQUESTS[16], REPLIES[16] = device_feature, device_feature
+REQUESTS[CMD.DEVICE_FEATURE], REPLIES[CMD.DEVICE_FEATURE] = device_feature, device_feature
 
 local function mig_data(layout, prefix, with_data, is_reply)
     return function(d, off)
@@ -1134,14 +1170,18 @@ local function mig_data(layout, prefix, with_data, is_reply)
         end
         if is_reply then
             d:reply_argsz(v.argsz, math.min(d.len - off, d:size(layout) + v.size), LAYERS[layout].label)
+            local asked = d.request and d.request.size
+            if asked and v.size < asked then
+                return string.format("size=%d (end of stream: %d asked)", v.size, asked)
+            end
         end
         return "size=" .. v.size
     end
 end
-REQUESTS[17] = mig_data("MigDataRead", "mig_data_read", false, false)
-REPLIES[17] = mig_data("MigDataRead", "mig_data_read", true, true)
-REQUESTS[18] = mig_data("MigDataWrite", "mig_data_write", true, false)
-bare(18, {REPLIES})
+REQUESTS[CMD.MIG_DATA_READ] = mig_data("MigDataRead", "mig_data_read", false, false)
+REPLIES[CMD.MIG_DATA_READ] = mig_data("MigDataRead", "mig_data_read", true, true)
+REQUESTS[CMD.MIG_DATA_WRITE] = mig_data("MigDataWrite", "mig_data_write", true, false)
+bare(CMD.MIG_DATA_WRITE, {REPLIES})
 
 -- --- request/reply matching (as Wireshark's SRT does) ----------------------------
 -- First pass: requests wait in a FIFO per (connection, channel, direction,
@@ -1181,10 +1221,12 @@ end
 -- Values of a request that its reply's layout depends on.
 local function remember_request(d, h)
     if h.type ~= TYPE_COMMAND then return end
-    if (h.cmd == 11 or h.cmd == 12) and d.len >= HEADER_SIZE + 16 then
-        d.request_count = d:number(HEADER_SIZE + 8, 8)
-    elseif h.cmd == 17 and d.len >= HEADER_SIZE + 8 then
-        d.request_size = d:number(HEADER_SIZE + 4, 4)
+    if h.cmd == CMD.DMA_READ then
+        d.request_count = d:member("DmaRead", "dma_read.count", HEADER_SIZE)
+    elseif h.cmd == CMD.DMA_WRITE then
+        d.request_count = d:member("DmaWrite", "dma_write.count", HEADER_SIZE)
+    elseif h.cmd == CMD.MIG_DATA_READ then
+        d.request_size = d:member("MigDataRead", "mig_data_read.size", HEADER_SIZE)
     end
 end
 
@@ -1200,8 +1242,9 @@ local function header_checks(d, h)
     end
     if COMMANDS[h.cmd] == nil then
         d:expert("header.unknown_command", "unknown command " .. h.cmd)
-    elseif h.cmd == 14 then
-        d:expert("header.obsolete_command", "command 14 (DIRTY_PAGES) is not in the current spec")
+    elseif OBSOLETE_COMMANDS[h.cmd] then
+        d:expert("header.obsolete_command", string.format(
+            "command %d (%s) is not in the current spec", h.cmd, COMMANDS[h.cmd]))
     end
     if h.error_flag and h.type ~= TYPE_REPLY then
         d:expert("header.error_in_command", "ERROR flag set on a message whose type says command")
@@ -1209,7 +1252,7 @@ local function header_checks(d, h)
     if h.no_reply and h.type == TYPE_REPLY then
         d:expert("header.no_reply_in_reply", "NO_REPLY flag set on a reply")
     end
-    if band(h.flags, 0xFFFFFFC0) ~= 0 then
+    if band(h.flags, U32 - (P.FLAG_TYPE_MASK + P.FLAG_NO_REPLY + P.FLAG_ERROR)) ~= 0 then
         d:expert("header.flags_unknown", string.format("unknown flag bits in 0x%x", h.flags))
     end
     if h.error_flag and h.type == TYPE_REPLY and h.error == 0 then
@@ -1252,7 +1295,7 @@ function vfio_user.dissector(buf, pinfo, tree)
     local root = tree:add(vfio_user, buf())
     local d = setmetatable({buf = buf, len = buf:len(), wire = buf:reported_len(), root = root,
                             c2s = pinfo.p2p_dir == P2P_DIR_RECV}, Dissection)
-    d.reply = buf:len() >= HEADER_SIZE and band(d:number(8, 4), 0xF) == TYPE_REPLY
+    d.reply = buf:len() >= HEADER_SIZE and band(d:number(8, 4), P.FLAG_TYPE_MASK) == TYPE_REPLY
     if d.wire > d.len then
         d:expert("capture.truncated", string.format("only %d of the message's %d bytes are in "
             .. "this packet (Wireshark's packet size limit); vfu-inspect import has them all",
@@ -1266,9 +1309,9 @@ function vfio_user.dissector(buf, pinfo, tree)
     end
     local flags = d:number(8, 4)
     local h = {msg_id = d:number(0, 2), cmd = d:number(2, 2), size = d:number(4, 4),
-               flags = flags, error = d:number(12, 4), type = band(flags, 0xF),
-               no_reply = band(flags, FLAG_NO_REPLY) ~= 0,
-               error_flag = band(flags, FLAG_ERROR) ~= 0}
+               flags = flags, error = d:number(12, 4), type = band(flags, P.FLAG_TYPE_MASK),
+               no_reply = band(flags, P.FLAG_NO_REPLY) ~= 0,
+               error_flag = band(flags, P.FLAG_ERROR) ~= 0}
     d:layer("Header", 0, nil, (not h.error_flag) and {["vfio_user.error"] = "vfio_user.reserved"} or nil)
     remember_request(d, h)
     local link = match(d, pinfo, h)

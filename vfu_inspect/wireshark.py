@@ -106,12 +106,35 @@ def generate() -> str:
             "local BITS = {", *_bits_lines(), "}",
             "", "local LAYERS = {", *_layer_lines(), "}",
             "", "local CAPABILITIES = {", *_capability_lines(), "}",
+            "", "-- protocol constants, named as in dissectors/vfio_user.py",
+            *_constant_lines(),
             "", "local COMMANDS, ERRNOS, REGIONS, IRQS, FEATURES, MIG_STATES = "
             f"{values.name(proto.COMMANDS)}, {values.name(proto.ERRNO_NAMES)}, "
             f"{values.name(proto.REGIONS)}, {values.name(proto.IRQS)}, "
             f"{values.name(proto.FEATURES)}, {values.name(proto.MIG_STATES)}",
             "", "local E = {}", *_expert_lines()]
     return TEMPLATE.read_text().replace(MARKER, "\n".join(body))
+
+
+# Named numbers of dissectors/vfio_user.py that the hand-written part tests.
+CONSTANTS = ("HEADER_SIZE", "TYPE_COMMAND", "TYPE_REPLY", "FLAG_TYPE_MASK", "FLAG_NO_REPLY",
+             "FLAG_ERROR", "SPEC_DMA_MAP_FLAGS", "SET_IRQS_DATA", "SET_IRQS_ACTION",
+             "FEATURE_GET", "FEATURE_SET", "FEATURE_PROBE")
+FLAG_TABLES = ("DMA_MAP_FLAGS", "DMA_UNMAP_FLAGS", "REGION_FLAGS", "SET_IRQS_FLAGS")
+
+
+def _constant_lines() -> Iterable[str]:
+    def table(pairs: Iterable[tuple[str, Any]]) -> str:
+        return "{" + ", ".join(f"{key} = {_lua(value)}" for key, value in pairs) + "}"
+    yield "local P = " + table((name, getattr(proto, name)) for name in CONSTANTS)
+    yield "local CMD = " + table(proto.CMD.items())
+    yield "local FEATURE = " + table((name, number) for number, name in proto.FEATURES.items())
+    yield "local REGION_CAP = " + table(
+        (name, number) for number, name in proto.REGION_CAPS.items())
+    for name in FLAG_TABLES:
+        yield f"local {name} = " + table(getattr(proto, name).items())
+    obsolete = ", ".join(f"[{number}] = true" for number in sorted(proto.OBSOLETE_COMMANDS))
+    yield f"local OBSOLETE_COMMANDS = {{{obsolete}}}"
 
 
 def _bits_lines() -> Iterable[str]:
