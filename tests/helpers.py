@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 TESTS = Path(__file__).resolve().parent
 
 
@@ -76,3 +78,28 @@ def streams(msgs: list) -> dict[tuple, list[tuple[bytes, list[str]]]]:
         out.setdefault((m.conn, m.channel, m.direction), []).append(
             (m.data, [fd["kind"] for fd in m.fds]))
     return out
+
+
+LIBVFIO_USER = os.environ.get("LIBVFIO_USER_BUILD")
+needs_libvfio_user = pytest.mark.skipif(
+    not LIBVFIO_USER, reason="set LIBVFIO_USER_BUILD to a libvfio-user build dir")
+
+
+def libvfio_user_samples_through_proxy(tmp_path: Path, capture: Path) -> None:
+    """libvfio-user's samples/client against samples/server through `proxy -w
+    capture`; fails unless the client succeeds."""
+    build = Path(LIBVFIO_USER)
+    real, listen = tmp_path / "lvu.sock", tmp_path / "p.sock"
+    server = subprocess.Popen([str(build / "samples" / "server"), "-v", str(real)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_socket(real, server)
+    proxy = vfu("proxy", "--listen", str(listen), "--server", str(real), "-w", str(capture))
+    wait_for_socket(listen, proxy)
+    try:
+        result = subprocess.run([str(build / "samples" / "client"), str(listen)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+    finally:
+        stop(proxy)
+        server.kill()
+        server.wait()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -10,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_vfu, stop, streams, vfu, wait_for_socket
+from helpers import (libvfio_user_samples_through_proxy, needs_libvfio_user, run_vfu, stop,
+                     streams, vfu, wait_for_socket)
 from vfu_inspect.capture import MAIN, TWIN, Message, read_all
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors.vfio_user import CMD, parse_header
@@ -164,26 +164,10 @@ def test_demo_runs_and_leaves_a_capture(tmp_path):
     assert {parse_header(m.data).cmd for m in messages(capture)} == EVERY_COMMAND
 
 
-LIBVFIO_USER = os.environ.get("LIBVFIO_USER_BUILD")
-
-
-@pytest.mark.skipif(not LIBVFIO_USER, reason="set LIBVFIO_USER_BUILD to a libvfio-user build dir")
+@needs_libvfio_user
 def test_libvfio_user_samples_through_the_proxy(tmp_path):
-    build = Path(LIBVFIO_USER)
-    real, listen, capture = tmp_path / "lvu.sock", tmp_path / "p.sock", tmp_path / "lvu.vfucap"
-    server = subprocess.Popen([str(build / "samples" / "server"), "-v", str(real)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_socket(real, server)
-    proxy = vfu("proxy", "--listen", str(listen), "--server", str(real), "-w", str(capture))
-    wait_for_socket(listen, proxy)
-    try:
-        result = subprocess.run([str(build / "samples" / "client"), str(listen)],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
-    finally:
-        stop(proxy)
-        server.kill()
-        server.wait()
+    capture = tmp_path / "lvu.vfucap"
+    libvfio_user_samples_through_proxy(tmp_path, capture)
     packets = list(Analyzer().run(messages(capture)))
     assert len(packets) > 100
     assert not [e for p in packets for e in p.tree.experts if e.severity == "error"]

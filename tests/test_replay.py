@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import re
 import socket
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TESTS, run_vfu, stop, vfu, wait_for_socket
+from helpers import LIBVFIO_USER, TESTS, needs_libvfio_user, run_vfu, stop, vfu, wait_for_socket
 from vfu_inspect.dissectors.vfio_user import CMD, RegionRead, parse_header
 from vfu_inspect.endpoints.common import message, pack
 from vfu_inspect.sockio import MessageSocket
@@ -157,10 +156,7 @@ def test_server_that_disconnects_mid_replay_exits_2(recording, tmp_path):
     assert "closed the connection" in result.stderr and "Traceback" not in result.stderr
 
 
-LIBVFIO_USER = os.environ.get("LIBVFIO_USER_BUILD")
-
-
-@pytest.mark.skipif(not LIBVFIO_USER, reason="set LIBVFIO_USER_BUILD to a libvfio-user build dir")
+@needs_libvfio_user
 def test_libvfio_user_trace_replays_against_its_server(tmp_path):
     sock = tmp_path / "lvu.sock"
     server = subprocess.Popen([str(Path(LIBVFIO_USER) / "samples" / "server"), "-v", str(sock)],

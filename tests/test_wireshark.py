@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from scapy.utils import RawPcapNgReader
 
-from helpers import run_vfu, stop, streams, vfu, wait_for_socket
+from helpers import (libvfio_user_samples_through_proxy, needs_libvfio_user, run_vfu, stop,
+                     streams, vfu, wait_for_socket)
 from vfu_inspect import fields, pcapng, wireshark
 from vfu_inspect.capture import C2S, CaptureWriter, Message, read_all
 from vfu_inspect.dissectors.vfio_user import HEADER_SIZE, protocol_fields
@@ -477,29 +478,13 @@ def test_records_bigger_than_a_pcapng_option_survive(tmp_path):
     assert 0 < len(comment.encode()) <= 0xFFFF and set(comment) == {"é"}
 
 
-LIBVFIO_USER = os.environ.get("LIBVFIO_USER_BUILD")
-
-
 @needs_tshark
-@pytest.mark.skipif(not LIBVFIO_USER, reason="set LIBVFIO_USER_BUILD to a libvfio-user build dir")
+@needs_libvfio_user
 def test_libvfio_user_session_recorded_as_pcapng_reads_the_same_in_tshark(tmp_path):
     """libvfio-user's samples/client and samples/server through `proxy -w
     X.pcapng`: the file imports, and tshark decodes it as vfu-inspect does."""
-    build = Path(LIBVFIO_USER)
-    real, listen, pcap = tmp_path / "lvu.sock", tmp_path / "p.sock", tmp_path / "lvu.pcapng"
-    server = subprocess.Popen([str(build / "samples" / "server"), "-v", str(real)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_socket(real, server)
-    proxy = vfu("proxy", "--listen", str(listen), "--server", str(real), "-w", str(pcap))
-    wait_for_socket(listen, proxy)
-    try:
-        result = subprocess.run([str(build / "samples" / "client"), str(listen)],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
-    finally:
-        stop(proxy)
-        server.kill()
-        server.wait()
+    pcap = tmp_path / "lvu.pcapng"
+    libvfio_user_samples_through_proxy(tmp_path, pcap)
     capture = tmp_path / "lvu.vfucap"
     assert run_vfu("import", str(pcap), "-o", str(capture)).returncode == 0
     ours, theirs = read_json(capture), tshark_packets(pcap)
