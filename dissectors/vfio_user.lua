@@ -1197,16 +1197,19 @@ end
 
 local function match(d, pinfo, h)
     local number = pinfo.number
+    -- the FIFO of requests sent in a direction (c2s or not) on this stream
+    local function key(c2s)
+        return string.format("%d/%d/%s/%d", pinfo.src_port, pinfo.dst_port, tostring(c2s),
+                             h.msg_id)
+    end
     if not pinfo.visited then
-        local stream = string.format("%d/%d", pinfo.src_port, pinfo.dst_port)
         if h.type == TYPE_COMMAND and not h.no_reply then
-            local key = string.format("%s/%s/%d", stream, tostring(d.c2s), h.msg_id)
-            pending[key] = pending[key] or {}
-            table.insert(pending[key], {number = number, ts = pinfo.rel_ts,
-                                        count = d.request_count, size = d.request_size})
+            local queue = pending[key(d.c2s)] or {}
+            pending[key(d.c2s)] = queue
+            table.insert(queue, {number = number, ts = pinfo.rel_ts,
+                                 count = d.request_count, size = d.request_size})
         elseif h.type == TYPE_REPLY then
-            local key = string.format("%s/%s/%d", stream, tostring(not d.c2s), h.msg_id)
-            local queue = pending[key]
+            local queue = pending[key(not d.c2s)]
             if queue and #queue > 0 then
                 local req = table.remove(queue, 1)
                 links[number] = {request = req}
@@ -1295,7 +1298,6 @@ function vfio_user.dissector(buf, pinfo, tree)
     local root = tree:add(vfio_user, buf())
     local d = setmetatable({buf = buf, len = buf:len(), wire = buf:reported_len(), root = root,
                             c2s = pinfo.p2p_dir == P2P_DIR_RECV}, Dissection)
-    d.reply = buf:len() >= HEADER_SIZE and band(d:number(8, 4), P.FLAG_TYPE_MASK) == TYPE_REPLY
     if d.wire > d.len then
         d:expert("capture.truncated", string.format("only %d of the message's %d bytes are in "
             .. "this packet (Wireshark's packet size limit); vfu-inspect import has them all",
@@ -1312,6 +1314,7 @@ function vfio_user.dissector(buf, pinfo, tree)
                flags = flags, error = d:number(12, 4), type = band(flags, P.FLAG_TYPE_MASK),
                no_reply = band(flags, P.FLAG_NO_REPLY) ~= 0,
                error_flag = band(flags, P.FLAG_ERROR) ~= 0}
+    d.reply = h.type == TYPE_REPLY
     d:layer("Header", 0, nil, (not h.error_flag) and {["vfio_user.error"] = "vfio_user.reserved"} or nil)
     remember_request(d, h)
     local link = match(d, pinfo, h)
@@ -1324,8 +1327,8 @@ function vfio_user.dissector(buf, pinfo, tree)
     elseif link and link.response then
         root:add(F["vfio_user.response_in"], link.response):set_generated()
     end
-    local command = COMMANDS[h.cmd] or ("CMD_" .. h.cmd)
-    pinfo.cols.info = string.format("%s %s %s", command, kind_text(h), info)
-    root:append_text(string.format(", %s %s, id 0x%04x", command, kind_text(h), h.msg_id))
+    local command, kind = COMMANDS[h.cmd] or ("CMD_" .. h.cmd), kind_text(h)
+    pinfo.cols.info = string.format("%s %s %s", command, kind, info)
+    root:append_text(string.format(", %s %s, id 0x%04x", command, kind, h.msg_id))
     return d.len
 end
