@@ -53,7 +53,8 @@ EXP_PDU_TAG_SRC_PORT, EXP_PDU_TAG_DST_PORT = 25, 26
 DISSECTOR_NAME = b"vfio_user"
 
 PACKET_LIMIT = 262144         # Wireshark's WTAP_MAX_PACKET_SIZE_STANDARD
-REST_CHUNK = 65000            # an option's length is 16 bits
+OPTION_PIECE = 65000          # an option's length is 16 bits
+REST_PER_BLOCK = 1 << 20      # keeps each block of a huge message's rest small
 _MAX_BLOCK = 256 << 20        # bounds memory on a corrupt length field
 
 
@@ -90,8 +91,8 @@ def _ours_options(value: dict[str, Any]) -> bytes:
     holding the next piece (an option's length is 16 bits)."""
     data = msgpack.packb(value, use_bin_type=True)
     tag = struct.pack("<I", PEN) + CUSTOM_MAGIC
-    return b"".join(_option(OPT_CUSTOM_BINARY, tag + data[start:start + REST_CHUNK])
-                    for start in range(0, len(data), REST_CHUNK))
+    return b"".join(_option(OPT_CUSTOM_BINARY, tag + data[start:start + OPTION_PIECE])
+                    for start in range(0, len(data), OPTION_PIECE))
 
 
 def pdu_header(conn: int, channel: int) -> bytes:
@@ -155,8 +156,8 @@ class PcapngWriter:
         body = struct.pack("<IIIII", interface, *_ticks(msg.ts_ns),
                            len(packet), PDU_HEADER_SIZE + msg.wire_size)
         self._file.write(_block(EPB, body + _padded(packet) + options))
-        for start in range(0, len(rest), REST_CHUNK):
-            self._statistics(interface, msg.ts_ns, {"rest": rest[start:start + REST_CHUNK]})
+        for start in range(0, len(rest), REST_PER_BLOCK):
+            self._statistics(interface, msg.ts_ns, {"rest": rest[start:start + REST_PER_BLOCK]})
 
     def event(self, event: Event) -> None:
         self._statistics(self._interface(event.conn, MAIN), event.ts_ns,
