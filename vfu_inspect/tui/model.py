@@ -40,6 +40,7 @@ HEADER_FIELDS = {"frame.number", "frame.conn", "frame.channel", "frame.dir", "fr
                  "vfio_user.flags.no_reply", "vfio_user.flags.error", "vfio_user.error",
                  "vfio_user.reserved", "vfio_user.response_in", "vfio_user.response_to",
                  "vfio_user.time", "expert", "expert.id", "expert.severity"}
+LINK_FIELDS = {"vfio_user.response_in", "vfio_user.response_to", "vfio_user.time"}
 EXPERT_FIELDS = {"expert", "expert.id", "expert.severity", "expert.message"}
 # Fields dissection without session state gives exactly (the fds' items too).
 STATELESS_FIELDS = HEADER_FIELDS | {fd.name for fd in proto.protocol_fields()} | {
@@ -217,8 +218,10 @@ class CaptureModel:
 
     # --- filtering -----------------------------------------------------------------------
 
-    def header_values(self, number: int, experts: bool = False) -> dict[str, list[Any]]:
-        """What an index-only filter may test (the expert ids if asked)."""
+    def header_values(self, number: int, names: frozenset[str] = frozenset()
+                      ) -> dict[str, list[Any]]:
+        """What an index-only filter may test; links and expert ids only when
+        `names` (the filter's fields) asks for them."""
         c, i = self.columns, number - 1
         flags = c["flags"][i]
         values: dict[str, list[Any]] = {
@@ -233,15 +236,19 @@ class CaptureModel:
                 values[sub.name] = [value]
             error_field = "vfio_user.error" if flags & proto.FLAG_ERROR else "vfio_user.reserved"
             values[error_field] = [c["error"][i]]
-        request, response = self.request_of[i], self.response_of[i]
-        if request:
-            values["vfio_user.response_to"] = [request]
-            values["vfio_user.time"] = [(c["ts"][i] - c["ts"][request - 1]) / 1e9]
-        if response:
-            values["vfio_user.response_in"] = [response]
-        if experts:
+        if names & LINK_FIELDS:
+            self._link_values(i, values)
+        if names & EXPERT_FIELDS:
             self._expert_values(number, values)
         return values
+
+    def _link_values(self, i: int, values: dict[str, list[Any]]) -> None:
+        request, response, ts = self.request_of[i], self.response_of[i], self.columns["ts"]
+        if request:
+            values["vfio_user.response_to"] = [request]
+            values["vfio_user.time"] = [(ts[i] - ts[request - 1]) / 1e9]
+        if response:
+            values["vfio_user.response_in"] = [response]
 
     def _expert_values(self, number: int, values: dict[str, list[Any]]) -> None:
         i = number - 1
@@ -259,9 +266,9 @@ class CaptureModel:
         """Numbers of the messages `display` selects, or None when `progress`
         (called with each message number) asks to stop."""
         out, total = array("i"), self.count
-        experts = bool(display.fields & EXPERT_FIELDS)
         if set(display.fields) <= HEADER_FIELDS:
-            candidates = ((n, self.header_values(n, experts)) for n in range(1, total + 1))
+            candidates = ((n, self.header_values(n, display.fields))
+                          for n in range(1, total + 1))
         elif set(display.fields) <= STATELESS_FIELDS:
             candidates = self._stateless_pass(display.fields, total)
         else:
@@ -284,7 +291,6 @@ class CaptureModel:
                     return
                 yield p
 
-
     def _stateless_pass(self, names: frozenset[str], total: int
                         ) -> Iterator[tuple[int, dict[str, list[Any]]]]:
         """Values of each message, dissecting only those that can carry the
@@ -297,7 +303,6 @@ class CaptureModel:
         wanted = frozenset().union(*(c for c in commands if c is not None))
         cmd, fds = self.columns["cmd"], self.columns["fds"]
         uses_header = bool(names & HEADER_FIELDS)
-        experts = bool(names & EXPERT_FIELDS)
         requests: dict[int, bytes] = {}      # start of each request until its reply
         for number, msg in enumerate(self._messages_in_order(total), 1):
             i = number - 1
@@ -309,10 +314,10 @@ class CaptureModel:
                 values = proto.dissect_message(msg.data, ctx)[0].values()
                 for name in EXPERT_FIELDS:       # the stateful analysis's, from the index
                     values.pop(name, None)
-                values.update(self.header_values(number, experts))
+                values.update(self.header_values(number, names))
                 yield number, values
             else:     # none of the filter's fields, unless it tests the header
-                yield number, self.header_values(number, experts) if uses_header else {}
+                yield number, self.header_values(number, names) if uses_header else {}
 
     def _messages_in_order(self, total: int) -> Iterator[Message]:
         if self.live:
