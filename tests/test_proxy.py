@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -15,7 +17,7 @@ import pytest
 
 from helpers import TESTS, open_fds, rss_kib, run_vfu, stop, vfu, wait_for_socket
 from vfu_inspect.capture import C2S, CLOSE, OPEN, S2C, Event, Message, read_all
-from vfu_inspect.dissectors.vfio_user import CMD, DmaMap, DmaUnmap, Header
+from vfu_inspect.dissectors.vfio_user import CMD, DmaMap, DmaUnmap, Header, SetIrqs
 from vfu_inspect.sockio import recv_chunk, send_all
 
 
@@ -267,3 +269,78 @@ def test_live_monitor_stream_reaches_read_live(tmp_path, echo):
     # Expert items show live: these maps come without a VERSION first.
     assert sum("[error: DMA_MAP before VERSION]" in line for line in printed) == 5
     assert not monitor.exists()
+
+
+def test_fds_reach_a_one_at_a_time_reader_with_their_own_message(tmp_path):
+    """QEMU pipelines fd-less DMA_UNMAPs before a DMA_MAP with a memfd; one
+    recvmsg of the proxy takes them all.  A receiver reading one message at a
+    time (libvfio-user, QEMU) must still get the fds with the DMA_MAP, and so
+    must the capture; likewise for the server's replies."""
+    from one_at_a_time import recv_message
+    real, listen, capture = tmp_path / "real.sock", tmp_path / "p.sock", tmp_path / "c.vfucap"
+    memfd, eventfds = os.memfd_create("guest-ram"), [os.eventfd(0), os.eventfd(0)]
+    os.ftruncate(memfd, 0x1000)
+    burst = [  # (message, fds): several fd-less messages, then one with fds, twice
+        (bytes(Header(msg_id=1, cmd=CMD["DMA_UNMAP"]) / DmaUnmap(address=0, size=0x1000)), []),
+        (bytes(Header(msg_id=2, cmd=CMD["DMA_UNMAP"]) / DmaUnmap(address=0x1000, size=0x1000)),
+         []),
+        (dma_map(3, 0x2000), [memfd]),
+        (bytes(Header(msg_id=4, cmd=CMD["DMA_UNMAP"]) / DmaUnmap(address=0x2000, size=0x1000)),
+         []),
+        (bytes(Header(msg_id=5, cmd=CMD["DEVICE_SET_IRQS"]) /
+               SetIrqs(flags=0x24, index=2, start=0, count=2)), eventfds),
+    ]
+    server = subprocess.Popen([sys.executable, str(TESTS / "one_at_a_time.py"), str(real),
+                               str(len(burst))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    wait_for_socket(real, server)
+    proxy = vfu("proxy", "--listen", str(listen), "--server", str(real), "-w", str(capture))
+    wait_for_socket(listen, proxy)
+    try:
+        with connect(listen) as sock:
+            wait_until(lambda: capture.stat().st_size > 0 and
+                       any(e.kind == OPEN for e in events(capture)))
+            with stopped(proxy):            # the whole burst waits for one recvmsg
+                for data, fds in burst:
+                    send_all(sock, data, fds)
+            received = json.loads(server.stdout.readline())
+            assert [(m["msg_id"], m["fds"]) for m in received] == [
+                (1, []), (2, []), (3, ["memfd"]), (4, []), (5, ["eventfd", "eventfd"])]
+            with stopped(proxy):
+                server.stdin.write("go\n")
+                server.stdin.flush()
+                assert server.stdout.readline() == "sent\n"
+            replies = []
+            for _ in burst:
+                data, fds = recv_message(sock)
+                replies.append((struct.unpack_from("<H", data)[0], len(fds)))
+                for fd in fds:
+                    os.close(fd)
+            assert replies == [(1, 0), (2, 0), (3, 1), (4, 0), (5, 1)]
+    finally:
+        stop(proxy)
+        server.kill()
+        server.wait()
+        for fd in [memfd, *eventfds]:
+            os.close(fd)
+    recorded = {(m.direction, m.data[0]): [fd["kind"] for fd in m.fds] for m in messages(capture)}
+    assert recorded == {(C2S, 1): [], (C2S, 2): [], (C2S, 3): ["memfd"], (C2S, 4): [],
+                        (C2S, 5): ["eventfd", "eventfd"], (S2C, 1): [], (S2C, 2): [],
+                        (S2C, 3): ["eventfd"], (S2C, 4): [], (S2C, 5): ["eventfd"]}
+
+
+@contextlib.contextmanager
+def stopped(proc: subprocess.Popen):
+    """Hold a process (SIGSTOP) so that what is written meanwhile waits in its socket."""
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGCONT)
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)

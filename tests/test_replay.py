@@ -6,6 +6,7 @@ import errno
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,7 @@ def test_missing_server_exits_2(recording, tmp_path):
 
 def test_server_that_disconnects_mid_replay_exits_2(recording, tmp_path):
     path = tmp_path / "echo.sock"
-    echo = subprocess.Popen(["python3", str(TESTS / "raw_echo.py"), str(path), "--close-on", "3",
+    echo = subprocess.Popen([sys.executable, str(TESTS / "raw_echo.py"), str(path), "--close-on", "3",
                              "--as-reply"])
     wait_for_socket(path, echo)
     try:

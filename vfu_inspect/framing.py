@@ -1,9 +1,15 @@
 """Framing: cut a vfio-user byte stream into messages.
 
 A stream arrives as chunks, each with the file descriptors (or their
-metadata) that came with it in the same recvmsg.  The kernel delivers
-SCM_RIGHTS with the first byte of the sendmsg that carried them, so fds are
-attached to the message that the chunk's first byte belongs to.
+metadata) that came with it in the same recvmsg.  Which message owns them
+follows from how Linux reads a stream socket (unix_stream_read_generic): a
+sendmsg's fds ride on its first skb, and one recvmsg copies skbs until it has
+copied one that carries fds, then stops.  So a chunk's fds belong to the last
+write that begins in it.  Peers write one message per sendmsg, so that is the
+last message that begins in the chunk, or, when none begins in it, the
+message the chunk continues.  `fd_owner` finds it; the proxy splits its
+forwarding there, so a receiver reading one message at a time gets each
+message's fds with that message.
 
 Memory is bounded: a message larger than `max_message` (a bogus msg_size of
 4 GiB, say) keeps only its first `keep` bytes and is reported as truncated.
@@ -45,6 +51,46 @@ class Framer:
 
     def feed(self, data: bytes, fds: Sequence[Any] = ()) -> list[Frame]:
         """Add one received chunk; return the messages it completed."""
+        start = self.fd_owner(data) if fds else 0
+        if not start:
+            return self._feed(data, fds)
+        view = memoryview(data)
+        return self._feed(view[:start], ()) + self._feed(view[start:], fds)
+
+    def fd_owner(self, data: bytes) -> int:
+        """Offset in `data` where the message owning its fds begins (see the
+        module docstring): the last message start in it, else 0."""
+        if self.lost:
+            return 0
+        # `start` is where the message being cut begins, relative to data
+        # (negative while part of it is buffered or skipped).
+        if self._skip:
+            end = self._skip
+        else:
+            start = -len(self._buf)
+            end = None
+        owner = 0
+        while True:
+            if end is None:
+                size = self._size_at(start, data)
+                if size is None or size < HEADER_SIZE:
+                    return owner
+                end = start + size
+            if end >= len(data):
+                return owner
+            owner = start = end
+            end = None
+
+    def _size_at(self, start: int, data: bytes) -> int | None:
+        """msg_size of the message beginning at `start` (see fd_owner), if known."""
+        if start < 0:
+            head = bytes(self._buf[start:start + 8] if start + 8 < 0 else self._buf[start:])
+            head += bytes(data[:8 - len(head)])
+        else:
+            head = bytes(data[start:start + 8])
+        return _SIZE.unpack_from(head, 4)[0] if len(head) == 8 else None
+
+    def _feed(self, data: bytes, fds: Sequence[Any]) -> list[Frame]:
         if self.lost:
             return [Frame(bytes(data), len(data), list(fds), error="unframed bytes "
                           "(framing was lost earlier in this stream)")] if data or fds else []

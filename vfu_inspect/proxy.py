@@ -2,7 +2,9 @@
 
 One selector loop relays every connection: each chunk read from one side is
 sent on to the other side unchanged, with the fds that came with it, before
-anything looks at it.  Then the chunk goes through a `Framer`, and each whole
+anything but the framer's boundary scan looks at it: a chunk with fds is sent
+as two writes, split where the message owning the fds begins, so the receiver
+gets them with that message.  Then the chunk goes through a `Framer`, and each whole
 message is handed to the addons (capture, printing, monitor), as mitmproxy's
 core hands flows to its addons.  The only message the relay itself reads is
 the VERSION reply: when it hands the client a twin socket, the proxy puts a
@@ -231,10 +233,20 @@ class Proxy:
             self._close_connection(conn, src.name, f"{src.name} closed the connection")
             return
         now = time.time_ns()
-        frames = src.framer.feed(data, [fd_info(fd) for fd in fds])
-        if fds and src.channel == MAIN and src.direction == S2C:
-            fds = self._interpose_twin(conn, frames, fds)
-        dst.queue.append((memoryview(data), fds))
+        view = memoryview(data)
+        if fds:
+            # The fds go on the first byte of their own message, which must be
+            # the first byte of a sendmsg: see framing.
+            owner = src.framer.fd_owner(data)
+            frames = src.framer.feed(data, [fd_info(fd) for fd in fds])
+            if src.channel == MAIN and src.direction == S2C:
+                fds = self._interpose_twin(conn, frames, fds)
+            if owner:
+                dst.queue.append((view[:owner], []))
+            dst.queue.append((view[owner:], fds))
+        else:
+            frames = src.framer.feed(data)
+            dst.queue.append((view, []))
         self._send_queued(dst)
         for frame in frames:
             self._track(src, frame.data, now)
