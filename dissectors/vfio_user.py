@@ -181,7 +181,8 @@ for _id, _severity, _summary, _section in [
     ("dma_read.count_mismatch", "warning", "DMA_READ reply count differs from the request's", f"{SPEC} § VFIO_USER_DMA_READ"),
     ("dma_write.count_mismatch", "warning", "DMA_WRITE reply count differs from the request's", f"{SPEC} § VFIO_USER_DMA_WRITE"),
     ("interop.dma_qemu_layout", "warning", "DMA_READ/WRITE in QEMU's layout (u32 count, data at 12)", f"{FACTS} § 11/12"),
-    ("interop.dma_write_bare_reply", "warning", "DMA_WRITE reply is QEMU's bare header", f"{FACTS} § 11/12"),
+    ("interop.dma_write_bare_reply", "error", "DMA_WRITE reply is QEMU's bare header: libvfio-user fails the transfer (\"bad reply to DMA transfer\")", f"{FACTS} § 11/12"),
+    ("interop.region_caps_offset", "warning", "CAPS flag with cap_offset outside [32, argsz], as Linux VFIO sends in a truncated reply: QEMU fails (\"failed to get region N info: Invalid argument\")", f"{FACTS} peers: QEMU 10.2.2"),
     ("interop.io_fds_48", "note", "48-byte IO_FDS entries (libvfio-user), the spec has 40", f"{FACTS} § 6 IO_FDS"),
     ("interop.mig_data_padding", "note", "short MIG_DATA_READ reply padded to the buffer (libvfio-user)", f"{FACTS} § 17/18"),
     ("deadlock.server_command", "warning", "server command on the main socket while a client request is in flight, no twin socket", f"{SPEC} § Command Concurrency; libvfio-user issues 279, 466"),
@@ -802,6 +803,11 @@ def _region_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     info = f"{name} size={hex_size(v['size'])} flags={_flag_letters(v['flags'], REGION_FLAGS)}"
     end = off + RegionInfo.vfu_compiled.size
     if v["flags"] & REGION_FLAGS["caps"]:
+        if not RegionInfo.vfu_compiled.size <= v["cap_offset"] <= v["argsz"]:
+            tree.expert("interop.region_caps_offset",
+                        f"CAPS with cap_offset {v['cap_offset']} outside "
+                        f"[{RegionInfo.vfu_compiled.size}, {v['argsz']}]: QEMU fails with "
+                        f"\"failed to get region {v['index']} info: Invalid argument\"")
         if v["argsz"] > payload_len:
             info += " (truncated, argsz=%d)" % v["argsz"]
         elif not v["cap_offset"]:

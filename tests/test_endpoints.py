@@ -141,6 +141,15 @@ def test_overlapping_map_accepted_is_caught_by_the_client(server):
     assert result.returncode == 1 and "DMA_MAP: expected EEXIST, got success" in result.stderr
 
 
+@pytest.mark.server_args("--caps-when-truncated")
+def test_linux_style_truncated_region_info_is_refused_as_qemu_does(server, tmp_path):
+    result = client(server[0], "--record", str(tmp_path / "c.vfucap"))
+    assert result.returncode == 1
+    assert "region 2 CAPS with cap_offset in [32, 80]: expected True, got False" in result.stderr
+    checked = run_vfu("check", str(tmp_path / "c.vfucap"), "--fail-on", "warning")
+    assert "interop.region_caps_offset" in checked.stdout and checked.returncode == 1
+
+
 @pytest.mark.server_args("--dma-via-messages")
 def test_dma_through_messages_only(server):
     assert client(server[0]).returncode == 0

@@ -414,6 +414,17 @@ SPARSE = (RegionCap(id=1, version=1, next=0), SparseMmap(nr_areas=2),
           SparseArea(offset=0, size=0x1000), SparseArea(offset=0x2000, size=0x1000))
 SCENARIOS["region_info.caps_missing"] = lambda s, bad: _region_info_reply(
     s, RegionInfo(argsz=32, flags=0xB if bad else 3, index=1, size=0x4000))
+
+
+@scenario("interop.region_caps_offset")
+def _(s: Script, bad: bool) -> None:
+    """A reply cut to the client's 32 bytes: Linux VFIO keeps CAPS (cap_offset 0),
+    libvfio-user drops it until the capabilities fit."""
+    s.negotiate()
+    s.call("DEVICE_GET_REGION_INFO", RegionInfo(argsz=32, index=2),
+           answer=(RegionInfo(argsz=80, flags=0xF if bad else 7, index=2, size=0x4000),))
+
+
 SCENARIOS["region_info.mmap_no_fd"] = lambda s, bad: _region_info_reply(
     s, RegionInfo(argsz=32, flags=7, index=1, size=0x4000), fds=() if bad else (MEMFD,))
 SCENARIOS["region_info.fd_per_area"] = lambda s, bad: _region_info_reply(

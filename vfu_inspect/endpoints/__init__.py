@@ -18,6 +18,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--accept-overlap", action="store_true",
                         help="accept overlapping DMA maps (the spec says EEXIST)")
     server.add_argument("--no-twin", action="store_true", help="never offer a twin socket")
+    server.add_argument("--caps-when-truncated", action="store_true",
+                        help="set CAPS in a REGION_INFO reply cut to a small argsz, as Linux "
+                             "VFIO does (QEMU refuses it)")
     server.add_argument("--dma-via-messages", action="store_true",
                         help="ignore DMA map fds: always use DMA_READ/DMA_WRITE messages")
     server.set_defaults(run=_run_server)
@@ -52,7 +55,7 @@ def _run_server(args: argparse.Namespace) -> int:
         errno_for[CMD[cmd]] = by_name[err]
     options = ServerOptions(errno_for=errno_for, accept_overlap=args.accept_overlap,
                             no_twin=args.no_twin, dma_via_messages=args.dma_via_messages,
-                            record=args.record)
+                            caps_when_truncated=args.caps_when_truncated, record=args.record)
     if args.id_value is not None:
         options.id_value = args.id_value
     return serve(args.listen, options)

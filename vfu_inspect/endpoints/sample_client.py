@@ -135,8 +135,11 @@ class Client:
     def region_info(self, index: int) -> None:
         first = self.request("DEVICE_GET_REGION_INFO", pack(proto.RegionInfo, 32, 0, index,
                                                             0, 0, 0))
-        argsz = struct.unpack_from("<I", first)[0]
+        argsz, flags, _, cap_offset = struct.unpack_from("<IIII", first)
         close_fds(self.last_fds)
+        # QEMU's rule, so that a server this client accepts QEMU accepts too.
+        expect(f"region {index} CAPS with cap_offset in [32, {argsz}]",
+               not flags & proto.REGION_FLAGS["caps"] or 32 <= cap_offset <= argsz, True)
         if argsz <= 32:
             return
         full = self.request("DEVICE_GET_REGION_INFO", pack(proto.RegionInfo, argsz, 0, index,

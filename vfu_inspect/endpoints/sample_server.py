@@ -48,6 +48,7 @@ class ServerOptions:
     accept_overlap: bool = False
     no_twin: bool = False
     dma_via_messages: bool = False
+    caps_when_truncated: bool = False   # Linux VFIO's truncated REGION_INFO: QEMU refuses it
     record: str | None = None
 
 
@@ -241,11 +242,16 @@ class Session:
         caps = (pack(proto.RegionCap, 1, 1, 0) + pack(proto.SparseMmap, len(BAR2_AREAS), 0)
                 + b"".join(pack(proto.SparseArea, o, s) for o, s in BAR2_AREAS))
         full = 32 + len(caps)
-        flags |= proto.REGION_FLAGS["mmap"] | proto.REGION_FLAGS["caps"]
-        if argsz < full:      # too small a buffer: say how much is needed, send no fd
+        flags |= proto.REGION_FLAGS["mmap"]
+        if argsz < full:
+            # Too small a buffer: say how much is needed, send no fd, and (as
+            # libvfio-user does) no CAPS flag, whose cap_offset would lie
+            # outside the reply.
+            if self.options.caps_when_truncated:
+                flags |= proto.REGION_FLAGS["caps"]
             return pack(proto.RegionInfo, full, flags, index, 0, size, 0), []
-        return pack(proto.RegionInfo, full, flags, index, 32, size, 0) + caps, [
-            os.dup(self.device.bar2_fd)]
+        return pack(proto.RegionInfo, full, flags | proto.REGION_FLAGS["caps"], index, 32,
+                    size, 0) + caps, [os.dup(self.device.bar2_fd)]
 
     def region_io_fds(self, msg: bytes, fds: list[int]):
         close_fds(fds)
