@@ -176,10 +176,19 @@ def test_every_command_is_covered():
 
 
 def test_truncated_region_info_reply_is_a_note():
-    data = msg("DEVICE_GET_REGION_INFO", REPLY, RegionInfo(argsz=80, flags=0xF, index=1,
+    """libvfio-user's truncated reply: CAPS only once the capabilities fit."""
+    data = msg("DEVICE_GET_REGION_INFO", REPLY, RegionInfo(argsz=80, flags=0x7, index=1,
                                                            size=0x4000))
     tree = dissect(data)
     assert [(e.severity, e.id) for e in tree.experts] == [("note", "argsz.truncated")]
+
+
+def test_truncated_region_info_reply_with_caps_is_what_qemu_refuses():
+    """Linux VFIO's truncated reply keeps CAPS with cap_offset 0."""
+    data = msg("DEVICE_GET_REGION_INFO", REPLY, RegionInfo(argsz=80, flags=0xF, index=1,
+                                                           size=0x4000))
+    assert [(e.severity, e.id) for e in dissect(data).experts] == [
+        ("note", "argsz.truncated"), ("warning", "interop.region_caps_offset")]
 
 
 def test_qemu_dma_layouts_decode_and_are_flagged():

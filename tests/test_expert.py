@@ -7,6 +7,7 @@ the second must not.  A check registered without a scenario fails the suite.
 
 from __future__ import annotations
 
+import errno
 import json
 from typing import Any, Callable
 
@@ -669,3 +670,118 @@ def buggy_dissector(monkeypatch):
         raise ValueError("deliberate")
     monkeypatch.setitem(proto.REQUESTS, BUGGY_CMD, broken)
     monkeypatch.setitem(proto.COMMANDS, BUGGY_CMD, "BUGGY")
+
+
+# --- pipelining: requests are checked in the receiver's order ----------------------------
+
+def _experts_by_frame(s: Script) -> dict[int, set[str]]:
+    analyzer = Analyzer(find_responses(s.messages), SessionTracker())
+    return {p.number: ids for p in analyzer.run(s.messages)
+            if (ids := {e.id for e in p.tree.experts if e.severity in ("warning", "error")})}
+
+
+def _map_layer(iova: int, size: int) -> DmaMap:
+    return DmaMap(flags=3, offset=0, address=iova, size=size)
+
+
+def _burst(s: Script, *requests: tuple[str, Any]) -> list[int]:
+    """Send every request before any reply, as QEMU does; their msg_ids."""
+    return [s.command(cmd, layer, fds=(MEMFD,) if cmd == "DMA_MAP" else ())
+            for cmd, layer in requests]
+
+
+def test_unmap_then_map_of_the_same_range_in_one_burst_is_clean():
+    s = Script()
+    s.negotiate()                                                    # frames 1, 2
+    s.map(0x10000, 0x10000)                                          # 3, 4
+    unmap = DmaUnmap(address=0x10000, size=0x10000)
+    ids = _burst(s, ("DMA_UNMAP", unmap), ("DMA_MAP", _map_layer(0x10000, 0x8000)),
+                 ("DMA_MAP", _map_layer(0x18000, 0x8000)))
+    s.reply(ids[0], "DMA_UNMAP", unmap)
+    for msg_id in ids[1:]:
+        s.reply(msg_id, "DMA_MAP")
+    assert _experts_by_frame(s) == {}
+
+
+@pytest.mark.parametrize("accepted", [False, True])
+def test_two_overlapping_maps_in_one_burst_flag_the_second(accepted):
+    s = Script()
+    s.negotiate()
+    first, second = _burst(s, ("DMA_MAP", _map_layer(0x10000, 0x10000)),
+                           ("DMA_MAP", _map_layer(0x18000, 0x10000)))              # 3, 4
+    s.reply(first, "DMA_MAP")
+    s.reply(second, "DMA_MAP", error=None if accepted else errno.EEXIST)          # 6
+    assert _experts_by_frame(s) == {4: {"dma.overlap"}, **(
+        {6: {"reply.accepted_invalid"}} if accepted else {})}
+
+
+def test_unmap_the_receiver_must_refuse_leaves_the_map_for_the_next_request():
+    s = Script()
+    s.negotiate()
+    s.map(0x10000, 0x10000)
+    unmap, remap = _burst(s, ("DMA_UNMAP", DmaUnmap(address=0x10000, size=0x8000)),   # 5
+                          ("DMA_MAP", _map_layer(0x10000, 0x8000)))                   # 6
+    s.reply(unmap, "DMA_UNMAP", error=errno.EINVAL)
+    s.reply(remap, "DMA_MAP", error=errno.EEXIST)
+    assert _experts_by_frame(s) == {5: {"dma.unmap_unknown"}, 6: {"dma.overlap"}}
+
+
+@pytest.mark.parametrize("accepted", [False, True])
+def test_refused_unmap_retracts_it_and_flags_the_map_pipelined_after_it(accepted):
+    s = Script()
+    s.negotiate()
+    s.map(0x10000, 0x10000)
+    unmap, remap = _burst(s, ("DMA_UNMAP", DmaUnmap(address=0x10000, size=0x10000)),  # 5
+                          ("DMA_MAP", _map_layer(0x10000, 0x8000)))                   # 6
+    s.reply(unmap, "DMA_UNMAP", error=errno.EBUSY)                                    # 7
+    s.reply(remap, "DMA_MAP", error=None if accepted else errno.EEXIST)               # 8
+    assert _experts_by_frame(s) == {7: {"dma.overlap"}, **(
+        {8: {"reply.accepted_invalid"}} if accepted else {})}
+
+
+def _state_layer(state: int) -> tuple:
+    return DeviceFeature(argsz=16, flags=SET | 2), MigDeviceState(device_state=state)
+
+
+def test_pipelined_migration_transitions_are_checked_in_order():
+    s = Script()
+    s.negotiate()
+    _set_state(s, 3)                                       # STOP_COPY, answered
+    ids = [s.command("DEVICE_FEATURE", *_state_layer(state)) for state in (1, 6)]  # STOP, PRE_COPY
+    read = s.command("MIG_DATA_READ", MigDataRead(argsz=12, size=4))
+    for msg_id, state in zip(ids, (1, 6)):
+        s.reply(msg_id, "DEVICE_FEATURE", *_state_layer(state))
+    s.reply(read, "MIG_DATA_READ", MigDataRead(argsz=12, size=4, data=b"data"))
+    assert _experts_by_frame(s) == {}
+
+
+def test_pipelined_forbidden_transition_is_flagged():
+    s = Script()
+    s.negotiate()
+    ids = [s.command("DEVICE_FEATURE", *_state_layer(state)) for state in (3, 6)]  # STOP_COPY, PRE_COPY
+    s.reply(ids[0], "DEVICE_FEATURE", *_state_layer(3))
+    s.reply(ids[1], "DEVICE_FEATURE", error=errno.EINVAL)
+    assert _experts_by_frame(s) == {4: {"migration.transition"}}
+
+
+def test_session_view_shows_effects_still_in_flight():
+    s = Script()
+    s.negotiate()
+    s.map(0x10000, 0x10000)
+    ids = _burst(s, ("DMA_UNMAP", DmaUnmap(address=0x10000, size=0x10000)),
+                 ("DMA_MAP", _map_layer(0x20000, 0x1000)))
+    tracker = SessionTracker()
+    for _ in Analyzer(sessions=tracker).run(s.messages):
+        pass
+    sections = dict(tracker.conns[0].sections())
+    assert sections["DMA maps"] == [
+        "0x000000020000-0x000000020fff size 0x1000 RW fd memfd 0x100000 inode 7 offset 0x0 "
+        "(frame 6, in flight: no reply yet)"]
+    assert any(line.endswith("applied ahead of its reply: unmap 0x10000+0x10000")
+               for line in sections["In flight"])
+    s.reply(ids[0], "DMA_UNMAP", error=errno.EBUSY)
+    tracker = SessionTracker()
+    for _ in Analyzer(sessions=tracker).run(s.messages):
+        pass
+    assert [line.split()[0] for line in dict(tracker.conns[0].sections())["DMA maps"]] == [
+        "0x000000010000-0x00000001ffff", "0x000000020000-0x000000020fff"]

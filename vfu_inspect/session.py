@@ -3,8 +3,12 @@
 The tracker sees every dissected message in capture order.  It pairs replies
 with requests, raises the expert items that need history (overlapping DMA
 maps, accesses outside a region, forbidden migration transitions, deadlock
-risks …), and applies what each successful reply established to the state of
-its connection.  It keeps a copy of every connection's state each
+risks …), and keeps each connection's state as its receiver sees it.  The
+receiver processes requests in stream order while the sender pipelines them
+(QEMU has up to 9 DMA_UNMAP/DMA_MAP in flight), so a request's effect (a map,
+an unmap, an IRQ assignment, a device state) is applied when the request is
+seen, provisionally, and undone if its reply is an error; what only a reply
+tells (capabilities, regions, IRQ counts) is applied with the reply.  It keeps a copy of every connection's state each
 `checkpoint_every` messages, so that "the state as of message N" costs at
 most that many messages of replay, even at the end of a huge capture.
 """
@@ -64,6 +68,20 @@ class Pending:
     values: dict[str, Any] = field(default_factory=dict)   # its layer's fields
     must_refuse: list[Expert] = field(default_factory=list)
     timed_out: bool = False
+    effect: Effect | None = None    # applied ahead of the reply
+
+
+@dataclass(slots=True)
+class Effect:
+    """A request's change to the receiver's state, applied in stream order
+    before its reply arrives; `saved` is what undoing it needs."""
+
+    number: int
+    cmd: int
+    values: dict[str, Any]
+    fds: list[dict[str, Any]]
+    saved: Any = None
+    answered: bool = False
 
 
 @dataclass(slots=True)
@@ -124,6 +142,7 @@ class ConnState:
         self.inflight: dict[int, Pending] = {}   # by request number, oldest first
         self.by_key: dict[tuple[int, int, int], list[int]] = {}
         self.posted: dict[tuple[int, int, int], int] = {}   # NO_REPLY requests
+        self.effects: list[Effect] = []          # applied ahead of replies, stream order
         self.closed = False
 
     # --- negotiated values ------------------------------------------------------
@@ -173,6 +192,8 @@ class ConnState:
         if len(self.inflight) >= MAX_INFLIGHT:
             oldest = next(iter(self.inflight.values()))
             self.answer(oldest.channel, 1 - oldest.direction, oldest.msg_id)
+            if oldest.effect is not None:
+                self.settle(oldest.effect)
         self.inflight[p.number] = p
         self.by_key.setdefault((p.channel, p.direction, p.msg_id), []).append(p.number)
 
@@ -186,6 +207,40 @@ class ConnState:
         if not numbers:
             del self.by_key[key]
         return self.inflight.pop(number)
+
+    # --- effects ahead of replies -------------------------------------------------
+
+    def apply(self, effect: Effect) -> None:
+        effect.saved = EFFECTS[effect.cmd].apply(self, effect)
+
+    def settle(self, effect: Effect) -> None:
+        """Its reply was a success: the effect stays."""
+        effect.answered = True
+        while self.effects and self.effects[0].answered:
+            self.effects.pop(0)
+
+    def retract(self, effect: Effect) -> list[tuple[Effect, str, str]]:
+        """Its reply was an error: undo it and what was applied on top of it,
+        then apply the later effects again.  Returns what the later requests
+        now break (effect, expert id, message): the receiver must refuse them."""
+        i = self.effects.index(effect)
+        for later in reversed(self.effects[i:]):
+            EFFECTS[later.cmd].undo(self, later)
+        del self.effects[i]
+        broken = []
+        for later in self.effects[i:]:
+            kind = EFFECTS[later.cmd]
+            problem = kind.conflict(self, later.values) if kind.conflict else None
+            if problem:
+                broken.append((later, *problem))
+            self.apply(later)
+        return broken
+
+    def in_flight_effect(self, *cmds: str) -> Effect | None:
+        """The newest unanswered effect of these commands, for the views."""
+        wanted = {CMD[name] for name in cmds}
+        return next((e for e in reversed(self.effects)
+                     if e.cmd in wanted and not e.answered), None)
 
     def sections(self, at_ns: int | None = None) -> list[tuple[str, list[str]]]:
         """The state as titled sections of text lines, for the views."""
@@ -213,8 +268,10 @@ class ConnState:
         return lines
 
     def _map_lines(self) -> list[str]:
+        awaiting = {e.number for e in self.effects if not e.answered}
         return [f"{m.iova:#014x}-{m.end - 1:#014x} size {m.size:#x} "
-                f"{_prot(m.flags)} fd {m.fd} offset {m.offset:#x} (frame {m.number})"
+                f"{_prot(m.flags)} fd {m.fd} offset {m.offset:#x} (frame {m.number}"
+                + (", in flight: no reply yet)" if m.number in awaiting else ")")
                 for m in (self.maps[i] for i in self.map_starts)] or ["none"]
 
     def _region_lines(self) -> list[str]:
@@ -240,7 +297,9 @@ class ConnState:
         return lines or ["none described"]
 
     def _migration_lines(self) -> list[str]:
-        return [f"device state {proto.MIG_STATES.get(self.mig_state, self.mig_state)}",
+        pending = self.in_flight_effect("DEVICE_FEATURE", "DEVICE_RESET")
+        return [f"device state {proto.MIG_STATES.get(self.mig_state, self.mig_state)}"
+                + (f" (in flight: frame {pending.number} has no reply yet)" if pending else ""),
                 f"dirty logging {self.logging or 'off'}"]
 
     def _inflight_lines(self, at_ns: int | None) -> list[str]:
@@ -248,8 +307,10 @@ class ConnState:
         for p in self.inflight.values():
             age = f", {(at_ns - p.ts_ns) / 1e6:.3f} ms" if at_ns is not None else ""
             arrow = "C→S" if p.direction == C2S else "C←S"
+            effect = (f"; applied ahead of its reply: {EFFECTS[p.cmd].describe(p.effect.values)}"
+                      if p.effect else "")
             lines.append(f"{arrow} frame {p.number} {proto.COMMANDS.get(p.cmd, p.cmd)} "
-                         f"msg_id {p.msg_id:#06x}{age}")
+                         f"msg_id {p.msg_id:#06x}{age}{effect}")
         return lines or ["none"]
 
 
@@ -430,21 +491,32 @@ def _on_command(state: ConnState, p: Dissected) -> None:
     key = (msg.channel, msg.direction, h.msg_id)
     if h.no_reply:
         state.posted[key] = p.number
-    else:
-        if key in state.by_key:
-            p.tree.expert("request.duplicate_id",
-                          f"msg_id {h.msg_id:#06x} is also in flight in frame "
-                          f"{state.by_key[key][0]}; replies are matched in order")
-        pending = Pending(p.number, h.cmd, h.msg_id, msg.direction, msg.channel,
-                          msg.ts_ns, msg.data[:REQUEST_KEPT], msg.fds)
-        state.send(pending)
+    elif key in state.by_key:
+        p.tree.expert("request.duplicate_id",
+                      f"msg_id {h.msg_id:#06x} is also in flight in frame "
+                      f"{state.by_key[key][0]}; replies are matched in order")
     check = COMMAND_CHECKS.get(h.cmd)
-    if check:
-        raised = len(p.tree.experts)
-        values = check(state, p)
-        if not h.no_reply:
-            pending.values = values or {}
-            pending.must_refuse = [e for e in p.tree.experts[raised:] if e.id in MUST_REFUSE]
+    raised = len(p.tree.experts)
+    values = check(state, p) if check else None
+    refused = [e for e in p.tree.experts[raised:] if e.id in MUST_REFUSE]
+    # What the receiver must refuse changes nothing, unless its reply says it did.
+    effect = None if refused else _apply_effect(state, p.number, h.cmd, values, msg.fds)
+    if not h.no_reply:
+        pending = Pending(p.number, h.cmd, h.msg_id, msg.direction, msg.channel, msg.ts_ns,
+                          msg.data[:REQUEST_KEPT], msg.fds, values or {}, refused)
+        state.send(pending)
+        if effect is not None:
+            pending.effect = effect
+            state.effects.append(effect)
+
+
+def _apply_effect(state: ConnState, number: int, cmd: int, values: dict[str, Any] | None,
+                  fds: list[dict[str, Any]]) -> Effect | None:
+    if values is None or cmd not in EFFECTS:
+        return None
+    effect = Effect(number, cmd, values, fds)
+    state.apply(effect)
+    return effect
 
 
 @on_command("VERSION")
@@ -463,10 +535,7 @@ def _dma_map_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
     v = layer_values(p.tree, "dma_map")
     if "size" not in v:
         return None
-    old = state.overlapping(v["address"], v["size"])
-    if old:
-        p.tree.expert("dma.overlap", f"{v['address']:#x}+{v['size']:#x} overlaps the map "
-                      f"{old.iova:#x}+{old.size:#x} of frame {old.number}")
+    _raise(p.tree, _map_conflict(state, v))
     page = state.page_size
     bad = [name for name in ("address", "size", "offset") if v[name] % page]
     if bad:
@@ -484,12 +553,7 @@ def _dma_unmap_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
     v = layer_values(p.tree, "dma_unmap")
     if "size" not in v:
         return None
-    if not v["flags"] & proto.DMA_UNMAP_FLAGS["all"]:
-        m = state.maps.get(v["address"])
-        if m is None or m.size != v["size"]:
-            p.tree.expert("dma.unmap_unknown",
-                          f"{v['address']:#x}+{v['size']:#x} is not a live map"
-                          + (f" (the map there is {m.size:#x} bytes)" if m else ""))
+    _raise(p.tree, _unmap_conflict(state, v))
     bitmap = layer_values(p.tree, "dma_unmap.bitmap")
     if "size" in bitmap and bitmap.get("pgsize"):
         _check_bitmap(state, p.tree, v["size"], bitmap["pgsize"], bitmap["size"],
@@ -592,6 +656,11 @@ def _item(tree: Tree, name: str) -> Item | None:
     return None
 
 
+@on_command("DEVICE_RESET")
+def _reset_request(state: ConnState, p: Dissected) -> dict[str, Any]:
+    return {}
+
+
 @on_command("DEVICE_GET_IRQ_INFO", "DEVICE_GET_REGION_INFO", "DEVICE_GET_REGION_IO_FDS")
 def _indexed_request(state: ConnState, p: Dissected) -> dict[str, Any]:
     prefix = {CMD["DEVICE_GET_IRQ_INFO"]: "irq_info", CMD["DEVICE_GET_REGION_INFO"]: "region_info",
@@ -632,9 +701,7 @@ def _feature_request(state: ConnState, p: Dissected) -> dict[str, Any]:
     new = layer_values(p.tree, "mig_state").get("device_state")
     if new is not None and flags & proto.FEATURE_SET and not flags & proto.FEATURE_PROBE:
         v["device_state"] = new
-        if migration_path(state.mig_state, new) is None:
-            p.tree.expert("migration.transition", f"{proto.MIG_STATES.get(state.mig_state)} → "
-                          f"{proto.MIG_STATES.get(new, new)} is not a transition the spec allows")
+        _raise(p.tree, _transition_conflict(state, v))
     report = layer_values(p.tree, "dma_logging_report")
     if flags & proto.FEATURE_GET and report.get("page_size"):
         _check_bitmap_limit(state, p.tree, report["length"], report["page_size"])
@@ -690,15 +757,34 @@ def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
     if request.cmd != h.cmd:
         tree.expert("reply.command_mismatch", f"reply says {h.command_name}, its request "
                     f"(frame {request.number}) was {proto.COMMANDS.get(request.cmd, request.cmd)}")
+        if request.effect is not None:
+            state.settle(request.effect)
         return
     if h.is_error:
+        if request.effect is not None:
+            _retract(state, tree, request)
         return
+    if request.effect is not None:
+        state.settle(request.effect)
     for e in request.must_refuse:
         tree.expert("reply.accepted_invalid", f"frame {request.number} should have failed: "
                     f"{e.message} ({e.id})")
+    if request.must_refuse:         # it did change the receiver's state
+        _apply_effect(state, request.number, h.cmd, request.values, request.fds)
     apply = REPLY_APPLIES.get(h.cmd)
     if apply:
         apply(state, p, request)
+
+
+def _retract(state: ConnState, tree: Tree, failed: Pending) -> None:
+    """A request applied ahead of its reply failed: the requests pipelined
+    after it were sent against a state that did not come to be."""
+    for later, expert_id, message in state.retract(failed.effect):
+        tree.expert(expert_id, f"frame {later.number}, pipelined after frame {failed.number} "
+                    f"which failed: {message}")
+        pending = state.inflight.get(later.number)
+        if pending is not None:
+            pending.must_refuse.append(tree.experts[-1])
 
 
 @on_reply("VERSION")
@@ -718,15 +804,6 @@ def _version_reply(state: ConnState, p: Dissected, request: Pending) -> None:
     state.twin = offered
 
 
-@on_reply("DMA_MAP")
-def _dma_map_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = request.values
-    if "size" not in v:
-        return
-    state.add_map(DmaMapping(v["address"], v["size"], v["offset"], v["flags"],
-                             describe_fd(request.fds), request.number))
-
-
 def describe_fd(fds: list[dict[str, Any]], index: int = 0) -> str:
     if index >= len(fds):
         return "none"
@@ -735,16 +812,6 @@ def describe_fd(fds: list[dict[str, Any]], index: int = 0) -> str:
     if meta.get("size") is not None:
         text += f" {meta['size']:#x}"
     return text + (f" inode {meta['inode']}" if meta.get("inode") else "")
-
-
-@on_reply("DMA_UNMAP")
-def _dma_unmap_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = request.values
-    if v.get("flags", 0) & proto.DMA_UNMAP_FLAGS["all"]:
-        state.maps.clear()
-        state.map_starts.clear()
-    elif v.get("address") in state.maps:
-        state.remove_map(v["address"])
 
 
 @on_reply("DEVICE_GET_INFO")
@@ -788,18 +855,95 @@ def _irq_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
         irq.count, irq.flags = v["count"], v["flags"]
 
 
-@on_reply("DEVICE_SET_IRQS")
-def _set_irqs_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = request.values
-    if "count" not in v:
-        return
-    irq = state.irqs.setdefault(v["index"], IrqState(v["index"]))
+@on_reply("REGION_READ")
+def _region_read_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    _device_access(state, p, "region_read", write=False)
+
+
+# --- effects: what a request changes, applied ahead of its reply ----------------------------
+# Each kind applies an effect (returning what undoing it needs) and undoes it;
+# undoing runs newest first, so an undo only has to restore what its apply saw.
+# `conflict` says what a request breaks in a given state (an expert id and
+# message), for the request check and when an earlier request is retracted.
+
+Conflict = tuple[str, str] | None
+
+
+@dataclass(frozen=True)
+class EffectKind:
+    apply: Callable[[ConnState, Effect], Any]
+    undo: Callable[[ConnState, Effect], None]
+    describe: Callable[[dict[str, Any]], str]
+    conflict: Callable[[ConnState, dict[str, Any]], Conflict] | None = None
+
+
+def _raise(tree: Tree, problem: Conflict) -> None:
+    if problem:
+        tree.expert(*problem)
+
+
+def _map_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
+    old = state.overlapping(v["address"], v["size"])
+    if old is None:
+        return None
+    return ("dma.overlap", f"{v['address']:#x}+{v['size']:#x} overlaps the map "
+                           f"{old.iova:#x}+{old.size:#x} of frame {old.number}")
+
+
+def _map_apply(state: ConnState, e: Effect) -> DmaMapping | None:
+    v = e.values
+    replaced = state.maps.get(v["address"])
+    state.add_map(DmaMapping(v["address"], v["size"], v["offset"], v["flags"],
+                             describe_fd(e.fds), e.number))
+    return replaced
+
+
+def _map_undo(state: ConnState, e: Effect) -> None:
+    state.remove_map(e.values["address"])
+    if e.saved is not None:
+        state.add_map(e.saved)
+
+
+def _unmap_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
+    if v["flags"] & proto.DMA_UNMAP_FLAGS["all"]:
+        return None
+    m = state.maps.get(v["address"])
+    if m is not None and m.size == v["size"]:
+        return None
+    return ("dma.unmap_unknown", f"{v['address']:#x}+{v['size']:#x} is not a live map"
+                                 + (f" (the map there is {m.size:#x} bytes)" if m else ""))
+
+
+def _unmap_apply(state: ConnState, e: Effect) -> list[DmaMapping]:
+    if e.values["flags"] & proto.DMA_UNMAP_FLAGS["all"]:
+        removed = [state.maps[i] for i in state.map_starts]
+        state.maps.clear()
+        state.map_starts.clear()
+        return removed
+    m = state.maps.get(e.values["address"])
+    if m is None:
+        return []
+    state.remove_map(m.iova)
+    return [m]
+
+
+def _unmap_undo(state: ConnState, e: Effect) -> None:
+    for m in e.saved:
+        state.add_map(m)
+
+
+def _irqs_apply(state: ConnState, e: Effect) -> IrqState | None:
+    v = e.values
+    old = state.irqs.get(v["index"])
+    irq = state.irqs[v["index"]] = (IrqState(v["index"]) if old is None else IrqState(
+        old.index, old.count, old.flags, set(old.eventfds), set(old.masked), old.triggers))
     flags, vectors = v["flags"], range(v["start"], v["start"] + v["count"])
     if flags & SET_IRQS["data_bool"]:
         vectors = [vector for vector, b in zip(vectors, v["bools"]) if b]
     if flags & SET_IRQS["trigger"]:
         if flags & SET_IRQS["data_eventfd"]:
-            _assign_eventfds(irq, v, request.fds)
+            # count eventfds assign vectors; no fds (all -1) de-assign them
+            (irq.eventfds.update if e.fds else irq.eventfds.difference_update)(vectors)
         elif flags & SET_IRQS["data_none"] and v["count"] == 0:
             irq.eventfds.clear()             # count 0: disable the whole index
         else:
@@ -808,39 +952,79 @@ def _set_irqs_reply(state: ConnState, p: Dissected, request: Pending) -> None:
         irq.masked.update(vectors)
     elif flags & SET_IRQS["unmask"] and not flags & SET_IRQS["data_eventfd"]:
         irq.masked.difference_update(vectors)
+    return old
 
 
-def _assign_eventfds(irq: IrqState, v: dict[str, Any], fds: list[dict[str, Any]]) -> None:
-    """count eventfds assign vectors; no fds (all -1) de-assign them."""
-    vectors = range(v["start"], v["start"] + v["count"])
-    if fds:
-        irq.eventfds.update(vectors)
+def _irqs_undo(state: ConnState, e: Effect) -> None:
+    if e.saved is None:
+        del state.irqs[e.values["index"]]
     else:
-        irq.eventfds.difference_update(vectors)
+        state.irqs[e.values["index"]] = e.saved
 
 
-@on_reply("REGION_READ")
-def _region_read_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    _device_access(state, p, "region_read", write=False)
+def _irqs_text(v: dict[str, Any]) -> str:
+    actions = [name for name in ("mask", "unmask", "trigger") if v["flags"] & SET_IRQS[name]]
+    data = [name[5:] for name in ("data_none", "data_bool", "data_eventfd")
+            if v["flags"] & SET_IRQS[name]]
+    return (f"{proto.IRQS.get(v['index'], v['index'])} {v['start']}+{v['count']} "
+            f"{'|'.join(actions + data)}")
 
 
-@on_reply("DEVICE_RESET")
-def _reset_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    if state.mig_state == ERROR_STATE:
-        state.mig_state = RUNNING
+def _transition_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
+    new = v.get("device_state")
+    if new is None or migration_path(state.mig_state, new) is not None:
+        return None
+    return ("migration.transition", f"{proto.MIG_STATES.get(state.mig_state)} → "
+                                    f"{proto.MIG_STATES.get(new, new)} is not a transition "
+                                    "the spec allows")
 
 
-@on_reply("DEVICE_FEATURE")
-def _feature_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = request.values
+def _feature_apply(state: ConnState, e: Effect) -> tuple[int, str | None]:
+    saved = state.mig_state, state.logging
+    v, flags = e.values, e.values.get("flags", 0)
     if "device_state" in v:
         state.mig_state = v["device_state"]
-    feature = v.get("flags", 0) & 0xFFFF
-    if not v.get("flags", 0) & proto.FEATURE_SET:
-        return
-    if feature == FEATURE["DMA_LOGGING_START"]:
-        logging = v.get("logging", {})
-        ranges = logging.get("num_ranges") or "all"
-        state.logging = f"page {logging.get('page_size', 0):#x}, ranges {ranges}"
-    elif feature == FEATURE["DMA_LOGGING_STOP"]:
-        state.logging = None
+    if flags & proto.FEATURE_SET and not flags & proto.FEATURE_PROBE:
+        feature = flags & 0xFFFF
+        if feature == FEATURE["DMA_LOGGING_START"]:
+            logging = v.get("logging", {})
+            ranges = logging.get("num_ranges") or "all"
+            state.logging = f"page {logging.get('page_size', 0):#x}, ranges {ranges}"
+        elif feature == FEATURE["DMA_LOGGING_STOP"]:
+            state.logging = None
+    return saved
+
+
+def _feature_undo(state: ConnState, e: Effect) -> None:
+    state.mig_state, state.logging = e.saved
+
+
+def _feature_text(v: dict[str, Any]) -> str:
+    if "device_state" in v:
+        return f"device state → {proto.MIG_STATES.get(v['device_state'], v['device_state'])}"
+    return proto.FEATURES.get(v.get("flags", 0) & 0xFFFF, "feature")
+
+
+def _reset_apply(state: ConnState, e: Effect) -> int:
+    saved = state.mig_state
+    if state.mig_state == ERROR_STATE:
+        state.mig_state = RUNNING
+    return saved
+
+
+def _reset_undo(state: ConnState, e: Effect) -> None:
+    state.mig_state = e.saved
+
+
+EFFECTS: dict[int, EffectKind] = {
+    CMD["DMA_MAP"]: EffectKind(_map_apply, _map_undo,
+                               lambda v: f"map {v['address']:#x}+{v['size']:#x}", _map_conflict),
+    CMD["DMA_UNMAP"]: EffectKind(
+        _unmap_apply, _unmap_undo,
+        lambda v: "unmap all" if v["flags"] & proto.DMA_UNMAP_FLAGS["all"]
+        else f"unmap {v['address']:#x}+{v['size']:#x}", _unmap_conflict),
+    CMD["DEVICE_SET_IRQS"]: EffectKind(_irqs_apply, _irqs_undo, _irqs_text),
+    CMD["DEVICE_FEATURE"]: EffectKind(_feature_apply, _feature_undo, _feature_text,
+                                      _transition_conflict),
+    CMD["DEVICE_RESET"]: EffectKind(_reset_apply, _reset_undo, lambda v: "device reset"),
+}
