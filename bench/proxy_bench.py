@@ -1,30 +1,158 @@
-"""Round trips per second against the sample server: direct, through a blind
-relay, and through `vfu-inspect proxy -w`, lock-step and pipelined.
+"""Round trips per second through `vfu-inspect proxy -w`, against two peers.
 
-    python bench/proxy_bench.py [--rounds N] [--depth 16]
+* libvfio-user: its gpio-pci-idio-16 sample driven by the C client vfu_rtbench
+  (no Python on either end: the yardstick for the proxy's own cost), each
+  1-byte REGION_READ of BAR2 one round trip.  Direct, through the blind relay
+  (bench/blind_relay.py) and through the proxy, lock-step and pipelined, in
+  interleaved passes; prints the median of the passes.
+* sample: the sample server driven by a Python client (4-byte REGION_READs of
+  BAR0): direct, blind relay, proxy -w and proxy -w --print, best of --repeat.
 
-Each round trip is a 4-byte REGION_READ of BAR0.  Prints the rates and the
-ratios the targets are stated in: proxy time / blind-relay time and
-proxy time / direct time.
+    LIBVFIO_USER_BUILD=/opt/vfu-peers/libvfio-user/build \\
+        python bench/proxy_bench.py [--peer both|libvfio-user|sample] [--ops N]
+
+VFU_RTBENCH names the C client (default /opt/vfu-peers/vfu_rtbench).  The
+targets are proxy / blind-relay time per op: <= 1.1x lock-step, <= 1.2x
+pipelined.  Each proxy's capture must hold every message of every run, so a
+relay that loses messages fails the bench instead of looking fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
+from vfu_inspect.capture import CaptureReader, Message
 from vfu_inspect.dissectors.vfio_user import CMD, Header, RegionRead, Version
 from vfu_inspect.sockio import MessageSocket
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from helpers import wait_for_socket  # noqa: E402
+from helpers import stop, wait_for_socket  # noqa: E402
 
+VFU = [sys.executable, "-m", "vfu_inspect"]
+RELAY = [sys.executable, str(HERE / "blind_relay.py")]
+DEFAULT_RTBENCH = "/opt/vfu-peers/vfu_rtbench"
+# gpio-pci-idio-16's BAR2 (0x100 bytes): offset 1 is the input register of pins 0-7.
+REGION, OFFSET, COUNT = 2, 1, 1
+TARGET = {"lock-step": 1.1, "pipelined": 1.2}   # proxy / blind-relay time per op
+
+
+class BenchError(Exception):
+    pass
+
+
+# --- processes and captures ---------------------------------------------------
+
+@contextmanager
+def running(args: list[str], sock: Path, log: Path | None = None) -> Iterator[None]:
+    """Run `args` until the block ends; it is ready once `sock` listens."""
+    with open(log or os.devnull, "w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_for_socket(sock, proc)
+        yield
+    finally:
+        stop(proc)      # SIGTERM: the proxy flushes its capture and exits
+
+
+def check_capture(path: Path, runs: int, ops: int) -> None:
+    """Each of `runs` connections must show VERSION and `ops` round trips."""
+    with CaptureReader(path) as reader:
+        counts = Counter(r.conn for r in reader if isinstance(r, Message))
+        damage = reader.damage
+    found = [counts[conn] for conn in sorted(counts)]
+    expected = [2 * (ops + 1)] * runs
+    if damage or found != expected:
+        raise BenchError(f"{path.name}: messages per connection {found}, expected {expected}"
+                         + (f" ({damage})" if damage else "") + ": the proxy lost messages")
+
+
+def modes(depth: int) -> dict[str, int]:
+    return {"lock-step": 1, "pipelined": depth}
+
+
+def label(mode: str, depth: int) -> str:
+    return mode if mode == "lock-step" else f"{depth} in flight"
+
+
+# --- libvfio-user + vfu_rtbench ---------------------------------------------
+
+def find_peers() -> tuple[Path, Path]:
+    """gpio-pci-idio-16 and vfu_rtbench, or exit saying what is missing."""
+    build = os.environ.get("LIBVFIO_USER_BUILD", "")
+    server = Path(build, "samples", "gpio-pci-idio-16")
+    client = Path(os.environ.get("VFU_RTBENCH", DEFAULT_RTBENCH))
+    missing = []
+    if not build:
+        missing.append("LIBVFIO_USER_BUILD is not set (libvfio-user's build directory, "
+                       "e.g. /opt/vfu-peers/libvfio-user/build)")
+    elif not os.access(server, os.X_OK):
+        missing.append(f"{server} not found (LIBVFIO_USER_BUILD={build})")
+    if not os.access(client, os.X_OK):
+        missing.append(f"{client} not found (set VFU_RTBENCH to the vfu_rtbench binary)")
+    if missing:
+        sys.exit("proxy_bench: " + "\n  ".join(["cannot run the libvfio-user bench:", *missing,
+                 "build them with the peers' build-libvfio-user.sh, or use --peer sample"]))
+    return server, client
+
+
+def rtbench(client: Path, sock: Path, ops: int, window: int) -> float:
+    """Microseconds per round trip, from vfu_rtbench's last line ('... X us/op')."""
+    argv = [str(a) for a in (client, sock, ops, REGION, OFFSET, COUNT, window)]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    last = (run.stdout.strip().splitlines() or [""])[-1]
+    if run.returncode or not last.endswith("us/op"):
+        raise BenchError(f"vfu_rtbench via {sock.name} exited {run.returncode}: "
+                         f"{(run.stderr or run.stdout).strip()}")
+    return float(last.split()[-2])
+
+
+def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, Path]) -> None:
+    server_bin, client = peers
+    server, relay, proxy = tmp / "gpio.sock", tmp / "gpio-relay.sock", tmp / "gpio-proxy.sock"
+    capture = tmp / "gpio.vfucap"
+    socks = {"direct": server, "blind relay": relay, "proxy -w": proxy}
+    us: dict[tuple[str, str], list[float]] = {(m, s): [] for m in modes(1) for s in socks}
+    with ExitStack() as stack:
+        stack.enter_context(running([str(server_bin), str(server)], server))
+        rtbench(client, server, 10, 1)      # the server takes our REGION_READ, or fail now
+        stack.enter_context(running([*RELAY, str(relay), str(server)], relay))
+        stack.enter_context(running([*VFU, "proxy", "--listen", str(proxy), "--server",
+                                     str(server), "-w", str(capture)], proxy,
+                                    log=tmp / "gpio-proxy.log"))
+        for n in range(args.passes):
+            order = list(socks)[n % len(socks):] + list(socks)[:n % len(socks)]  # none always first
+            for mode, window in modes(args.depth).items():
+                for name in order:
+                    us[mode, name].append(rtbench(client, socks[name], args.ops, window))
+    check_capture(capture, runs=args.passes * 2, ops=args.ops)
+    print(f"libvfio-user gpio-pci-idio-16 + vfu_rtbench: {args.ops:,} REGION_READs per run, "
+          f"median of {args.passes} interleaved passes (min-max us/op)")
+    med = {key: statistics.median(v) for key, v in us.items()}
+    for (mode, name), times in us.items():
+        print(f"  {label(mode, args.depth):<12} {name:<12} {1e6 / med[mode, name]:>9,.0f} ops/s "
+              f"{med[mode, name]:7.2f} us/op  ({min(times):.2f}-{max(times):.2f})")
+    for mode in modes(1):
+        proxy_us, blind_us, direct_us = (med[mode, s] for s in ("proxy -w", "blind relay",
+                                                                 "direct"))
+        print(f"  {label(mode, args.depth)}: proxy/blind relay {proxy_us / blind_us:.2f}x "
+              f"(target <= {TARGET[mode]}), proxy/direct {proxy_us / direct_us:.2f}x; the proxy "
+              f"adds {proxy_us - blind_us:+.2f} us/op to the blind relay's")
+
+
+# --- sample server + Python client --------------------------------------------
 
 def connect(path: Path) -> MessageSocket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -60,45 +188,55 @@ def round_trips(path: Path, rounds: int, depth: int) -> float:
     return rounds / elapsed
 
 
-def start(args: list[str], sock: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_socket(sock, proc)
-    return proc
+def bench_sample(args: argparse.Namespace, tmp: Path) -> None:
+    server, relay, proxy = tmp / "server.sock", tmp / "relay.sock", tmp / "proxy.sock"
+    # The same with every message dissected and analyzed (to /dev/null): the
+    # analysis runs off the relay thread, so the rate should not drop.
+    printing = tmp / "printing.sock"
+    captures = [tmp / "bench.vfucap", tmp / "printing.vfucap"]
+    proxy_to: Callable[..., list[str]] = lambda listen, cap, *more: [
+        *VFU, "proxy", "--listen", str(listen), "--server", str(server), "-w", str(cap), *more]
+    print(f"sample server + Python client: {args.rounds:,} REGION_READs per run, "
+          f"best of {args.repeat}")
+    with ExitStack() as stack:
+        stack.enter_context(running([*VFU, "sample-server", "--listen", str(server)], server))
+        stack.enter_context(running([*RELAY, str(relay), str(server)], relay))
+        stack.enter_context(running(proxy_to(proxy, captures[0]), proxy))
+        stack.enter_context(running(proxy_to(printing, captures[1], "--print"), printing))
+        for mode, depth in modes(args.depth).items():
+            rates = {name: max(round_trips(path, args.rounds, depth) for _ in range(args.repeat))
+                     for name, path in (("direct", server), ("blind relay", relay),
+                                        ("proxy -w", proxy), ("proxy -w --print", printing))}
+            print(f"  {label(mode, depth)}: "
+                  + ", ".join(f"{n} {r:,.0f} rt/s" for n, r in rates.items()))
+            print(f"    proxy/blind time ratio {rates['blind relay'] / rates['proxy -w']:.2f}x "
+                  f"(target <= {TARGET[mode]}), proxy/direct "
+                  f"{rates['direct'] / rates['proxy -w']:.2f}x, --print/-w time "
+                  f"{rates['proxy -w'] / rates['proxy -w --print']:.2f}x")
+    for capture in captures:
+        check_capture(capture, runs=2 * args.repeat, ops=args.rounds)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20000)
-    parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=3, help="best of N runs")
+    parser.add_argument("--peer", choices=("both", "libvfio-user", "sample"), default="both")
+    parser.add_argument("--depth", type=int, default=16, help="requests in flight when pipelined")
+    parser.add_argument("--ops", type=int, default=50000, help="vfu_rtbench round trips per run")
+    parser.add_argument("--passes", type=int, default=3, help="vfu_rtbench passes (median)")
+    parser.add_argument("--rounds", type=int, default=20000,
+                        help="Python client round trips per run")
+    parser.add_argument("--repeat", type=int, default=3, help="Python client: best of N runs")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp())
-    server, relay, proxy = tmp / "server.sock", tmp / "relay.sock", tmp / "proxy.sock"
-    vfu = [sys.executable, "-m", "vfu_inspect"]
-    procs = [start([*vfu, "sample-server", "--listen", str(server)], server)]
-    procs.append(start([sys.executable, str(HERE / "blind_relay.py"), str(relay), str(server)],
-                       relay))
-    procs.append(start([*vfu, "proxy", "--listen", str(proxy), "--server", str(server),
-                        "-w", str(tmp / "bench.vfucap")], proxy))
-    # The same with every message dissected and analyzed (to /dev/null): the
-    # analysis runs off the relay thread, so the rate should not drop.
-    printing = tmp / "printing.sock"
-    procs.append(start([*vfu, "proxy", "--listen", str(printing), "--server", str(server),
-                        "-w", str(tmp / "printing.vfucap"), "--print"], printing))
+    peers = find_peers() if args.peer != "sample" else None
+    tmp = Path(tempfile.mkdtemp(prefix="proxy_bench."))
     try:
-        for label, depth in (("lock-step", 1), (f"pipelined ({args.depth} in flight)", args.depth)):
-            rates = {name: max(round_trips(path, args.rounds, depth) for _ in range(args.repeat))
-                     for name, path in (("direct", server), ("blind relay", relay),
-                                        ("proxy -w", proxy),
-                                        ("proxy -w --print", printing))}
-            print(f"{label}: " + ", ".join(f"{n} {r:,.0f} rt/s" for n, r in rates.items()))
-            print(f"  proxy/blind time ratio {rates['blind relay'] / rates['proxy -w']:.2f}x "
-                  f"(target <= 1.1), proxy/direct {rates['direct'] / rates['proxy -w']:.2f}x "
-                  f"(target <= 2 lock-step), --print/-w {rates['proxy -w --print'] / rates['proxy -w']:.2f}x")
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait()
+        if peers:
+            bench_libvfio_user(args, tmp, peers)
+        if args.peer != "libvfio-user":
+            bench_sample(args, tmp)
+    except BenchError as exc:
+        sys.exit(f"proxy_bench: {exc}\n  captures and proxy log kept in {tmp}")
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":
