@@ -879,6 +879,12 @@ REPLIES[CMD.DEVICE_GET_REGION_INFO] = function(d, off)
     local info = string.format("%s size=%s", region_name(v.index), hex(v.size))
     local stop = off + d:size("RegionInfo")
     if band(v.flags, REGION_FLAGS.caps) ~= 0 then
+        local header = d:size("RegionInfo")
+        if v.cap_offset < header or v.cap_offset > v.argsz then
+            d:expert("interop.region_caps_offset", string.format(
+                "CAPS with cap_offset %d outside [%d, %d]: QEMU fails with \"failed to get " ..
+                "region %d info: Invalid argument\"", v.cap_offset, header, v.argsz, v.index))
+        end
         if v.argsz > payload then
             info = info .. " (truncated)"
         elseif v.cap_offset == 0 then
