@@ -197,8 +197,17 @@ def interleaved_messages() -> list[Message]:
     return [m for pair in zip(first, second) for m in pair]
 
 
+def linux_region_info_messages() -> list[Message]:
+    """A REGION_INFO reply cut to the client's 32 bytes with CAPS kept (cap_offset 0),
+    as Linux VFIO answers and QEMU refuses."""
+    request = struct.pack("<HHIIIIIIIQQ", 1, 5, 48, 0, 0, 32, 0, 2, 0, 0, 0)
+    reply = struct.pack("<HHIIIIIIIQQ", 1, 5, 48, 1, 0, 80, 0xF, 2, 0, 0x4000, 0)
+    return [Message(1000, 0, 0, 0, request, []), Message(2000, 0, 0, 1, reply, [])]
+
+
 MADE = {"mutated": lambda: mutations(read_all(SAMPLES[0])[0]),
-        "extreme": extreme_messages, "interleaved": interleaved_messages}
+        "extreme": extreme_messages, "interleaved": interleaved_messages,
+        "linux_region_info": linux_region_info_messages}
 
 
 def made_capture(name: str | Path, tmp_path: Path) -> Path:
@@ -243,6 +252,13 @@ def test_malformed_variants_raise_the_same_expert_items(tmp_path):
         assert lua_experts(other) == expected, f"frame {mine['frame']}"
         flagged += bool(expected)
     assert flagged > len(ours) // 2
+
+
+@needs_tshark
+def test_plugin_flags_the_region_info_qemu_refuses(tmp_path):
+    capture = made_capture("linux_region_info", tmp_path)
+    reply = tshark_packets(export(capture, tmp_path / "linux.pcapng"))[1]
+    assert lua_experts(reply) == ["argsz.truncated", "interop.region_caps_offset"]
 
 
 def lua_experts(layers: list) -> list[str]:
