@@ -84,6 +84,10 @@ LIBVFIO_USER = os.environ.get("LIBVFIO_USER_BUILD")
 needs_libvfio_user = pytest.mark.skipif(
     not LIBVFIO_USER, reason="set LIBVFIO_USER_BUILD to a libvfio-user build dir")
 
+QEMU = os.environ.get("VFU_INSPECT_QEMU")
+needs_qemu = pytest.mark.skipif(
+    not QEMU, reason="set VFU_INSPECT_QEMU to a qemu-system-x86_64 with vfio-user-pci")
+
 
 def libvfio_user_samples_through_proxy(tmp_path: Path, capture: Path) -> None:
     """libvfio-user's samples/client against samples/server through `proxy -w
