@@ -21,9 +21,9 @@ from scapy.fields import StrField
 from scapy.packet import Packet
 
 from vfu_inspect.fields import (
-    BOOL, BYTES, FLOAT, FRAME, STRING, FieldDef, all_fields, bits32, bits64, expert_info,
+    BOOL, BYTES, FLOAT, FRAME, STRING, Compiled, FieldDef, all_fields, bits32, bits64, expert_info,
     field, layer, raw, u16, u32, u64)
-from vfu_inspect.tree import Item, Tree
+from vfu_inspect.tree import Packed, Tree
 
 HEADER_SIZE = 16
 
@@ -519,23 +519,21 @@ class Context:
 
 
 def add_layer(tree: Tree, cls: type[Packet], msg: bytes, offset: int,
-              parent: Item | None = None) -> tuple[Item, dict[str, int]]:
+              parent: int = -1, compiled: Compiled | None = None) -> tuple[int, dict[str, int]]:
     """Add a layer's fixed fields; decode as many as fit and flag the rest."""
-    compiled = cls.vfu_compiled
-    node = tree.add(cls.vfu_field, None, offset, 0, parent, text="")
+    compiled = compiled or cls.vfu_compiled
     available = len(msg) - offset
     if available >= compiled.size:
         raw_values = compiled.struct.unpack_from(msg, offset)
+        length = compiled.size
     else:
         raw_values = _unpack_partial(compiled, msg, offset)
+        length = sum(size for _, _, size in compiled.fields[:len(raw_values)])
         tree.expert("malformed.short",
                     f"{cls.vfu_name}: {max(available, 0)} bytes, "
                     f"{compiled.size} expected", offset, max(available, 0))
-    values = {}
-    for (fd, rel, size), value in zip(compiled.fields, raw_values):
-        tree.add(fd, value, offset + rel, size, node)
-        values[fd.name.rsplit(".", 1)[1]] = value
-    node.length = sum(size for _, _, size in compiled.fields[:len(raw_values)])
+    values = dict(zip(compiled.names, raw_values))
+    node = tree.add_packed(Packed(compiled, raw_values, values), offset, length, parent)
     return node, values
 
 
@@ -563,12 +561,12 @@ def _member_format(fmt: str, index: int) -> str:
 
 
 def add_bytes(tree: Tree, name: str, msg: bytes, offset: int, end: int,
-              parent: Item | None = None) -> Item:
+              parent: int = -1) -> int:
     return tree.add(name, bytes(msg[offset:end]), offset, max(end - offset, 0), parent)
 
 
 def expect_end(tree: Tree, msg: bytes, end: int, what: str,
-               parent: Item | None = None) -> None:
+               parent: int = -1) -> None:
     """Flag bytes beyond what the layout accounts for."""
     extra = len(msg) - end
     if extra > 0:
@@ -666,7 +664,7 @@ def _version(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return f"{v['major']}.{v['minor']} {json.dumps(caps, separators=(',', ':'))}"
 
 
-def _capabilities(tree: Tree, doc: Any, parent: Item, start: int, length: int,
+def _capabilities(tree: Tree, doc: Any, parent: int, start: int, length: int,
                   ctx: Context) -> None:
     caps = doc.get("capabilities") if isinstance(doc, dict) else None
     if not isinstance(caps, dict):
@@ -836,7 +834,7 @@ def _flag_letters(flags: int, names: dict[str, int]) -> str:
 
 
 def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
-                 parent: Item) -> int:
+                 parent: int) -> int:
     """Walk the capability chain; offsets count from the region-info struct."""
     seen, end, offset = set(), base + RegionInfo.vfu_compiled.size, cap_offset
     while offset:
@@ -861,7 +859,7 @@ def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
     return min(end, len(msg))
 
 
-def _sparse_areas(tree: Tree, msg: bytes, offset: int, parent: Item) -> int:
+def _sparse_areas(tree: Tree, msg: bytes, offset: int, parent: int) -> int:
     _, sp = add_layer(tree, SparseMmap, msg, offset, parent)
     offset += SparseMmap.vfu_compiled.size
     count = sp.get("nr_areas", 0)
@@ -1146,7 +1144,7 @@ def _device_feature(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
 
 
 def _feature_data(tree: Tree, msg: bytes, offset: int, feature: int,
-                  parent: Item) -> str:
+                  parent: int) -> str:
     if feature == 1:
         _, f = add_layer(tree, MigrationFeature, msg, offset, parent)
         expect_end(tree, msg, offset + MigrationFeature.vfu_compiled.size, "MIGRATION feature")
@@ -1215,7 +1213,7 @@ def _mig_data(cls: type[Packet], with_data: bool, is_reply: bool) -> Dissector:
 
 
 def _mig_payload(tree: Tree, msg: bytes, data: int, size: int, prefix: str,
-                 node: Item) -> None:
+                 node: int) -> None:
     end = data + size
     add_bytes(tree, f"{prefix}.data", msg, data, min(end, len(msg)), node)
     if len(msg) < end:
@@ -1251,29 +1249,23 @@ field("fd.inode", "Inode")
 field("fd.purpose", "Purpose", STRING)
 
 
-@dataclass(slots=True)
 class HeaderInfo:
-    msg_id: int
-    cmd: int
-    size: int
-    flags: int
-    error: int
+    """The header's fields and what its flags say, computed once: every view
+    and check asks for them."""
 
-    @property
-    def type(self) -> int:
-        return self.flags & FLAG_TYPE_MASK
+    __slots__ = ("msg_id", "cmd", "size", "flags", "error", "type", "is_reply", "no_reply",
+                 "is_error")
 
-    @property
-    def is_reply(self) -> bool:
-        return self.type == TYPE_REPLY
+    def __init__(self, msg_id: int, cmd: int, size: int, flags: int, error: int) -> None:
+        self.msg_id, self.cmd, self.size, self.flags, self.error = msg_id, cmd, size, flags, error
+        self.type = flags & FLAG_TYPE_MASK
+        self.is_reply = self.type == TYPE_REPLY
+        self.no_reply = bool(flags & FLAG_NO_REPLY)
+        self.is_error = bool(flags & FLAG_ERROR)
 
-    @property
-    def no_reply(self) -> bool:
-        return bool(self.flags & FLAG_NO_REPLY)
-
-    @property
-    def is_error(self) -> bool:
-        return bool(self.flags & FLAG_ERROR)
+    def __repr__(self) -> str:
+        return (f"HeaderInfo(msg_id={self.msg_id}, cmd={self.cmd}, size={self.size}, "
+                f"flags={self.flags:#x}, error={self.error})")
 
     @property
     def kind(self) -> str:
@@ -1288,6 +1280,7 @@ class HeaderInfo:
 
 
 _HEADER = Header.vfu_compiled.struct
+_RESERVED = Header.vfu_compiled.with_field(len(Header.vfu_compiled.fields) - 1, RESERVED_ERROR)
 
 
 def parse_header(msg: bytes) -> HeaderInfo | None:
@@ -1297,18 +1290,19 @@ def parse_header(msg: bytes) -> HeaderInfo | None:
     return HeaderInfo(*_HEADER.unpack_from(msg))
 
 
-def dissect_message(msg: bytes, ctx: Context) -> tuple[Tree, HeaderInfo | None]:
-    """Dissect one whole message; never raises on bad input."""
+def dissect_message(msg: bytes, ctx: Context, header: HeaderInfo | None = None
+                    ) -> tuple[Tree, HeaderInfo | None]:
+    """Dissect one whole message (whose header the caller may have parsed);
+    never raises on bad input."""
     tree = Tree()
-    node, _ = add_layer(tree, Header, msg, 0)
-    header = parse_header(msg)
+    if header is None:
+        header = parse_header(msg)
+    # `vfio_user.error` is present only on error replies, so that it can be
+    # tested for presence as in Wireshark.
+    add_layer(tree, Header, msg, 0, compiled=None if header and header.is_error else _RESERVED)
     if header is None:
         tree.info = f"short message ({len(msg)} bytes)"
         return tree, None
-    if not header.is_error:
-        # `vfio_user.error` is present only on error replies, so that it can be
-        # tested for presence as in Wireshark.
-        node.children[-1].field = RESERVED_ERROR
     _header_checks(tree, header, len(msg))
     table = REPLIES if header.is_reply else REQUESTS
     fn = table.get(header.cmd)
@@ -1365,7 +1359,7 @@ def _fd_items(tree: Tree, ctx: Context) -> None:
         purpose = ctx.fd_purposes.get(i)
         if purpose:
             tree.add("fd.purpose", purpose, parent=node)
-            node.text += f", {purpose}"
+            tree.append_text(node, f", {purpose}")
 
 
 # --- what the layers say about the protocol -------------------------------------------

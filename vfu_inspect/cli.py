@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return EXIT_USAGE
+    # What imports built (scapy's layers, the registries) lives as long as the
+    # process: keep it out of the collector's scans of the per-message garbage.
+    gc.freeze()
     try:
         return args.run(args)
     except UserError as exc:
@@ -277,8 +281,9 @@ def _print_packets(args: argparse.Namespace, packets: Iterator[Dissected], out: 
         if not args.verbose and out.isatty():
             print(SUMMARY_HEADER, file=out)
     shown = 0
+    write = out.write
     for p in packets:
-        print(render(p), file=out)
+        write(render(p) + "\n")
         shown += 1
     return shown
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from scapy.packet import Packet
 
-from .tree import Item, Tree
+from .tree import Tree
 
 PLUGIN_PATH_VARIABLE = "VFU_INSPECT_PLUGINS"
 
@@ -76,7 +76,7 @@ def _load_file(path: Path) -> None:
               file=sys.stderr)
 
 
-def add_registers(tree: Tree, parent: Item, layer: type[Packet], base: int, access: int,
+def add_registers(tree: Tree, parent: int, layer: type[Packet], base: int, access: int,
                   data: bytes, data_pos: int) -> int:
     """Add the registers of `layer` (placed at `base`) that the access at
     `access` covers whole; `data_pos` is where `data` sits in the message.

@@ -29,6 +29,7 @@ field("frame.len", "Message length")
 field("frame.fds", "Passed fds")
 field("frame.truncated", "Bytes captured (message truncated)")
 
+HEADER_ROW = 0         # the header layer is the first thing every dissection adds
 # Requests awaiting a reply, per key; beyond this the oldest are dropped so
 # that a peer that never answers cannot grow memory without bound.
 MAX_PENDING_PER_KEY = 4096
@@ -140,7 +141,7 @@ class Analyzer:
         request = self.sessions.pair(self.number, msg, header)
         ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds,
                             request.data if request else None)
-        tree, _ = proto.dissect_message(msg.data, ctx)
+        tree, _ = proto.dissect_message(msg.data, ctx, header)
         packet = Dissected(self.number, msg, header, tree, rel, delta)
         if request:
             packet.request_in = request.number
@@ -168,11 +169,11 @@ class Analyzer:
     @staticmethod
     def _add_frame_items(p: Dissected) -> None:
         tree, msg = p.tree, p.msg
-        tree.items.insert(0, FrameItem(p))     # the frame comes first, as in Wireshark
+        tree.first.append(FrameItem(p))     # the frame comes first, as in Wireshark
         if msg.size is not None:
             tree.expert("capture.truncated",
                         f"only {len(msg.data)} of {msg.size} bytes were captured")
-        links = tree.items[1]
+        links = HEADER_ROW
         if p.request_in is not None:
             tree.add("vfio_user.response_to", p.request_in, parent=links)
             tree.add("vfio_user.time", p.latency, parent=links)
@@ -181,14 +182,17 @@ class Analyzer:
 
 
 class FrameItem(Item):
-    """The frame node; its fields are built only when a view asks for them."""
+    """The frame node; its text and fields are built only when a view asks."""
 
     __slots__ = ("packet",)
 
     def __init__(self, p: Dissected) -> None:
-        super().__init__(FRAME_FIELD, None, text=f"Frame {p.number}: {p.msg.wire_size} bytes, "
-                                                 f"{len(p.msg.fds)} fds")
+        super().__init__(FRAME_FIELD, None)
         self.packet = p
+
+    def heading(self) -> str:
+        msg = self.packet.msg
+        return f"Frame {self.packet.number}: {msg.wire_size} bytes, {len(msg.fds)} fds"
 
     def _build_children(self) -> list[Item]:
         p, msg = self.packet, self.packet.msg

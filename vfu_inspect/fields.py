@@ -203,12 +203,23 @@ def _meta(fld: Field, meta: dict[str, Any]) -> Field:
 class Compiled:
     """A layer's fixed part: one struct and the FieldDef of each member."""
 
+    layer: FieldDef
     struct: struct.Struct
     fields: list[tuple[FieldDef, int, int]]   # (def, offset in layer, size)
+    names: tuple[str, ...] = ()               # members' short names, in order
+
+    def __post_init__(self) -> None:
+        self.names = tuple(fd.name.rsplit(".", 1)[1] for fd, _, _ in self.fields)
 
     @property
     def size(self) -> int:
         return self.struct.size
+
+    def with_field(self, index: int, fd: FieldDef) -> Compiled:
+        """The same layout with member `index` shown as another field."""
+        fields = list(self.fields)
+        fields[index] = (fd, *fields[index][1:])
+        return Compiled(self.layer, self.struct, fields)
 
 
 def layer(prefix: str):
@@ -235,7 +246,7 @@ def _compile(cls: type[Packet], prefix: str) -> Compiled:
         members.append((fd, offset, fld.sz))
         fmt += fld.fmt.lstrip("<")
         offset += fld.sz
-    return Compiled(struct.Struct(fmt), members)
+    return Compiled(REGISTRY[prefix], struct.Struct(fmt), members)
 
 
 def _field_def(name: str, fld: Field, meta: dict[str, Any]) -> FieldDef:

@@ -62,7 +62,7 @@ def detail_text(p: Dissected) -> str:
 def _tree_lines(item: Item, depth: int, out: list[str]) -> None:
     pad = "    " * depth
     if item.field.type == PROTOCOL:
-        out.append(f"{pad}{item.text or item.field.label}")
+        out.append(f"{pad}{item.heading()}")
     else:
         out.append(f"{pad}{item.field.label}: {item.value_text()}")
     for child in item.children:
@@ -134,11 +134,6 @@ def _plain(value: Any) -> str:
 
 def packet_comment(p: Dissected) -> str:
     """A pcapng comment: the fds with what the message made of them, and expert items."""
-    purposes = {}
-    for item in p.tree.items:
-        if item.field.name == "fd":
-            values = {child.field.name: child.value for child in item.children}
-            if "fd.purpose" in values:
-                purposes[values["fd.index"]] = values["fd.purpose"]
+    purposes = {fd["index"]: fd["purpose"] for fd in p.tree.children_of("fd") if "purpose" in fd}
     experts = [(e.severity, e.id, e.message) for e in p.tree.experts]
     return fd_comment(p.msg.fds, purposes, experts)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import bisect
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .capture import C2S, MAIN, S2C, TWIN, Message
 from .dissectors import vfio_user as proto
 from .devices import add_registers, device_for, load_plugins
 from .dissectors.pci_config import CONFIG_REGION, ConfigShadow, dissect_config_access
-from .tree import Expert, Item, Tree
+from .tree import Expert, Tree
 
 if TYPE_CHECKING:
     from .dissect import Dissected
@@ -348,25 +348,6 @@ class Snapshot:
     ts_ns: int | None = None
 
 
-def layer_values(tree: Tree, prefix: str) -> dict[str, Any]:
-    """Short name -> value of the fields under `prefix.` (first of each)."""
-    out: dict[str, Any] = {}
-    start = prefix + "."
-    for item in _built_items(tree.items):
-        name = item.field.name
-        if name.startswith(start):
-            out.setdefault(name[len(start):], item.value)
-    return out
-
-
-def _built_items(items: list[Item]) -> Iterator[Item]:
-    """Items and the children already built (bit children are not needed)."""
-    for item in items:
-        yield item
-        if item._children:
-            yield from _built_items(item._children)
-
-
 class SessionTracker:
     """Follows every connection of a capture; see the module docstring."""
 
@@ -521,7 +502,7 @@ def _apply_effect(state: ConnState, number: int, cmd: int, values: dict[str, Any
 
 @on_command("VERSION")
 def _version_request(state: ConnState, p: Dissected) -> None:
-    v = layer_values(p.tree, "version")
+    v = p.tree.prefixed("version")
     state.client_version = (v.get("major", 0), v.get("minor", 0))
     state.client_caps = _caps(v)
 
@@ -532,7 +513,7 @@ def _caps(values: dict[str, Any]) -> dict[str, Any]:
 
 @on_command("DMA_MAP")
 def _dma_map_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
-    v = layer_values(p.tree, "dma_map")
+    v = p.tree.prefixed("dma_map")
     if "size" not in v:
         return None
     _raise(p.tree, _map_conflict(state, v))
@@ -550,11 +531,11 @@ def _dma_map_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
 
 @on_command("DMA_UNMAP")
 def _dma_unmap_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
-    v = layer_values(p.tree, "dma_unmap")
+    v = p.tree.prefixed("dma_unmap")
     if "size" not in v:
         return None
     _raise(p.tree, _unmap_conflict(state, v))
-    bitmap = layer_values(p.tree, "dma_unmap.bitmap")
+    bitmap = p.tree.prefixed("dma_unmap.bitmap")
     if "size" in bitmap and bitmap.get("pgsize"):
         _check_bitmap(state, p.tree, v["size"], bitmap["pgsize"], bitmap["size"],
                       "dma_unmap.bitmap_size")
@@ -582,7 +563,7 @@ def _check_bitmap_limit(state: ConnState, tree: Tree, length: int, page: int) ->
 def _region_access_request(state: ConnState, p: Dissected) -> None:
     write = p.header.cmd == CMD["REGION_WRITE"]
     prefix = "region_write" if write else "region_read"
-    v = layer_values(p.tree, prefix)
+    v = p.tree.prefixed(prefix)
     if "count" in v:
         _check_region_access(state, p, v["region"], v["offset"], v["count"], write)
         if write:
@@ -591,16 +572,12 @@ def _region_access_request(state: ConnState, p: Dissected) -> None:
 
 @on_command("REGION_WRITE_MULTI")
 def _write_multi_request(state: ConnState, p: Dissected) -> None:
-    for entry in _entries(p.tree, "write_multi.entry"):
+    for entry in p.tree.children_of("write_multi.entry"):
         if "count" in entry:
             _check_region_access(state, p, entry["region"], entry["offset"], entry["count"],
                                  write=True)
 
 
-def _entries(tree: Tree, prefix: str) -> Iterator[dict[str, Any]]:
-    for item in _built_items(tree.items):
-        if item.field.name == prefix:
-            yield {c.field.name.rsplit(".", 1)[1]: c.value for c in item.children}
 
 
 def _check_region_access(state: ConnState, p: Dissected, index: int, offset: int,
@@ -631,29 +608,24 @@ def _check_xfer(state: ConnState, tree: Tree, direction: int, count: int) -> Non
 
 def _device_access(state: ConnState, p: Dissected, prefix: str, write: bool) -> None:
     """Hand the data of a region access to the device layer that knows it."""
-    v = layer_values(p.tree, prefix)
-    data = _item(p.tree, f"{prefix}.data")
+    v = p.tree.prefixed(prefix)
+    data = p.tree.find(f"{prefix}.data")
     if data is None or "region" not in v:
         return
+    _, value, offset, length, _ = data
     if v["region"] == CONFIG_REGION:
-        note = dissect_config_access(p.tree, state.config, v["offset"], data.value,
-                                     data.offset, write)
+        note = dissect_config_access(p.tree, state.config, v["offset"], value, offset, write)
         if note:
             p.tree.info += f"  {note}"
         return
     device = device_for(state.config.identity)
     registers = device.regions.get(v["region"]) if device else None
     if registers is not None:
-        node = p.tree.add(registers.vfu_field, None, data.offset, data.length,
+        node = p.tree.add(registers.vfu_field, None, offset, length,
                           text=f"{device.name}, {proto.region_name(v['region'])}")
-        add_registers(p.tree, node, registers, 0, v["offset"], data.value, data.offset)
+        add_registers(p.tree, node, registers, 0, v["offset"], value, offset)
 
 
-def _item(tree: Tree, name: str) -> Item | None:
-    for item in _built_items(tree.items):
-        if item.field.name == name:
-            return item
-    return None
 
 
 @on_command("DEVICE_RESET")
@@ -665,27 +637,27 @@ def _reset_request(state: ConnState, p: Dissected) -> dict[str, Any]:
 def _indexed_request(state: ConnState, p: Dissected) -> dict[str, Any]:
     prefix = {CMD["DEVICE_GET_IRQ_INFO"]: "irq_info", CMD["DEVICE_GET_REGION_INFO"]: "region_info",
               CMD["DEVICE_GET_REGION_IO_FDS"]: "region_io_fds"}[p.header.cmd]
-    return layer_values(p.tree, prefix)
+    return p.tree.prefixed(prefix)
 
 
 @on_command("DEVICE_SET_IRQS")
 def _set_irqs_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
-    v = layer_values(p.tree, "set_irqs")
+    v = p.tree.prefixed("set_irqs")
     if "count" not in v:
         return None
     irq = state.irqs.get(v["index"])
     if irq is not None and irq.count is not None and v["start"] + v["count"] > irq.count:
         p.tree.expert("irq.out_of_range", f"{proto.IRQS.get(irq.index, irq.index)} "
                       f"{v['start']}+{v['count']} beyond its {irq.count} vectors")
-    v["bools"] = _item(p.tree, "set_irqs.data")
-    v["bools"] = v["bools"].value if v["bools"] is not None else b""
+    data = p.tree.find("set_irqs.data")
+    v["bools"] = data[1] if data is not None else b""
     return v
 
 
 @on_command("DMA_READ", "DMA_WRITE")
 def _server_dma_request(state: ConnState, p: Dissected) -> None:
     prefix = "dma_read" if p.header.cmd == CMD["DMA_READ"] else "dma_write"
-    v = layer_values(p.tree, prefix)
+    v = p.tree.prefixed(prefix)
     if "count" not in v or p.msg.direction != S2C:
         return
     if state.containing(v["address"], v["count"]) is None:
@@ -696,16 +668,16 @@ def _server_dma_request(state: ConnState, p: Dissected) -> None:
 
 @on_command("DEVICE_FEATURE")
 def _feature_request(state: ConnState, p: Dissected) -> dict[str, Any]:
-    v = layer_values(p.tree, "device_feature")
+    v = p.tree.prefixed("device_feature")
     flags = v.get("flags", 0)
-    new = layer_values(p.tree, "mig_state").get("device_state")
+    new = p.tree.prefixed("mig_state").get("device_state")
     if new is not None and flags & proto.FEATURE_SET and not flags & proto.FEATURE_PROBE:
         v["device_state"] = new
         _raise(p.tree, _transition_conflict(state, v))
-    report = layer_values(p.tree, "dma_logging_report")
+    report = p.tree.prefixed("dma_logging_report")
     if flags & proto.FEATURE_GET and report.get("page_size"):
         _check_bitmap_limit(state, p.tree, report["length"], report["page_size"])
-    v["logging"] = layer_values(p.tree, "dma_logging")
+    v["logging"] = p.tree.prefixed("dma_logging")
     return v
 
 
@@ -789,7 +761,7 @@ def _retract(state: ConnState, tree: Tree, failed: Pending) -> None:
 
 @on_reply("VERSION")
 def _version_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = layer_values(p.tree, "version")
+    v = p.tree.prefixed("version")
     state.server_version = (v.get("major", 0), v.get("minor", 0))
     state.server_caps = _caps(v)
     client = state.client_version or state.server_version
@@ -816,20 +788,20 @@ def describe_fd(fds: list[dict[str, Any]], index: int = 0) -> str:
 
 @on_reply("DEVICE_GET_INFO")
 def _device_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = layer_values(p.tree, "device_info")
+    v = p.tree.prefixed("device_info")
     if "num_irqs" in v:
         state.device = v
 
 
 @on_reply("DEVICE_GET_REGION_INFO")
 def _region_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = layer_values(p.tree, "region_info")
+    v = p.tree.prefixed("region_info")
     if "offset" not in v or any(e.id == "argsz.truncated" for e in p.tree.experts):
         return                      # truncated: the client asks again with a larger argsz
     region = RegionState(v["index"], v["size"], v["flags"], v["offset"], describe_fd(p.msg.fds))
-    region.areas = [(a["offset"], a["size"]) for a in _entries(p.tree, "region_info.area")]
+    region.areas = [(a["offset"], a["size"]) for a in p.tree.children_of("region_info.area")]
     region.caps = [proto.REGION_CAPS.get(c["id"], str(c["id"]))
-                   for c in _entries(p.tree, "region_info.cap") if "id" in c]
+                   for c in p.tree.children_of("region_info.cap") if "id" in c]
     old = state.regions.get(region.index)
     if old is not None:
         region.io_fds = old.io_fds
@@ -844,12 +816,12 @@ def _io_fds_reply(state: ConnState, p: Dissected, request: Pending) -> None:
         region = state.regions[index] = RegionState(index, 0, 0, 0, "none")
     region.io_fds = [f"{s['offset']:#x}+{s['size']:#x} {proto.IO_FD_TYPES.get(s['type'], s['type'])}"
                      f" fd {describe_fd(p.msg.fds, s['fd_index'])} datamatch {s['datamatch']:#x}"
-                     for s in _entries(p.tree, "region_io_fds.sub") if "datamatch" in s]
+                     for s in p.tree.children_of("region_io_fds.sub") if "datamatch" in s]
 
 
 @on_reply("DEVICE_GET_IRQ_INFO")
 def _irq_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = layer_values(p.tree, "irq_info")
+    v = p.tree.prefixed("irq_info")
     if "count" in v:
         irq = state.irqs.setdefault(v["index"], IrqState(v["index"]))
         irq.count, irq.flags = v["count"], v["flags"]

@@ -1,7 +1,7 @@
-"""A dissected message: the detail tree, its expert items and its info line.
+"""A dissected message: its fields, expert items and info line.
 
-Dissectors add items to a `Tree`; every view (detail text, JSON, filters,
-hex highlighting) reads the same items, so a field looks the same everywhere.
+Dissectors add fields to a `Tree`; every view (detail text, JSON, filters,
+hex highlighting) reads the same fields, so a field looks the same everywhere.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .fields import BOOL, BYTES, EXPERTS, FLOAT, SEVERITIES, FieldDef, describe_bits, lookup
+from .fields import (BOOL, BYTES, EXPERTS, FLOAT, SEVERITIES, Compiled, FieldDef, describe_bits,
+                     lookup)
 
 
 class Item:
@@ -46,6 +47,10 @@ class Item:
             return self.text
         return format_value(self.field, self.value)
 
+    def heading(self) -> str:
+        """What a protocol node shows in the detail tree."""
+        return self.text or self.field.label
+
     def walk(self) -> Iterator[Item]:
         yield self
         for child in self.children:
@@ -64,44 +69,138 @@ class Expert:
     length: int = 0
 
 
-class Tree:
-    """Items of one message, built by the dissectors."""
+class Packed:
+    """A layer's fixed fields, unpacked by one struct call: the row of the
+    layer holds them, and they become fields of their own only on demand."""
 
-    __slots__ = ("items", "experts", "info")
+    __slots__ = ("compiled", "raw", "values")
+
+    def __init__(self, compiled: Compiled, raw: tuple, values: dict[str, Any]) -> None:
+        self.compiled = compiled
+        self.raw = raw                  # member values, in layout order (maybe fewer)
+        self.values = values            # the same, by short name
+
+    def members(self, offset: int) -> Iterator[tuple[FieldDef, Any, int, int]]:
+        for (fd, rel, size), value in zip(self.compiled.fields, self.raw):
+            yield fd, value, offset + rel, size
+
+
+class Tree:
+    """What the dissectors found in one message.
+
+    Dissectors add fields as flat rows (field, value, offset, length, parent
+    row), a layer's fixed part as one row; filters, session tracking and
+    summary lines read the values from them.  The `Item` tree a detail view
+    walks is built from the rows only when a view asks for it: most messages
+    are listed or filtered, never expanded.
+    """
+
+    __slots__ = ("rows", "texts", "experts", "info", "first", "_items")
 
     def __init__(self) -> None:
-        self.items: list[Item] = []
+        self.rows: list[tuple[FieldDef, Any, int, int, int]] = []
+        self.texts: dict[int, str] = {}          # row -> text overriding its value's
         self.experts: list[Expert] = []
         self.info: str = ""
+        self.first: list[Item] = []              # items shown before the rows (the frame)
+        self._items: list[Item] | None = None
 
     def add(self, name: str | FieldDef, value: Any, offset: int = -1,
-            length: int = 0, parent: Item | None = None,
-            text: str | None = None) -> Item:
+            length: int = 0, parent: int = -1, text: str | None = None) -> int:
+        """Add a field under row `parent` (-1: at the top); returns its row."""
         fd = name if isinstance(name, FieldDef) else lookup(name)
         if fd is None:
             raise KeyError(f"unregistered field {name}")
-        item = Item(fd, value, offset, length, text)
-        (parent.children if parent else self.items).append(item)
-        return item
+        row = len(self.rows)
+        self.rows.append((fd, value, offset, length, parent))
+        if text is not None:
+            self.texts[row] = text
+        self._items = None
+        return row
+
+    def add_packed(self, packed: Packed, offset: int, length: int, parent: int = -1) -> int:
+        """Add a layer's fixed part under row `parent`; returns its row."""
+        self.rows.append((packed.compiled.layer, packed, offset, length, parent))
+        self._items = None
+        return len(self.rows) - 1
+
+    def append_text(self, row: int, text: str) -> None:
+        self.texts[row] = self.texts.get(row, "") + text
+        self._items = None
 
     def expert(self, id: str, message: str, offset: int = -1, length: int = 0) -> None:
         """Raise the registered expert info `id`; its severity comes from the registry."""
         self.experts.append(Expert(EXPERTS[id].severity, id, message, offset, length))
 
+    def find(self, name: str) -> tuple[FieldDef, Any, int, int, int] | None:
+        """The first row of field `name` (not a member of a layer's fixed part)."""
+        for row in self.rows:
+            if row[0].name == name:
+                return row
+        return None
+
+    def children_of(self, name: str) -> list[dict[str, Any]]:
+        """For each row of field `name`: its children's values by short name."""
+        out: list[dict[str, Any]] = []
+        index: dict[int, dict[str, Any]] = {}
+        for i, (fd, value, _, _, parent) in enumerate(self.rows):
+            if fd.name == name:
+                index[i] = dict(value.values) if type(value) is Packed else {}
+                out.append(index[i])
+            elif parent in index:
+                index[parent][fd.name.rsplit(".", 1)[1]] = value
+        return out
+
+    def prefixed(self, prefix: str) -> dict[str, Any]:
+        """Name below `prefix.` -> value, for the fields under it (first of each)."""
+        out: dict[str, Any] = {}
+        start = prefix + "."
+        cut = len(start)
+        for fd, value, _, _, _ in self.rows:
+            name = fd.name
+            if type(value) is Packed:
+                if name == prefix:
+                    for key, member in value.values.items():
+                        out.setdefault(key, member)
+                elif name.startswith(start):
+                    for key, member in value.values.items():
+                        out.setdefault(f"{name[cut:]}.{key}", member)
+            elif name.startswith(start):
+                out.setdefault(name[cut:], value)
+        return out
+
+    @property
+    def items(self) -> list[Item]:
+        """The detail tree, built from the rows on first use."""
+        if self._items is None:
+            items: list[Item] = []
+            built: list[Item] = []
+            for i, (fd, value, offset, length, parent) in enumerate(self.rows):
+                if type(value) is Packed:
+                    item = Item(fd, None, offset, length, self.texts.get(i))
+                    item._children = [Item(*member) for member in value.members(offset)]
+                else:
+                    item = Item(fd, value, offset, length, self.texts.get(i))
+                built.append(item)
+                (built[parent].children if parent >= 0 else items).append(item)
+            self._items = items
+        return self.first + self._items
+
     def walk(self) -> Iterator[Item]:
         for item in self.items:
             yield from item.walk()
 
-    def first(self, name: str) -> Any:
-        for item in self.walk():
-            if item.field.name == name:
-                return item.value
-        return None
-
     def values(self) -> dict[str, list[Any]]:
         """Every field's values, keyed by filter name (a field may repeat)."""
         out: dict[str, list[Any]] = {}
-        _collect(self.items, out)
+        _collect(self.first, out)
+        for fd, value, _, _, _ in self.rows:
+            if type(value) is Packed:
+                out.setdefault(fd.name, []).append(None)
+                for member, member_value in zip(value.compiled.fields, value.raw):
+                    _add_value(out, member[0], member_value)
+            else:
+                _add_value(out, fd, value)
         if self.experts:
             out["expert"] = [True]
             out["expert.id"] = [e.id for e in self.experts]
@@ -113,6 +212,17 @@ class Tree:
     def worst_severity(self) -> str | None:
         ranks = [SEVERITIES.index(e.severity) for e in self.experts]
         return SEVERITIES[min(ranks)] if ranks else None
+
+
+def _add_value(out: dict[str, list[Any]], fd: FieldDef, value: Any) -> None:
+    values = out.get(fd.name)
+    if values is None:
+        out[fd.name] = [value]
+    else:
+        values.append(value)
+    if fd.children:
+        for sub, bit in bit_values(fd, value):
+            out.setdefault(sub.name, []).append(bit)
 
 
 def _collect(items: list[Item], out: dict[str, list[Any]]) -> None:

@@ -231,7 +231,7 @@ class DetailTree(Tree[Item]):
         self.root.expand()
 
     def _add(self, parent: Any, item: Item) -> None:
-        label = item.text or item.field.label if item.field.type == PROTOCOL \
+        label = item.heading() if item.field.type == PROTOCOL \
             else f"{item.field.label}: {item.value_text()}"
         if item.children:
             node = parent.add(label, data=item, expand=item.field.type == PROTOCOL)
