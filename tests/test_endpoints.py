@@ -15,7 +15,7 @@ from vfu_inspect.capture import MAIN, TWIN, Message, read_all
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors.vfio_user import CMD, parse_header
 from vfu_inspect.endpoints.common import (BAR0_SIZE, DEFAULT_ID_VALUE, DEVICE_ID, MSIX_VECTORS,
-                                           VENDOR_ID)
+                                           REG_DMA_CMD, VENDOR_ID)
 
 EVERY_COMMAND = set(range(1, 14)) | {15, 16, 17, 18}
 
@@ -153,6 +153,25 @@ def test_linux_style_truncated_region_info_is_refused_as_qemu_does(server, tmp_p
 @pytest.mark.server_args("--dma-via-messages")
 def test_dma_through_messages_only(server):
     assert client(server[0]).returncode == 0
+
+
+@pytest.mark.server_args("--dma-via-messages")
+def test_messaged_dma_without_twin_socket_comes_after_the_write_reply(proxy):
+    """A client waiting for its REGION_WRITE's reply on the main socket cannot
+    serve a DMA request (QEMU times out): the device answers first."""
+    listen, capture = proxy
+    assert client(listen, "--no-twin").returncode == 0
+    msgs = messages(capture)
+    packets = list(Analyzer(find_responses(msgs)).run(msgs))
+    dma_starts = [p for p in packets if p.header.cmd == CMD["REGION_WRITE"]
+                  and not p.header.is_reply
+                  and p.tree.prefixed("region_write").get("offset") == REG_DMA_CMD]
+    dma = [p for p in packets if p.header.cmd in (CMD["DMA_READ"], CMD["DMA_WRITE"])
+           and not p.header.is_reply]
+    assert dma and all(p.msg.channel == MAIN for p in dma)
+    for p in dma:
+        start = max((s for s in dma_starts if s.number < p.number), key=lambda s: s.number)
+        assert start.response_in < p.number, f"frame {p.number} during frame {start.number}"
 
 
 def test_missing_socket_is_a_clear_error(tmp_path):

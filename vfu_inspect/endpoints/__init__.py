@@ -18,6 +18,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--accept-overlap", action="store_true",
                         help="accept overlapping DMA maps (the spec says EEXIST)")
     server.add_argument("--no-twin", action="store_true", help="never offer a twin socket")
+    server.add_argument("--no-mmap", action="store_true",
+                        help="offer no mmap-able region (QEMU then posts MMIO writes with "
+                             "NO_REPLY); the sample client needs BAR2's mmap")
     server.add_argument("--caps-when-truncated", action="store_true",
                         help="set CAPS in a REGION_INFO reply cut to a small argsz, as Linux "
                              "VFIO does (QEMU refuses it)")
@@ -55,7 +58,8 @@ def _run_server(args: argparse.Namespace) -> int:
         errno_for[CMD[cmd]] = by_name[err]
     options = ServerOptions(errno_for=errno_for, accept_overlap=args.accept_overlap,
                             no_twin=args.no_twin, dma_via_messages=args.dma_via_messages,
-                            caps_when_truncated=args.caps_when_truncated, record=args.record)
+                            caps_when_truncated=args.caps_when_truncated, no_mmap=args.no_mmap,
+                            record=args.record)
     if args.id_value is not None:
         options.id_value = args.id_value
     return serve(args.listen, options)

@@ -232,6 +232,10 @@ class Client:
         self.reg(REG_DMA_ADDR, addr)
         self.reg(REG_DMA_LEN, length)
         self.write(0, REG_DMA_CMD, struct.pack("<Q", cmd))
+        if self.twin is None:
+            # Without a twin socket the device moves messaged data after it
+            # answers the write; a read returns only once that is done.
+            self.reg(REG_DMA_CMD)
 
     def interrupt(self, eventfds: list[int]) -> None:
         self.write(0, REG_IRQ, struct.pack("<Q", 2))

@@ -49,6 +49,7 @@ class ServerOptions:
     no_twin: bool = False
     dma_via_messages: bool = False
     caps_when_truncated: bool = False   # Linux VFIO's truncated REGION_INFO: QEMU refuses it
+    no_mmap: bool = False               # BAR2 by messages only: QEMU then posts MMIO writes
     record: str | None = None
 
 
@@ -114,6 +115,7 @@ class Session:
         self.irqs: dict[int, dict[int, int]] = {i: {} for i in IRQ_COUNTS}
         self.masked: set[tuple[int, int]] = set()
         self.backlog: list = []
+        self.after_reply: list[Callable[[], None]] = []    # device work once answered
         self.mig_out = b""
         self.mig_in = bytearray()
         self.logging: list[tuple[int, int]] | None = None
@@ -158,14 +160,15 @@ class Session:
         else:
             with self.device.lock:
                 result = handler(msg, frame.fds)
-        if h.no_reply:
-            return
-        if isinstance(result, int):
-            self.main.send(error_to(msg, result))
-        else:
-            payload, fds = result
-            self.main.send(reply_to(msg, payload), fds)
-            close_fds(fds)
+        if not h.no_reply:
+            if isinstance(result, int):
+                self.main.send(error_to(msg, result))
+            else:
+                payload, fds = result
+                self.main.send(reply_to(msg, payload), fds)
+                close_fds(fds)
+        while self.after_reply:
+            self.after_reply.pop(0)()
 
     def cleanup(self) -> None:
         """Client gone: drop its maps and eventfds, keep the device state."""
@@ -237,7 +240,7 @@ class Session:
             return errno.EINVAL
         size = {7: CONFIG_SIZE}.get(index, BAR_SIZES.get(index, 0))
         flags = REGION_FLAGS_RW if size else 0
-        if index != 2:
+        if index != 2 or self.options.no_mmap:
             return pack(proto.RegionInfo, 32, flags, index, 0, size, 0), []
         caps = (pack(proto.RegionCap, 1, 1, 0) + pack(proto.SparseMmap, len(BAR2_AREAS), 0)
                 + b"".join(pack(proto.SparseArea, o, s) for o, s in BAR2_AREAS))
@@ -368,6 +371,16 @@ class Session:
         mapping = next((m for m in self.maps if m.contains(addr, length)), None)
         if mapping is None:
             return errno.EFAULT
+        if mapping.memory is None and self.twin is None:
+            # The client waits for this write's reply on the main socket and
+            # cannot serve a DMA request meanwhile (QEMU would time out): the
+            # engine runs once the write is answered.
+            self.after_reply.append(lambda: self.transfer(cmd, addr, length, mapping))
+        else:
+            self.transfer(cmd, addr, length, mapping)
+        return 0
+
+    def transfer(self, cmd: int, addr: int, length: int, mapping: DmaMapping) -> None:
         buffer = self.device.bar2
         if cmd == DMA_TO_DEVICE:
             buffer[:length] = mapping.read(addr, length) if mapping.memory else \
@@ -379,7 +392,6 @@ class Session:
             else:
                 self.dma_message(CMD["DMA_WRITE"], addr, length, data)
             self.mark_dirty(addr, length)
-        return 0
 
     def dma_message(self, cmd: int, addr: int, length: int, data: bytes) -> bytes:
         """Ask the client to move the data, on the twin socket if there is one."""
