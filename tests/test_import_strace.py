@@ -104,6 +104,27 @@ def test_framing_across_and_within_syscalls(tmp_path):
     assert s2c == [(1, 1, 40), (1, 2, 16), (1, 2, 16)]
 
 
+def test_a_call_the_process_exits_in_is_not_a_problem(tmp_path):
+    """A thread still blocked in recvmsg when its process exits: strace ends the
+    line with "= ?" (the sample client's twin-socket thread does this)."""
+    program = textwrap.dedent("""
+        import os, socket, threading, time
+        a, b = socket.socketpair()
+        def serve():
+            while True:
+                a.recvmsg(100)
+        threading.Thread(target=serve, daemon=True).start()
+        b.send(bytes([1, 0, 1, 0, 16]) + bytes(11))
+        time.sleep(0.3)
+        os._exit(0)
+    """)
+    log = tmp_path / "t.log"
+    subprocess.run(traced(log, sys.executable, "-c", program), check=True, timeout=60)
+    assert "<unfinished ...>) = ?" in log.read_text()
+    result = import_strace([str(log)])
+    assert result.problems == [] and len(messages(result.records)) == 1
+
+
 def test_strings_cut_by_s_are_reported(tmp_path, session):
     tmp, _ = session
     sock = tmp_path / "s.sock"

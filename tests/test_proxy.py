@@ -130,7 +130,10 @@ def test_no_fd_leak_after_1000_map_unmap_cycles(proxy):
                 os.close(fd)
             send_all(sock, unmap)
             recv_exactly(sock, len(unmap))
-        assert open_fds(proc.pid) == baseline
+        # The baseline may still count the proxy's copy of the first reply's fd
+        # (it closes it right after sendmsg, which the reply may outrun); a
+        # leak would add one per cycle.
+        assert open_fds(proc.pid) <= baseline
 
 
 def test_client_close_reaches_the_server_and_is_recorded(proxy, tmp_path):

@@ -23,8 +23,9 @@ from ..framing import Framer
 from . import ImportResult
 
 _LINE = re.compile(r"^(?:\[pid\s+)?(?P<pid>\d+)?\]?\s*(?P<ts>\d+(?::\d+:\d+)?\.\d+)?\s*(?P<rest>.*)$")
+# "= ?": the process ended inside the call (a thread blocked in recvmsg at exit).
 _CALL = re.compile(r"^(?P<name>sendmsg|recvmsg|sendto|recvfrom)\((?P<args>.*)\)\s+=\s+"
-                   r"(?P<ret>-?\d+)(?:\s.*)?$")
+                   r"(?P<ret>-?\d+|\?)(?:\s.*)?$")
 _UNFINISHED = re.compile(r"^(?P<head>(?:sendmsg|recvmsg|sendto|recvfrom)\(.*?)\s*<unfinished \.\.\.>$")
 _RESUMED = re.compile(r"^<\.\.\. (?P<name>\w+) resumed>\s?(?P<tail>.*)$")
 _SOCKET = re.compile(r"^\d+<(?:UNIX(?:-STREAM)?):\[(?P<own>\d+)(?:->(?P<peer>\d+))?")
@@ -97,9 +98,9 @@ def _read_log(path: str, file_index: int, endpoints: dict[int, Endpoint],
 def _record_call(call: re.Match, order: tuple[float, int], where: str,
                  endpoints: dict[int, Endpoint], twins: set[frozenset[int]],
                  result: ImportResult) -> None:
-    ret = int(call.group("ret"))
+    ret = int(call.group("ret")) if call.group("ret") != "?" else 0
     if ret <= 0:
-        return                                      # an error, EOF or nothing moved
+        return                                      # an error, EOF, nothing moved or unknown
     args = call.group("args")
     sock = _SOCKET.match(args)
     if sock is None:
