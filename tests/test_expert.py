@@ -785,3 +785,17 @@ def test_session_view_shows_effects_still_in_flight():
         pass
     assert [line.split()[0] for line in dict(tracker.conns[0].sections())["DMA maps"]] == [
         "0x000000010000-0x00000001ffff", "0x000000020000-0x000000020fff"]
+
+
+def test_set_irqs_of_four_billion_vectors_is_bounded():
+    """No IRQ_INFO told the count: the state holds at most MSI-X's 2048 vectors."""
+    s = Script()
+    s.negotiate()
+    s.call("DEVICE_SET_IRQS", SetIrqs(flags=0x24, index=2, start=0, count=0xFFFFFFFF),
+           fds=(EVENTFD,))
+    s.call("DEVICE_SET_IRQS", SetIrqs(flags=0x09, index=2, start=0, count=0xFFFFFFFF))
+    tracker = SessionTracker()
+    for _ in Analyzer(sessions=tracker).run(s.messages):
+        pass
+    irq = tracker.conns[0].irqs[2]
+    assert len(irq.eventfds) == len(irq.masked) == 2048

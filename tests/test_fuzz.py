@@ -7,6 +7,8 @@ from pathlib import Path
 
 from hypothesis import given, settings, strategies as st
 
+from vfu_inspect.capture import Message
+from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors.vfio_user import Context, dissect_message
 from vfu_inspect.framing import Framer
 from vfu_inspect.importers.trace_jsonl import import_trace
@@ -20,6 +22,7 @@ def check(data: bytes, request: bytes | None = None) -> None:
     tree, _ = dissect_message(data, Context("s2c", [{"kind": "memfd"}], request))
     for e in tree.experts:
         assert e.severity in SEVERITIES
+        assert e.id != "dissector.bug", e.message     # the dissector raised: a bug
     for item in tree.walk():
         if item.offset >= 0:
             assert item.offset + item.length <= max(len(data), 16), item
@@ -47,6 +50,20 @@ def test_thousands_of_mutated_real_messages():
     for _ in range(5000):
         data = rng.choice(SAMPLES)
         check(mutate(rng, data), request=rng.choice([None, rng.choice(SAMPLES)]))
+
+
+def test_mutated_sessions_through_the_stateful_analysis():
+    """Session tracking, stateful checks and device layers on damaged sessions:
+    no exception, no dissector.bug."""
+    rng = random.Random(4321)
+    session = import_trace(str(TRACE)).records
+    for _ in range(30):
+        damaged = [Message(m.ts_ns, m.conn, m.channel, m.direction,
+                           mutate(rng, m.data) if rng.random() < 0.2 else m.data, m.fds)
+                   for m in session if isinstance(m, Message) and rng.random() < 0.95]
+        for p in Analyzer(find_responses(damaged)).run(damaged):
+            bugs = [e.message for e in p.tree.experts if e.id == "dissector.bug"]
+            assert not bugs, (p.number, bugs)
 
 
 @settings(max_examples=2000, deadline=None)

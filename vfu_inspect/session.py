@@ -51,6 +51,7 @@ MUST_REFUSE = {"dma.overlap", "dma.unmap_unknown", "dma.too_many", "dma.access_u
                "region.unknown", "region.out_of_bounds", "region.access_flags", "xfer.too_big",
                "irq.out_of_range", "migration.transition", "migration.data_state"}
 REQUEST_KEPT = 64
+MAX_IRQ_VECTORS = 2048      # PCI's MSI-X table limit
 
 
 @dataclass(slots=True)
@@ -909,7 +910,10 @@ def _irqs_apply(state: ConnState, e: Effect) -> IrqState | None:
     old = state.irqs.get(v["index"])
     irq = state.irqs[v["index"]] = (IrqState(v["index"]) if old is None else IrqState(
         old.index, old.count, old.flags, set(old.eventfds), set(old.masked), old.triggers))
-    flags, vectors = v["flags"], range(v["start"], v["start"] + v["count"])
+    # Vectors beyond the index's count (or PCI's MSI-X limit while it is not
+    # known) do not exist: a count of 0xffffffff must not build a set of them.
+    limit = irq.count if irq.count is not None else MAX_IRQ_VECTORS
+    flags, vectors = v["flags"], range(v["start"], min(v["start"] + v["count"], limit))
     if flags & SET_IRQS["data_bool"]:
         vectors = [vector for vector, b in zip(vectors, v["bools"]) if b]
     if flags & SET_IRQS["trigger"]:
