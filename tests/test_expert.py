@@ -799,3 +799,17 @@ def test_set_irqs_of_four_billion_vectors_is_bounded():
         pass
     irq = tracker.conns[0].irqs[2]
     assert len(irq.eventfds) == len(irq.masked) == 2048
+
+
+def test_a_request_never_answered_does_not_hold_every_later_effect(monkeypatch):
+    monkeypatch.setattr("vfu_inspect.session.MAX_INFLIGHT", 8)
+    s = Script()
+    s.negotiate()
+    s.command("DMA_MAP", _map_layer(0x10000, 0x1000), fds=(MEMFD,))      # never answered
+    for i in range(20):
+        s.map(0x100000 + i * 0x1000, 0x1000)
+    tracker = SessionTracker()
+    for _ in Analyzer(sessions=tracker).run(s.messages):
+        pass
+    state = tracker.conns[0]
+    assert len(state.effects) <= 8 and len(state.maps) == 21

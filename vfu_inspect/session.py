@@ -8,9 +8,10 @@ receiver processes requests in stream order while the sender pipelines them
 (QEMU has up to 9 DMA_UNMAP/DMA_MAP in flight), so a request's effect (a map,
 an unmap, an IRQ assignment, a device state) is applied when the request is
 seen, provisionally, and undone if its reply is an error; what only a reply
-tells (capabilities, regions, IRQ counts) is applied with the reply.  It keeps a copy of every connection's state each
-`checkpoint_every` messages, so that "the state as of message N" costs at
-most that many messages of replay, even at the end of a huge capture.
+tells (capabilities, regions, IRQ counts) is applied with the reply.  It keeps
+a copy of every connection's state each `checkpoint_every` messages, so that
+"the state as of message N" costs at most that many messages of replay, even
+at the end of a huge capture.
 """
 
 from __future__ import annotations
@@ -213,6 +214,13 @@ class ConnState:
 
     def apply(self, effect: Effect) -> None:
         effect.saved = EFFECTS[effect.cmd].apply(self, effect)
+
+    def push(self, effect: Effect) -> None:
+        """Keep an applied effect until its reply; a request never answered
+        must not keep every later one (and memory) waiting."""
+        self.effects.append(effect)
+        if len(self.effects) > MAX_INFLIGHT:
+            self.settle(self.effects[0])
 
     def settle(self, effect: Effect) -> None:
         """Its reply was a success: the effect stays."""
@@ -489,7 +497,7 @@ def _on_command(state: ConnState, p: Dissected) -> None:
         state.send(pending)
         if effect is not None:
             pending.effect = effect
-            state.effects.append(effect)
+            state.push(effect)
 
 
 def _apply_effect(state: ConnState, number: int, cmd: int, values: dict[str, Any] | None,
@@ -734,7 +742,7 @@ def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
             state.settle(request.effect)
         return
     if h.is_error:
-        if request.effect is not None:
+        if request.effect is not None and not request.effect.answered:
             _retract(state, tree, request)
         return
     if request.effect is not None:
