@@ -403,6 +403,10 @@ def run(path: str, options: ClientOptions) -> int:
     except (OSError, PeerClosed, ProtocolError) as exc:
         print(f"sample client: FAILED: connection to {path}: {exc}", file=sys.stderr)
         return 1
+    except struct.error as exc:
+        print(f"sample client: FAILED: a reply is shorter than its layout ({exc})",
+              file=sys.stderr)
+        return 1
     finally:
         if recorder:
             recorder.close()
