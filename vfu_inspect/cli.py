@@ -549,24 +549,28 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore", action="append", default=[], metavar="FIELD",
                    help="a field (or prefix ending in '.') that may differ, e.g. region_read.data")
     p.add_argument("-w", dest="write", metavar="FILE", help="record the replayed session")
+    _add_faults(p)
     p.set_defaults(run=cmd_replay)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from .endpoints.common import Recorder
     from .replay import Replayer, ReplayError, load_connection
+    faults = _injector(args)
     recorder = Recorder(args.write, f"replay {args.file}") if args.write else None
     try:
-        recorded, conn = load_connection(args.file, args.conn)
-        outcome = Replayer(recorded, args.server, args.ignore, sys.stdout, recorder).run()
+        recording = load_connection(args.file, args.conn)
+        outcome = Replayer(recording, args.server, args.ignore, sys.stdout, recorder,
+                           faults).run()
     except ReplayError as exc:
         raise UserError(f"replay failed: {exc}") from None
     finally:
         if recorder:
             recorder.close()
     diverged = len(outcome.divergences)
-    print(f"replay of connection {conn}: {outcome.sent} requests sent, {outcome.matched} "
-          f"answers matched, {diverged} diverged")
+    injected = f", {outcome.faults} faults injected" if faults else ""
+    print(f"replay of connection {recording.conn}: {outcome.sent} requests sent, "
+          f"{outcome.matched} answers matched, {diverged} diverged{injected}")
     return EXIT_FAIL if diverged else EXIT_OK
 
 

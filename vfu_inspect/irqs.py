@@ -30,6 +30,7 @@ from .framing import Frame
 
 SET_IRQS, IO_FDS = proto.CMD["DEVICE_SET_IRQS"], proto.CMD["DEVICE_GET_REGION_IO_FDS"]
 _SET_IRQS = proto.SetIrqs.vfu_compiled.struct
+_IO_FDS = proto.RegionIoFds.vfu_compiled.struct
 _FLAGS = proto.SET_IRQS_FLAGS
 _EVENTFD_TRIGGER = _FLAGS["data_eventfd"] | _FLAGS["trigger"]
 _DISABLE = _FLAGS["data_none"] | _FLAGS["trigger"]
@@ -86,11 +87,10 @@ class IrqTracer:
 
     def _assign(self, conn: int, header: proto.HeaderInfo, frame: Frame,
                 fds: list[int]) -> list[int]:
-        values = _set_irqs(frame.data)
-        if values is None or values[1] & (proto.SET_IRQS_DATA | proto.SET_IRQS_ACTION) \
-                != _EVENTFD_TRIGGER:
+        assignment = set_irqs_assignment(frame.data)
+        if assignment is None:
             return fds
-        _, _, index, start, _ = values
+        index, start, _ = assignment
         pending = _Pending(index, released=[])
         fds = list(fds)
         for i, meta in enumerate(frame.fds[:len(fds)]):
@@ -102,20 +102,13 @@ class IrqTracer:
         return fds
 
     def _doorbells(self, conn: int, frame: Frame, fds: list[int]) -> list[int]:
-        tree, _ = proto.dissect_message(frame.data, proto.Context("s2c", frame.fds))
-        region = tree.first("region_io_fds.index")
         fds, links = list(fds), {}
-        for sub in _entries(tree, "region_io_fds.sub"):
-            i = sub.get("fd_index", -1)
-            if i in links or not 0 <= i < len(fds) or sub.get("type") not in _DOORBELL_TYPES \
-                    or frame.fds[i].get("kind") != "eventfd":
-                continue                      # a shared fd is named by its first sub-region
-            datamatch = sub.get("datamatch") if sub.get("flags", 0) & \
-                proto.IO_FD_FLAGS["datamatch"] else None
-            links[i] = self._link(conn, DOORBELL, fds[i], {
-                "region": region, "offset": sub.get("offset"), "size": sub.get("size"),
-                "datamatch": datamatch})
-            fds[i] = os.dup(links[i].ours)
+        for i, info in doorbells(frame.data, frame.fds).items():
+            if i < len(fds):
+                links[i] = self._link(conn, DOORBELL, fds[i], info)
+                fds[i] = os.dup(links[i].ours)
+        region = _IO_FDS.unpack_from(frame.data, proto.HEADER_SIZE)[2] \
+            if len(frame.data) >= proto.HEADER_SIZE + _IO_FDS.size else None
         for old in self.doorbells.pop((conn, region), []):
             self._close(old)
         if links:
@@ -221,6 +214,33 @@ class IrqTracer:
         os.close(link.ours)
         os.close(link.theirs)
         link.ours = link.theirs = -1
+
+
+def doorbells(reply: bytes, fds: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The ioeventfds of a REGION_IO_FDS reply: fd index -> the doorbell's
+    region, offset, size and datamatch (a shared fd: its first sub-region)."""
+    tree, _ = proto.dissect_message(reply, proto.Context("s2c", fds))
+    region = tree.first("region_io_fds.index")
+    found: dict[int, dict[str, Any]] = {}
+    for sub in _entries(tree, "region_io_fds.sub"):
+        i = sub.get("fd_index", -1)
+        if i in found or not 0 <= i < len(fds) or sub.get("type") not in _DOORBELL_TYPES \
+                or fds[i].get("kind") != "eventfd":
+            continue
+        datamatch = sub.get("datamatch") if sub.get("flags", 0) & \
+            proto.IO_FD_FLAGS["datamatch"] else None
+        found[i] = {"region": region, "offset": sub.get("offset"), "size": sub.get("size"),
+                    "datamatch": datamatch}
+    return found
+
+
+def set_irqs_assignment(data: bytes) -> tuple[int, int, int] | None:
+    """(index, start, count) of a SET_IRQS request that assigns trigger eventfds."""
+    values = _set_irqs(data)
+    if values is None or values[1] & (proto.SET_IRQS_DATA | proto.SET_IRQS_ACTION) \
+            != _EVENTFD_TRIGGER:
+        return None
+    return values[2], values[3], values[4]
 
 
 def _set_irqs(data: bytes) -> tuple[int, int, int, int, int] | None:
