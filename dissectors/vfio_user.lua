@@ -405,6 +405,7 @@ E["mig_data_read.size"] = ProtoExpert.new("vfio_user.expert.mig_data_read.size",
 E["mig_data_write.size"] = ProtoExpert.new("vfio_user.expert.mig_data_write.size", "MIG_DATA_WRITE size disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
 E["dissector.bug"] = ProtoExpert.new("vfio_user.expert.dissector.bug", "the dissector failed on this message", expert.group.UNDECODED, expert.severity.ERROR)
 E["capture.truncated"] = ProtoExpert.new("vfio_user.expert.capture.truncated", "the capture holds only part of the message", expert.group.UNDECODED, expert.severity.WARN)
+E["fault.injected"] = ProtoExpert.new("vfio_user.expert.fault.injected", "the proxy injected a fault here (proxy --fault)", expert.group.PROTOCOL, expert.severity.NOTE)
 
 local all_fields, all_experts = {}, {}
 for _, f in pairs(F) do all_fields[#all_fields + 1] = f end

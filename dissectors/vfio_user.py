@@ -196,6 +196,7 @@ for _id, _severity, _summary, _section in [
     # the tool itself
     ("dissector.bug", "error", "the dissector failed on this message", "vfu-inspect"),
     ("capture.truncated", "warning", "the capture holds only part of the message", "vfu-inspect"),
+    ("fault.injected", "note", "the proxy injected a fault here (proxy --fault)", "vfu-inspect"),
 ]:
     expert_info(_id, _severity, _summary, _section)
 

@@ -28,6 +28,14 @@ def wait_for_socket(path: Path | str, proc: subprocess.Popen | None = None,
     raise TimeoutError(f"{path} did not appear")
 
 
+def accepted(path: Path | str) -> int:
+    """Connections the listener on `path` has accepted (they share its address)."""
+    listening = 0x10000
+    return sum(1 for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+               if len(fields := line.split()) >= 8 and fields[7] == str(path)
+               and not int(fields[3], 16) & listening)
+
+
 def is_listening(path: Path | str) -> bool:
     listening = 0x10000     # __SO_ACCEPTCON in /proc/net/unix's Flags column
     for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
@@ -107,3 +115,26 @@ def libvfio_user_samples_through_proxy(tmp_path: Path, capture: Path) -> None:
         stop(proxy)
         server.kill()
         server.wait()
+
+
+def sample_session(tmp_path: Path, proxy_args: list[str], client_args: list[str] = (),
+                   server_args: list[str] = ()) -> tuple[subprocess.CompletedProcess, Path, Path,
+                                                        Path]:
+    """The sample client through `proxy PROXY_ARGS` to the sample server, each
+    recording what it sent and received: (client result, proxy capture, server's
+    recording, client's recording)."""
+    real, listen = tmp_path / "server.sock", tmp_path / "proxy.sock"
+    captures = [tmp_path / name for name in ("proxy.vfucap", "server.vfucap", "client.vfucap")]
+    server = vfu("sample-server", "--listen", str(real), "--record", str(captures[1]),
+                 *server_args)
+    wait_for_socket(real, server)
+    proxy = vfu("proxy", "--listen", str(listen), "--server", str(real), "-w", str(captures[0]),
+                *proxy_args)
+    try:
+        wait_for_socket(listen, proxy)
+        result = run_vfu("sample-client", "--server", str(listen), "--record", str(captures[2]),
+                         *client_args)
+    finally:
+        assert stop(proxy) == 0, proxy.stderr.read()
+        stop(server)
+    return result, *captures

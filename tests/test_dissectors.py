@@ -249,3 +249,12 @@ def test_malformed_variants_are_flagged_not_raised(name):
 ])
 def test_specific_problems_get_their_expert_id(bad, expert):
     assert expert in [e.id for e in dissect(bad).experts]
+
+
+def test_first_value_of_a_field_a_member_a_bit_and_a_missing_one():
+    data = msg("DMA_MAP", REQ, DmaMap(flags=3, address=0x1000, size=0x2000))
+    tree = dissect(data)
+    assert tree.first("dma_map.size") == 0x2000            # a member of a layer's row
+    assert tree.first("dma_map.flags.write") is True       # a bit of a flags word
+    assert tree.first("vfio_user.cmd") == CMD["DMA_MAP"]
+    assert tree.first("dma_unmap.size") is None

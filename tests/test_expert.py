@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
-from vfu_inspect.capture import C2S, MAIN, S2C, TWIN, Message
+from vfu_inspect.capture import C2S, FAULT, MAIN, S2C, TWIN, Event, Message
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors import vfio_user as proto
 from vfu_inspect.dissectors.vfio_user import (
@@ -648,6 +648,16 @@ def _(s: Script, bad: bool) -> None:
     s.call("DEVICE_RESET")
     if bad:
         s.messages[-1].size = len(s.messages[-1].data) + 100
+
+
+@scenario("fault.injected")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    if bad:          # what proxy --fault records before the message it dropped
+        s.messages.append(Event(FAULT, s.ts_ns, 0, {
+            "action": "drop", "rule": "vfio_user.cmd == DEVICE_RESET: drop", "channel": "main",
+            "dir": "c2s", "effect": "DEVICE_RESET command dropped: the server never got it"}))
+    s.call("DEVICE_RESET")
 
 
 @scenario("dissector.bug")

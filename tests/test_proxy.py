@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from helpers import TESTS, open_fds, rss_kib, run_vfu, stop, vfu, wait_for_socket
+from helpers import TESTS, accepted, open_fds, rss_kib, run_vfu, stop, vfu, wait_for_socket
 from vfu_inspect.capture import C2S, CLOSE, OPEN, S2C, Event, Message, read_all
 from vfu_inspect.dissectors.vfio_user import CMD, DmaMap, DmaUnmap, Header, SetIrqs
 from vfu_inspect.sockio import recv_chunk, send_all
@@ -256,7 +256,7 @@ def test_live_monitor_stream_reaches_read_live(tmp_path, echo):
     wait_for_socket(listen, proc)
     viewer = vfu("read", "--live", str(monitor), "-T", "fields", "-e", "frame.number",
                  "-e", "vfio_user.msg_id", "-e", "dma_map.address")
-    time.sleep(0.5)                    # let the viewer attach before traffic starts
+    wait_until(lambda: accepted(monitor) >= 1)     # the viewer attached before traffic starts
     with connect(listen) as sock:
         for i in range(5):
             send_all(sock, dma_map(i, i * 0x1000))

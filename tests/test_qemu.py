@@ -64,6 +64,7 @@ def exercise_sample_device(qt: Qtest) -> None:
     dma(qt, GUEST_SRC, DMA_TO_DEVICE)
     assert qt.read(BAR2_BASE, len(PATTERN)) == PATTERN       # BAR2's mmap'd first area
     dma(qt, GUEST_DST, DMA_FROM_DEVICE)
+    qt(f"readq {BAR_BASE + REG_ID:#x}")     # a read is answered after a posted write's work
     assert qt.read(GUEST_DST, len(PATTERN)) == PATTERN
     assert int(qt(f"readl {BAR2_BASE + 0x1000:#x}"), 16) == 0   # not mmap'd: REGION_READ
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LIBVFIO_USER, TESTS, needs_libvfio_user, run_vfu, stop, vfu, wait_for_socket
+from helpers import (LIBVFIO_USER, TESTS, needs_libvfio_user, run_vfu, sample_session, stop, vfu,
+                     wait_for_socket)
 from vfu_inspect.dissectors.vfio_user import CMD, RegionRead, parse_header
 from vfu_inspect.endpoints.common import message, pack
 from vfu_inspect.sockio import MessageSocket
@@ -171,3 +172,42 @@ def test_libvfio_user_trace_replays_against_its_server(tmp_path):
     print(result.stdout[-4000:])
     assert result.returncode in (0, 1), result.stderr
     assert "requests sent" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory) -> Path:
+    """The sample session recorded by proxy --trace-irqs."""
+    tmp = tmp_path_factory.mktemp("traced")
+    result, capture, _, _ = sample_session(tmp, ["--trace-irqs"])
+    assert result.returncode == 0, result.stderr
+    return capture
+
+
+def test_replay_rings_the_recorded_doorbell_and_compares_interrupts(traced, tmp_path):
+    result = replay_against_sample(traced, tmp_path, [])
+    assert result.returncode == 0, result.stdout
+    assert ", 0 diverged" in result.stdout
+    refused = replay_against_sample(traced, tmp_path, ["--errno-for", "DEVICE_SET_IRQS=EINVAL"])
+    assert refused.returncode == 1
+    for vector in ("INTx vector 0", "MSI-X vector 1", "MSI-X vector 2", "MSI-X vector 3"):
+        assert f"interrupts: {vector} raised 1 time(s) in the recording, 0 live" in \
+            refused.stdout
+
+
+def test_replay_takes_the_proxys_faults(traced, tmp_path):
+    result = replay_against_sample(traced, tmp_path, [], "--fault",
+                                   "vfio_user.cmd == DEVICE_GET_INFO: errno EIO",
+                                   "-w", str(tmp_path / "replay.vfucap"))
+    assert result.returncode == 1
+    assert "fault: DEVICE_GET_INFO answered with EIO in place of the server" in result.stdout
+    assert "vfio_user.error" in diverged_fields(result.stdout)
+    assert result.stdout.rstrip().endswith("1 faults injected")
+    shown = run_vfu("read", str(tmp_path / "replay.vfucap"), "--events", "-Y", "fault").stdout
+    assert shown.startswith("# conn 0 fault: DEVICE_GET_INFO answered with EIO")
+    refused = replay_against_sample(traced, tmp_path, [], "--fault",
+                                    "vfio_user.cmd == DMA_READ: errno EFAULT")
+    assert refused.returncode == 2        # the sample server drops a client that refuses DMA
+    assert "server closed the connection" in refused.stderr
+    closed = replay_against_sample(traced, tmp_path, [], "--fault",
+                                   "vfio_user.cmd == DEVICE_RESET: close before")
+    assert closed.returncode == 0 and "the replay ends here" in closed.stdout

@@ -22,8 +22,9 @@ VERSION = 1
 SUFFIX = ".vfucap"
 
 # Record types: the first element of each record array.
-MSG, OPEN, CLOSE, NOTE = 0, 1, 2, 3
-EVENT_NAMES = {OPEN: "open", CLOSE: "close", NOTE: "note"}
+MSG, OPEN, CLOSE, NOTE, IRQ, DOORBELL, FAULT = 0, 1, 2, 3, 4, 5, 6
+EVENT_NAMES = {OPEN: "open", CLOSE: "close", NOTE: "note", IRQ: "irq",
+               DOORBELL: "doorbell", FAULT: "fault"}
 C2S, S2C = 0, 1
 DIRECTIONS = {C2S: "c2s", S2C: "s2c"}
 MAIN, TWIN = 0, 1
@@ -61,9 +62,10 @@ class Message:
 
 @dataclass(slots=True)
 class Event:
-    """A connection opened or closed, or a free-text note."""
+    """A connection opened or closed, a free-text note, an interrupt or
+    doorbell signal (proxy --trace-irqs) or an injected fault (proxy --fault)."""
 
-    kind: int               # OPEN, CLOSE or NOTE
+    kind: int               # OPEN, CLOSE, NOTE, IRQ, DOORBELL or FAULT
     ts_ns: int
     conn: int
     info: dict[str, Any]
@@ -76,6 +78,9 @@ Record = Message | Event
 
 
 def describe_event(event: Event) -> str:
+    if event.kind in (IRQ, DOORBELL, FAULT):
+        from .events import describe
+        return f"# conn {event.conn} {EVENT_NAMES[event.kind]}: {describe(event)}"
     info = event.info
     text = info.get("text") or info.get("reason") or info.get("server", "")
     line = f"# conn {event.conn} {EVENT_NAMES[event.kind]}: {text}"

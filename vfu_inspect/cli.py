@@ -119,12 +119,15 @@ def _read_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-2", dest="two_pass", action="store_true",
                    help="two passes: link requests to later replies, flag requests never answered")
     p.add_argument("-z", dest="stats", action="append", default=[], metavar="STAT",
-                   help="statistics after the messages: 'expert' (expert info table) or "
-                        "'session,N' (each connection's state after message N)")
+                   help="statistics after the messages: 'expert' (expert info table), "
+                        "'session,N' (each connection's state after message N) or 'irq' "
+                        "(interrupts per vector, time from each MMIO write or doorbell to the "
+                        "next interrupt)")
     p.add_argument("-q", dest="quiet", action="store_true",
                    help="print only the -z statistics, not the messages")
     p.add_argument("--events", action="store_true",
-                   help="also print connection open/close/note events ('# …' lines)")
+                   help="also print connection open/close/note, interrupt, doorbell and fault "
+                        "events ('# …' lines)")
     _add_timeout(p)
     p.set_defaults(run=cmd_read)
 
@@ -148,13 +151,15 @@ def cmd_read(args: argparse.Namespace) -> int:
         display is not None and "vfio_user.response_in" in display.fields)
     analyzer = _analyzer(args, two_pass=needs_links and not args.follow)
     stats = _stats(args.stats, analyzer)
+    from .events import names_events
+    events = args.format == "text" and (args.events or display is not None
+                                        and names_events(display.fields))
     with CaptureReader(args.file, follow=args.follow) as reader:
-        packets = _tapped(analyzer.run(reader, events=args.events and args.format == "text"),
-                          stats)
+        packets = _tapped(analyzer.run(reader, events=True), stats)
         if args.quiet:
-            _drain(_select(packets, display, args.count))
+            _drain(_select(packets, display, args.count, events))
         else:
-            _print_packets(args, _select(packets, display, args.count), sys.stdout)
+            _print_packets(args, _select(packets, display, args.count, events), sys.stdout)
         _report_damage(args.file, reader)
     for stat in stats:
         stat.render(sys.stdout)
@@ -180,11 +185,13 @@ def _stats(specs: list[str], analyzer: Analyzer) -> list:
 
 
 def _tapped(packets: Iterator[Dissected | Event], stats: list) -> Iterator[Dissected | Event]:
-    """Every packet goes to the statistics, whether or not it is shown."""
+    """Every packet and event goes to the statistics, whether or not it is shown."""
     for p in packets:
-        if isinstance(p, Dissected):
-            for stat in stats:
+        for stat in stats:
+            if isinstance(p, Dissected):
                 stat.packet(p)
+            elif hasattr(stat, "event"):
+                stat.event(p)
         yield p
 
 
@@ -256,13 +263,18 @@ def _check_fields(names: list[str]) -> None:
         raise UserError(f"unknown field(s): {', '.join(unknown)}")
 
 
-def _select(packets: Iterator[Dissected], display, count: int | None) -> Iterator[Dissected]:
+def _select(packets: Iterator[Dissected], display, count: int | None,
+            events: bool = False) -> Iterator[Dissected]:
+    """The messages to show, and with `events` the events (those the filter
+    matches, where it names interrupt, doorbell or fault fields)."""
+    from .events import event_values
     shown = 0
     for p in packets:
         if count is not None and shown >= count:
             return
         if isinstance(p, Event):
-            if display is None:
+            values = event_values(p) if display is not None else None
+            if events and (display is None or values is not None and display.matches(values)):
                 yield p
         elif display is None or display.matches(p.tree.values()):
             shown += 1
@@ -329,13 +341,37 @@ def _proxy_parser(sub: argparse._SubParsersAction) -> None:
                    help="permissions of the created sockets, octal (default 600)")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--tui", action="store_true", help="show the session in the terminal UI")
+    p.add_argument("--trace-irqs", action="store_true",
+                   help="pass the proxy's own eventfds for interrupts (SET_IRQS) and doorbells "
+                        "(REGION_IO_FDS), relay and record every signal")
+    _add_faults(p)
     p.set_defaults(run=cmd_proxy)
+
+
+def _add_faults(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fault", action="append", default=[], metavar="'FILTER: ACTION'",
+                   help="inject a fault into the messages FILTER selects (repeatable): "
+                        "errno E, delay D, drop, close before|after, rewrite FIELD=VALUE, "
+                        "truncate N, duplicate; then nth=N, every=N or p=P [seed=S]")
+    p.add_argument("--fault-file", action="append", default=[], metavar="FILE",
+                   help="fault rules, one a line (# comments)")
+
+
+def _injector(args: argparse.Namespace):
+    """The --fault rules, or None when there are none."""
+    from .faults import FaultError, FaultInjector, load_rules
+    try:
+        rules = load_rules(args.fault, args.fault_file)
+    except FaultError as exc:
+        raise UserError(str(exc)) from None
+    return FaultInjector(rules) if rules else None
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
     from .addons import MonitorAddon, PrintAddon, SaveAddon
     from .proxy import Proxy, ProxyError
     source = f"proxy {args.listen} -> {args.server}"
+    faults = _injector(args)
     addons: list = []
     if args.tui and args.print:
         raise UserError("--tui and --print both want the terminal: choose one")
@@ -348,7 +384,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             addons.append(PrintAddon(sys.stdout, _use_color(args.color)))
         if args.monitor:
             addons.append(MonitorAddon(args.monitor, source, args.mode))
-        proxy = Proxy(args.listen, args.server, addons, args.mode, log=_log)
+        proxy = Proxy(args.listen, args.server, addons, args.mode, log=_log, faults=faults,
+                      trace_irqs=args.trace_irqs)
         proxy.start()
     except (ProxyError, OSError) as exc:
         for addon in addons:
@@ -517,24 +554,28 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore", action="append", default=[], metavar="FIELD",
                    help="a field (or prefix ending in '.') that may differ, e.g. region_read.data")
     p.add_argument("-w", dest="write", metavar="FILE", help="record the replayed session")
+    _add_faults(p)
     p.set_defaults(run=cmd_replay)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from .endpoints.common import Recorder
     from .replay import Replayer, ReplayError, load_connection
+    faults = _injector(args)
     recorder = Recorder(args.write, f"replay {args.file}") if args.write else None
     try:
-        recorded, conn = load_connection(args.file, args.conn)
-        outcome = Replayer(recorded, args.server, args.ignore, sys.stdout, recorder).run()
+        recording = load_connection(args.file, args.conn)
+        outcome = Replayer(recording, args.server, args.ignore, sys.stdout, recorder,
+                           faults).run()
     except ReplayError as exc:
         raise UserError(f"replay failed: {exc}") from None
     finally:
         if recorder:
             recorder.close()
     diverged = len(outcome.divergences)
-    print(f"replay of connection {conn}: {outcome.sent} requests sent, {outcome.matched} "
-          f"answers matched, {diverged} diverged")
+    injected = f", {outcome.faults} faults injected" if faults else ""
+    print(f"replay of connection {recording.conn}: {outcome.sent} requests sent, "
+          f"{outcome.matched} answers matched, {diverged} diverged{injected}")
     return EXIT_FAIL if diverged else EXIT_OK
 
 

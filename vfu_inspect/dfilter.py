@@ -8,16 +8,21 @@ A filter is compiled once against the field registry (unknown fields,
 symbols and type mismatches are errors with their position) and then
 evaluated against `Tree.values()`: filter name -> list of values.  As in
 Wireshark 4, a comparison holds if any occurrence matches, `!=` if none equals.
+
+`could_match` evaluates it on what is known of a message before it is
+dissected (its header, say), in three-valued logic: False only when no
+message with those values can match, so that the rest need not be dissected.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import dissect  # noqa: F401  (registers the frame and protocol fields)
+from . import dissect, events  # noqa: F401  (register the frame, protocol and event fields)
 from .fields import (BOOL, BYTES, FLOAT, FRAME, INT, PROTOCOL, STRING, UINT, FieldDef,
                      lookup)
 
@@ -58,6 +63,15 @@ class Token:
     pos: int
 
 
+class PartialValues(dict):
+    """Values of the fields `known` says are known (absent from the dict: the
+    message lacks them); the others are unknown."""
+
+    def __init__(self, values: Values, known: Callable[[str], bool]) -> None:
+        super().__init__(values)
+        self.known = known
+
+
 @dataclass
 class DisplayFilter:
     text: str
@@ -66,6 +80,14 @@ class DisplayFilter:
 
     def matches(self, values: Values) -> bool:
         return self.test(values)
+
+    def could_match(self, values: PartialValues) -> bool:
+        """False when no message with these known values can match."""
+        return self._partial_test(values) is not False
+
+    @functools.cached_property
+    def _partial_test(self) -> Callable[[PartialValues], bool | None]:
+        return _Parser(self.text, partial=True).parse()
 
 
 def compile_filter(text: str) -> DisplayFilter:
@@ -92,12 +114,16 @@ def _tokenize(text: str) -> list[Token]:
 
 
 class _Parser:
-    """Recursive descent: or -> and -> not -> primary."""
+    """Recursive descent: or -> and -> not -> primary.
 
-    def __init__(self, text: str) -> None:
+    With `partial`, tests return None when a field they need is unknown, and
+    the connectives follow Kleene's three-valued logic."""
+
+    def __init__(self, text: str, partial: bool = False) -> None:
         self.tokens = _tokenize(text)
         self.i = 0
         self.fields: set[str] = set()
+        self.partial = partial
 
     def parse(self) -> Test:
         if self.peek().kind == "end":
@@ -126,17 +152,27 @@ class _Parser:
         tests = [self.parse_and()]
         while self.accept("||"):
             tests.append(self.parse_and())
-        return tests[0] if len(tests) == 1 else lambda v: any(t(v) for t in tests)
+        if len(tests) == 1:
+            return tests[0]
+        if self.partial:
+            return lambda v: _kleene(True, [t(v) for t in tests])
+        return lambda v: any(t(v) for t in tests)
 
     def parse_and(self) -> Test:
         tests = [self.parse_not()]
         while self.accept("&&"):
             tests.append(self.parse_not())
-        return tests[0] if len(tests) == 1 else lambda v: all(t(v) for t in tests)
+        if len(tests) == 1:
+            return tests[0]
+        if self.partial:
+            return lambda v: _kleene(False, [t(v) for t in tests])
+        return lambda v: all(t(v) for t in tests)
 
     def parse_not(self) -> Test:
         if self.accept("!"):
             inner = self.parse_not()
+            if self.partial:
+                return lambda v: None if (r := inner(v)) is None else not r
             return lambda v: not inner(v)
         return self.parse_primary()
 
@@ -154,7 +190,11 @@ class _Parser:
         if fd is None:
             raise FilterError(f"unknown field {tok.text!r}", tok.pos)
         self.fields.add(fd.name)
-        return self.parse_relation(fd, tok)
+        test = self.parse_relation(fd, tok)
+        if self.partial:
+            name = fd.name
+            return lambda v: test(v) if v.known(name) else None
+        return test
 
     def parse_relation(self, fd: FieldDef, field_tok: Token) -> Test:
         name = fd.name
@@ -239,6 +279,13 @@ class _Parser:
         name = fd.name
         return lambda v: any(x in exact or any(lo <= x <= hi for lo, hi in ranges)
                              for x in v.get(name, ()))
+
+
+def _kleene(decisive: bool, results: list[bool | None]) -> bool | None:
+    """|| (decisive True) or && (decisive False) of three-valued results."""
+    if decisive in results:
+        return decisive
+    return None if None in results else not decisive
 
 
 def _compare(name: str, op: str, wanted: Any) -> Test:

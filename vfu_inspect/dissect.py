@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from .capture import CHANNELS, CLOSE, DIRECTIONS, Event, Message, Record
+from .capture import CHANNELS, CLOSE, DIRECTIONS, FAULT, Event, Message, Record
 from .dissectors import vfio_user as proto
 from .fields import FLOAT, FRAME, PROTOCOL, field, lookup
 from .session import SessionTracker
@@ -124,6 +124,7 @@ class Analyzer:
         self.number = 0
         self._first_ts: int | None = None
         self._prev_ts: int | None = None
+        self._faults: list[Event] = []     # each for the next message of its stream
 
     def resume_at(self, number: int, first_ts: int, prev_ts: int) -> None:
         """Go on as if messages up to `number` had been fed (times need the
@@ -152,6 +153,8 @@ class Analyzer:
                 tree.expert("request.unanswered", "no reply in this capture")
         self.sessions.feed(packet, request)
         self._add_frame_items(packet)
+        if self._faults:
+            self._add_faults(packet)
         return packet
 
     def run(self, records: Iterable[Record], events: bool = False
@@ -163,13 +166,26 @@ class Analyzer:
                 continue
             if record.kind == CLOSE:
                 self.sessions.close(record.conn)
+            elif record.kind == FAULT:
+                self._faults.append(record)
             if events:
                 yield record
+
+    def _add_faults(self, p: Dissected) -> None:
+        """A fault record comes just before the message it acted on."""
+        msg = p.msg
+        for event in self._faults:
+            info = event.info
+            if (event.conn, info.get("channel"), info.get("dir")) == (
+                    msg.conn, CHANNELS[msg.channel], DIRECTIONS[msg.direction]):
+                self._faults.remove(event)
+                p.tree.expert("fault.injected", f"{info.get('effect')} [{info.get('rule')}]")
+                return
 
     @staticmethod
     def _add_frame_items(p: Dissected) -> None:
         tree, msg = p.tree, p.msg
-        tree.first.append(FrameItem(p))     # the frame comes first, as in Wireshark
+        tree.leading.append(FrameItem(p))     # the frame comes first, as in Wireshark
         if msg.size is not None:
             tree.expert("capture.truncated",
                         f"only {len(msg.data)} of {msg.size} bytes were captured")

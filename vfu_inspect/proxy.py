@@ -9,12 +9,22 @@ message is handed to the addons (capture, printing, monitor), as mitmproxy's
 core hands flows to its addons.  The only message the relay itself reads is
 the VERSION reply: when it hands the client a twin socket, the proxy puts a
 socketpair of its own in between so that the twin channel is relayed too.
+
+Two options change what is relayed, and only they do.  --trace-irqs
+(`irqs.IrqTracer`) puts the proxy's eventfds in place of the interrupt and
+doorbell eventfds the peers pass, and records each signal.  --fault
+(`faults.Gate`, one per side) lets each message pass at once unless a rule
+may match its header; such a message is held until whole, and the fault a
+rule decides on is carried out here: an error reply, a delay, a drop, a
+close, a rewritten, cut or duplicated message.
 """
 
 from __future__ import annotations
 
 import array
 import errno
+import heapq
+import itertools
 import json
 import os
 import selectors
@@ -25,10 +35,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .capture import C2S, CHANNELS, CLOSE, DIRECTIONS, MAIN, NOTE, OPEN, S2C, TWIN, Event, Message
+from .capture import (C2S, CHANNELS, CLOSE, DIRECTIONS, FAULT, MAIN, NOTE, OPEN, S2C, TWIN,
+                      Event, Message)
 from .dissect import Matcher, expects_reply
 from .dissectors import vfio_user as proto
+from .faults import Fault, FaultInjector, Gate, Verdict
 from .framing import Frame, Framer
+from .irqs import SET_IRQS, IrqTracer
 from .sockio import fd_info, recv_chunk
 
 
@@ -64,6 +77,9 @@ class Side:
     closing: bool = False                       # close once the queue is sent
     closed: bool = False
     events: int = 0                             # what the selector watches for
+    gate: Gate | None = None                    # with --fault: what holds messages back
+    framed: int = 0                             # messages framed (with a gate)
+    wait_until: float = 0.0                     # a delay fault holds the queue (monotonic)
 
 
 @dataclass(eq=False)
@@ -86,7 +102,8 @@ class Proxy:
     """Listens for clients and relays each to a fresh connection to the server."""
 
     def __init__(self, listen: str, server: str, addons: list[Any],
-                 mode: int = 0o600, log: Callable[[str], None] | None = None) -> None:
+                 mode: int = 0o600, log: Callable[[str], None] | None = None,
+                 faults: FaultInjector | None = None, trace_irqs: bool = False) -> None:
         self.listen_path = listen
         self.server_path = server
         self.addons = addons
@@ -94,10 +111,15 @@ class Proxy:
         self.log = log or (lambda text: None)
         self.selector = selectors.DefaultSelector()
         self.connections: dict[int, Connection] = {}
+        self.faults = faults
+        self.tracer = IrqTracer(self._watch_fd, self._unwatch_fd, self._emit) \
+            if trace_irqs else None
         self._next_conn = 0
         self._stopping = False
         self._listener: socket.socket | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._timers: list[tuple[float, int, Side]] = []     # delayed queues, soonest first
+        self._timer_order = itertools.count()
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -126,7 +148,13 @@ class Proxy:
         last_flush, dirty = time.monotonic(), False
         try:
             while not self._stopping:
-                ready = self.selector.select(FLUSH_INTERVAL if dirty else None)
+                timeout = FLUSH_INTERVAL if dirty else None
+                if self._timers:
+                    due = max(self._timers[0][0] - time.monotonic(), 0.0)
+                    timeout = due if timeout is None else min(timeout, due)
+                ready = self.selector.select(timeout)
+                if self._timers:
+                    self._fire_timers()
                 for key, events in ready:
                     if isinstance(key.data, Side):
                         self._ready(key.data, events)
@@ -142,6 +170,8 @@ class Proxy:
     def _shutdown(self) -> None:
         for conn in list(self.connections.values()):
             self._close_connection(conn, "proxy", "proxy stopped")
+        if self.tracer is not None:
+            self.tracer.close()
         if self._listener is not None:
             self.selector.unregister(self._listener)
             self._listener.close()
@@ -167,7 +197,7 @@ class Proxy:
             return
         conn = Connection(self._next_conn)
         self._next_conn += 1
-        self._emit(Event(OPEN, time.time_ns(), conn.id, {"server": self.server_path}))
+        self._emit(Event(OPEN, time.time_ns(), conn.id, self._open_info()))
         server_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             server_sock.connect(self.server_path)
@@ -183,11 +213,22 @@ class Proxy:
         self._add_channel(conn, client_sock, server_sock, MAIN)
         self.log(f"conn {conn.id}: client connected, relaying to {self.server_path}")
 
+    def _open_info(self) -> dict[str, Any]:
+        """The open record: the server, and what changes what is relayed."""
+        info: dict[str, Any] = {"server": self.server_path}
+        if self.tracer is not None:
+            info["trace_irqs"] = True
+        if self.faults is not None:
+            info["faults"] = [rule.text for rule in self.faults.rules]
+        return info
+
     def _add_channel(self, conn: Connection, client_sock: socket.socket,
                      server_sock: socket.socket, channel: int) -> None:
         conn.channel(client_sock, server_sock, channel)
         for side in conn.sides[-2:]:
             side.sock.setblocking(False)
+            if self.faults is not None:
+                side.gate = Gate(self.faults, conn.id, channel, side.direction)
             self._watch(side)
 
     def _watch(self, side: Side) -> None:
@@ -197,7 +238,7 @@ class Proxy:
         mask = 0
         if not side.closing and side.peer is not None and not side.peer.queue:
             mask |= selectors.EVENT_READ
-        if side.queue:
+        if side.queue and not side.wait_until:
             mask |= selectors.EVENT_WRITE
         if mask == side.events:
             return                                  # spare the epoll_ctl call
@@ -234,25 +275,47 @@ class Proxy:
             return
         now = time.time_ns()
         view = memoryview(data)
+        owner = 0
         if fds:
             # The fds go on the first byte of their own message, which must be
             # the first byte of a sendmsg: see framing.
             owner = src.framer.fd_owner(data)
             frames = src.framer.feed(data, [fd_info(fd) for fd in fds])
-            if src.channel == MAIN and src.direction == S2C:
-                fds = self._interpose_twin(conn, frames, fds)
+            if src.channel == MAIN:
+                fds = self._interpose(conn, src, frames, fds)
+        else:
+            frames = src.framer.feed(data)
+        closing = None
+        if src.gate is None:
             if owner:
                 dst.queue.append((view[:owner], []))
             dst.queue.append((view[owner:], fds))
         else:
-            frames = src.framer.feed(data)
-            dst.queue.append((view, []))
+            closing = self._gated(src, dst, view, fds, owner)
         self._send_queued(dst)
         for frame in frames:
-            self._track(src, frame.data, now)
+            self._track(src, frame.data, now, bool(frame.fds))
             self._emit_frame(src, frame, now)
+        if closing:
+            self._close_connection(conn, "proxy", f"fault: {closing}")
+
+    def _interpose(self, conn: Connection, src: Side, frames: list[Frame],
+                   fds: list[int]) -> list[int]:
+        """The fds to pass on: our socketpair for a twin socket, our eventfds
+        for interrupts and doorbells (--trace-irqs)."""
+        if src.direction == S2C:
+            fds = self._interpose_twin(conn, frames, fds)
+        if self.tracer is not None and frames and frames[-1].fds:
+            fds = self.tracer.interpose(conn.id, src.direction, frames[-1], fds)
+        return fds
 
     def _emit_frame(self, src: Side, frame: Frame, now: int) -> None:
+        if src.gate is not None:
+            src.framed += 1
+            fault = src.gate.faults.pop(src.framed, None)
+            if fault is not None:
+                self._emit_faulted(src, frame, fault, now)
+                return
         self._emit(Message(now, src.conn.id, src.channel, src.direction, frame.data,
                            frame.fds, frame.size if frame.truncated else None))
         if frame.error:
@@ -261,6 +324,12 @@ class Proxy:
                 "dir": DIRECTIONS[src.direction]}))
 
     def _send_queued(self, side: Side) -> None:
+        if side.wait_until:
+            if time.monotonic() < side.wait_until:     # a delay fault: its timer sends
+                self._watch(side)
+                self._watch(side.peer)
+                return
+            side.wait_until = 0.0
         while side.queue:
             data, fds = side.queue[0]
             try:
@@ -283,11 +352,13 @@ class Proxy:
         if side.peer is not None:
             self._watch(side.peer)
 
-    def _track(self, src: Side, data: bytes, now: int) -> None:
+    def _track(self, src: Side, data: bytes, now: int, had_fds: bool = False) -> None:
         """Keep the requests still unanswered, for the close record."""
         header = proto.parse_header(data)
         if header is None:
             return
+        if self.tracer is not None and header.cmd == SET_IRQS and src.channel == MAIN:
+            self.tracer.message(src.conn.id, src.direction, header, data, had_fds)
         key = (src.conn.id, src.channel, src.direction, header.msg_id)
         if header.is_reply:
             src.conn.matcher.reply(*key)
@@ -295,6 +366,65 @@ class Proxy:
             src.conn.matcher.request(*key, now, {
                 "msg_id": header.msg_id, "cmd": header.command_name,
                 "channel": CHANNELS[src.channel], "dir": DIRECTIONS[src.direction]})
+
+    # --- faults --------------------------------------------------------------------
+
+    def _gated(self, src: Side, dst: Side, view: memoryview, fds: list[int],
+               owner: int) -> str | None:
+        """Queue what the gate lets through and carry out its faults; why to
+        close the connection, when a fault says so."""
+        pieces = src.gate.feed(view, fds, owner)
+        for n, piece in enumerate(pieces):
+            reason = self._carry_out(src, dst, piece) if isinstance(piece, Verdict) else None
+            if isinstance(piece, tuple):
+                dst.queue.append(piece)
+            if reason:
+                for rest in pieces[n + 1:]:
+                    _close_all(rest.fds if isinstance(rest, Verdict) else rest[1])
+                return reason
+        return None
+
+    def _carry_out(self, src: Side, dst: Side, verdict: Verdict) -> str | None:
+        fault, fds = verdict.fault, verdict.fds
+        action = fault.action
+        if action.name in ("errno", "drop") or action.name == "close" and not action.after:
+            _close_all(fds)                     # not delivered
+            if action.name == "errno":
+                self._answer(src, dst, fault.answer)
+            return fault.info["effect"] if action.name == "close" else None
+        if action.name == "delay":
+            self._send_queued(dst)              # what came before it is not delayed
+            dst.wait_until = time.monotonic() + action.delay
+            heapq.heappush(self._timers, (dst.wait_until, next(self._timer_order), dst))
+        dst.queue.append((fault.data, fds))
+        if action.name == "duplicate":
+            dst.queue.append((fault.data, [os.dup(fd) for fd in fds]))
+        return fault.info["effect"] if action.name == "close" else None
+
+    def _answer(self, src: Side, dst: Side, reply: bytes) -> None:
+        """Send src a reply the proxy made, between two of the messages going to it."""
+        if dst.gate.answer(reply):
+            src.queue.append((reply, []))
+            self._send_queued(src)
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, side = heapq.heappop(self._timers)
+            if side.wait_until and side.wait_until <= now and not side.closed:
+                self._send_queued(side)
+
+    def _emit_faulted(self, src: Side, frame: Frame, fault: Fault, now: int) -> None:
+        """The fault, then the message as delivered (as received when it was not)."""
+        conn = src.conn.id
+        self._emit(Event(FAULT, now, conn, fault.info))
+        name = fault.action.name
+        data = fault.data if name in ("rewrite", "truncate") else frame.data
+        for _ in range(2 if name == "duplicate" else 1):
+            self._emit(Message(now, conn, src.channel, src.direction, data, frame.fds))
+        if name == "errno":
+            self._emit(Message(now, conn, src.channel, 1 - src.direction, fault.answer, []))
+            self._track(src.peer, fault.answer, now)
 
     # --- twin socket -----------------------------------------------------------------
 
@@ -332,6 +462,10 @@ class Proxy:
             leftover = side.framer.close()
             if leftover is not None:
                 self._emit_frame(side, leftover, now)
+            if side.gate is not None:
+                _close_all(side.gate.close())
+        if self.tracer is not None:
+            self.tracer.close_connection(conn.id)
         for side in conn.sides:
             if side.queue and side.name != by and not side.closed:
                 side.closing = True      # deliver what was sent before the close
@@ -358,6 +492,17 @@ class Proxy:
         conn = side.conn
         if conn.closed and all(s.closed for s in conn.sides):
             self.connections.pop(conn.id, None)
+
+    # --- our own fds in the loop ----------------------------------------------------
+
+    def _watch_fd(self, fd: int, callback: Callable[[Any, int], None]) -> None:
+        self.selector.register(fd, selectors.EVENT_READ, callback)
+
+    def _unwatch_fd(self, fd: int) -> None:
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
 
     # --- addons --------------------------------------------------------------------
 

@@ -7,6 +7,12 @@ of the recorded kinds: memfds for DMA memory, eventfds for IRQs.  The
 server's own DMA_READ/DMA_WRITE are answered from that memory, or with the
 recorded answer when the command is the recorded one.  Every reply and
 server command is dissected and compared field by field with the recording.
+
+A recording of `proxy --trace-irqs` also says which interrupts the server
+raised: the replay keeps the eventfds it hands over, rings each recorded
+doorbell where it was rung, and compares the signals of each vector.
+`--fault` injects faults into the requests the replay sends and into the
+server's commands it answers, as the proxy does.
 """
 
 from __future__ import annotations
@@ -17,21 +23,27 @@ import select
 import socket
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .capture import C2S, MAIN, S2C, TWIN, CaptureReader, Message
+from .capture import (C2S, DOORBELL, FAULT, IRQ, MAIN, OPEN, S2C, TWIN, CaptureReader, Event,
+                      Message)
 from .dissect import Matcher, expects_reply
 from .dissectors import vfio_user as proto
 from .endpoints.common import (DmaMemory, Peer, Recorder, message, parse_caps, reply_to,
                                unpack)
+from .events import irq_name
+from .faults import Fault, FaultInjector
 from .framing import Frame
+from .irqs import doorbells, set_irqs_assignment
 from .sockio import MessageSocket, PeerClosed, fd_info
 
 # Fields that differ between any two runs and never count as divergence.
 ALWAYS_IGNORED = ("frame.", "vfio_user.msg_id", "vfio_user.response_to",
                   "vfio_user.response_in", "vfio_user.time", "fd.inode")
 REPLY_TIMEOUT = 10.0
+IRQ_WAIT = 2.0          # for interrupts still on their way at the end
 
 
 class ReplayError(Exception):
@@ -50,33 +62,60 @@ class Outcome:
     sent: int = 0
     matched: int = 0
     divergences: list[Divergence] = field(default_factory=list)
+    faults: int = 0
 
 
-def load_connection(path: str, conn: int | None) -> tuple[list[tuple[int, Message]], int]:
-    """(capture frame number, message) of one connection; the first if conn is None."""
-    picked: list[tuple[int, Message]] = []
+@dataclass
+class Recording:
+    """One recorded connection: its messages, and what --trace-irqs saw."""
+
+    conn: int
+    messages: list[tuple[int, Message]]      # (capture frame number, message)
+    traced: bool = False                     # recorded by proxy --trace-irqs
+    irqs: Counter[tuple[int, int]] = field(default_factory=Counter)   # signals per vector
+    doorbells: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    # (messages of the connection before it, the doorbell)
+
+
+def load_connection(path: str, conn: int | None) -> Recording:
+    """One connection of a capture; the first if conn is None."""
+    recording: Recording | None = None
+    events: list[tuple[int, Event]] = []
     number = 0
     with CaptureReader(path) as reader:
         for record in reader:
-            if not isinstance(record, Message):
-                continue
-            number += 1
-            if conn is None:
-                conn = record.conn
-            if record.conn == conn:
-                picked.append((number, record))
+            if isinstance(record, Message):
+                number += 1
+                if conn is None:
+                    conn = record.conn
+                if record.conn == conn:
+                    recording = recording or Recording(conn, [])
+                    recording.messages.append((number, record))
+            elif conn is None or record.conn == conn:
+                events.append((len(recording.messages) if recording else 0, record))
         damage = reader.damage
-    if not picked:
+    if recording is None:
         raise ReplayError(f"{path} has no messages on connection {conn}")
+    for position, event in events:
+        if event.conn != recording.conn:
+            continue
+        if event.kind == OPEN:
+            recording.traced = bool(event.info.get("trace_irqs"))
+        elif event.kind == IRQ:
+            recording.irqs[event.info.get("index"), event.info.get("vector")] += \
+                event.info.get("count") or 0
+        elif event.kind == DOORBELL:
+            recording.doorbells.append((position, event.info))
     if damage:
         print(f"vfu-inspect: warning: {path}: {damage}", file=sys.stderr)
-    return picked, conn
+    return recording
 
 
 class Replayer:
-    def __init__(self, recorded: list[tuple[int, Message]], server: str,
-                 ignore: list[str], out: TextIO, recorder: Recorder | None) -> None:
-        self.recorded = recorded
+    def __init__(self, recording: Recording, server: str, ignore: list[str], out: TextIO,
+                 recorder: Recorder | None, faults: FaultInjector | None = None) -> None:
+        self.recording = recording
+        recorded = self.recorded = recording.messages
         self.ignore = tuple(ALWAYS_IGNORED) + tuple(ignore)
         self.out = out
         self.outcome = Outcome()
@@ -100,37 +139,149 @@ class Replayer:
         self.total = sum(1 for _, m in recorded
                          if m.direction == C2S and m.channel == MAIN and not is_reply(m))
         self.progress = Progress("replay")
+        self.faults = faults
+        self.injected: list[Frame] = []       # replies a fault made in place of the server's
+        self.duplicates: Counter[int] = Counter()   # msg_id -> replies still due to a duplicate
+        self.irq_fds: dict[tuple[int, int], int] = {}   # (index, vector) -> our eventfd
+        self.live_irqs: Counter[tuple[int, int]] = Counter()
+        self.doorbell_fds: dict[tuple[Any, Any], int] = {}   # (region, offset) -> eventfd
+        self.rung = 0
 
     def run(self) -> Outcome:
-        for index, (number, msg) in enumerate(self.recorded):
-            if msg.direction != C2S or msg.channel != MAIN or is_reply(msg):
-                continue
-            while self.replies_seen < self.replies_before[index]:
+        try:
+            for index, (number, msg) in enumerate(self.recorded):
+                if msg.direction != C2S or msg.channel != MAIN or is_reply(msg):
+                    continue
+                while self.replies_seen < self.replies_before[index]:
+                    self.receive()
+                self.ring_doorbells(index)
+                if not self.send(index, msg):
+                    return self.outcome          # a fault closed the connection
+            self.ring_doorbells(len(self.recorded))
+            while self.waiting:
                 self.receive()
-            self.send(index, msg)
-        while self.waiting:
-            self.receive()
-        return self.outcome
+            if self.recording.traced:
+                self.compare_irqs()
+            return self.outcome
+        finally:
+            for fd in [*self.irq_fds.values(), *self.doorbell_fds.values()]:
+                os.close(fd)
 
-    def send(self, index: int, msg: Message) -> None:
+    def send(self, index: int, msg: Message) -> bool:
+        """Send a recorded request (as a fault changes it); False when that closed
+        the connection."""
         h = proto.parse_header(msg.data)
         msg_id = self.main.new_id()
         data = message(msg_id, h.cmd, msg.data[proto.HEADER_SIZE:], h.flags, h.error)
         fds = self.recreate_fds(msg)
-        self.main.send(data, fds)
+        fault = self.fault(data, fds, C2S)
+        copies = 1
+        if fault is not None:
+            data, copies = fault.data, _copies(fault)
+            if not copies and self.recorder:         # recorded as the proxy records it
+                self.recorder.record(0, MAIN, C2S, data, fds)
+            if fault.action.name == "errno":
+                self.injected.append(Frame(fault.answer, len(fault.answer)))
+                if self.recorder:
+                    self.recorder.record(0, MAIN, S2C, fault.answer, [])
+            if fault.action.name == "delay":
+                time.sleep(fault.action.delay)
+        for copy in range(copies):
+            self.main.send(data, fds if copy == copies - 1 else [os.dup(fd) for fd in fds])
         for fd in fds:
             os.close(fd)
         self.outcome.sent += 1
         self.progress.tick(f"{self.outcome.sent}/{self.total} requests sent, "
                            f"{len(self.outcome.divergences)} diverged")
-        if expects_reply(h):
+        if expects_reply(h) and (copies or fault.action.name == "errno"):
             self.waiting[msg_id] = (index, data)
+            self.duplicates[msg_id] += max(copies - 1, 0)
+        if fault is not None and fault.action.name == "close":
+            print(f"replay: {fault.info['effect']}: the replay ends here", file=self.out)
+            return False
+        return True
+
+    def fault(self, data: bytes, fds: list[int], direction: int) -> Fault | None:
+        """The fault --fault puts on a message the replay sends or answers."""
+        if self.faults is None:
+            return None
+        h = proto.parse_header(data)
+        rules = self.faults.candidates(MAIN, direction, h.cmd, h.flags, h.error, len(fds))
+        fault = rules and self.faults.decide(rules, self.recording.conn, MAIN, direction, data,
+                                             [fd_info(fd) for fd in fds])
+        if not fault:
+            return None
+        self.outcome.faults += 1
+        print(f"fault: {fault.info['effect']} [{fault.rule.text}]", file=self.out)
+        if self.recorder:
+            self.recorder.writer.write(Event(FAULT, time.time_ns(), 0, fault.info))
+        return fault
 
     def recreate_fds(self, msg: Message) -> list[int]:
         h = proto.parse_header(msg.data)
         if h.cmd == proto.CMD["DMA_MAP"]:
             return self.dma_memory(msg)
-        return [fresh_fd(meta) for meta in msg.fds]
+        fds = [fresh_fd(meta) for meta in msg.fds]
+        assignment = set_irqs_assignment(msg.data) if h.cmd == proto.CMD["DEVICE_SET_IRQS"] \
+            else None
+        if assignment is not None:                   # keep them, to count the interrupts
+            index, start, _ = assignment
+            for vector, fd in enumerate(fds, start):
+                self.count_irqs((index, vector), self.irq_fds.pop((index, vector), None))
+                self.irq_fds[index, vector] = os.dup(fd)
+        return fds
+
+    # --- interrupts and doorbells (recordings of proxy --trace-irqs) ----------------
+
+    def ring_doorbells(self, position: int) -> None:
+        """Ring the doorbells recorded before the message at `position`."""
+        while self.rung < len(self.recording.doorbells) and \
+                self.recording.doorbells[self.rung][0] <= position:
+            info = self.recording.doorbells[self.rung][1]
+            fd = self.doorbell_fds.get((info.get("region"), info.get("offset")))
+            if fd is not None:
+                os.eventfd_write(fd, info.get("count") or 1)
+            else:
+                self.diverge(0, f"recorded doorbell {proto.region_name(info.get('region', -1))} "
+                                f"offset {info.get('offset', 0):#x}: the server gave no such "
+                                "ioeventfd", [])
+            self.rung += 1
+
+    def keep_doorbells(self, frame: Frame) -> None:
+        for i, info in doorbells(frame.data, [fd_info(fd) for fd in frame.fds]).items():
+            old = self.doorbell_fds.pop((info["region"], info["offset"]), None)
+            if old is not None:
+                os.close(old)
+            self.doorbell_fds[info["region"], info["offset"]] = os.dup(frame.fds[i])
+
+    def count_irqs(self, vector: tuple[int, int], fd: int | None, close: bool = True) -> None:
+        if fd is None:
+            return
+        try:
+            self.live_irqs[vector] += os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        if close:
+            os.close(fd)
+
+    def compare_irqs(self) -> None:
+        """Signals of each vector, live against recorded (late ones get IRQ_WAIT)."""
+        deadline = time.monotonic() + IRQ_WAIT
+        while True:
+            for vector, fd in self.irq_fds.items():
+                self.count_irqs(vector, fd, close=False)
+            missing = any(self.live_irqs[v] < n for v, n in self.recording.irqs.items())
+            if not missing or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        for index, vector in sorted(set(self.recording.irqs) | set(self.live_irqs)):
+            recorded, live = self.recording.irqs[index, vector], self.live_irqs[index, vector]
+            if recorded == live:
+                self.outcome.matched += 1
+            else:
+                self.diverge(0, f"interrupts: {irq_name(index)} vector {vector} raised "
+                                f"{recorded} time(s) in the recording, {live} live",
+                             [("irq.count", [recorded], [live])])
 
     def dma_memory(self, msg: Message) -> list[int]:
         _, _, offset, iova, size = unpack(proto.DmaMap, msg.data)
@@ -152,6 +303,11 @@ class Replayer:
         if not h.is_reply:
             self.server_command(peer, frame)
             return
+        if self.duplicates[h.msg_id] and h.msg_id not in self.waiting:
+            self.duplicates[h.msg_id] -= 1       # the answer to a duplicate: not compared
+            print(f"replay: {h.command_name} reply to a duplicated request (not compared)",
+                  file=self.out)
+            return
         entry = self.waiting.pop(h.msg_id, None)
         if entry is None:
             raise ReplayError(f"the server answered msg_id {h.msg_id:#x}, which is not pending")
@@ -167,11 +323,15 @@ class Replayer:
                          self.recorded[index][1].data)
         if h.cmd == proto.CMD["VERSION"]:
             self.adopt_twin(frame)
-        else:
-            for fd in frame.fds:
-                os.close(fd)
+            return
+        if h.cmd == proto.CMD["DEVICE_GET_REGION_IO_FDS"] and self.recording.doorbells:
+            self.keep_doorbells(frame)
+        for fd in frame.fds:
+            os.close(fd)
 
     def next_frame(self) -> tuple[Peer, Frame]:
+        if self.injected:
+            return self.main, self.injected.pop(0)
         peers = [p for p in (self.main, self.twin) if p is not None]
         for peer in peers:
             if peer.conn.buffered():
@@ -197,7 +357,17 @@ class Replayer:
             os.close(fd)
 
     def server_command(self, peer: Peer, frame: Frame) -> None:
-        """Answer as recorded when it is the recorded command, else from our memory."""
+        """Answer as recorded when it is the recorded command, else from our memory
+        (or as a --fault says: an error, late, not at all)."""
+        fault = self.fault(frame.data, frame.fds, S2C)
+        if fault is not None and fault.action.name in ("errno", "drop", "close"):
+            for fd in frame.fds:
+                os.close(fd)
+            if fault.answer is not None:
+                peer.send(fault.answer)
+            return
+        if fault is not None and fault.action.name == "delay":
+            time.sleep(fault.action.delay)
         if self.next_server_command >= len(self.server_commands):
             self.diverge(0, f"server command not in the recording: "
                             f"{proto.parse_header(frame.data).command_name}", [])
@@ -239,7 +409,8 @@ class Replayer:
 
     def diverge(self, number: int, what: str, fields: list[tuple[str, Any, Any]]) -> None:
         self.outcome.divergences.append(Divergence(number, what, fields))
-        print(f"DIVERGED at recorded frame {number}: {what}", file=self.out)
+        where = f" at recorded frame {number}" if number else ""
+        print(f"DIVERGED{where}: {what}", file=self.out)
         width = max((len(name) for name, _, _ in fields), default=0)
         for name, recorded, live in fields:
             print(f"  {name:<{width}}  recorded {_show(recorded)}  live {_show(live)}",
@@ -312,10 +483,18 @@ def _replies_before(recorded: list[tuple[int, Message]], replies: dict[int, int]
     return counts
 
 
+def _copies(fault: Fault) -> int:
+    """How many times a faulted request is sent."""
+    action = fault.action
+    if action.name in ("drop", "errno") or action.name == "close" and not action.after:
+        return 0
+    return 2 if action.name == "duplicate" else 1
+
+
 def fresh_fd(meta: dict[str, Any]) -> int:
     kind = meta.get("kind")
     if kind == "eventfd":
-        return os.eventfd(0)
+        return os.eventfd(0, os.EFD_NONBLOCK)
     if kind == "socket":
         ours, theirs = socket.socketpair()
         ours.close()

@@ -7,12 +7,20 @@ renders a table at the end, as tshark's `-z` does.
 from __future__ import annotations
 
 import copy
+import statistics
 from collections import Counter
+from dataclasses import dataclass
 from typing import TextIO
 
+from .capture import C2S, DOORBELL, IRQ, Event
 from .dissect import Analyzer, Dissected
+from .dissectors import vfio_user as proto
+from .events import describe, irq_name
 from .fields import EXPERTS, SEVERITIES
 from .session import ConnState
+
+MMIO_WRITES = {proto.CMD["REGION_WRITE"]: "region_write", proto.CMD["REGION_WRITE_MULTI"]:
+               "write_multi.entry"}
 
 
 class ExpertStats:
@@ -80,11 +88,93 @@ class SessionStats:
         print("=" * 78, file=out)
 
 
-def parse_stat(spec: str, analyzer: Analyzer) -> ExpertStats | SessionStats:
-    """`expert` or `session,N`; ValueError with the reason otherwise."""
+@dataclass
+class _Signals:
+    events: int = 0
+    signals: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+
+    def add(self, event: Event) -> None:
+        self.first_ns = self.first_ns or event.ts_ns
+        self.last_ns = event.ts_ns
+        self.events += 1
+        self.signals += event.info.get("count") or 0
+
+    def rate(self) -> str:
+        span = (self.last_ns - self.first_ns) / 1e9
+        return f"{(self.events - 1) / span:,.1f}/s" if self.events > 1 and span > 0 else "-"
+
+
+class IrqStats:
+    """`-z irq` (captures of proxy --trace-irqs): interrupts per vector and
+    doorbells per register, and for each MMIO write (REGION_WRITE to a BAR) or
+    doorbell the time to the next interrupt of the same connection."""
+
+    def __init__(self) -> None:
+        self.vectors: dict[tuple[int, int, int], _Signals] = {}
+        self.doorbells: dict[tuple[int, str], _Signals] = {}
+        self.waiting: dict[int, list[tuple[int, str]]] = {}    # writes awaiting an interrupt
+        self.latencies: list[tuple[str, int, str, float]] = []
+        self.first_ns: int | None = None
+
+    def packet(self, p: Dissected) -> None:
+        self.first_ns = self.first_ns or p.msg.ts_ns
+        h, prefix = p.header, MMIO_WRITES.get(p.header.cmd) if p.header else None
+        if prefix is None or h.is_reply or p.msg.direction != C2S:
+            return
+        region = p.tree.first(f"{prefix}.region")
+        if proto.REGIONS.get(region, "").startswith("BAR"):
+            where = f"{proto.region_name(region)}+{p.tree.first(f'{prefix}.offset'):#x}"
+            self.waiting.setdefault(p.msg.conn, []).append(
+                (p.msg.ts_ns, f"frame {p.number} {h.command_name} {where}"))
+
+    def event(self, e: Event) -> None:
+        if e.kind == DOORBELL:
+            self.doorbells.setdefault((e.conn, describe(e).rsplit(",", 1)[0]), _Signals()).add(e)
+            where = f"{proto.region_name(e.info.get('region', -1))}+{e.info.get('offset', 0):#x}"
+            self.waiting.setdefault(e.conn, []).append((e.ts_ns, f"doorbell {where}"))
+        elif e.kind == IRQ:
+            info = e.info
+            self.vectors.setdefault((e.conn, info.get("index"), info.get("vector")),
+                                    _Signals()).add(e)
+            what = f"{irq_name(info.get('index'))} vector {info.get('vector')}"
+            for ts, cause in self.waiting.pop(e.conn, []):
+                self.latencies.append((cause, e.conn, what, (e.ts_ns - ts) / 1e3))
+
+    def render(self, out: TextIO) -> None:
+        print("=" * 78, file=out)
+        print("Interrupts and doorbells (proxy --trace-irqs)", file=out)
+        if not self.vectors and not self.doorbells:
+            print("\nNo interrupt or doorbell: was the capture made with --trace-irqs?", file=out)
+        for title, rows in (("Interrupts", [(f"{irq_name(i)} vector {v}", c, s)
+                                            for (c, i, v), s in sorted(self.vectors.items())]),
+                            ("Doorbells", [(name, c, s)
+                                           for (c, name), s in sorted(self.doorbells.items())])):
+            if rows:
+                print(f"\n{title}\n{'Conn':>4}  {'What':<44} {'Events':>7} {'Signals':>8} "
+                      f"{'Rate':>10}", file=out)
+            for name, conn, signals in rows:
+                print(f"{conn:>4}  {name:<44} {signals.events:>7} {signals.signals:>8} "
+                      f"{signals.rate():>10}", file=out)
+        if self.latencies:
+            print("\nMMIO write or doorbell -> next interrupt of its connection\n"
+                  f"{'Conn':>4}  {'Cause':<44} {'Interrupt':<18} {'Latency':>12}", file=out)
+            for cause, conn, what, us in self.latencies:
+                print(f"{conn:>4}  {cause:<44} {what:<18} {us:>9.1f} µs", file=out)
+            values = [us for *_, us in self.latencies]
+            print(f"  {len(values)} causes: min {min(values):.1f} µs, median "
+                  f"{statistics.median(values):.1f} µs, max {max(values):.1f} µs", file=out)
+        print("=" * 78, file=out)
+
+
+def parse_stat(spec: str, analyzer: Analyzer) -> ExpertStats | SessionStats | IrqStats:
+    """`expert`, `session,N` or `irq`; ValueError with the reason otherwise."""
     name, _, arg = spec.partition(",")
     if name == "expert" and not arg:
         return ExpertStats()
+    if name == "irq" and not arg:
+        return IrqStats()
     if name == "session":
         try:
             number = int(arg)
@@ -93,4 +183,4 @@ def parse_stat(spec: str, analyzer: Analyzer) -> ExpertStats | SessionStats:
         if number < 1:
             raise ValueError("-z session,N: message numbers start at 1")
         return SessionStats(analyzer, number)
-    raise ValueError(f"unknown statistic {spec!r} (known: expert, session,N)")
+    raise ValueError(f"unknown statistic {spec!r} (known: expert, session,N, irq)")

@@ -95,14 +95,14 @@ class Tree:
     are listed or filtered, never expanded.
     """
 
-    __slots__ = ("rows", "texts", "experts", "info", "first", "_items")
+    __slots__ = ("rows", "texts", "experts", "info", "leading", "_items")
 
     def __init__(self) -> None:
         self.rows: list[tuple[FieldDef, Any, int, int, int]] = []
         self.texts: dict[int, str] = {}          # row -> text overriding its value's
         self.experts: list[Expert] = []
         self.info: str = ""
-        self.first: list[Item] = []              # items shown before the rows (the frame)
+        self.leading: list[Item] = []            # items shown before the rows (the frame)
         self._items: list[Item] | None = None
 
     def add(self, name: str | FieldDef, value: Any, offset: int = -1,
@@ -138,6 +138,18 @@ class Tree:
             if row[0].name == name:
                 return row
         return None
+
+    def first(self, name: str) -> Any:
+        """The first value of field `name`, or None."""
+        layer, _, member = name.rpartition(".")
+        for fd, value, _, _, _ in self.rows:
+            if type(value) is Packed:
+                if fd.name == layer and member in value.values:
+                    return value.values[member]
+            elif fd.name == name:
+                return value
+        found = self.values().get(name)          # a bit of a flags word, a frame field
+        return found[0] if found else None
 
     def children_of(self, name: str) -> list[dict[str, Any]]:
         """For each row of field `name`: its children's values by short name."""
@@ -184,7 +196,7 @@ class Tree:
                 built.append(item)
                 (built[parent].children if parent >= 0 else items).append(item)
             self._items = items
-        return self.first + self._items
+        return self.leading + self._items
 
     def walk(self) -> Iterator[Item]:
         for item in self.items:
@@ -193,7 +205,7 @@ class Tree:
     def values(self) -> dict[str, list[Any]]:
         """Every field's values, keyed by filter name (a field may repeat)."""
         out: dict[str, list[Any]] = {}
-        _collect(self.first, out)
+        _collect(self.leading, out)
         for fd, value, _, _, _ in self.rows:
             if type(value) is Packed:
                 out.setdefault(fd.name, []).append(None)

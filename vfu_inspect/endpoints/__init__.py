@@ -38,6 +38,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--protocol-only", action="store_true",
                         help="skip checks of mapped memory and interrupts, which no message "
                              "shows (for a recording served by vfu-inspect serve)")
+    client.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="fail when a reply takes longer (default %(default)s, QEMU's)")
     client.add_argument("--rounds", type=int, default=0, metavar="N",
                         help="benchmark: N REGION_READ round trips instead of the exercise")
     client.add_argument("--pipeline", type=int, default=1, metavar="K",
@@ -70,8 +72,11 @@ def _run_client(args: argparse.Namespace) -> int:
     from .sample_client import ClientOptions, run
     if not os.path.exists(args.server):
         raise UserError(f"{args.server}: no such socket")
+    if not 0 < args.timeout <= 3600:
+        raise UserError("--timeout: give 0 to 3600 seconds")
     options = ClientOptions(no_twin=args.no_twin, record=args.record, rounds=args.rounds,
-                            pipeline=args.pipeline, protocol_only=args.protocol_only)
+                            pipeline=args.pipeline, protocol_only=args.protocol_only,
+                            timeout=args.timeout)
     if args.id_value is not None:
         options.id_value = args.id_value
     return run(args.server, options)

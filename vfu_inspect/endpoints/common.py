@@ -24,6 +24,7 @@ DMA_TO_DEVICE, DMA_FROM_DEVICE = 1, 2     # REG_DMA_CMD values
 BAR0_SIZE, BAR2_SIZE, CONFIG_SIZE = 0x1000, 0x4000, 0x100
 BAR2_AREAS = ((0x0, 0x1000), (0x2000, 0x1000))
 MSIX_VECTORS = 4
+DOORBELL_VECTOR = 3        # REG_IRQ's ioeventfd: a write of this value (its datamatch)
 DEFAULT_ID_VALUE = 0x31554656             # "VFU1"
 PAGE = 4096
 

@@ -2,9 +2,12 @@
 
 It maps two windows of its memory for DMA, one with a memfd the server can
 mmap and one without (so the device must use DMA_READ/DMA_WRITE messages),
-hands eventfds for MSI-X, runs the device's DMA engine both ways, fires an
-interrupt, and migrates the device state out and back in on a second
-connection.  The first surprise ends the run with exit status 1.
+hands eventfds for INTx and MSI-X and checks that each interrupt the device
+raises arrives (after a register write, a SET_IRQS trigger, a doorbell),
+runs the device's DMA engine both ways, and migrates the device state out and
+back in on a second connection, in chunks the server's max_data_xfer_size
+allows.  The first surprise, or a reply that takes longer than the timeout,
+ends the run with exit status 1.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from ..capture import TWIN
 from ..dissectors import vfio_user as proto
 from ..sockio import MessageSocket, PeerClosed
 from .common import (BAR2_AREAS, DEFAULT_ID_VALUE, DMA_FROM_DEVICE, DMA_TO_DEVICE,
-                     MSIX_VECTORS, PAGE, REG_DMA_ADDR, REG_DMA_CMD, REG_DMA_LEN, REG_ID, REG_IRQ,
+                     DOORBELL_VECTOR, MSIX_VECTORS, PAGE, REG_DMA_ADDR, REG_DMA_CMD, REG_DMA_LEN, REG_ID, REG_IRQ,
                      REG_SCRATCH, VENDOR_ID, DmaMemory, Peer, ProtocolError, Recorder, close_fds,
                      message, pack, parse_caps, u64, unpack, version_payload)
 
 CMD = proto.CMD
 FD_WINDOW, MSG_WINDOW, WINDOW = 0x10000, 0x100000, 0x10000
+MIG_CHUNK = 4096
+DEFAULT_TIMEOUT = 5.0                 # seconds, QEMU's x-msg-timeout
 
 
 @dataclass
@@ -42,6 +47,7 @@ class ClientOptions:
     rounds: int = 0                       # > 0: benchmark REGION_READ round trips
     pipeline: int = 1
     protocol_only: bool = False           # skip checks of memory and interrupts outside messages
+    timeout: float = DEFAULT_TIMEOUT      # for each reply
 
 
 class Failure(Exception):
@@ -68,6 +74,9 @@ class Client:
         msg_id = self.main.new_id()
         self.main.send(message(msg_id, CMD[cmd], payload), fds)
         while True:
+            if not self.main.conn.buffered() and not select.select(
+                    [self.main.conn], [], [], self.options.timeout)[0]:
+                raise Failure(f"{cmd}: no reply within {self.options.timeout:g} s")
             frame = self.main.recv()
             h = proto.parse_header(frame.data)
             if h is not None and not h.is_reply:
@@ -169,16 +178,27 @@ class Client:
         expect("BAR0 size mask", struct.unpack("<I", self.read(7, 0x10, 4))[0], 0xFFFFF000)
         self.write(7, 0x10, b"\0\0\0\0")
 
-    def io_fds(self) -> None:
+    def io_fds(self) -> int:
+        """The doorbell: REG_IRQ's ioeventfd."""
         reply = self.request("DEVICE_GET_REGION_IO_FDS", pack(proto.RegionIoFds, 64, 0, 0, 0))
         expect("REGION_IO_FDS count", struct.unpack_from("<I", reply, 12)[0], 1)
         expect("REGION_IO_FDS fds", len(self.last_fds), 1)
-        close_fds(self.last_fds)
+        return self.last_fds[0]
+
+    def intx(self) -> None:
+        """Before MSI-X is set up, the device raises INTx."""
+        intx = os.eventfd(0, os.EFD_NONBLOCK)
+        self.request("DEVICE_SET_IRQS", pack(proto.SetIrqs, 20, 0x24, 0, 0, 1), [intx])
+        self.write(0, REG_IRQ, struct.pack("<Q", 0))
+        self.out_of_band("INTx after IRQ register write", lambda: wait_irq(intx), 1)
+        self.request("DEVICE_SET_IRQS", pack(proto.SetIrqs, 20, 0x21, 0, 0, 0))   # disable
+        os.close(intx)
 
     def irqs(self) -> list[int]:
         for index, count in ((0, 1), (1, 0), (2, MSIX_VECTORS), (3, 1), (4, 1)):
             reply = self.request("DEVICE_GET_IRQ_INFO", pack(proto.IrqInfo, 16, 0, index, 0))
             expect(f"IRQ {index} count", struct.unpack_from("<I", reply, 12)[0], count)
+        self.intx()
         eventfds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(MSIX_VECTORS)]
         self.request("DEVICE_SET_IRQS", pack(proto.SetIrqs, 20, 0x24, 2, 0, MSIX_VECTORS),
                      eventfds)
@@ -237,9 +257,13 @@ class Client:
             # answers the write; a read returns only once that is done.
             self.reg(REG_DMA_CMD)
 
-    def interrupt(self, eventfds: list[int]) -> None:
+    def interrupt(self, eventfds: list[int], doorbell: int) -> None:
         self.write(0, REG_IRQ, struct.pack("<Q", 2))
         self.out_of_band("MSI-X vector 2 after IRQ register write", lambda: wait_irq(eventfds[2]), 1)
+        if not self.options.protocol_only:       # a replay has no doorbell to ring
+            os.eventfd_write(doorbell, 1)
+            expect(f"MSI-X vector {DOORBELL_VECTOR} after the doorbell",
+                   wait_irq(eventfds[DOORBELL_VECTOR]), 1)
 
     def dirty_logging(self) -> None:
         feature = lambda flags, data=b"": pack(proto.DeviceFeature, 8 + len(data), flags) + data  # noqa: E731
@@ -269,19 +293,24 @@ class Client:
         self.set_state(6, expect_errno=errno.EINVAL)          # STOP -> PRE_COPY: no arc
         return stream
 
+    def mig_chunk(self) -> int:
+        """Migration data moves in chunks the server's max_data_xfer_size allows."""
+        return min(MIG_CHUNK, self.server_caps.get("max_data_xfer_size", 1 << 20))
+
     def mig_read(self) -> bytes:
-        stream = b""
+        stream, chunk = b"", self.mig_chunk()
         while True:
-            reply = self.request("MIG_DATA_READ", pack(proto.MigDataRead, 8 + 4096, 4096))
+            reply = self.request("MIG_DATA_READ", pack(proto.MigDataRead, 8 + chunk, chunk))
             size = struct.unpack_from("<I", reply, 4)[0]
             stream += reply[8:8 + size]
-            if size < 4096:
+            if size < chunk:
                 return stream
 
     def migrate_in(self, stream: bytes) -> None:
         self.set_state(4)                                     # STOP -> RESUMING
-        for offset in range(0, len(stream), 4096):
-            chunk = stream[offset:offset + 4096]
+        step = self.mig_chunk()
+        for offset in range(0, len(stream), step):
+            chunk = stream[offset:offset + step]
             self.request("MIG_DATA_WRITE", pack(proto.MigDataWrite, 8 + len(chunk), len(chunk))
                          + chunk)
         self.set_state(1)                                     # RESUMING -> STOP
@@ -324,19 +353,19 @@ def exercise(path: str, options: ClientOptions, recorder: Recorder | None) -> No
     client.negotiate()
     client.device_and_regions()
     client.config_space()
-    client.io_fds()
+    doorbell = client.io_fds()
     eventfds = client.irqs()
     client.dma_maps()
     client.registers()
     client.dma_engine()
-    client.interrupt(eventfds)
+    client.interrupt(eventfds, doorbell)
     client.dirty_logging()
     saved_scratch = client.reg(REG_SCRATCH)
     stream = client.migrate_out()
     client.reg(REG_SCRATCH, 0xBAD)               # the destination must undo this
     client.unmap_and_reset()
     client.close()
-    close_fds(eventfds)
+    close_fds([*eventfds, doorbell])
     destination = Client(path, options, recorder, conn_id=1)
     destination.negotiate()
     destination.migrate_in(stream)
@@ -377,6 +406,10 @@ def run(path: str, options: ClientOptions) -> int:
         return 1
     except (OSError, PeerClosed, ProtocolError) as exc:
         print(f"sample client: FAILED: connection to {path}: {exc}", file=sys.stderr)
+        return 1
+    except struct.error as exc:
+        print(f"sample client: FAILED: a reply is shorter than its layout ({exc})",
+              file=sys.stderr)
         return 1
     finally:
         if recorder:

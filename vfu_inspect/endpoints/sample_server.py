@@ -5,8 +5,10 @@ Device: BAR0 holds registers (see common.py) and the MSI-X table; BAR2 is
 config space has a PM and an MSI-X capability.  Writing REG_DMA_CMD makes
 the device copy between BAR2 and client memory, through the client's fd
 when the map has one and with DMA_READ/DMA_WRITE messages otherwise;
-writing REG_IRQ fires an interrupt.  The device state (registers, BAR2,
-migration state) outlives a client, as the spec asks.
+writing REG_IRQ fires an interrupt (MSI-X once the client assigned MSI-X
+eventfds, INTx before), and so does REG_IRQ's ioeventfd (REGION_IO_FDS: a
+doorbell that stands for writing DOORBELL_VECTOR there).  The device state
+(registers, BAR2, migration state) outlives a client, as the spec asks.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ..capture import TWIN
 from ..dissectors import vfio_user as proto
 from ..sockio import MessageSocket, PeerClosed
 from .common import (BAR0_SIZE, BAR2_AREAS, BAR2_SIZE, CONFIG_SIZE, DEFAULT_ID_VALUE,
-                     DEVICE_ID, DMA_FROM_DEVICE, DMA_TO_DEVICE, MSIX_VECTORS, PAGE, REG_DMA_ADDR,
+                     DEVICE_ID, DMA_FROM_DEVICE, DMA_TO_DEVICE, DOORBELL_VECTOR, MSIX_VECTORS,
+                     PAGE, REG_DMA_ADDR,
                      REG_DMA_CMD, REG_ID, REG_IRQ, VENDOR_ID, Peer, ProtocolError,
                      Recorder, close_fds, error_to, message, pack, parse_caps, reply_to, unpack,
                      version_payload)
@@ -120,6 +123,8 @@ class Session:
         self.mig_in = bytearray()
         self.logging: list[tuple[int, int]] | None = None
         self.dirty: set[int] = set()
+        self.doorbells: list[int] = []          # our ioeventfds, each read by its thread
+        self.closed = False
         self.handlers: dict[int, Callable] = {
             CMD["VERSION"]: self.version, CMD["DMA_MAP"]: self.dma_map,
             CMD["DMA_UNMAP"]: self.dma_unmap, CMD["DEVICE_GET_INFO"]: self.device_info,
@@ -176,6 +181,9 @@ class Session:
             mapping.close()
         for vectors in self.irqs.values():
             close_fds(list(vectors.values()))
+        self.closed = True
+        for doorbell in self.doorbells:
+            os.eventfd_write(doorbell, 1)       # its thread sees `closed` and closes it
         self.main.conn.close()
         if self.twin is not None:
             self.twin.conn.close()
@@ -261,8 +269,20 @@ class Session:
         argsz, _, index, _ = unpack(proto.RegionIoFds, msg)
         if index != 0:
             return pack(proto.RegionIoFds, 16, 0, index, 0), []
-        sub = pack(proto.SubRegion, REG_IRQ, 8, 0, 0, 0, 0, 0)
-        return pack(proto.RegionIoFds, 16 + len(sub), 0, index, 1) + sub, [os.eventfd(0)]
+        sub = pack(proto.SubRegion, REG_IRQ, 8, 0, 0, proto.IO_FD_FLAGS["datamatch"], 0,
+                   DOORBELL_VECTOR)
+        doorbell = os.eventfd(0)
+        self.doorbells.append(doorbell)
+        threading.Thread(target=self.serve_doorbell, args=(doorbell,), daemon=True).start()
+        return pack(proto.RegionIoFds, 16 + len(sub), 0, index, 1) + sub, [os.dup(doorbell)]
+
+    def serve_doorbell(self, doorbell: int) -> None:
+        """Each signal of the ioeventfd raises the interrupt a write of its datamatch
+        to REG_IRQ would (without storing the value: a replay rings no doorbell)."""
+        while os.eventfd_read(doorbell) and not self.closed:
+            with self.device.lock:
+                self.raise_irq(DOORBELL_VECTOR)
+        os.close(doorbell)
 
     def irq_info(self, msg: bytes, fds: list[int]):
         close_fds(fds)
@@ -358,10 +378,13 @@ class Session:
             addr, length, cmd = struct.unpack_from("<QQQ", bar0, REG_DMA_ADDR)
             return self.dma(cmd, addr, length)
         elif offset == REG_IRQ:
-            vector = struct.unpack_from("<Q", bar0, REG_IRQ)[0]
-            index = 2 if self.irqs[2] else 0
-            self.fire(index, vector if index == 2 else 0)
+            self.raise_irq(struct.unpack_from("<Q", bar0, REG_IRQ)[0])
         return 0
+
+    def raise_irq(self, vector: int) -> None:
+        """MSI-X `vector` once the client assigned MSI-X eventfds, INTx before."""
+        index = 2 if self.irqs[2] else 0
+        self.fire(index, vector if index == 2 else 0)
 
     # --- the DMA engine ---------------------------------------------------------
 

@@ -1,0 +1,67 @@
+"""Records that are not messages but things the proxy saw or did: interrupts
+and doorbells (`proxy --trace-irqs`), injected faults (`proxy --fault`).
+
+Their fields are filter fields, so that `read -Y 'irq.vector == 2'` selects
+them as it selects messages; `describe` gives their `read --events` line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .capture import DOORBELL, FAULT, IRQ, Event
+from .dissectors import vfio_user as proto
+from .fields import BOOL, PROTOCOL, STRING, field, lookup
+
+field("irq", "Interrupt (the server signalled a SET_IRQS eventfd)", PROTOCOL)
+field("irq.index", "IRQ index", values=proto.IRQS)
+field("irq.vector", "Vector")
+field("irq.count", "Signals (eventfd counter)")
+field("irq.masked", "Raised while masked", BOOL)
+field("doorbell", "Doorbell (the client signalled a REGION_IO_FDS eventfd)", PROTOCOL)
+field("doorbell.region", "Region", values=proto.REGIONS)
+field("doorbell.offset", "Offset", base="hex")
+field("doorbell.size", "Size")
+field("doorbell.datamatch", "Datamatch", base="hex")
+field("doorbell.count", "Signals (eventfd counter)")
+field("fault", "Fault injected by the proxy", PROTOCOL)
+field("fault.action", "Action", STRING)
+field("fault.rule", "Rule", STRING)
+field("fault.errno", "Errno", values=proto.ERRNO_NAMES)
+
+PREFIXES = {IRQ: "irq", DOORBELL: "doorbell", FAULT: "fault"}
+
+
+def event_values(event: Event) -> dict[str, list[Any]] | None:
+    """The filter values of an interrupt, doorbell or fault; None for other events."""
+    prefix = PREFIXES.get(event.kind)
+    if prefix is None:
+        return None
+    values: dict[str, list[Any]] = {prefix: [None], "frame.conn": [event.conn]}
+    for key, value in event.info.items():
+        name = f"{prefix}.{key}"
+        if value is not None and lookup(name) is not None:
+            values[name] = [value]
+    return values
+
+
+def names_events(fields: frozenset[str]) -> bool:
+    """Whether a filter tests interrupt, doorbell or fault fields."""
+    return any(name.split(".")[0] in PREFIXES.values() for name in fields)
+
+
+def describe(event: Event) -> str:
+    info = event.info
+    if event.kind == IRQ:
+        return (f"{irq_name(info.get('index'))} vector {info.get('vector')}, count "
+                f"{info.get('count')}" + (", while masked" if info.get("masked") else ""))
+    if event.kind == DOORBELL:
+        match = info.get("datamatch")
+        return (f"{proto.region_name(info.get('region', -1))} offset {info.get('offset', 0):#x} "
+                f"size {info.get('size')}" + (f" datamatch {match:#x}" if match is not None else "")
+                + f", count {info.get('count')}")
+    return f"{info.get('effect', info.get('action'))} [{info.get('rule')}]"
+
+
+def irq_name(index: Any) -> str:
+    return proto.IRQS.get(index, f"IRQ index {index}")
