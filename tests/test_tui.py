@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from textual.theme import BUILTIN_THEMES
+from textual.widgets import Input
 
 from helpers import run_vfu, stop, vfu, wait_for_socket
 from vfu_inspect.capture import CLOSE, OPEN, CaptureWriter, Message, read_all
@@ -628,3 +630,128 @@ def test_the_theme_gives_errors_warnings_and_server_commands_distinct_colours():
         palette = row_palette(BUILTIN_THEMES[name])
         looks = [palette[k] for k in ("error", "error_reply", "warning", "server")]
         assert len({(s.color, s.bgcolor) for s in looks}) == 4, name
+
+
+# --- what termshark, Wireshark and mitmproxy users reach for ------------------------------
+
+async def answer(pilot, text: str) -> None:
+    """Type `text` into the prompt on screen and press Enter."""
+    pilot.app.screen.query_one(Input).value = text
+    await pilot.press("enter")
+
+
+def test_go_to_marks_search_and_apply_as_filter(tmp_path):
+    async def scenario(pilot, app):
+        await pilot.press("colon")
+        await pilot.press(*"100", "enter")
+        assert app.messages.entry() == 100
+        await pilot.press("ctrl+g")
+        await pilot.press(*"31", "enter")
+        assert app.messages.entry() == 31
+        await pilot.press("m", "G", "k", "m", "g")             # marks on 31 and 343
+        await pilot.press("right_square_bracket")
+        assert app.messages.entry() == 31
+        await pilot.press("right_square_bracket")
+        assert app.messages.entry() == 343
+        await pilot.press("left_square_bracket")
+        assert app.messages.entry() == 31 and "2 marked" in status(app)
+        await pilot.press("ctrl+f")                            # search the detail and the hex
+        await pilot.press(*"size", "enter")
+        tree = app.query_one(DetailTree)
+        assert app.focused is tree and "size" in str(tree.cursor_node.label).lower()
+        item = tree.selected_item()
+        await pilot.press("Y")                                 # copy as a filter
+        expression = f"{item.field.name} == {item.value}"
+        assert app.clipboard == expression
+        await pilot.press("a")                                 # apply as filter
+        await until(pilot, lambda: app.filter_text == expression)
+        assert 31 in app.matches and list(app.matches) == read_matches(TRACE, app.filter_text)
+        hexpane = app.query_one(HexPane)
+        needle = hexpane.data[9:12]
+        await pilot.press("ctrl+f")
+        await answer(pilot, needle.hex(" "))                   # hex bytes
+        start, length = hexpane.lit
+        assert length == 3 and hexpane.data[start:start + 3] == needle
+    run(scenario)
+
+
+def test_w_saves_the_shown_or_marked_messages_as_capture_or_pcapng(tmp_path):
+    from vfu_inspect.pcapng import read_pcapng
+    text = "vfio_user.cmd == DMA_UNMAP"
+
+    async def scenario(pilot, app):
+        await type_filter(pilot, text)
+        await until(pilot, lambda: app.filter_text == text)
+        for name in ("shown.vfucap", "shown.pcapng"):
+            await pilot.press("w")
+            await answer(pilot, str(tmp_path / name))
+            await until(pilot, lambda: (tmp_path / name).exists() and any(
+                "wrote" in str(n.message) and name in str(n.message)
+                for n in app._notifications))
+        app.messages.go_to_number(app.matches[1])
+        await pilot.press("m")
+        await pilot.press("W")
+        await answer(pilot, str(tmp_path / "marked.vfucap"))
+        await until(pilot, lambda: (tmp_path / "marked.vfucap").exists() and any(
+            "marked.vfucap" in str(n.message) for n in app._notifications))
+    run(scenario)
+    expected = read_matches(TRACE, text)
+    shown = [r for r in read_all(tmp_path / "shown.vfucap")[0] if isinstance(r, Message)]
+    assert len(shown) == len(expected)
+    exported = run_vfu("export", TRACE, "-Y", text, "-o", str(tmp_path / "cli.pcapng"))
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "shown.pcapng").read_bytes()[64:] and [
+        r for r in read_pcapng(tmp_path / "shown.pcapng")[0] if isinstance(r, Message)] == [
+        r for r in read_pcapng(tmp_path / "cli.pcapng")[0] if isinstance(r, Message)]
+    marked = [r for r in read_all(tmp_path / "marked.vfucap")[0] if isinstance(r, Message)]
+    assert marked == [shown[1]]
+
+
+def test_conversations_list_each_connection():
+    packets = trace_packets()
+
+    async def scenario(pilot, app):
+        await pilot.press("C")
+        text = _screen_text(app)
+        for conn in (0, 1):
+            mine = [p for p in packets if p.msg.conn == conn]
+            assert f"\n{conn} │ " in text and f" │ {len(mine)} │ " in text
+        await pilot.press("down", "enter")                     # connection 1's first message
+        assert app.messages.entry() == next(p.number for p in packets if p.msg.conn == 1)
+    run(scenario)
+
+
+def test_R_replays_the_selected_connection_and_shows_divergences(tmp_path):
+    server_sock = tmp_path / "s.sock"
+    server = vfu("sample-server", "--listen", str(server_sock))
+    wait_for_socket(server_sock, server)
+    try:
+        async def scenario(pilot, app):
+            app.messages.go_to_number(5)
+            await pilot.press("R", *str(server_sock), "enter")
+            await until(pilot, lambda: "Replay of connection" in _screen_text(app))
+            text = _screen_text(app)
+            assert "requests sent" in text and "answers matched" in text and "Frame" in text
+        run(scenario, ENDPOINTS)
+    finally:
+        stop(server)
+
+
+def test_filter_errors_point_a_caret_at_the_problem_and_time_is_a_clock():
+    async def scenario(pilot, app):
+        await type_filter(pilot, "vfio_user.cmd == ", submit=False)
+        error = str(app.query_one("#filter-error").render())
+        assert error.index("^") == len("vfio_user.cmd == ") + 1 and "position" not in error
+        await pilot.press("escape", "t", "t")
+        row = app.messages.row(1)[0]
+        assert re.search(r" \d\d:\d\d:\d\d\.\d{6} ", row), row
+    run(scenario)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (200, 50)], ids=["80x24", "200x50"])
+def test_snapshot_sizes(snap_compare, size):
+    async def before(pilot):
+        await loaded(pilot, pilot.app)
+        await pilot.press("j", "j", "j")
+        await pilot.pause(0.2)
+    assert snap_compare(InspectApp(CaptureModel(TRACE)), terminal_size=size, run_before=before)

@@ -84,6 +84,8 @@ class AllRows(Sequence[int]):
         return self.model.count + len(self.model.events)
 
     def __getitem__(self, index: int) -> int:        # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
         positions = self._positions
         if len(positions) != len(self.model.events):
             positions = self._positions = [before + k for k, (before, _)
