@@ -48,6 +48,7 @@ COLUMNS = (f"{'No.':>7} {'Time':>15} {'Conn':>6} {'Dir':3} {'Msg-ID':>6} {'Comma
            f"{'Type':<7} {'Len':>6} {'Fds':>3}  Info")
 ROW_WIDTH = 320             # how far the list scrolls right: long Info columns
 POLL_SECONDS = 0.25
+FIRST_POLL = 0.05
 PREFETCH_SPAN = 2048        # a filtered screen spread wider is dissected row by row
 WIDE_HEX = 150              # from this terminal width the hex pane shows 16 bytes a row
 DETACH, STOP = "detach", "stop"
@@ -651,6 +652,7 @@ class InspectApp(App[str | None]):
         self._apply_theme()
         self.model.start()
         self.set_interval(POLL_SECONDS, self.poll)
+        self.set_timer(FIRST_POLL, self.poll)   # the first screenful is read by then
         self.messages.focus()
         self.poll()
 
@@ -755,7 +757,7 @@ class InspectApp(App[str | None]):
     # --- filter -------------------------------------------------------------------------
 
     def action_edit_filter(self) -> None:
-        self.filter_bar.focus()
+        self.set_focus(self.filter_bar)       # now: the keys typed next are the filter's
 
     def action_escape(self) -> None:
         if self.focused is not self.messages:
@@ -778,7 +780,7 @@ class InspectApp(App[str | None]):
 
     @on(Input.Submitted, "#filter")
     def submit(self, event: Input.Submitted) -> None:
-        self.messages.focus()
+        self.set_focus(self.messages)
         self.apply_filter(event.value.strip())
 
     @on(DetailTree.ApplyFilter)
@@ -839,15 +841,12 @@ class InspectApp(App[str | None]):
         self.call_from_thread(self._filters_done, time.monotonic() - started)
 
     def _filters_done(self, seconds: float) -> None:
+        """The filters cover what was indexed when they started: show them, and
+        go on with what arrived meanwhile."""
         self._filtering = False
-        if self.pending is not None:
-            self.progress = f"filtered in {seconds:.1f} s"
-        view = self.pending or self.view
-        if all(not t or self.live[t].upto >= self.model.count for t in view.filters()):
-            self._show(view)
-        else:
-            self._show(self.view)
-            self._advance_filters()
+        self.progress = f"filtered in {seconds:.1f} s" if self.pending is not None else ""
+        self._show(self.pending or self.view)
+        self._advance_filters()
 
     def _show(self, view: View) -> None:
         """Show the rows of `view`, keeping the selected message when it stays."""
