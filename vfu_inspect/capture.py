@@ -164,10 +164,11 @@ class CaptureReader:
 
     def _read_header(self) -> dict[str, Any]:
         obj = self._next_object(wait=self.follow)
-        if obj is _END and not self._live:
+        if obj is _END and not self._live and self.damage is None:
             self.close()
-            raise CaptureError(f"{self.path} is empty" if not self._fed else
-                               f"{self.path} ends inside its header after {self._fed} bytes")
+            raise CaptureError(f"{self.path} ends inside its header after {self._fed} bytes"
+                               if self._fed else
+                               f"{self.path} is empty: not a vfu-inspect capture file")
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             self.close()
             from .pcapng import is_pcapng
