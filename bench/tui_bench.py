@@ -1,11 +1,12 @@
-"""The TUI on a capture of a million messages: first screen, filters, memory.
+"""The TUI on a capture of a million messages: first screen, live filter, session, memory.
 
-Runs the app headless (textual's pilot) on a capture built like read_bench's,
-and prints the time from start to the first painted screen of messages, the
-time to apply a header-only filter, a deep one and one on expert ids (each
-with progress shown), the time until the background pass has read
-everything, and peak RSS.
-Targets: first screen <= 2 s, a filter <= 10 s, under 1.5 GB.
+Runs the app headless (textual's pilot) on a capture built like read_bench's
+and prints: the time from start to the first painted screen of messages; a
+filter applied at once, during the background read, and the time until it
+has covered every message, with whether its matches equal `read -2 -Y`'s;
+the time until the status line says done; the time the session screen takes
+at the last message; and peak RSS.
+Targets: first screen <= 1 s, session screen <= 1 s, peak RSS <= 600 MB.
 
     python bench/tui_bench.py [--messages N]
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,42 +25,69 @@ from read_bench import bench_capture
 from vfu_inspect.tui.app import FilterBar, InspectApp
 from vfu_inspect.tui.model import CaptureModel
 
-HEADER_FILTER = "vfio_user.cmd == DMA_MAP"
+LIVE_FILTER = "vfio_user.flags.error || vfio_user.cmd == DMA_UNMAP"
 DEEP_FILTER = "dma_map.size >= 0x1000"
-EXPERT_FILTER = 'expert.id == "argsz.truncated"'
 
 
+def read_matches(path: Path, text: str) -> list[int]:
+    out = subprocess.run([sys.executable, "-m", "vfu_inspect", "read", str(path), "-2", "-Y", text,
+                          "-T", "fields", "-e", "frame.number"], check=True,
+                         capture_output=True, text=True).stdout
+    return [int(n) for n in out.split()]
 
-async def measure(path: Path) -> None:
+
+def status(app: InspectApp) -> str:
+    return str(app.query_one("#status").render())
+
+
+async def apply(pilot, app: InspectApp, text: str) -> None:
+    await pilot.press("slash")
+    app.query_one(FilterBar).value = text
+    await pilot.press("enter")
+
+
+async def measure(path: Path, count: int) -> None:
     start = time.perf_counter()
-    app = InspectApp(CaptureModel(str(path)))
+    app = InspectApp(CaptureModel(str(path), follow=True))
     async with app.run_test(size=(160, 48)) as pilot:
         while not app.model.count or app.messages.entry() is None:
             await pilot.pause(0.01)
         await pilot.pause()                           # the screen is painted
         print(f"first screen: {time.perf_counter() - start:.2f} s "
               f"({app.model.count:,} messages read so far)")
-        while not app.model.done:
+        await apply(pilot, app, LIVE_FILTER)
+        print(f"filter {LIVE_FILTER!r} applied with {app.model.count:,} messages read, "
+              f"status: {status(app)!r}")
+        while not ("done" in status(app) and app.live[LIVE_FILTER].upto == count
+                   and app.filter_text == LIVE_FILTER):
             await pilot.pause(0.2)
-        print(f"background pass done: {time.perf_counter() - start:.1f} s, "
-              f"{app.model.count:,} messages")
-        for text in (HEADER_FILTER, DEEP_FILTER, EXPERT_FILTER):
-            await pilot.press("slash")
-            app.query_one(FilterBar).value = text
-            began = time.perf_counter()
-            await pilot.press("enter")
-            while app.filter_text != text:
-                await pilot.pause(0.05)
-            print(f"filter {text!r}: {time.perf_counter() - began:.1f} s, "
-                  f"{len(app.matches):,} matches")
+        live = list(app.matches)
+        print(f"background pass and live filter done: {time.perf_counter() - start:.1f} s, "
+              f"{app.model.count:,} messages, {len(live):,} matches; status: {status(app)!r}")
+        began = time.perf_counter()
+        await apply(pilot, app, DEEP_FILTER)
+        while app.filter_text != DEEP_FILTER:
+            await pilot.pause(0.05)
+        print(f"filter {DEEP_FILTER!r}: {time.perf_counter() - began:.1f} s, "
+              f"{len(app.matches):,} matches")
+        await pilot.press("G")
+        began = time.perf_counter()
+        await pilot.press("i")
+        while "after message" not in str(app.screen.query_one("#title").render()) or \
+                "(" not in str(app.screen.query_one("#title").render()):
+            await pilot.pause(0.01)
+        print(f"session screen at message {app.messages.entry():,}: "
+              f"{time.perf_counter() - began:.2f} s")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {rss:,.0f} MiB")
+    same = live == read_matches(path, LIVE_FILTER)
+    print(f"live filter's matches equal read -2 -Y's: {same}")
 
 
 def main() -> None:
     with bench_capture(__doc__) as (path, count):
         print(f"built {count:,} messages")
-        asyncio.run(measure(path))
+        asyncio.run(measure(path, count))
 
 
 if __name__ == "__main__":

@@ -5,25 +5,33 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
+import re
 import select
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import msgpack
 import pytest
+from textual.theme import BUILTIN_THEMES
+from textual.widgets import Input
 
 from helpers import run_vfu, stop, vfu, wait_for_socket
 from vfu_inspect.capture import CLOSE, OPEN, CaptureWriter, Message, read_all
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dfilter import compile_filter
 from vfu_inspect.dissectors.vfio_user import CMD
-from vfu_inspect.tui.app import DetailTree, FilterBar, HexPane, InspectApp, MessageList
+from vfu_inspect.tui.app import (AllRows, DetailTree, FilterBar, HexPane, InspectApp,
+                                 MessageList, QuitScreen, row_palette)
 from vfu_inspect.tui.model import CaptureModel
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = str(ROOT / "captures" / "libvfio-user-samples.vfucap")
+ENDPOINTS = str(ROOT / "captures" / "sample-endpoints.vfucap")
 SIZE = (160, 48)
 
 
@@ -35,10 +43,7 @@ def trace_packets() -> list:
 
 async def loaded(pilot, app: InspectApp) -> None:
     """Wait until the background pass has read the whole capture."""
-    for _ in range(200):
-        if app.model.done:
-            break
-        await pilot.pause(0.02)
+    await until(pilot, lambda: app.model.done, seconds=120)
     await pilot.pause(0.3)          # one poll tick: the list learns the count
 
 
@@ -50,10 +55,10 @@ async def until(pilot, condition, seconds: float = 30) -> None:
     raise AssertionError("condition not reached")
 
 
-def run(test) -> None:
-    """Run an async pilot scenario on a fresh app over the sample capture."""
+def run(test, capture: str = TRACE) -> None:
+    """Run an async pilot scenario on a fresh app over a capture."""
     async def main():
-        app = InspectApp(CaptureModel(TRACE))
+        app = InspectApp(CaptureModel(capture))
         async with app.run_test(size=SIZE) as pilot:
             await loaded(pilot, app)
             await test(pilot, app)
@@ -189,17 +194,59 @@ def test_r_jumps_between_a_request_and_its_reply():
     run(scenario)
 
 
-def test_c_limits_the_list_to_one_connection():
-    second = [p.number for p in trace_packets() if p.msg.conn == 1]
+def test_c_limits_the_list_to_one_connection_and_keeps_the_filter():
+    packets = trace_packets()
+    second = [p.number for p in packets if p.msg.conn == 1]
+    maps = [p.number for p in packets if p.header.cmd == CMD["DMA_MAP"]]
 
     async def scenario(pilot, app):
         app.messages.go_to_number(second[0])
         await pilot.press("c")
-        await until(pilot, lambda: app.matches is not None)
-        assert list(app.messages.rows) == second
+        await until(pilot, lambda: list(app.messages.rows) == second)
+        assert f"{len(second)}/344 shown" in status(app) and "conn 1 only" in status(app)
         await pilot.press("c")                                   # again: back to all
-        await until(pilot, lambda: app.matches is None)
+        await until(pilot, lambda: len(app.messages.rows) == 344 + len(app.model.events))
+        await type_filter(pilot, "vfio_user.cmd == DMA_MAP")
+        await until(pilot, lambda: list(app.messages.rows) == maps)
+        app.messages.go_to_number(next(n for n in maps if n in second))
+        await pilot.press("c")                                   # the filter and conn 1
+        await until(pilot, lambda: list(app.messages.rows) == [n for n in maps if n in second])
+        await pilot.press("v")                                   # conn 1, matches marked
+        await until(pilot, lambda: list(app.messages.rows) == second)
+        assert list(app.messages.matched) == maps
+        assert f"{len(second)}/344 shown" in status(app) and "48 match" in status(app)
+        await pilot.press("c", "v")                              # the filter is still there
+        await until(pilot, lambda: list(app.messages.rows) == maps)
+        assert app.filter_text == "vfio_user.cmd == DMA_MAP"
+        await pilot.press("v")
+        await until(pilot, lambda: isinstance(app.messages.rows, AllRows))
+        assert "344/344 shown" in status(app) and "48 match" in status(app)
     run(scenario)
+
+
+def test_an_event_row_shows_the_event_and_c_on_it_limits_to_its_connection():
+    async def scenario(pilot, app):
+        rows = AllRows(app.model)
+        events = [i for i in range(len(rows)) if rows[i] < 0]
+        app.messages.action_move_to(3)                          # a message first
+        await pilot.pause(0.1)
+        app.messages.action_move_to(events[-1])
+        await pilot.pause(0.1)
+        conn = app.model.events[-1][1].conn
+        assert str(app.query_one(DetailTree).root.label) == f"Event: connection {conn} close"
+        assert app.query_one(HexPane).text.plain == ""          # not the last message's bytes
+        await type_filter(pilot, "vfio_user.flags.error")
+        await pilot.press("v")
+        app.messages.action_move_to(events[-1])
+        await pilot.press("c")
+        await until(pilot, lambda: app.view.conn == conn)
+        assert app.filter_text == "vfio_user.flags.error"        # c never clears the filter
+        assert all(app.model.columns["conn"][n - 1] == conn for n in app.messages.rows)
+    run(scenario, ENDPOINTS)
+
+
+def status(app) -> str:
+    return str(app.query_one("#status").render())
 
 
 def test_the_selected_field_is_highlighted_in_the_hex_pane():
@@ -238,14 +285,22 @@ def test_screens_show_statistics_experts_session_and_help():
         assert "argsz.truncated" in experts and "interop.mig_data_padding" in experts
         await pilot.press("enter")                               # jump to the first
         assert app.messages.entry() == 10
-        await pilot.press("G", "i")
+        last = max(p.number for p in packets if p.msg.conn == 0)
+        app.messages.go_to_number(last)
+        await pilot.press("i")
+        await until(pilot, lambda: f"after message {last} (" in _screen_text(app))
         session = _screen_text(app)
-        assert "Session state after message 344" in session
+        assert f"Connection 0 after message {last}" in session
         assert "0x000000008000-0x000000008fff" in session and "SPARSE_MMAP" in session
+        assert "Connection 1" not in session                     # the selected one only
         await pilot.press("escape", "question_mark")
         help_text = _screen_text(app)
-        for binding in [*MessageList.BINDINGS, *app.BINDINGS]:
+        for binding in [*MessageList.BINDINGS, *app.BINDINGS, *DetailTree.BINDINGS]:
             assert binding.description in help_text
+        for real, raw in (("?", "question_mark"), ("/", "slash"), (":", "colon"),
+                          ("]", "right_square_bracket")):
+            assert f"  {real} " in help_text and raw not in help_text
+        assert "^g" in help_text or "ctrl+g" in help_text
     run(scenario)
 
 
@@ -301,7 +356,7 @@ def test_attached_to_a_live_proxy_messages_and_events_arrive(tmp_path):
         stop(server)
 
 
-def test_demo_on_a_terminal_runs_the_tui_and_quits_on_q(tmp_path):
+def test_demo_on_a_terminal_runs_the_tui_and_q_s_stops_it(tmp_path):
     """A real pseudo-terminal: the demo shows the TUI; q ends it, the capture stays."""
     capture = tmp_path / "demo.vfucap"
     leader, follower = pty.openpty()
@@ -316,6 +371,9 @@ def test_demo_on_a_terminal_runs_the_tui_and_quits_on_q(tmp_path):
         screen += _read_some(leader)
     time.sleep(2)                               # the client finishes meanwhile
     os.write(leader, b"q")
+    while b"detach" not in screen and time.monotonic() < deadline:
+        screen += _read_some(leader)
+    os.write(leader, b"s")                      # stop the proxy
     while proc.poll() is None and time.monotonic() < deadline:
         screen += _read_some(leader)
     os.close(leader)
@@ -348,3 +406,361 @@ def test_bad_inputs_get_one_line_and_exit_2(tmp_path):
         result = run_vfu(*args)
         assert result.returncode == 2, args
         assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, args
+
+
+# --- live: a growing file, bad files, quitting a live proxy --------------------------
+
+def trace_messages() -> list[Message]:
+    records, _ = read_all(TRACE)
+    return [r for r in records if isinstance(r, Message)]
+
+
+def append(path: Path, messages: list[Message]) -> None:
+    """Append records as a proxy does, each flushed."""
+    with open(path, "ab") as f:
+        for m in messages:
+            f.write(msgpack.packb(m.to_record(), use_bin_type=True))
+
+
+def grow_scenario(tmp_path: Path, first: int, test) -> None:
+    """`tui FILE` on a capture holding the sample's first `first` messages,
+    followed while `test` appends the rest."""
+    path = tmp_path / "growing.vfucap"
+    messages = trace_messages()
+    with CaptureWriter(path) as writer:
+        for m in messages[:first]:
+            writer.write(m)
+
+    async def main():
+        app = InspectApp(CaptureModel(str(path), follow=True))
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.model.count == first and "done" in status(app))
+            await test(pilot, app, lambda: append(path, messages[first:]), path)
+    asyncio.run(main())
+
+
+def test_a_filter_applied_on_a_growing_file_goes_on_with_new_messages(tmp_path):
+    texts = ["vfio_user.cmd == DMA_MAP", "dma_map.size >= 0x1000",
+             'expert.id == "request.unanswered" || pci.vendor_id']
+
+    async def scenario(pilot, app, grow, path):
+        await type_filter(pilot, texts[0])
+        await until(pilot, lambda: app.filter_text == texts[0])
+        before = list(app.matches)
+        grow()
+        await until(pilot, lambda: app.model.count == 344 and app.live[texts[0]].upto == 344)
+        await pilot.pause(0.3)
+        assert len(app.matches) > len(before)
+        assert list(app.messages.rows) == read_matches(str(path), texts[0])
+        assert f"{len(app.matches)}/344 shown" in status(app)
+        for text in texts[1:]:          # the stateless and the full path, on the whole file
+            await type_filter(pilot, text)
+            await until(pilot, lambda: app.filter_text == text)
+            assert list(app.matches) == read_matches(str(path), text)
+    grow_scenario(tmp_path, 150, scenario)
+
+
+def test_a_request_drawn_before_its_reply_is_redrawn_when_the_reply_arrives(tmp_path):
+    packets = trace_packets()
+    request = next(p for p in packets if p.header.cmd == CMD["DMA_MAP"])
+    unanswered = 'expert.id == "request.unanswered"'
+
+    async def scenario(pilot, app, grow, path):
+        app.messages.go_to_number(request.number)
+        await pilot.pause(0.1)
+        assert "no reply in this capture" in app.messages.row(request.number)[0]
+        assert app.messages.row(request.number)[1] == app.messages.palette["warning"]
+        await type_filter(pilot, unanswered)
+        await until(pilot, lambda: app.filter_text == unanswered)
+        assert request.number in app.matches
+        await pilot.press("v")
+        grow()
+        await until(pilot, lambda: app.model.count == 344 and app.live[unanswered].upto == 344)
+        await pilot.pause(0.3)
+        assert "no reply" not in app.messages.row(request.number)[0]
+        labels = [str(n.label) for n in _walk(app.query_one(DetailTree).root)]
+        assert any(label.startswith("Response in frame: ") and
+                   label.endswith(str(request.response_in)) for label in labels), labels      # the detail was redone
+        assert request.number not in app.matches                   # the filter re-decided it
+        assert list(app.matches) == read_matches(str(path), unanswered)
+        assert app.model.stats.expert_rows() == [r for r in app.model.stats.expert_rows()
+                                                 if r[1] != "request.unanswered"]
+    grow_scenario(tmp_path, request.number, scenario)
+
+
+def test_follow_shows_new_messages_until_the_user_moves(tmp_path):
+    messages = trace_messages()
+
+    async def scenario(pilot, app, grow, path):
+        await pilot.press("f")
+        assert "follow: on" in status(app) and app.messages.entry() == 100
+        append(path, messages[100:150])
+        await until(pilot, lambda: app.messages.entry() == 150)
+        await pilot.press("k")                                   # moving pauses following
+        assert "follow: on" not in status(app) and app.messages.entry() == 149
+        append(path, messages[150:])
+        await until(pilot, lambda: app.model.count == 344)
+        await pilot.pause(0.3)
+        assert app.messages.entry() == 149
+        assert "following" in status(app)                        # the file grows
+    grow_scenario(tmp_path, 100, scenario)
+
+
+def test_a_truncated_capture_is_reported_and_done(tmp_path):
+    data = Path(TRACE).read_bytes()
+    path = tmp_path / "cut.vfucap"
+    path.write_bytes(data[:len(data) - 100])
+
+    async def main():
+        app = InspectApp(CaptureModel(str(path), follow=True))
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: "capture ends inside a record" in status(app))
+            whole = sum(isinstance(r, Message) for r in read_all(path)[0])
+            assert "done" in status(app) and f"{whole}/{whole} shown" in status(app)
+    asyncio.run(main())
+    read = run_vfu("read", str(path))
+    assert "capture ends inside a record" in read.stderr        # as read says
+
+
+def test_empty_and_cut_header_files_are_refused_and_a_header_only_file_opens(tmp_path):
+    empty, cut, header_only = (tmp_path / n for n in ("empty.vfucap", "cut.vfucap", "h.vfucap"))
+    empty.write_bytes(b"")
+    cut.write_bytes(Path(TRACE).read_bytes()[:20])
+    CaptureWriter(header_only).close()
+    for path, reason in ((empty, "is empty"), (cut, "ends inside its header after 20 bytes")):
+        result = run_vfu("tui", str(path), timeout=20)
+        assert result.returncode == 2 and reason in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+    async def main():
+        app = InspectApp(CaptureModel(str(header_only), follow=True))
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: "done" in status(app))
+            assert "0/0 shown" in status(app)
+            assert "no messages yet" in app.messages.render_line(0).text
+            await pilot.press("q")
+            await pilot.pause(0.1)
+            assert not app.is_running
+    asyncio.run(main())
+
+
+def big_capture(path: Path, count: int) -> None:
+    """The sample session repeated, each time on new connections (as bench/ builds)."""
+    messages = trace_messages()
+    with CaptureWriter(path, autoflush=False) as writer:
+        for rep in range(count // len(messages) + 1):
+            for m in messages[:count - rep * len(messages)]:
+                writer.write(Message(m.ts_ns + rep * 10**9, m.conn + 2 * rep, m.channel,
+                                     m.direction, m.data, m.fds, m.size))
+
+
+def test_a_running_filter_is_cancelled_by_esc_and_by_clearing_the_bar(tmp_path):
+    path = tmp_path / "big.vfucap"
+    big_capture(path, 40_000)
+    slow = "pci.vendor_id == 0x4e58"                             # the full analysis path
+
+    async def main():
+        app = InspectApp(CaptureModel(str(path)))
+        gate = threading.Event()          # holds each filter pass until the test lets it go
+        advance = app.model.advance
+
+        def held(live, progress):
+            gate.wait(30)
+            return advance(live, progress)
+        app.model.advance = held
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(pilot, app)
+            await type_filter(pilot, slow)
+            assert app.focused is app.messages                   # Enter gives the list focus
+            assert app.pending is not None                       # the filter is running
+            await pilot.press("escape")
+            await until(pilot, lambda: "filter cancelled" in status(app))
+            assert app.pending is None
+            assert app.filter_text == "" and len(app.messages.rows) == 40_000
+            gate.set()
+            await pilot.pause(0.5)
+            assert app.filter_text == ""                         # it never comes back
+            gate.clear()
+            await type_filter(pilot, slow)
+            assert app.pending is not None
+            await type_filter(pilot, "")                         # clearing the bar stops it
+            gate.set()
+            assert app.pending is None and not app.workers._workers or all(
+                w.is_cancelled or w.is_finished for w in app.workers if w.group == "filter")
+            await pilot.pause(0.5)
+            assert app.filter_text == "" and "40,000/40,000 shown" in status(app)
+    asyncio.run(main())
+
+
+def test_q_in_proxy_tui_offers_detach_which_keeps_relaying(tmp_path):
+    """`proxy --tui` on a real terminal: q asks; d leaves the UI and the relay
+    goes on (a client run afterwards succeeds); Ctrl-C then stops it."""
+    server_sock, proxy_sock, capture = (tmp_path / n for n in ("s.sock", "p.sock", "c.vfucap"))
+    server = vfu("sample-server", "--listen", str(server_sock))
+    wait_for_socket(server_sock, server)
+    leader, follower = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    proc = subprocess.Popen([sys.executable, "-m", "vfu_inspect", "proxy", "--listen",
+                             str(proxy_sock), "--server", str(server_sock), "-w", str(capture),
+                             "--tui"], stdin=follower, stdout=follower, stderr=follower,
+                            env=env, cwd=ROOT, start_new_session=True)
+    os.close(follower)
+    screen = b""
+    try:
+        wait_for_socket(proxy_sock, proc)
+        deadline = time.monotonic() + 30
+        while b"shown" not in screen and time.monotonic() < deadline:
+            screen += _read_some(leader)
+        os.write(leader, b"q")
+        while b"keep relaying" not in screen and time.monotonic() < deadline:
+            screen += _read_some(leader)
+        assert b"keep relaying" in screen
+        os.write(leader, b"d")
+        while b"detached" not in screen and time.monotonic() < deadline:
+            screen += _read_some(leader)
+        assert b"detached" in screen and proc.poll() is None
+        client = run_vfu("sample-client", "--server", str(proxy_sock))
+        assert client.returncode == 0, client.stderr
+        os.killpg(proc.pid, signal.SIGINT)
+        while proc.poll() is None and time.monotonic() < deadline:
+            screen += _read_some(leader)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+        stop(server)
+    records, damage = read_all(capture)
+    assert damage is None and sum(isinstance(r, Message) for r in records) > 100
+
+
+def test_the_theme_gives_errors_warnings_and_server_commands_distinct_colours():
+    for name in ("textual-dark", "textual-light"):
+        palette = row_palette(BUILTIN_THEMES[name])
+        looks = [palette[k] for k in ("error", "error_reply", "warning", "server")]
+        assert len({(s.color, s.bgcolor) for s in looks}) == 4, name
+
+
+# --- what termshark, Wireshark and mitmproxy users reach for ------------------------------
+
+async def answer(pilot, text: str) -> None:
+    """Type `text` into the prompt on screen and press Enter."""
+    pilot.app.screen.query_one(Input).value = text
+    await pilot.press("enter")
+
+
+def test_go_to_marks_search_and_apply_as_filter(tmp_path):
+    async def scenario(pilot, app):
+        await pilot.press("colon")
+        await pilot.press(*"100", "enter")
+        assert app.messages.entry() == 100
+        await pilot.press("ctrl+g")
+        await pilot.press(*"31", "enter")
+        assert app.messages.entry() == 31
+        await pilot.press("m", "G", "k", "m", "g")             # marks on 31 and 343
+        await pilot.press("right_square_bracket")
+        assert app.messages.entry() == 31
+        await pilot.press("right_square_bracket")
+        assert app.messages.entry() == 343
+        await pilot.press("left_square_bracket")
+        assert app.messages.entry() == 31 and "2 marked" in status(app)
+        await pilot.press("ctrl+f")                            # search the detail and the hex
+        await pilot.press(*"size", "enter")
+        tree = app.query_one(DetailTree)
+        assert app.focused is tree and "size" in str(tree.cursor_node.label).lower()
+        item = tree.selected_item()
+        await pilot.press("Y")                                 # copy as a filter
+        expression = f"{item.field.name} == {item.value}"
+        assert app.clipboard == expression
+        await pilot.press("a")                                 # apply as filter
+        await until(pilot, lambda: app.filter_text == expression)
+        assert 31 in app.matches and list(app.matches) == read_matches(TRACE, app.filter_text)
+        hexpane = app.query_one(HexPane)
+        needle = hexpane.data[9:12]
+        await pilot.press("ctrl+f")
+        await answer(pilot, needle.hex(" "))                   # hex bytes
+        start, length = hexpane.lit
+        assert length == 3 and hexpane.data[start:start + 3] == needle
+    run(scenario)
+
+
+def test_w_saves_the_shown_or_marked_messages_as_capture_or_pcapng(tmp_path):
+    from vfu_inspect.pcapng import read_pcapng
+    text = "vfio_user.cmd == DMA_UNMAP"
+
+    async def scenario(pilot, app):
+        await type_filter(pilot, text)
+        await until(pilot, lambda: app.filter_text == text)
+        for name in ("shown.vfucap", "shown.pcapng"):
+            await pilot.press("w")
+            await answer(pilot, str(tmp_path / name))
+            await until(pilot, lambda: (tmp_path / name).exists() and any(
+                "wrote" in str(n.message) and name in str(n.message)
+                for n in app._notifications))
+        app.messages.go_to_number(app.matches[1])
+        await pilot.press("m")
+        await pilot.press("W")
+        await answer(pilot, str(tmp_path / "marked.vfucap"))
+        await until(pilot, lambda: (tmp_path / "marked.vfucap").exists() and any(
+            "marked.vfucap" in str(n.message) for n in app._notifications))
+    run(scenario)
+    expected = read_matches(TRACE, text)
+    shown = [r for r in read_all(tmp_path / "shown.vfucap")[0] if isinstance(r, Message)]
+    assert len(shown) == len(expected)
+    exported = run_vfu("export", TRACE, "-Y", text, "-o", str(tmp_path / "cli.pcapng"))
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "shown.pcapng").read_bytes()[64:] and [
+        r for r in read_pcapng(tmp_path / "shown.pcapng")[0] if isinstance(r, Message)] == [
+        r for r in read_pcapng(tmp_path / "cli.pcapng")[0] if isinstance(r, Message)]
+    marked = [r for r in read_all(tmp_path / "marked.vfucap")[0] if isinstance(r, Message)]
+    assert marked == [shown[1]]
+
+
+def test_conversations_list_each_connection():
+    packets = trace_packets()
+
+    async def scenario(pilot, app):
+        await pilot.press("C")
+        text = _screen_text(app)
+        for conn in (0, 1):
+            mine = [p for p in packets if p.msg.conn == conn]
+            assert f"\n{conn} │ " in text and f" │ {len(mine)} │ " in text
+        await pilot.press("down", "enter")                     # connection 1's first message
+        assert app.messages.entry() == next(p.number for p in packets if p.msg.conn == 1)
+    run(scenario)
+
+
+def test_R_replays_the_selected_connection_and_shows_divergences(tmp_path):
+    server_sock = tmp_path / "s.sock"
+    server = vfu("sample-server", "--listen", str(server_sock))
+    wait_for_socket(server_sock, server)
+    try:
+        async def scenario(pilot, app):
+            app.messages.go_to_number(5)
+            await pilot.press("R", *str(server_sock), "enter")
+            await until(pilot, lambda: "Replay of connection" in _screen_text(app))
+            text = _screen_text(app)
+            assert "requests sent" in text and "answers matched" in text and "Frame" in text
+        run(scenario, ENDPOINTS)
+    finally:
+        stop(server)
+
+
+def test_filter_errors_point_a_caret_at_the_problem_and_time_is_a_clock():
+    async def scenario(pilot, app):
+        await type_filter(pilot, "vfio_user.cmd == ", submit=False)
+        error = str(app.query_one("#filter-error").render())
+        assert error.index("^") == len("vfio_user.cmd == ") + 1 and "position" not in error
+        await pilot.press("escape", "t", "t")
+        row = app.messages.row(1)[0]
+        assert re.search(r" \d\d:\d\d:\d\d\.\d{6} ", row), row
+    run(scenario)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (200, 50)], ids=["80x24", "200x50"])
+def test_snapshot_sizes(snap_compare, size):
+    async def before(pilot):
+        await loaded(pilot, pilot.app)
+        await pilot.press("j", "j", "j")
+        await pilot.pause(0.2)
+    assert snap_compare(InspectApp(CaptureModel(TRACE)), terminal_size=size, run_before=before)

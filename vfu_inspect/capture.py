@@ -160,6 +160,7 @@ class CaptureReader:
         self._stopped = False
         self._consumed = 0      # end of the last whole object (tell() moves on failure)
         self._fed = 0
+        self.at_eof = False     # the last read found no more bytes (a follower waits)
         self._file, self._read = _open_source(self.path)
         self._live = isinstance(self._file, socket.socket)   # EOF ends a live stream
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_RECORD,
@@ -168,6 +169,11 @@ class CaptureReader:
 
     def _read_header(self) -> dict[str, Any]:
         obj = self._next_object(wait=self.follow)
+        if obj is _END and not self._live and self.damage is None:
+            self.close()
+            raise CaptureError(f"{self.path} ends inside its header after {self._fed} bytes"
+                               if self._fed else
+                               f"{self.path} is empty: not a vfu-inspect capture file")
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             self.close()
             from .pcapng import is_pcapng
@@ -210,6 +216,16 @@ class CaptureReader:
         """Reading a proxy's monitor socket rather than a file."""
         return self._live
 
+    @property
+    def position(self) -> int:
+        """Bytes of whole records read so far."""
+        return self._consumed
+
+    @property
+    def tail(self) -> int:
+        """Bytes read past the last whole record (a record still being written, or cut)."""
+        return self._unpacker_tail()
+
     def stop(self) -> None:
         """End a follow-mode iteration at the next poll."""
         self._stopped = True
@@ -239,6 +255,7 @@ class CaptureReader:
                 self._report(f"capture is corrupt after byte {self._consumed}: {exc}")
                 return _END
             chunk = self._read(_READ_CHUNK)
+            self.at_eof = not chunk
             if chunk:
                 self._unpacker.feed(chunk)
                 self._fed += len(chunk)
@@ -290,17 +307,21 @@ def _parse_record(obj: Any) -> Record | None:
 
 def read_record(file: Any, offset: int) -> Record | None:
     """The record that starts at `offset` of an open capture file."""
+    return next(records_from(file, offset), None)
+
+
+def records_from(file: Any, offset: int) -> Iterator[Record | None]:
+    """The records of an open capture file from `offset` on (None for one
+    that is not valid), until the end or the first corrupt byte."""
     file.seek(offset)
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_RECORD, strict_map_key=False)
     while chunk := file.read(_RANDOM_READ):
         unpacker.feed(chunk)
         try:
-            return _parse_record(unpacker.unpack())
-        except msgpack.OutOfData:
-            continue
+            for obj in unpacker:
+                yield _parse_record(obj)
         except (msgpack.FormatError, msgpack.StackError, ValueError):
-            return None
-    return None
+            return
 
 
 def read_all(path: str | os.PathLike[str]) -> tuple[list[Record], str | None]:

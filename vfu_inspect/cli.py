@@ -14,8 +14,8 @@ from . import __version__
 from .capture import CaptureError, CaptureReader, CaptureWriter, Event, Message, Record
 from .dissect import Analyzer, Dissected, find_responses
 from .session import DEFAULT_TIMEOUT, SessionTracker
-from .output import (SUMMARY_HEADER, detail_text, field_values, hex_dump,
-                     json_packet, packet_comment, summary_line)
+from .output import SUMMARY_HEADER, detail_text, field_values, hex_dump, json_packet, summary_line
+from .save import is_pcapng_name, open_writer, write_one
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -128,6 +128,9 @@ def _read_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--events", action="store_true",
                    help="also print connection open/close/note, interrupt, doorbell and fault "
                         "events ('# …' lines)")
+    p.add_argument("-w", dest="write", metavar="OUT",
+                   help="write the messages shown (the -Y matches) to OUT instead of "
+                        "printing them: a capture, or pcapng when OUT ends in .pcapng")
     _add_timeout(p)
     p.set_defaults(run=cmd_read)
 
@@ -148,7 +151,8 @@ def cmd_read(args: argparse.Namespace) -> int:
             raise UserError("-T fields needs at least one -e FIELD")
         _check_fields(args.fields)
     needs_links = args.two_pass or args.verbose or args.format == "json" or (
-        display is not None and "vfio_user.response_in" in display.fields)
+        display is not None and "vfio_user.response_in" in display.fields) or (
+        args.write is not None and is_pcapng_name(args.write))
     analyzer = _analyzer(args, two_pass=needs_links and not args.follow)
     stats = _stats(args.stats, analyzer)
     from .events import names_events
@@ -156,7 +160,10 @@ def cmd_read(args: argparse.Namespace) -> int:
                                         and names_events(display.fields))
     with CaptureReader(args.file, follow=args.follow) as reader:
         packets = _tapped(analyzer.run(reader, events=True), stats)
-        if args.quiet:
+        if args.write:
+            _write_selection(args.write, f"read {args.file}", args.file,
+                             _select(packets, display, args.count, events=True))
+        elif args.quiet:
             _drain(_select(packets, display, args.count, events))
         else:
             _print_packets(args, _select(packets, display, args.count, events), sys.stdout)
@@ -164,6 +171,23 @@ def cmd_read(args: argparse.Namespace) -> int:
     for stat in stats:
         stat.render(sys.stdout)
     return EXIT_OK
+
+
+def _write_selection(path: str, source: str, input_path: str,
+                     records: Iterator[Dissected | Event]) -> None:
+    """The selected messages (and, without a filter, the events) to a capture or pcapng."""
+    with _output(open_writer, path, source, [input_path]) as writer:
+        messages = _write_records(writer, records)
+    print(f"wrote {messages} messages to {path}", file=sys.stderr)
+
+
+def _write_records(writer, records: Iterator[Dissected | Event]) -> int:
+    """Write them all; the number of messages."""
+    messages = 0
+    for record in records:
+        write_one(writer, record)
+        messages += isinstance(record, Dissected)
+    return messages
 
 
 def _analyzer(args: argparse.Namespace, two_pass: bool) -> Analyzer:
@@ -479,22 +503,20 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
                                    "message, a comment listing its fds and expert items.")
     p.add_argument("file", help="capture file")
     p.add_argument("-o", "--output", required=True, help="pcapng file to write")
+    p.add_argument("-Y", dest="filter", metavar="FILTER",
+                   help="only the messages this display filter selects (as read -Y)")
     _add_timeout(p)
     p.set_defaults(run=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .pcapng import PcapngFileWriter
+    display = _compile(args.filter) if args.filter else None
     analyzer = _analyzer(args, two_pass=True)
-    messages = 0
     with CaptureReader(args.file) as reader, \
             _output(PcapngFileWriter, args.output, f"export of {args.file}", [args.file]) as writer:
-        for p in analyzer.run(reader, events=True):
-            if isinstance(p, Dissected):
-                writer.write(p.msg, packet_comment(p))
-                messages += 1
-            else:
-                writer.write(p)
+        messages = _write_records(writer, _select(analyzer.run(reader, events=True), display,
+                                                  None, events=True))
         _report_damage(args.file, reader)
     print(f"wrote {messages} messages to {args.output}", file=sys.stderr)
     return EXIT_OK

@@ -405,8 +405,8 @@ def _ours_of(options: dict[int, list[bytes]]) -> dict[str, Any]:
     pieces = [o[8:] for o in options.get(OPT_CUSTOM_BINARY, []) if o[:8] == tag]
     try:
         value = msgpack.unpackb(b"".join(pieces), raw=False, strict_map_key=False)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-        return {}
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return {}             # TypeError: damage made a map key of a list
     return value if isinstance(value, dict) else {}
 
 

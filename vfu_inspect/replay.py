@@ -413,7 +413,7 @@ class Replayer:
         print(f"DIVERGED{where}: {what}", file=self.out)
         width = max((len(name) for name, _, _ in fields), default=0)
         for name, recorded, live in fields:
-            print(f"  {name:<{width}}  recorded {_show(recorded)}  live {_show(live)}",
+            print(f"  {name:<{width}}  recorded {show_values(recorded)}  live {show_values(live)}",
                   file=self.out)
 
 
@@ -443,7 +443,7 @@ def _unrecorded(name: str, recorded: dict[str, list]) -> bool:
     return name.startswith("fd.") and name not in recorded
 
 
-def _show(values: Any) -> str:
+def show_values(values: Any) -> str:
     if values is None:
         return "(absent)"
     parts = [v.hex() if isinstance(v, bytes) else str(v) for v in values]

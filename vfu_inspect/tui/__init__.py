@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 from typing import Any, Callable
 
@@ -25,12 +26,15 @@ def _run_tui(args: argparse.Namespace) -> int:
     path = args.file or args.attach
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file or socket")
-    return run_tui(path, follow=True)
+    run_tui(path, follow=True)
+    return 0
 
 
-def run_tui(path: str, follow: bool, then: Callable[[], Any] = lambda: None) -> int:
+def run_tui(path: str, follow: bool, then: Callable[[], Any] = lambda: None,
+            live_proxy: bool = False) -> str | None:
     """Open the UI on a capture or monitor socket until the user quits; `then`
-    runs once the UI is reading (so that a live stream misses nothing)."""
+    runs once the UI is reading (so that a live stream misses nothing).  With
+    `live_proxy`, quitting asks whether to detach or stop: the answer is returned."""
     from ..capture import CaptureError
     from ..cli import UserError
     from .app import InspectApp
@@ -40,16 +44,23 @@ def run_tui(path: str, follow: bool, then: Callable[[], Any] = lambda: None) -> 
     except CaptureError as exc:
         raise UserError(str(exc)) from None
     then()
-    InspectApp(model, follow=model.live).run()
-    return 0
+    return InspectApp(model, follow=model.live, live_proxy=live_proxy).run()
 
 
 def run_with_proxy(proxy: Any, monitor: str, then: Callable[[], Any] = lambda: None) -> int:
-    """Relay on a thread while the UI, attached to the proxy's monitor, runs here."""
+    """Relay on a thread while the UI, attached to the proxy's monitor, runs
+    here; when the user detaches, relay on without it until a signal stops it."""
+    from .app import DETACH
     relay = threading.Thread(target=proxy.run, daemon=True)
     relay.start()
     try:
-        return run_tui(monitor, follow=True, then=then)
+        if run_tui(monitor, follow=True, then=then, live_proxy=True) == DETACH:
+            proxy.install_signal_handlers()
+            print("vfu-inspect: detached from the UI, still relaying: Ctrl-C or SIGTERM "
+                  "stops the proxy", file=sys.stderr, flush=True)
+            while relay.is_alive():
+                relay.join(0.5)
+        return 0
     finally:
         proxy.stop()
         relay.join(timeout=5)

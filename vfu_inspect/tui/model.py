@@ -2,36 +2,40 @@
 
 One background pass reads the capture (or the live stream) once: it records
 where each message starts in the file, the few header facts the filter fast
-path needs, and what the analysis found (worst expert severity, request/reply
-links, statistics, session checkpoints).  Messages are read back and dissected
+path needs, and what the analysis found (expert ids, request/reply links,
+statistics, session checkpoints).  Messages are read back and dissected
 only when they are on screen, from the nearest session checkpoint, so the
 detail of any message shows the same stateful expert items as `read`.
 
 Filters take the cheapest exact path: header fields, links and expert ids from
 the index alone; fields a message's own bytes give by dissecting, without session
 state, only the messages whose command can carry them; anything else (expert
-messages, device layers, times) by a full analysis pass.
+messages, device layers, times) by a full analysis pass.  A filter is live:
+as messages arrive it goes on with them, and re-decides the earlier requests
+their replies answer (a reply changes its request's links and expert items).
 """
 
 from __future__ import annotations
 
+import bisect
+import os
 import statistics
 import threading
+import time
 from array import array
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from ..capture import DIRECTIONS, CaptureReader, Event, Message, read_record
+from ..capture import DIRECTIONS, OPEN, CaptureReader, Event, Message, Record, records_from
 from ..dfilter import DisplayFilter
 from ..dissect import Analyzer, Dissected, expects_reply
 from ..dissectors import vfio_user as proto
-from ..fields import EXPERTS, SEVERITIES, lookup
+from ..fields import EXPERTS, lookup
 from ..session import SessionTracker, Snapshot
 from ..tree import bit_values
 
 CHECKPOINT_EVERY = 1024
-NO_SEVERITY = len(SEVERITIES)
 CACHE_PACKETS = 4096
 # Fields the filter can test from the index alone, without dissecting.
 HEADER_FIELDS = {"frame.number", "frame.conn", "frame.channel", "frame.dir", "frame.len",
@@ -46,6 +50,45 @@ EXPERT_FIELDS = {"expert", "expert.id", "expert.severity", "expert.message"}
 STATELESS_FIELDS = HEADER_FIELDS | {fd.name for fd in proto.protocol_fields()} | {
     "fd", "fd.index", "fd.kind", "fd.size", "fd.inode", "fd.purpose"}
 FLAGS_FIELD = lookup("vfio_user.flags")
+TRUNCATED_AFTER = 1.0      # seconds a partial record may wait at the end of a file
+GROWING_FOR = 5.0          # seconds after the last growth the file counts as followed
+
+
+@dataclass
+class Conversation:
+    """One connection: what Wireshark's Conversations table shows of it."""
+
+    endpoints: str = ""
+    first_ns: int = 0
+    last_ns: int = 0
+    first: int = 0          # its first message's number
+    messages: int = 0
+    bytes: int = 0
+    errors: int = 0         # error replies
+    problems: int = 0       # messages with an error or warning expert item
+
+    def add(self, p: Dissected) -> None:
+        if not self.messages:
+            self.first_ns, self.first = p.msg.ts_ns, p.number
+        self.last_ns = p.msg.ts_ns
+        self.messages += 1
+        self.bytes += p.msg.wire_size
+        self.errors += p.header is not None and p.header.kind == "error"
+        self.problems += p.tree.worst_severity in ("error", "warning")
+
+
+@dataclass
+class LiveFilter:
+    """A display filter and the messages it selects among 1..`upto`."""
+
+    text: str
+    display: DisplayFilter
+    matches: array = field(default_factory=lambda: array("i"))
+    upto: int = 0
+
+
+class Cancelled(Exception):
+    """The worker running a filter was told to stop."""
 
 
 @dataclass
@@ -58,6 +101,8 @@ class Stats:
     latencies: dict[int, list[float]] = field(default_factory=dict)
     experts: Counter[tuple[str, str]] = field(default_factory=Counter)
     first_expert: dict[str, int] = field(default_factory=dict)
+    unanswered: set[int] = field(default_factory=set)     # requests still without a reply
+    conversations: dict[int, Conversation] = field(default_factory=dict)
 
     def add(self, p: Dissected) -> None:
         h = p.header
@@ -71,6 +116,27 @@ class Stats:
         for e in p.tree.experts:
             self.experts[(e.severity, e.id)] += 1
             self.first_expert.setdefault(e.id, p.number)
+        if p.request_in:
+            self.unanswered.discard(p.request_in)
+        elif h is not None and expects_reply(h):
+            self.unanswered.add(p.number)
+        self.conversation(p.msg.conn).add(p)
+
+    def conversation(self, conn: int) -> Conversation:
+        c = self.conversations.get(conn)
+        if c is None:
+            c = self.conversations[conn] = Conversation()
+        return c
+
+    def expert_rows(self) -> list[tuple[str, str, int, int]]:
+        """(severity, id, count, first message), unanswered requests included
+        as a two-pass read counts them."""
+        rows = [(severity, eid, n, self.first_expert[eid])
+                for (severity, eid), n in self.experts.items()]
+        if self.unanswered:
+            eid = "request.unanswered"
+            rows.append((EXPERTS[eid].severity, eid, len(self.unanswered), min(self.unanswered)))
+        return rows
 
     def latency_row(self, cmd: int) -> tuple[float, float, float, float] | None:
         """min, median, p99, max in seconds."""
@@ -86,7 +152,9 @@ class CaptureModel:
 
     def __init__(self, path: str, follow: bool = False) -> None:
         self.path = path
-        self.reader = CaptureReader(path, follow=follow)     # CaptureError: caller reports
+        # The header is read without waiting: an empty or cut file is an error now.
+        self.reader = CaptureReader(path)     # CaptureError: caller reports
+        self.reader.follow = follow
         self.live = self.reader.live
         self._file = None if self.live else open(path, "rb")
         self._file_lock = threading.Lock()
@@ -94,7 +162,6 @@ class CaptureModel:
         self.kept: list[Message] = []          # live streams have no file to read back
         self.columns = {name: array("q") for name in (
             "ts", "conn", "channel", "dir", "msg_id", "cmd", "flags", "error", "len", "fds")}
-        self.severity = bytearray()
         self.expert_codes = array("H")         # every message's expert ids, in order,
         self.expert_end = array("I")           # ... message n's end at expert_end[n - 1]
         self.expert_ids: list[str] = []        # code -> id
@@ -107,9 +174,11 @@ class CaptureModel:
         self._analyzer = Analyzer(sessions=self.tracker)
         self.count = 0
         self.done = False
-        self.listeners: list[Callable[[], None]] = []
         self._cache: OrderedDict[int, Dissected] = OrderedDict()
         self._thread = threading.Thread(target=self._index, daemon=True)
+        self._eof_since: float | None = None      # when the pass last caught up
+        self._eof_count = 0
+        self._grew_at: float | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -121,9 +190,36 @@ class CaptureModel:
         if self._file:
             self._file.close()
 
+    # --- what the status line says ----------------------------------------------------
+
     @property
-    def damage(self) -> str | None:
-        return self.reader.damage
+    def caught_up(self) -> bool:
+        """Everything written so far is indexed."""
+        return self.done or (self.reader.at_eof and not self.live)
+
+    def status(self) -> tuple[str, str | None]:
+        """The state (reading N%, following, live, done) and what is wrong
+        with the file (corrupt records, a last record cut short), if anything."""
+        if self.live:
+            return ("done: the live stream ended" if self.done else "live"), self.reader.damage
+        if not self.caught_up:
+            self._eof_since = None
+            size = max(os.path.getsize(self.path), 1)
+            return f"reading {min(self.reader.position * 100 // size, 99)}%", self.reader.damage
+        now = time.monotonic()
+        if self._eof_since is None:
+            self._eof_since, self._eof_count = now, self.count
+        elif self.count != self._eof_count:
+            self._grew_at, self._eof_count = now, self.count
+        growing = self._grew_at is not None and now - self._grew_at < GROWING_FOR
+        return ("following" if growing else "done"), self.reader.damage or self._cut(now)
+
+    def _cut(self, now: float) -> str | None:
+        tail = self.reader.tail
+        if tail and self._eof_since is not None and now - self._eof_since >= TRUNCATED_AFTER:
+            return (f"capture ends inside a record: last {tail} bytes ignored "
+                    "(was the writer killed?)")
+        return None
 
     # --- the background pass ---------------------------------------------------------
 
@@ -133,14 +229,19 @@ class CaptureModel:
                 if isinstance(record, Message):
                     self._add(offset, record)
                 else:
-                    self.events.append((self.count, record))
-                    self._analyzer.run([record])            # a close ends its session
-                self._notify()
+                    self._event(record)
         except (OSError, ValueError):
             pass          # a vanished stream ends the pass; what came is kept
         finally:
             self.done = True
-            self._notify()
+
+    def _event(self, event: Event) -> None:
+        self.events.append((self.count, event))
+        if event.kind == OPEN:
+            info = event.info
+            self.stats.conversation(event.conn).endpoints = str(
+                info.get("server") or info.get("text") or "")
+        self._analyzer.run([event])            # a close ends its session
 
     def _add(self, offset: int, msg: Message) -> None:
         p = self._analyzer.feed(msg)
@@ -150,8 +251,6 @@ class CaptureModel:
                   msg.wire_size, len(msg.fds))
         for column, value in zip(self.columns.values(), values):
             column.append(value)
-        worst = p.tree.worst_severity
-        self.severity.append(SEVERITIES.index(worst) if worst else NO_SEVERITY)
         for e in p.tree.experts:
             code = self._expert_code.setdefault(e.id, len(self.expert_ids))
             if code == len(self.expert_ids):
@@ -169,9 +268,10 @@ class CaptureModel:
             self.offsets.append(offset)
         self.count = p.number
 
-    def _notify(self) -> None:
-        for listener in self.listeners:
-            listener()
+    def answered_before(self, first: int, last: int) -> list[int]:
+        """Requests before message `first` that replies first..last answer:
+        what those replies change (links, the 'no reply' warning)."""
+        return [r for r in self.request_of[first - 1:last] if 0 < r < first]
 
     # --- reading back -----------------------------------------------------------------
 
@@ -179,20 +279,38 @@ class CaptureModel:
         if self.live:
             return self.kept[number - 1]
         with self._file_lock:
-            record = read_record(self._file, self.offsets[number - 1])
+            record = next(records_from(self._file, self.offsets[number - 1]), None)
         assert isinstance(record, Message)     # the index holds message offsets only
         return record
 
+    def records(self, first: int, last: int) -> Iterator[Record]:
+        """Messages first..last in order, with the events among them."""
+        if self.live:
+            yield from self.kept[first - 1:last]
+            return
+        with open(self.path, "rb") as file:        # its own: workers read too
+            number = first - 1
+            for record in records_from(file, self.offsets[first - 1]):
+                if isinstance(record, Message):
+                    number += 1
+                    if number > last:
+                        return
+                if record is not None:
+                    yield record
+
     def messages(self, first: int, last: int) -> Iterator[Message]:
-        for number in range(first, last + 1):
-            yield self.message(number)
+        if first <= last:
+            yield from (r for r in self.records(first, last) if isinstance(r, Message))
 
     def packets(self, first: int, last: int) -> list[Dissected]:
         """Messages first..last dissected as a straight read would dissect them."""
         first, last = max(first, 1), min(last, self.count)
         missing = [n for n in range(first, last + 1) if n not in self._cache]
         if missing:
-            self._dissect(missing[0], missing[-1])
+            for p in self.analysis(missing[0], missing[-1]):
+                self._cache[p.number] = p
+            while len(self._cache) > CACHE_PACKETS:
+                self._cache.popitem(last=False)
         out = []
         for n in range(first, last + 1):
             self._cache.move_to_end(n)
@@ -202,16 +320,49 @@ class CaptureModel:
     def packet(self, number: int) -> Dissected:
         return self.packets(number, number)[0]
 
-    def _dissect(self, first: int, last: int) -> None:
+    def forget(self, numbers: list[int]) -> list[int]:
+        """Drop these messages' dissections (a reply changed them); those that were kept."""
+        return [n for n in numbers if self._cache.pop(n, None) is not None]
+
+    def analysis(self, first: int, last: int) -> Iterator[Dissected]:
+        """Messages first..last dissected with the session state and links of a
+        two-pass read, rolled forward from the nearest checkpoint."""
+        if first > last:
+            return
         snapshot = self.tracker.state_at(first - 1, self.messages)
         analyzer = Analyzer(_Links(self.response_of), self.tracker.restored(snapshot.connections))
         ts = self.columns["ts"]
         analyzer.resume_at(first - 1, ts[0], ts[first - 2] if first > 1 else ts[0])
-        for msg in self.messages(first, last):
-            p = analyzer.feed(msg)
-            self._cache[p.number] = p
-        while len(self._cache) > CACHE_PACKETS:
-            self._cache.popitem(last=False)
+        for p in analyzer.run(self.records(first, last)):
+            yield p
+
+    def save(self, path: str, entries: list[int], writer: Any) -> int:
+        """Write these rows (message numbers; an event is -(its index + 1)) with
+        `writer`, which it closes; a pcapng gets each message's expert items,
+        as `export` writes them.  The number of messages written."""
+        from ..save import is_pcapng_name, write_one
+        numbers = sorted(e for e in entries if e > 0)
+        wanted, events = set(numbers), sorted(-e - 1 for e in entries if e < 0)
+        after: dict[int, list[Event]] = {}
+        for index in events:
+            before, event = self.events[index]
+            after.setdefault(before, []).append(event)
+        with writer:
+            for event in after.pop(0, []):
+                write_one(writer, event)
+            if numbers:
+                first, last = numbers[0], numbers[-1]
+                records = (self.analysis(first, last) if is_pcapng_name(path)
+                           else self.messages(first, last))
+                for number, record in zip(range(first, last + 1), records):
+                    if number in wanted:
+                        write_one(writer, record)
+                    for event in after.pop(number, []):
+                        write_one(writer, event)
+            for rest in after.values():
+                for event in rest:
+                    write_one(writer, event)
+        return len(numbers)
 
     def session_at(self, number: int) -> Snapshot:
         return self.tracker.state_at(number, self.messages)
@@ -262,36 +413,42 @@ class CaptureModel:
             values["expert.id"] = ids
             values["expert.severity"] = [EXPERTS[id].severity for id in ids]
 
-    def matches(self, display: DisplayFilter, progress: Callable[[int], bool]) -> array | None:
-        """Numbers of the messages `display` selects, or None when `progress`
-        (called with each message number) asks to stop."""
-        out, total = array("i"), self.count
-        if set(display.fields) <= HEADER_FIELDS:
-            candidates = ((n, self.header_values(n, display.fields))
-                          for n in range(1, total + 1))
-        elif set(display.fields) <= STATELESS_FIELDS:
-            candidates = self._stateless_pass(display.fields, total)
-        else:
-            candidates = ((p.number, p.tree.values()) for p in self._full_pass(total))
-        for number, values in candidates:
-            if number % 4096 == 0 and not progress(number):
-                return None
-            if display.matches(values):
-                out.append(number)
-        return out
-
-    def _full_pass(self, total: int) -> Iterator[Dissected]:
-        analyzer = Analyzer(_Links(self.response_of), SessionTracker(checkpoint_every=0))
-        if self.live:
-            yield from analyzer.run(self.kept[:total])
+    def advance(self, live: LiveFilter, progress: Callable[[int], bool]) -> None:
+        """Bring `live` up to the messages indexed now: decide the new ones and
+        the earlier requests their replies answer.  `progress` gets message
+        numbers as it goes; when it returns False, raise Cancelled."""
+        last = self.count
+        if last == live.upto:
             return
-        with CaptureReader(self.path) as reader:
-            for p in analyzer.run(reader):
-                if p.number > total:
-                    return
-                yield p
+        start = min([live.upto + 1, *self.answered_before(live.upto + 1, last)])
+        found = live.matches[:bisect.bisect_left(live.matches, start)]
+        for number, values in self._candidates(live.display.fields, start, last):
+            if number % 4096 == 0 and not progress(number):
+                raise Cancelled
+            if live.display.matches(values):
+                found.append(number)
+        live.matches, live.upto = found, last
 
-    def _stateless_pass(self, names: frozenset[str], total: int
+    def matches(self, display: DisplayFilter, progress: Callable[[int], bool]) -> array | None:
+        """Numbers of the messages `display` selects now, or None when `progress`
+        (called with message numbers) asks to stop."""
+        live = LiveFilter("", display)
+        try:
+            self.advance(live, progress)
+        except Cancelled:
+            return None
+        return live.matches
+
+    def _candidates(self, names: frozenset[str], first: int, last: int
+                    ) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+        """(number, what `names` may test) of messages first..last, by the cheapest path."""
+        if set(names) <= HEADER_FIELDS:
+            return ((n, self.header_values(n, names)) for n in range(first, last + 1))
+        if set(names) <= STATELESS_FIELDS:
+            return self._stateless_pass(names, first, last)
+        return ((p.number, p.tree.values()) for p in self.analysis(first, last))
+
+    def _stateless_pass(self, names: frozenset[str], first: int, last: int
                         ) -> Iterator[tuple[int, dict[str, list[Any]]]]:
         """Values of each message, dissecting only those that can carry the
         filter's deeper fields: the others lack them, so their header values
@@ -304,11 +461,13 @@ class CaptureModel:
         cmd, fds = self.columns["cmd"], self.columns["fds"]
         uses_header = bool(names & HEADER_FIELDS)
         requests: dict[int, bytes] = {}      # start of each request until its reply
-        for number, msg in enumerate(self._messages_in_order(total), 1):
+        for number, msg in enumerate(self.messages(first, last), first):
             i = number - 1
             if self.response_of[i]:
                 requests[number] = msg.data[:64]
             request = requests.pop(self.request_of[i], None)
+            if request is None and self.request_of[i] and self.request_of[i] < first:
+                request = self.message(self.request_of[i]).data[:64]
             if any_command or cmd[i] in wanted or (wants_fds and fds[i]):
                 ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds, request)
                 values = proto.dissect_message(msg.data, ctx)[0].values()
@@ -318,19 +477,6 @@ class CaptureModel:
                 yield number, values
             else:     # none of the filter's fields, unless it tests the header
                 yield number, self.header_values(number, names) if uses_header else {}
-
-    def _messages_in_order(self, total: int) -> Iterator[Message]:
-        if self.live:
-            yield from self.kept[:total]
-            return
-        with CaptureReader(self.path) as reader:
-            count = 0
-            for record in reader:
-                if isinstance(record, Message):
-                    count += 1
-                    if count > total:
-                        return
-                    yield record
 
 
 class _Links:
