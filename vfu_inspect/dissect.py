@@ -82,6 +82,10 @@ class Matcher:
             del self._pending[key]
         return entry
 
+    def waiting(self, conn: int, channel: int, direction: int, msg_id: int) -> bool:
+        """Whether a request sent in `direction` with `msg_id` awaits its reply."""
+        return bool(self._pending.get((conn, channel, direction, msg_id)))
+
     def outstanding(self) -> list[Any]:
         """Payloads of the requests still unanswered, oldest first."""
         entries = sorted((n, i, payload) for i, q in enumerate(self._pending.values())

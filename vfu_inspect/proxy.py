@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 from .capture import C2S, CHANNELS, CLOSE, DIRECTIONS, MAIN, NOTE, OPEN, S2C, TWIN, Event, Message
 from .dissect import Matcher, expects_reply
 from .dissectors import vfio_user as proto
-from .framing import Frame, Framer
+from .framing import Frame, Framer, answered_early
 from .sockio import fd_info, recv_chunk
 
 
@@ -249,6 +249,10 @@ class Proxy:
             dst.queue.append((view, []))
         self._send_queued(dst)
         for frame in frames:
+            for early in answered_early(frame, dst.framer, lambda msg_id: conn.matcher.waiting(
+                    conn.id, src.channel, dst.direction, msg_id)):
+                self._track(dst, early.data, now)
+                self._emit_frame(dst, early, now)
             self._track(src, frame.data, now)
             self._emit_frame(src, frame, now)
 
