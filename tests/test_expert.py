@@ -26,7 +26,7 @@ from vfu_inspect.fields import EXPERTS
 from vfu_inspect.session import SessionTracker
 
 REPLY, ERROR_REPLY, NO_REPLY = 0x1, 0x21, 0x10
-GET, SET = 1 << 16, 1 << 17
+GET, SET, PROBE = 1 << 16, 1 << 17, 1 << 18
 MEMFD = {"kind": "memfd", "size": 0x100000, "inode": 7}
 EVENTFD = {"kind": "eventfd", "inode": 9}
 SOCKET = {"kind": "socket", "inode": 11}
@@ -173,6 +173,21 @@ def _(s: Script, bad: bool) -> None:
     s.reply(s.command("DEVICE_RESET"), "DEVICE_RESET", error=0 if bad else 5)
 
 
+@scenario("header.wrong_direction")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.map(0x10000)
+    s.call("DMA_READ", DmaRead(address=0x10000, count=4), direction=C2S if bad else S2C,
+           answer=(DmaRead(address=0x10000, count=4, data=b"abcd"),))
+
+
+@scenario("reply.error_payload")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DEVICE_GET_IRQ_INFO", IrqInfo(index=9), error=errno.EINVAL,
+           answer=(IrqInfo(index=9),) if bad else ())
+
+
 @scenario("reply.unmatched")
 def _(s: Script, bad: bool) -> None:
     s.negotiate()
@@ -297,13 +312,39 @@ def _client_version(s: Script, bad: bool, bad_json: bytes) -> None:
 SCENARIOS["version.json_unterminated"] = lambda s, bad: _client_version(
     s, bad, caps_json(SPEC_CAPS, nul=False))
 SCENARIOS["version.json_invalid"] = lambda s, bad: _client_version(s, bad, b"{oops\0")
-SCENARIOS["version.no_capabilities"] = lambda s, bad: _client_version(s, bad, b'{"caps": {}}\0')
+SCENARIOS["version.json_not_object"] = lambda s, bad: _client_version(
+    s, bad, b'[1, 2]\0' if bad else b'{"capabilities": {}}\0')
 SCENARIOS["version.unknown_capability"] = lambda s, bad: _client_version(
     s, bad, caps_json({**SPEC_CAPS, "frobnicate": 1}))
 SCENARIOS["version.capability_type"] = lambda s, bad: _client_version(
     s, bad, caps_json({**SPEC_CAPS, "max_msg_fds": "8"}))
 SCENARIOS["version.capability_range"] = lambda s, bad: _client_version(
-    s, bad, caps_json({**SPEC_CAPS, "max_msg_fds": 1000}))
+    s, bad, caps_json({**SPEC_CAPS, "max_msg_fds": -1}))
+SCENARIOS["interop.qemu_capability"] = lambda s, bad: s.negotiate(
+    server={**SPEC_CAPS, "max_msg_fds": 17 if bad else 16})
+
+
+@scenario("version.capability_not_offered")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate(server={**SPEC_CAPS, "write_multiple": True},
+                client=SPEC_CAPS if bad else {**SPEC_CAPS, "write_multiple": True})
+
+
+def _twin_reply(s: Script, twin: dict, server_fds: tuple, client: dict | None = None) -> None:
+    s.negotiate(client=client or {**SPEC_CAPS, "twin_socket": {"supported": True}},
+                server={**SPEC_CAPS, "twin_socket": twin}, server_fds=server_fds)
+
+
+SCENARIOS["twin.fd_index"] = lambda s, bad: _twin_reply(
+    s, {"supported": True, "fd_index": 1 if bad else 0}, (SOCKET,))
+
+
+@scenario("twin.wrong_channel")
+def _(s: Script, bad: bool) -> None:
+    _twin_reply(s, {"supported": True, "fd_index": 0}, (SOCKET,))
+    s.map(0x10000)
+    s.call("DMA_READ", DmaRead(address=0x10000, count=4), direction=S2C,
+           channel=MAIN if bad else TWIN, answer=(DmaRead(address=0x10000, count=4, data=b"abcd"),))
 
 
 @scenario("twin.not_negotiated")
@@ -330,6 +371,27 @@ def _(s: Script, bad: bool) -> None:
     s.negotiate()
     s.call("DMA_MAP", DmaMap(flags=7 if bad else 3, address=0x10000, size=0x1000),
            fds=(MEMFD,))
+
+
+@scenario("dma_map.offset_no_fd")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DMA_MAP", DmaMap(flags=3, offset=0x1000 if bad else 0, address=0x10000, size=0x1000))
+
+
+@scenario("dma.overlap_errno")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.map(0x10000)
+    s.map(0x18000, error=errno.EINVAL if bad else errno.EEXIST)
+
+
+@scenario("dma_unmap.flags")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.map(0x10000)
+    unmap = DmaUnmap(flags=2, address=0x10000 if bad else 0, size=0x10000 if bad else 0)
+    s.call("DMA_UNMAP", unmap, answer=(unmap,))
 
 
 @scenario("dma.overlap")
@@ -394,6 +456,35 @@ SCENARIOS["dirty.bitmap_too_big"] = lambda s, bad: _logging_report(
     client={**SPEC_CAPS, "migration": {"pgsize": 4096, "max_bitmap_size": 8}})
 
 
+SCENARIOS["dma_logging.bitmap_bits"] = lambda s, bad: _logging_report(
+    s, 0x3000, (0xF if bad else 0x7).to_bytes(8, "little"))
+
+
+def _logging_start(s: Script, page_size: int, iova: int = 0, length: int = 0x1000) -> None:
+    request = (DeviceFeature(argsz=40, flags=SET | 6),
+               DmaLogging(page_size=page_size, num_ranges=1),
+               DmaLoggingRange(iova=iova, length=length))
+    s.call("DEVICE_FEATURE", *request, answer=request)
+
+
+SCENARIOS["dma_logging.page_size"] = lambda s, bad: (
+    s.negotiate(), _logging_start(s, 0 if bad else 0x1000))
+SCENARIOS["dma_logging.unaligned"] = lambda s, bad: (
+    s.negotiate(), _logging_start(s, 0x1000, iova=0x800 if bad else 0))
+
+
+@scenario("dma_logging.not_started")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    if not bad:
+        _logging_start(s, 0x1000, length=0x40000)
+    report = DmaLoggingReport(iova=0, length=0x40000, page_size=0x1000)
+    s.call("DEVICE_FEATURE", DeviceFeature(argsz=48, flags=GET | 8), report,
+           error=errno.ENOENT if bad else None,
+           answer=(DeviceFeature(argsz=40, flags=GET | 8),
+                   DmaLoggingReport(iova=0, length=0x40000, page_size=0x1000, bitmap=bytes(8))))
+
+
 @scenario("dma_logging.ranges_short")
 def _(s: Script, bad: bool) -> None:
     s.negotiate()
@@ -454,11 +545,56 @@ def _io_fds(s: Script, entries: bytes, count: int = 1, fds: tuple = (EVENTFD,)) 
 
 
 SCENARIOS["region_io_fds.entry_size"] = lambda s, bad: _io_fds(
-    s, bytes(SubRegion(offset=0x28, size=8)) + (bytes(4) if bad else b""))
+    s, bytes(SubRegion(offset=0x28, size=8))[:36 if bad else 40])
+SCENARIOS["region_io_fds.posted_writes"] = lambda s, bad: _io_fds(
+    s, bytes(SubRegion(offset=0x28, size=0, type=1, flags=0 if bad else 2)))
 SCENARIOS["region_io_fds.fd_index"] = lambda s, bad: _io_fds(
     s, bytes(SubRegion(offset=0x28, size=8, fd_index=3 if bad else 0)))
 SCENARIOS["interop.io_fds_48"] = lambda s, bad: _io_fds(
     s, bytes(ShadowSubRegion(offset=0x28, size=8) if bad else SubRegion(offset=0x28, size=8)))
+
+
+SCENARIOS["region_info.cap_version"] = lambda s, bad: _region_info_reply(
+    s, RegionInfo(argsz=80, flags=0xF, index=1, cap_offset=32, size=0x4000),
+    RegionCap(id=1, version=2 if bad else 1, next=0), *SPARSE[1:], fds=(MEMFD,))
+
+
+@scenario("device_info.pci")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DEVICE_GET_INFO", DeviceInfo(),
+           answer=(DeviceInfo(flags=1 if bad else 3, num_regions=9, num_irqs=5),))
+
+
+@scenario("device_reset.unsupported")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DEVICE_GET_INFO", DeviceInfo(),
+           answer=(DeviceInfo(flags=2 if bad else 3, num_regions=9, num_irqs=5),))
+    s.call("DEVICE_RESET")
+
+
+@scenario("field.not_zero")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DEVICE_GET_REGION_IO_FDS", RegionIoFds(argsz=16, index=0, flags=1 if bad else 0),
+           answer=(RegionIoFds(argsz=16, index=0, count=0),))
+
+
+@scenario("reply.echo_mismatch")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DEVICE_GET_IRQ_INFO", IrqInfo(index=2),
+           answer=(IrqInfo(index=1 if bad else 2, count=4, flags=1),))
+
+
+@scenario("argsz.reply_exceeds")
+def _(s: Script, bad: bool) -> None:
+    """The whole 80-byte reply although the client allowed 32."""
+    s.negotiate()
+    s.call("DEVICE_GET_REGION_INFO", RegionInfo(argsz=32 if bad else 80, index=1),
+           answer=(RegionInfo(argsz=80, flags=0xF, index=1, cap_offset=32, size=0x4000), *SPARSE),
+           reply_fds=(MEMFD,))
 
 
 @scenario("region.unknown")
@@ -521,9 +657,10 @@ def _(s: Script, bad: bool) -> None:
 
 
 def _set_irqs(s: Script, flags: int, count: int, data: bytes = b"", fds: tuple = (),
-              vectors: int = 4, start: int = 0) -> None:
+              vectors: int = 4, start: int = 0, info_flags: int = 3) -> None:
     s.negotiate()
-    s.call("DEVICE_GET_IRQ_INFO", IrqInfo(index=2), answer=(IrqInfo(index=2, count=vectors),))
+    s.call("DEVICE_GET_IRQ_INFO", IrqInfo(index=2),
+           answer=(IrqInfo(index=2, count=vectors, flags=info_flags),))
     s.call("DEVICE_SET_IRQS", SetIrqs(argsz=20 + len(data), flags=flags, index=2, start=start,
                                       count=count, data=data), fds=fds)
 
@@ -535,6 +672,30 @@ SCENARIOS["set_irqs.fd_count"] = lambda s, bad: _set_irqs(
     s, 0x24, 2, fds=(EVENTFD,) if bad else (EVENTFD, EVENTFD))
 SCENARIOS["irq.out_of_range"] = lambda s, bad: _set_irqs(
     s, 0x24, 4, fds=(EVENTFD,) * 4, start=2 if bad else 0)
+SCENARIOS["range.overflow"] = lambda s, bad: _set_irqs(
+    s, 0x21, 0xFFFFFFFF if bad else 2, start=2)
+SCENARIOS["set_irqs.count_zero"] = lambda s, bad: _set_irqs(s, 0x09 if bad else 0x21, 0)
+SCENARIOS["interop.irq_mask_eventfd"] = lambda s, bad: _set_irqs(
+    s, 0x14 if bad else 0x24, 1, fds=(EVENTFD,))
+SCENARIOS["irq.action_unsupported"] = lambda s, bad: _set_irqs(
+    s, 0x09, 1, info_flags=1 if bad else 3)
+
+
+@scenario("irq.unknown")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.call("DEVICE_GET_INFO", DeviceInfo(), answer=(DeviceInfo(flags=3, num_regions=9,
+                                                               num_irqs=5),))
+    s.call("DEVICE_GET_IRQ_INFO", IrqInfo(index=5 if bad else 4), error=22 if bad else None,
+           answer=(IrqInfo(index=4, count=1, flags=1),))
+
+
+@scenario("write_multi.not_negotiated")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate(client={**SPEC_CAPS, "write_multiple": True},
+                server=SPEC_CAPS if bad else {**SPEC_CAPS, "write_multiple": True})
+    s.command("REGION_WRITE_MULTI", WriteMulti(wr_cnt=1),
+              WriteMultiEntry(offset=8, region=0, count=4, data=bytes(8)), flags=NO_REPLY)
 
 
 # --- server commands, interop, deadlock -------------------------------------------------------
@@ -594,6 +755,17 @@ def _(s: Script, bad: bool) -> None:
     s.negotiate()
     request = DeviceFeature(argsz=8, flags=(1 << 18) | SET | (9 if bad else 2))
     s.call("DEVICE_FEATURE", request, answer=(request,))
+
+
+SCENARIOS["device_feature.op_undefined"] = lambda s, bad: (s.negotiate(), s.call(
+    "DEVICE_FEATURE", DeviceFeature(argsz=16, flags=(SET if bad else GET) | 1),
+    answer=(DeviceFeature(argsz=16, flags=GET | 1), proto.MigrationFeature(flags=1))))
+SCENARIOS["device_feature.probe_undefined"] = lambda s, bad: (s.negotiate(), s.call(
+    "DEVICE_FEATURE", DeviceFeature(argsz=8, flags=PROBE | (SET if bad else GET) | 1),
+    error=errno.EINVAL if bad else None, answer=(DeviceFeature(argsz=8, flags=PROBE | GET | 1),)))
+SCENARIOS["migration.flags"] = lambda s, bad: (s.negotiate(), s.call(
+    "DEVICE_FEATURE", DeviceFeature(argsz=16, flags=GET | 1),
+    answer=(DeviceFeature(argsz=16, flags=GET | 1), proto.MigrationFeature(flags=4 if bad else 5))))
 
 
 def _set_state(s: Script, state: int, error: int | None = None) -> None:
@@ -785,3 +957,133 @@ def test_session_view_shows_effects_still_in_flight():
         pass
     assert [line.split()[0] for line in dict(tracker.conns[0].sections())["DMA maps"]] == [
         "0x000000010000-0x00000001ffff", "0x000000020000-0x000000020fff"]
+
+
+# --- false alarms the spec's own words rule out ---------------------------------------------
+
+def _warnings_and_errors(s: Script) -> set[str]:
+    return {e for ids in _experts_by_frame(s).values() for e in ids}
+
+
+@pytest.mark.parametrize("version_data", [b"", b"{}\0", b'{"capabilities": {}}\0'],
+                         ids=["none", "empty-object", "empty-capabilities"])
+def test_version_data_and_capabilities_are_optional(version_data):
+    """The version data is optional, and so is its capabilities object: both
+    sides then assume every default."""
+    s = Script()
+    s.call("VERSION", Version(major=0, minor=2, json=version_data),
+           answer=(Version(major=0, minor=2, json=version_data),))
+    assert _warnings_and_errors(s) == set()
+
+
+def test_max_msg_fds_has_no_upper_bound_in_the_spec():
+    """253 is Linux's SCM_MAX_FD for one sendmsg, not a bound on the capability;
+    only QEMU caps what a server states (at 16), and that is a note."""
+    s = Script()
+    s.negotiate(client={**SPEC_CAPS, "max_msg_fds": 1000}, server={**SPEC_CAPS, "max_msg_fds": 1000})
+    assert _warnings_and_errors(s) == set()
+    assert "interop.qemu_capability" in s.experts()
+
+
+def test_io_fds_reply_cut_to_the_clients_argsz_is_only_a_truncation():
+    """argsz and count say what is needed; no entries and no fd follow."""
+    s = Script()
+    s.negotiate()
+    s.call("DEVICE_GET_REGION_IO_FDS", RegionIoFds(argsz=16, index=2),
+           answer=(RegionIoFds(argsz=16 + 2 * 40, index=2, count=2),))
+    assert s.experts() == {"argsz.truncated"}
+
+
+@pytest.mark.parametrize("value", ["true", "5", '"on"'])
+def test_a_known_object_capability_of_the_wrong_type_is_a_type_fault(value):
+    s = Script()
+    _client_version(s, True, b'{"capabilities": {"twin_socket": %s}}\0' % value.encode())
+    found = s.experts()
+    assert "version.capability_type" in found and "version.unknown_capability" not in found
+
+
+# --- DEVICE_FEATURE: argsz holds the reply, for each operation and feature -------------------
+
+def _feature_request(flags: int, data: bytes, reply_data: int, short: bool) -> Script:
+    s = Script()
+    s.negotiate()
+    if flags & 0xFFFF in (7, 8):
+        _logging_start(s, 0x1000, length=0x40000)
+    needed = 8 + (len(data) if flags & (SET | PROBE) else reply_data)
+    s.command("DEVICE_FEATURE", DeviceFeature(argsz=needed - short, flags=flags), payload=data)
+    return s
+
+
+REPORT = bytes(DmaLoggingReport(iova=0, length=0x40000, page_size=0x1000))
+LOGGING = bytes(DmaLogging(page_size=0x1000, num_ranges=1)) + bytes(DmaLoggingRange(length=0x1000))
+FEATURE_REQUESTS = {
+    "probe-migration": (PROBE | GET | 1, b"", 0),
+    "probe-logging-start": (PROBE | SET | 6, b"", 0),
+    "get-migration": (GET | 1, b"", 8),
+    "get-device-state": (GET | 2, b"", 8),
+    "set-device-state": (SET | 2, bytes(MigDeviceState(device_state=1)), 0),
+    "set-logging-start": (SET | 6, LOGGING, 0),
+    "set-logging-stop": (SET | 7, LOGGING, 0),
+    "get-logging-report": (GET | 8, REPORT, 24 + 8),        # 64 pages: one u64
+}
+
+
+@pytest.mark.parametrize("request_", FEATURE_REQUESTS.values(), ids=FEATURE_REQUESTS)
+def test_device_feature_argsz_must_hold_the_reply(request_):
+    assert "argsz.small" in _feature_request(*request_, short=True).experts()
+    assert "argsz.small" not in _feature_request(*request_, short=False).experts()
+
+
+# --- QEMU's DMA_READ reply layout, known per connection --------------------------------------
+
+QEMU_CAPS = {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535,
+             "max_data_xfer_size": 1 << 20, "migration": {"max_bitmap_size": 1 << 28,
+                                                         "pgsize": 4096}, "write_multiple": True}
+ZERO_LED = b"\0\0\0\0ABCD"       # data whose first 4 bytes are zero: both layouts fit
+
+
+def _qemu_read_reply(s: Script, data: bytes, msg_id_base: int = 0x500) -> None:
+    s.call("DMA_READ", DmaRead(address=0x10000, count=len(data)), direction=S2C,
+           answer=(QemuDmaRead(address=0x10000, count=len(data), data=data + bytes(4)),))
+
+
+def _shown_before(s: Script, evidence: str) -> None:
+    if evidence == "version":
+        s.call("VERSION", Version(major=0, minor=0, json=caps_json(QEMU_CAPS)),
+               answer=(Version(major=0, minor=0, json=caps_json(SPEC_CAPS)),))
+    else:
+        s.negotiate()
+    s.map(0x10000)
+    if evidence == "bare-write-reply":
+        s.call("DMA_WRITE", DmaWrite(address=0x10000, count=4, data=b"abcd"), direction=S2C)
+    elif evidence == "earlier-reply":
+        _qemu_read_reply(s, b"WXYZ1234")
+
+
+def _last_read_reply(s: Script) -> Any:
+    return list(Analyzer(find_responses(s.messages), SessionTracker()).run(s.messages))[-1]
+
+
+@pytest.mark.parametrize("evidence", ["version", "bare-write-reply", "earlier-reply"])
+def test_a_client_that_showed_qemus_dma_layout_is_decoded_in_it(evidence):
+    s = Script()
+    _shown_before(s, evidence)
+    _qemu_read_reply(s, ZERO_LED)
+    reply = _last_read_reply(s)
+    layout = [e.message for e in reply.tree.experts if e.id == "interop.dma_qemu_layout"]
+    assert layout and "fit both" in layout[0]
+    assert reply.tree.values()["dma_read.data"] == [ZERO_LED + bytes(4)]
+    assert "dma_read.count" not in {e.id for e in reply.tree.experts}
+
+
+@pytest.mark.parametrize("evidence", ["none", "version"])
+def test_without_evidence_or_against_the_bytes_the_spec_layout_stands(evidence):
+    s = Script()
+    _shown_before(s, evidence)
+    if evidence == "none":
+        _qemu_read_reply(s, ZERO_LED)        # the bytes fit both: nothing says QEMU
+    else:                                    # the spec's: its last 4 bytes are data, not padding
+        s.call("DMA_READ", DmaRead(address=0x10000, count=8), direction=S2C,
+               answer=(DmaRead(address=0x10000, count=8, data=b"ABCDEFGH"),))
+    reply = _last_read_reply(s)
+    assert "interop.dma_qemu_layout" not in {e.id for e in reply.tree.experts}

@@ -143,7 +143,8 @@ class Analyzer:
         header = proto.parse_header(msg.data)
         request = self.sessions.pair(self.number, msg, header)
         ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds,
-                            request.data if request else None)
+                            request.data if request else None,
+                            qemu_dma=self.sessions.qemu_dma(msg.conn))
         tree, _ = proto.dissect_message(msg.data, ctx)
         packet = Dissected(self.number, msg, header, tree, rel, delta)
         if request:
