@@ -394,6 +394,7 @@ E["dma_logging.bitmap_bits"] = ProtoExpert.new("vfio_user.expert.dma_logging.bit
 E["dma_logging.ranges_short"] = ProtoExpert.new("vfio_user.expert.dma_logging.ranges_short", "num_ranges exceeds the ranges sent", expert.group.PROTOCOL, expert.severity.ERROR)
 E["dma_logging.page_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.page_size", "DMA logging page size zero, or a REPORT page size not a power of two", expert.group.PROTOCOL, expert.severity.WARN)
 E["dma_logging.unaligned"] = ProtoExpert.new("vfio_user.expert.dma_logging.unaligned", "DMA logging range or report not aligned to its page size", expert.group.PROTOCOL, expert.severity.NOTE)
+E["dma_logging.unmapped"] = ProtoExpert.new("vfio_user.expert.dma_logging.unmapped", "DMA_LOGGING_REPORT of a range no live DMA map with an fd holds", expert.group.PROTOCOL, expert.severity.NOTE)
 E["dma_logging.not_started"] = ProtoExpert.new("vfio_user.expert.dma_logging.not_started", "DMA_LOGGING_REPORT, or a DMA_UNMAP dirty bitmap, while dirty logging is off", expert.group.PROTOCOL, expert.severity.WARN)
 E["dirty.bitmap_too_big"] = ProtoExpert.new("vfio_user.expert.dirty.bitmap_too_big", "dirty bitmap over the client's migration.max_bitmap_size", expert.group.PROTOCOL, expert.severity.NOTE)
 E["device_info.pci"] = ProtoExpert.new("vfio_user.expert.device_info.pci", "DEVICE_GET_INFO reply that is not a PCI device with at least the 9 PCI regions", expert.group.PROTOCOL, expert.severity.WARN)

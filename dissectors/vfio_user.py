@@ -191,6 +191,8 @@ for _id, _severity, _summary, _section, *_behaviour in [
     ("dma_logging.page_size", "warning", "DMA logging page size zero, or a REPORT page size not a power of two", f"{SPEC} § VFIO_DEVICE_FEATURE_DMA_LOGGING_START / _REPORT"),
     ("dma_logging.unaligned", "note", "DMA logging range or report not aligned to its page size", f"{LVU} (the spec sets no alignment)",
      "libvfio-user refuses it (EINVAL, ENOTSUP)"),
+    ("dma_logging.unmapped", "note", "DMA_LOGGING_REPORT of a range no live DMA map with an fd holds", f"{LVU} (the spec sets no such rule)",
+     "libvfio-user logs only the memory it maps, and refuses other ranges (EINVAL, ENOENT)"),
     ("dma_logging.not_started", "warning", "DMA_LOGGING_REPORT, or a DMA_UNMAP dirty bitmap, while dirty logging is off", f"{SPEC} § VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT"),
     ("dirty.bitmap_too_big", "note", "dirty bitmap over the client's migration.max_bitmap_size", f"{FACTS} § 1 VERSION (migration is not in the spec)",
      "QEMU 10.2.2 and libvfio-user negotiate max_bitmap_size; libvfio-user issue 469"),

@@ -473,6 +473,19 @@ SCENARIOS["dma_logging.unaligned"] = lambda s, bad: (
     s.negotiate(), _logging_start(s, 0x1000, iova=0x800 if bad else 0))
 
 
+@scenario("dma_logging.unmapped")
+def _(s: Script, bad: bool) -> None:
+    s.negotiate()
+    s.map(0x10000, size=0x40000)
+    _logging_start(s, 0x1000, iova=0x10000, length=0x40000)
+    iova = 0x90000 if bad else 0x10000
+    s.call("DEVICE_FEATURE", DeviceFeature(argsz=40, flags=GET | 8),
+           DmaLoggingReport(iova=iova, length=0x40000, page_size=0x1000),
+           error=errno.EINVAL if bad else None,
+           answer=(DeviceFeature(argsz=40, flags=GET | 8),
+                   DmaLoggingReport(iova=iova, length=0x40000, page_size=0x1000, bitmap=bytes(8))))
+
+
 @scenario("dma_logging.not_started")
 def _(s: Script, bad: bool) -> None:
     s.negotiate()

@@ -33,7 +33,7 @@ SESSION_OR_FD_CHECKS = {
     "version.major", "version.minor", "version.capability_not_offered", "twin.not_negotiated",
     "twin.fd_index", "twin.wrong_channel", "dma_map.offset_no_fd", "dma.overlap",
     "dma.overlap_errno", "dma.unmap_unknown", "dma.misaligned", "dma.too_many",
-    "dma.access_unmapped", "dma_logging.not_started", "dirty.bitmap_too_big",
+    "dma.access_unmapped", "dma_logging.not_started", "dma_logging.unmapped", "dirty.bitmap_too_big",
     "device_reset.unsupported", "region_info.mmap_no_fd", "region_info.fd_per_area",
     "region_io_fds.fd_index", "region.unknown", "region.out_of_bounds", "region.access_flags",
     "write_multi.not_negotiated", "set_irqs.fd_count", "interop.irq_mask_eventfd", "irq.unknown",

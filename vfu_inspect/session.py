@@ -768,6 +768,11 @@ def _feature_request(state: ConnState, p: Dissected) -> dict[str, Any]:
     if flags & proto.FEATURE_GET and report.get("page_size"):
         _check_bitmap_limit(state, p.tree, report["length"], report["page_size"])
         _check_logging_on(state, p.tree, "DMA_LOGGING_REPORT")
+        mapped = state.containing(report["iova"], report["length"])
+        if mapped is None or mapped.fd == "none":
+            p.tree.expert("dma_logging.unmapped", f"{report['iova']:#x}+{report['length']:#x} "
+                          "is in no live DMA map with an fd: libvfio-user logs only the memory "
+                          "it maps, and refuses this")
     v["logging"] = layer_values(p.tree, "dma_logging")
     return v
 
