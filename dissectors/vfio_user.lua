@@ -363,7 +363,7 @@ E["argsz.mismatch"] = ProtoExpert.new("vfio_user.expert.argsz.mismatch", "argsz 
 E["argsz.small"] = ProtoExpert.new("vfio_user.expert.argsz.small", "request argsz below the reply it asks for (the fixed header, the feature's data)", expert.group.PROTOCOL, expert.severity.WARN)
 E["argsz.reply_exceeds"] = ProtoExpert.new("vfio_user.expert.argsz.reply_exceeds", "reply payload larger than its request's argsz allowed", expert.group.PROTOCOL, expert.severity.WARN)
 E["field.not_zero"] = ProtoExpert.new("vfio_user.expert.field.not_zero", "a field the spec says must be zero is not", expert.group.PROTOCOL, expert.severity.WARN)
-E["range.overflow"] = ProtoExpert.new("vfio_user.expert.range.overflow", "start + count (or address + size) wraps past the field's width", expert.group.PROTOCOL, expert.severity.WARN)
+E["range.overflow"] = ProtoExpert.new("vfio_user.expert.range.overflow", "start + count (or address + size) does not fit the field's width: it wraps", expert.group.PROTOCOL, expert.severity.WARN)
 E["version.not_first"] = ProtoExpert.new("vfio_user.expert.version.not_first", "a command before VERSION", expert.group.PROTOCOL, expert.severity.ERROR)
 E["version.major"] = ProtoExpert.new("vfio_user.expert.version.major", "server's major version differs from the client's", expert.group.PROTOCOL, expert.severity.ERROR)
 E["version.minor"] = ProtoExpert.new("vfio_user.expert.version.minor", "server's minor version above the client's", expert.group.PROTOCOL, expert.severity.WARN)
@@ -430,6 +430,7 @@ E["dma_read.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_read.count_
 E["dma_write.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_write.count_mismatch", "DMA_WRITE reply count differs from the request's", expert.group.PROTOCOL, expert.severity.NOTE)
 E["interop.dma_qemu_layout"] = ProtoExpert.new("vfio_user.expert.interop.dma_qemu_layout", "DMA_READ reply in QEMU's layout (u32 count, data at 12)", expert.group.PROTOCOL, expert.severity.WARN)
 E["interop.dma_write_bare_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_bare_reply", "DMA_WRITE reply that is the bare header", expert.group.PROTOCOL, expert.severity.ERROR)
+E["interop.dma_write_spec_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_spec_reply", "DMA_WRITE reply with the spec table's u32 count (12 bytes)", expert.group.PROTOCOL, expert.severity.NOTE)
 E["interop.region_caps_offset"] = ProtoExpert.new("vfio_user.expert.interop.region_caps_offset", "REGION_INFO CAPS with cap_offset outside [32, argsz] in a truncated reply", expert.group.PROTOCOL, expert.severity.NOTE)
 E["interop.io_fds_48"] = ProtoExpert.new("vfio_user.expert.interop.io_fds_48", "48-byte IO_FDS entries (libvfio-user's shadow ioeventfd)", expert.group.PROTOCOL, expert.severity.NOTE)
 E["interop.mig_data_padding"] = ProtoExpert.new("vfio_user.expert.interop.mig_data_padding", "short MIG_DATA_READ reply padded to the buffer", expert.group.PROTOCOL, expert.severity.NOTE)
@@ -611,18 +612,18 @@ function Dissection:zero(v, names, what)
     end
 end
 
--- Whether the u64 at `a` plus the u32 or u64 at `b` wraps past 2^64 (an end
--- of exactly 2^64 is fine): in 32-bit halves, which doubles add exactly.
+-- Whether the u64 at `a` plus the u32 or u64 at `b` reaches 2^64, so that the
+-- end a receiver computes wraps: in 32-bit halves, which doubles add exactly.
 function Dissection:wraps64(a, b, b_size)
     local low = self.buf(a, 4):le_uint() + self.buf(b, 4):le_uint()
     local high = self.buf(a + 4, 4):le_uint() + math.floor(low / 4294967296)
     if b_size == 8 then high = high + self.buf(b + 4, 4):le_uint() end
-    return high > 4294967296 or (high == 4294967296 and low % 4294967296 > 0)
+    return high >= 4294967296
 end
 
 function Dissection:range_check(a, b, b_size, what)
     if self:wraps64(a, b, b_size) then
-        self:expert("range.overflow", what .. " wraps past 2^64")
+        self:expert("range.overflow", what .. " does not fit in 64 bits: it wraps")
     end
 end
 
@@ -892,6 +893,7 @@ local function dma_unmap(d, off)
     local stop = off + d:size("DmaUnmap")
     local info = string.format("iova=%s size=%s", hex(v.address), hex(v.size))
     if d.c2s then
+        d:request_argsz(v.argsz, d:size("DmaUnmap"), "DMA_UNMAP")
         if band(v.flags, U32 - all_bits(DMA_UNMAP_FLAGS)) ~= 0 then
             d:expert("dma_unmap.flags", string.format("DMA_UNMAP flags 0x%x: bits libvfio-user "
                 .. "does not define (it refuses them); the spec leaves flags unused", v.flags))
@@ -1134,9 +1136,9 @@ REQUESTS[CMD.DEVICE_SET_IRQS] = function(d, off)
         d:expert("argsz.mismatch", string.format(
             "SET_IRQS argsz %d, the request payload (data included) is %d bytes", v.argsz, d.len - off))
     end
-    if v.start + v.count > 4294967296 then
-        d:expert("range.overflow", string.format("SET_IRQS start+count %d+%d wraps past 2^32",
-                 v.start, v.count))
+    if v.start + v.count >= 4294967296 then
+        d:expert("range.overflow", string.format(
+            "SET_IRQS start+count %d+%d does not fit in 32 bits: it wraps", v.start, v.count))
     end
     if v.count == 0 and (v.start ~= 0 or band(v.flags, P.SET_IRQS_DATA + P.SET_IRQS_ACTION)
                                             ~= P.DISABLE_ALL) then
@@ -1243,7 +1245,11 @@ local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
         end
         local layout = spec
         local why = data_in_reply and qemu_layout(d, spec, qemu, prefix, off, asked)
-        if why then
+        if not data_in_reply and d.len - off == d:size(qemu) then
+            layout = qemu
+            d:expert("interop.dma_write_spec_reply", LAYERS[spec].label .. " reply as the spec's "
+                .. "table has it, a u32 count (12 bytes): libvfio-user expects a u64 count")
+        elseif why then
             layout = qemu
             d:expert("interop.dma_qemu_layout", LAYERS[spec].label ..
                 " reply in QEMU's layout (u32 count, data at offset 12), not the spec's: " .. why)
@@ -1473,6 +1479,9 @@ local function mig_data(layout, prefix, with_data, is_reply)
             end
         else
             d:expect_end(data, LAYERS[layout].label)
+        end
+        if not with_data and not is_reply then       -- a READ request: argsz holds the data asked
+            d:request_argsz(v.argsz, d:size(layout) + v.size, LAYERS[layout].label)
         end
         if is_reply then
             d:reply_argsz(v.argsz, math.min(d.len - off, d:size(layout) + v.size), LAYERS[layout].label)

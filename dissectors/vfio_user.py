@@ -150,7 +150,7 @@ for _id, _severity, _summary, _section, *_behaviour in [
     ("argsz.small", "warning", "request argsz below the reply it asks for (the fixed header, the feature's data)", f"{SPEC} § Message sizes"),
     ("argsz.reply_exceeds", "warning", "reply payload larger than its request's argsz allowed", f"{SPEC} § Message sizes"),
     ("field.not_zero", "warning", "a field the spec says must be zero is not", f"{SPEC} § DEVICE_GET_INFO, _REGION_INFO, _REGION_IO_FDS, _IRQ_INFO"),
-    ("range.overflow", "warning", "start + count (or address + size) wraps past the field's width", f"{SPEC} § DEVICE_SET_IRQS, REGION_READ/WRITE, DMA_MAP/UNMAP/READ/WRITE, DEVICE_FEATURE"),
+    ("range.overflow", "warning", "start + count (or address + size) does not fit the field's width: it wraps", f"{SPEC} § DEVICE_SET_IRQS, REGION_READ/WRITE, DMA_MAP/UNMAP/READ/WRITE, DEVICE_FEATURE"),
     # negotiation
     ("version.not_first", "error", "a command before VERSION", f"{SPEC} § VFIO_USER_VERSION"),
     ("version.major", "error", "server's major version differs from the client's", f"{SPEC} § VFIO_USER_VERSION"),
@@ -236,6 +236,8 @@ for _id, _severity, _summary, _section, *_behaviour in [
      "QEMU 10.2.2 reads and writes u32 count, data at offset 12; libvfio-user and the spec: u64 count, data at 16"),
     ("interop.dma_write_bare_reply", "error", "DMA_WRITE reply that is the bare header", f"{SPEC} § VFIO_USER_DMA_WRITE; {FACTS} § 11/12",
      "QEMU 10.2.2 replies with the header alone; libvfio-user fails the transfer (\"bad reply to DMA transfer\")"),
+    ("interop.dma_write_spec_reply", "note", "DMA_WRITE reply with the spec table's u32 count (12 bytes)", f"{SPEC} § VFIO_USER_DMA_WRITE (Reply); {FACTS} § 11/12",
+     "the spec's reply table gives count 4 bytes, its request 8; libvfio-user sends and expects 8 and fails a 12-byte reply (\"bad reply to DMA transfer\"); QEMU 10.2.2 sends the bare header"),
     ("interop.region_caps_offset", "note", "REGION_INFO CAPS with cap_offset outside [32, argsz] in a truncated reply", f"{FACTS} peers: QEMU 10.2.2",
      "Linux VFIO keeps CAPS with cap_offset 0 when it truncates; QEMU 10.2.2 fails (\"failed to get region N info: Invalid argument\"); libvfio-user sets CAPS only when the capabilities fit"),
     ("interop.io_fds_48", "note", "48-byte IO_FDS entries (libvfio-user's shadow ioeventfd)", f"{FACTS} § 6 IO_FDS",
@@ -673,9 +675,11 @@ def check_zero(tree: Tree, values: dict[str, int], names: tuple[str, ...], what:
 
 
 def check_range(tree: Tree, start: int, count: int, bits: int, what: str) -> None:
-    """start + count must not wrap past a `bits`-wide field."""
-    if start + count > 1 << bits:
-        tree.expert("range.overflow", f"{what} {start:#x}+{count:#x} wraps past 2^{bits}")
+    """start + count must fit a `bits`-wide field: where it does not, the end
+    a receiver computes in that width wraps (to 0 for an end of 2^bits)."""
+    if start + count >= 1 << bits:
+        tree.expert("range.overflow", f"{what} {start:#x}+{count:#x} does not fit in {bits} "
+                    "bits: it wraps")
 
 
 def hex_size(n: int) -> str:
@@ -890,6 +894,7 @@ def _dma_unmap(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
 
 
 def _unmap_request_checks(tree: Tree, v: dict[str, int]) -> None:
+    check_request_argsz(tree, v["argsz"], DmaUnmap.vfu_compiled.size, "DMA_UNMAP")
     if v["flags"] & ~sum(DMA_UNMAP_FLAGS.values()):
         tree.expert("dma_unmap.flags", f"DMA_UNMAP flags {v['flags']:#x}: bits libvfio-user "
                     "does not define (it refuses them); the spec leaves flags unused")
@@ -1267,7 +1272,12 @@ def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
             return "bare reply (QEMU layout)"
         layout = spec
         why = _qemu_layout(msg, off, asked, ctx.qemu_dma) if data_in_reply else None
-        if why:
+        if not data_in_reply and len(msg) - off == qemu.vfu_compiled.size:
+            layout = qemu
+            tree.expert("interop.dma_write_spec_reply", f"{spec.vfu_name} reply as the spec's "
+                        "table has it, a u32 count (12 bytes): libvfio-user expects a u64 count "
+                        "and fails the transfer")
+        elif why:
             layout = qemu
             tree.expert("interop.dma_qemu_layout",
                         f"{spec.vfu_name} reply in QEMU's layout (u32 count, data at offset 12), "
@@ -1499,6 +1509,8 @@ def _mig_data(cls: type[Packet], with_data: bool, is_reply: bool) -> Dissector:
             _mig_payload(tree, msg, data, v["size"], prefix, node)
         else:
             expect_end(tree, msg, data, cls.vfu_name)
+        if not with_data and not is_reply:         # a READ request: argsz holds the data asked
+            check_request_argsz(tree, v["argsz"], cls.vfu_compiled.size + v["size"], cls.vfu_name)
         if is_reply:
             used = min(len(msg) - off, cls.vfu_compiled.size + v["size"])
             check_reply_argsz(tree, v["argsz"], used, cls.vfu_name)

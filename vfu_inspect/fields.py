@@ -96,6 +96,16 @@ class ExpertDef:
 EXPERTS: dict[str, ExpertDef] = {}
 
 
+def expert_table() -> str:
+    """Every check as a Markdown table (README.md holds it; a test keeps it current)."""
+    rows = ["| id | severity | what triggers it | rule | implementations |",
+            "|---|---|---|---|---|"]
+    for d in sorted(EXPERTS.values(), key=lambda d: (d.group, d.id)):
+        cells = (f"`{d.id}`", d.severity, d.summary, d.section, d.behaviour)
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def expert_info(id: str, severity: str, summary: str, section: str,
                 behaviour: str = "") -> ExpertDef:
     if id in EXPERTS:
