@@ -958,16 +958,21 @@ REQUESTS[CMD.DEVICE_GET_REGION_INFO] = function(d, off)
     return string.format("%s argsz=%d", region_name(v.index), v.argsz)
 end
 
+-- How many of `count` entries of layout `name` fit from `offset`; the rest
+-- are flagged with `id`.
+function Dissection:fitting(count, offset, name, id, what)
+    local room = math.floor(math.max(self.len - offset, 0) / self:size(name))
+    if count > room then
+        self:expert(id, string.format("%s is %d but only %d fit in the message", what, count, room))
+    end
+    return math.min(count, room)
+end
+
 local function sparse_areas(d, offset, parent)
     local _, sp = d:layer("SparseMmap", offset, parent)
     offset = offset + d:size("SparseMmap")
-    local count = sp.nr_areas or 0
-    local room = math.floor(math.max(d.len - offset, 0) / d:size("SparseArea"))
-    if count > room then
-        d:expert("region_info.areas_short", string.format(
-            "nr_areas is %d but only %d areas fit in the message", count, room))
-        count = room
-    end
+    local count = d:fitting(sp.nr_areas or 0, offset, "SparseArea", "region_info.areas_short",
+                            "nr_areas")
     for _ = 1, count do
         d:layer("SparseArea", offset, parent)
         offset = offset + d:size("SparseArea")
@@ -1306,16 +1311,12 @@ end
 local function logging_ranges(d, offset, parent, check)
     local node, f = d:layer("DmaLogging", offset, parent)
     offset = offset + d:size("DmaLogging")
-    local count = f.num_ranges or 0
-    local room = math.floor(math.max(d.len - offset, 0) / d:size("DmaLoggingRange"))
-    if count > room then
-        d:expert("dma_logging.ranges_short", string.format(
-            "num_ranges is %d but %d ranges fit", count, room))
-    end
+    local count = d:fitting(f.num_ranges or 0, offset, "DmaLoggingRange",
+                            "dma_logging.ranges_short", "num_ranges")
     if check and f.page_size == 0 then
         d:expert("dma_logging.page_size", "DMA_LOGGING_START page size 0")
     end
-    for i = 0, math.min(count, room) - 1 do
+    for i = 0, count - 1 do
         d:layer("DmaLoggingRange", offset, node)
         if check then
             local what = "DMA_LOGGING_START range " .. i

@@ -1014,15 +1014,21 @@ def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
     return min(end, len(msg))
 
 
+def fitting(tree: Tree, count: int, msg: bytes, offset: int, cls: type[Packet],
+            expert_id: str, what: str) -> int:
+    """How many of `count` entries of layout `cls` fit from `offset`; the rest
+    are flagged with `expert_id`."""
+    room = max(len(msg) - offset, 0) // cls.vfu_compiled.size
+    if count > room:
+        tree.expert(expert_id, f"{what} is {count} but only {room} fit in the message")
+    return min(count, room)
+
+
 def _sparse_areas(tree: Tree, msg: bytes, offset: int, parent: Item) -> int:
     _, sp = add_layer(tree, SparseMmap, msg, offset, parent)
     offset += SparseMmap.vfu_compiled.size
-    count = sp.get("nr_areas", 0)
-    room = max(len(msg) - offset, 0) // SparseArea.vfu_compiled.size
-    if count > room:
-        tree.expert("region_info.areas_short",
-                    f"nr_areas is {count} but only {room} areas fit in the message")
-        count = room
+    count = fitting(tree, sp.get("nr_areas", 0), msg, offset, SparseArea,
+                    "region_info.areas_short", "nr_areas")
     for _ in range(count):
         add_layer(tree, SparseArea, msg, offset, parent)
         offset += SparseArea.vfu_compiled.size
@@ -1435,13 +1441,12 @@ def _logging_ranges(tree: Tree, msg: bytes, offset: int, parent: Item,
     """DMA_LOGGING_START/STOP data; `check` the page size and ranges of a START."""
     node, f = add_layer(tree, DmaLogging, msg, offset, parent)
     offset += DmaLogging.vfu_compiled.size
-    count, page = f.get("num_ranges", 0), f.get("page_size")
-    room = max(len(msg) - offset, 0) // DmaLoggingRange.vfu_compiled.size
-    if count > room:
-        tree.expert("dma_logging.ranges_short", f"num_ranges is {count} but {room} ranges fit")
+    page = f.get("page_size")
+    count = fitting(tree, f.get("num_ranges", 0), msg, offset, DmaLoggingRange,
+                    "dma_logging.ranges_short", "num_ranges")
     if check and page == 0:
         tree.expert("dma_logging.page_size", "DMA_LOGGING_START page size 0")
-    for i in range(min(count, room)):
+    for i in range(count):
         _, r = add_layer(tree, DmaLoggingRange, msg, offset, node)
         offset += DmaLoggingRange.vfu_compiled.size
         if check:
