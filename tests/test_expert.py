@@ -1133,3 +1133,23 @@ def test_set_irqs_count_0xffffffff(start, expected):
     s = Script()
     _set_irqs(s, 0x21, 0xFFFFFFFF, start=start)
     assert expected in s.experts()
+
+
+@pytest.mark.parametrize("cmd", ["MIG_DATA_READ", "MIG_DATA_WRITE"])
+def test_mig_data_over_the_servers_max_data_xfer_size(cmd):
+    s = Script()
+    s.negotiate(server={**SPEC_CAPS, "max_data_xfer_size": 4096})
+    _set_state(s, 6 if cmd == "MIG_DATA_READ" else 4)      # PRE_COPY reads, RESUMING writes
+    layer = (MigDataRead(argsz=8 + 8192, size=8192) if cmd == "MIG_DATA_READ"
+             else MigDataWrite(argsz=8, size=8192, data=bytes(8192)))
+    s.call(cmd, layer, error=errno.EINVAL)
+    assert "xfer.too_big" in s.experts()
+
+
+def test_dma_unmap_carrying_an_fd_is_flagged():
+    s = Script()
+    s.negotiate()
+    s.map(0x10000)
+    unmap = DmaUnmap(address=0x10000, size=0x10000)
+    s.call("DMA_UNMAP", unmap, answer=(unmap,), fds=(MEMFD,))
+    assert "fd.count" in _experts_by_frame(s)[5]
