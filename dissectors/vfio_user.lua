@@ -324,6 +324,7 @@ local IO_FD_TYPE = {IOEVENTFD = 0, IOREGIONFD = 1, IOEVENTFD_SHADOW = 2}
 local CAPABILITY_MINIMUM = {["max_msg_fds"] = 0, ["max_data_xfer_size"] = 1, ["max_dma_maps"] = 0, ["pgsizes"] = 1, ["twin_socket.fd_index"] = 0, ["migration.pgsize"] = 0, ["migration.max_bitmap_size"] = 0}
 local QEMU_CAPABILITY_MAXIMUM = {["max_msg_fds"] = 16, ["max_data_xfer_size"] = 67108864, ["max_dma_maps"] = 65535, ["migration.max_bitmap_size"] = 268435456}
 local FEATURE_OPS = {[1] = 65536, [2] = 196608, [6] = 131072, [7] = 131072, [8] = 65536}
+local QEMU_DMA_SIGNS = {["interop.dma_write_bare_reply"] = "a bare DMA_WRITE reply", ["interop.dma_qemu_layout"] = "a DMA_READ reply in QEMU's layout"}
 local OBSOLETE_COMMANDS = {[14] = true}
 local OBJECT_CAPABILITIES = {["migration"] = true, ["twin_socket"] = true}
 local QEMU_PAGE_CAPABILITIES = {["migration.pgsize"] = true, ["pgsizes"] = true}
@@ -461,10 +462,6 @@ local HEADER_SIZE, TYPE_COMMAND, TYPE_REPLY = P.HEADER_SIZE, P.TYPE_COMMAND, P.T
 local U32 = 0xFFFFFFFF
 local TWO_64 = 18446744073709551616.0
 local P2P_DIR_RECV = 1          -- inbound at the server's socket: client to server
-
--- The expert items that show a client uses QEMU's DMA layout.
-local QEMU_DMA_SIGNS = {["interop.dma_write_bare_reply"] = "a bare DMA_WRITE reply",
-                        ["interop.dma_qemu_layout"] = "a DMA_READ reply in QEMU's layout"}
 
 -- The sum of a flag table's bits (they are distinct).
 local function all_bits(flags)

@@ -87,6 +87,9 @@ CAPABILITIES: dict[str, tuple[type, Any, str]] = {
 QEMU_CLIENT_CAPABILITIES = frozenset({
     "max_msg_fds", "max_data_xfer_size", "max_dma_maps", "pgsizes", "migration.pgsize",
     "migration.max_bitmap_size", "write_multiple"})
+# The expert items whose message shows its client uses QEMU's DMA layout.
+QEMU_DMA_SIGNS = {"interop.dma_write_bare_reply": "a bare DMA_WRITE reply",
+                  "interop.dma_qemu_layout": "a DMA_READ reply in QEMU's layout"}
 PAGE_4K = 4096
 OBJECT_CAPABILITIES = {path.split(".", 1)[0] for path in CAPABILITIES if "." in path}
 EXTENSION_CAPABILITIES = {"migration"}     # QEMU's and libvfio-user's, not in the spec
@@ -1157,8 +1160,8 @@ def _set_irqs(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
             tree.expert("set_irqs.fd_count",
                         f"{len(ctx.fds)} eventfds for count {count}")
         if ctx.fds and action != SET_IRQS_FLAGS["trigger"]:
-            tree.expert("interop.irq_mask_eventfd", f"{action_name} with {len(ctx.fds)} "
-                        "eventfds: libvfio-user closes them and replies success")
+            tree.expert("interop.irq_mask_eventfd", f"{action_name} with eventfds "
+                        f"({len(ctx.fds)}): libvfio-user closes them and replies success")
     elif ctx.fds:
         tree.expert("fd.count", f"{len(ctx.fds)} fds without DATA_EVENTFD")
     if v["argsz"] != len(msg) - off:

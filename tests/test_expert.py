@@ -1079,7 +1079,7 @@ QEMU_CAPS = {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535,
 ZERO_LED = b"\0\0\0\0ABCD"       # data whose first 4 bytes are zero: both layouts fit
 
 
-def _qemu_read_reply(s: Script, data: bytes, msg_id_base: int = 0x500) -> None:
+def _qemu_read_reply(s: Script, data: bytes) -> None:
     s.call("DMA_READ", DmaRead(address=0x10000, count=len(data)), direction=S2C,
            answer=(QemuDmaRead(address=0x10000, count=len(data), data=data + bytes(4)),))
 
@@ -1153,3 +1153,43 @@ def test_dma_unmap_carrying_an_fd_is_flagged():
     unmap = DmaUnmap(address=0x10000, size=0x10000)
     s.call("DMA_UNMAP", unmap, answer=(unmap,), fds=(MEMFD,))
     assert "fd.count" in _experts_by_frame(s)[5]
+
+
+@pytest.mark.parametrize("migration_flags, flagged", [(1, True), (5, False)],
+                         ids=["stop-copy-only", "with-pre-copy"])
+def test_without_pre_copy_no_arc_goes_through_it(migration_flags, flagged):
+    s = Script()
+    s.negotiate()
+    s.call("DEVICE_FEATURE", DeviceFeature(argsz=16, flags=GET | 1),
+           answer=(DeviceFeature(argsz=16, flags=GET | 1),
+                   proto.MigrationFeature(flags=migration_flags)))
+    _set_state(s, 6, error=errno.EINVAL if flagged else None)        # RUNNING -> PRE_COPY
+    assert ("migration.transition" in s.experts()) == flagged
+
+
+def _echo_of(cmd: str, request: tuple, reply: tuple) -> set[str]:
+    s = Script()
+    s.negotiate()
+    s.region(0, 0x1000)
+    s.map(0x10000)
+    s.call(cmd, *request, answer=reply)
+    return s.experts()
+
+
+ECHOES = {
+    "region-read-offset": ("REGION_READ", (RegionRead(offset=0, region=0, count=4),),
+                           lambda offset: (RegionRead(offset=offset, region=0, count=4,
+                                                      data=bytes(4)),)),
+    "unmap-entry": ("DMA_UNMAP", (DmaUnmap(address=0x10000, size=0x10000),),
+                    lambda size: (DmaUnmap(address=0x10000, size=0x10000 - size),)),
+    "feature-set": ("DEVICE_FEATURE", (DeviceFeature(argsz=16, flags=SET | 2),
+                                       MigDeviceState(device_state=1)),
+                    lambda state: (DeviceFeature(argsz=16, flags=SET | 2),
+                                   MigDeviceState(device_state=1 + state))),
+}
+
+
+@pytest.mark.parametrize("cmd, request_, reply", ECHOES.values(), ids=ECHOES)
+def test_a_reply_repeats_what_the_spec_has_it_echo(cmd, request_, reply):
+    assert "reply.echo_mismatch" in _echo_of(cmd, request_, reply(4))
+    assert "reply.echo_mismatch" not in _echo_of(cmd, request_, reply(0))

@@ -859,8 +859,8 @@ def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
 
 def _refusal_errno(tree: Tree, request: Pending, error: int) -> None:
     for e in request.must_refuse:
-        expert_id, wanted = REFUSAL_ERRNO.get(e.id, (None, error))
-        if error != wanted:
+        if e.id in REFUSAL_ERRNO and error != REFUSAL_ERRNO[e.id][1]:
+            expert_id, wanted = REFUSAL_ERRNO[e.id]
             tree.expert(expert_id, f"frame {request.number} ({e.id}) refused with "
                         f"{proto.ERRNO_NAMES.get(error, error)}; the spec says "
                         f"{proto.ERRNO_NAMES[wanted]}")
@@ -963,13 +963,9 @@ def _feature_reply(state: ConnState, p: Dissected, request: Pending) -> None:
 @on_reply("DMA_READ", "DMA_WRITE")
 def _server_dma_reply(state: ConnState, p: Dissected, request: Pending) -> None:
     """Remember a reply in QEMU's layout: the client's next ones are too."""
-    shown = next((e.id for e in p.tree.experts if e.id in QEMU_DMA_SIGNS), None)
+    shown = next((e.id for e in p.tree.experts if e.id in proto.QEMU_DMA_SIGNS), None)
     if shown and state.qemu_dma is None:
-        state.qemu_dma = f"frame {p.number}, {QEMU_DMA_SIGNS[shown]}, was QEMU's"
-
-
-QEMU_DMA_SIGNS = {"interop.dma_write_bare_reply": "a bare DMA_WRITE reply",
-                  "interop.dma_qemu_layout": "a DMA_READ reply in QEMU's layout"}
+        state.qemu_dma = f"frame {p.number}, {proto.QEMU_DMA_SIGNS[shown]}, was QEMU's"
 
 
 @on_reply("DEVICE_GET_REGION_INFO")
