@@ -310,7 +310,7 @@ local CAPABILITIES = {
 }
 
 -- protocol constants, named as in dissectors/vfio_user.py
-local P = {HEADER_SIZE = 16, TYPE_COMMAND = 0, TYPE_REPLY = 1, FLAG_TYPE_MASK = 15, FLAG_NO_REPLY = 16, FLAG_ERROR = 32, SPEC_DMA_MAP_FLAGS = 3, SET_IRQS_DATA = 7, SET_IRQS_ACTION = 56, FEATURE_GET = 65536, FEATURE_SET = 131072, FEATURE_PROBE = 262144}
+local P = {HEADER_SIZE = 16, TYPE_COMMAND = 0, TYPE_REPLY = 1, FLAG_TYPE_MASK = 15, FLAG_NO_REPLY = 16, FLAG_ERROR = 32, SPEC_DMA_MAP_FLAGS = 3, SET_IRQS_DATA = 7, SET_IRQS_ACTION = 56, FEATURE_GET = 65536, FEATURE_SET = 131072, FEATURE_PROBE = 262144, PCI_NUM_REGIONS = 9, PAGE_4K = 4096, DISABLE_ALL = 33, KVM_IOREGION_POSTED_WRITES = 2}
 local CMD = {VERSION = 1, DMA_MAP = 2, DMA_UNMAP = 3, DEVICE_GET_INFO = 4, DEVICE_GET_REGION_INFO = 5, DEVICE_GET_REGION_IO_FDS = 6, DEVICE_GET_IRQ_INFO = 7, DEVICE_SET_IRQS = 8, REGION_READ = 9, REGION_WRITE = 10, DMA_READ = 11, DMA_WRITE = 12, DEVICE_RESET = 13, DIRTY_PAGES = 14, REGION_WRITE_MULTI = 15, DEVICE_FEATURE = 16, MIG_DATA_READ = 17, MIG_DATA_WRITE = 18}
 local FEATURE = {MIGRATION = 1, MIG_DEVICE_STATE = 2, DMA_LOGGING_START = 6, DMA_LOGGING_STOP = 7, DMA_LOGGING_REPORT = 8}
 local REGION_CAP = {SPARSE_MMAP = 1, TYPE = 2, MIGRATION = 3}
@@ -318,7 +318,19 @@ local DMA_MAP_FLAGS = {read = 1, write = 2, mmap = 4, file_io = 8}
 local DMA_UNMAP_FLAGS = {get_dirty_bitmap = 1, all = 2}
 local REGION_FLAGS = {read = 1, write = 2, mmap = 4, caps = 8}
 local SET_IRQS_FLAGS = {data_none = 1, data_bool = 2, data_eventfd = 4, mask = 8, unmask = 16, trigger = 32}
+local DEVICE_INFO_FLAGS = {reset = 1, pci = 2}
+local MIGRATION_FLAGS = {stop_copy = 1, p2p = 2, pre_copy = 4}
+local IO_FD_TYPE = {IOEVENTFD = 0, IOREGIONFD = 1, IOEVENTFD_SHADOW = 2}
+local CAPABILITY_MINIMUM = {["max_msg_fds"] = 0, ["max_data_xfer_size"] = 1, ["max_dma_maps"] = 0, ["pgsizes"] = 1, ["twin_socket.fd_index"] = 0, ["migration.pgsize"] = 0, ["migration.max_bitmap_size"] = 0}
+local QEMU_CAPABILITY_MAXIMUM = {["max_msg_fds"] = 16, ["max_data_xfer_size"] = 67108864, ["max_dma_maps"] = 65535, ["migration.max_bitmap_size"] = 268435456}
+local FEATURE_OPS = {[1] = 65536, [2] = 196608, [6] = 131072, [7] = 131072, [8] = 65536}
+local QEMU_DMA_SIGNS = {["interop.dma_write_bare_reply"] = "a bare DMA_WRITE reply", ["interop.dma_qemu_layout"] = "a DMA_READ reply in QEMU's layout"}
 local OBSOLETE_COMMANDS = {[14] = true}
+local OBJECT_CAPABILITIES = {["migration"] = true, ["twin_socket"] = true}
+local QEMU_PAGE_CAPABILITIES = {["migration.pgsize"] = true, ["pgsizes"] = true}
+local QEMU_CLIENT_CAPABILITIES = {["max_data_xfer_size"] = true, ["max_dma_maps"] = true, ["max_msg_fds"] = true, ["migration.max_bitmap_size"] = true, ["migration.pgsize"] = true, ["pgsizes"] = true, ["write_multiple"] = true}
+local SERVER_COMMANDS = {[11] = true, [12] = true}
+local CLIENT_COMMANDS = {[1] = true, [2] = true, [3] = true, [4] = true, [5] = true, [6] = true, [7] = true, [8] = true, [9] = true, [10] = true, [13] = true, [15] = true, [16] = true, [17] = true, [18] = true}
 
 local COMMANDS, ERRNOS, REGIONS, IRQS, FEATURES, MIG_STATES = VALUES[1], VALUES[3], VALUES[4], VALUES[7], VALUES[8], VALUES[9]
 
@@ -326,56 +338,78 @@ local E = {}
 E["malformed.short"] = ProtoExpert.new("vfio_user.expert.malformed.short", "a structure is cut short by the message end", expert.group.MALFORMED, expert.severity.ERROR)
 E["malformed.trailing"] = ProtoExpert.new("vfio_user.expert.malformed.trailing", "bytes beyond what the command's layout accounts for", expert.group.MALFORMED, expert.severity.WARN)
 E["header.size"] = ProtoExpert.new("vfio_user.expert.header.size", "msg_size disagrees with the message length", expert.group.MALFORMED, expert.severity.ERROR)
-E["header.type"] = ProtoExpert.new("vfio_user.expert.header.type", "message type is neither command nor reply", expert.group.MALFORMED, expert.severity.ERROR)
-E["header.unknown_command"] = ProtoExpert.new("vfio_user.expert.header.unknown_command", "command number not in the spec", expert.group.MALFORMED, expert.severity.WARN)
-E["header.obsolete_command"] = ProtoExpert.new("vfio_user.expert.header.obsolete_command", "command number only in QEMU's protocol.h", expert.group.MALFORMED, expert.severity.WARN)
-E["header.error_in_command"] = ProtoExpert.new("vfio_user.expert.header.error_in_command", "ERROR flag on a command (flags contradict)", expert.group.MALFORMED, expert.severity.WARN)
-E["header.no_reply_in_reply"] = ProtoExpert.new("vfio_user.expert.header.no_reply_in_reply", "NO_REPLY flag on a reply (flags contradict)", expert.group.MALFORMED, expert.severity.WARN)
-E["header.flags_unknown"] = ProtoExpert.new("vfio_user.expert.header.flags_unknown", "flag bits the spec does not define", expert.group.MALFORMED, expert.severity.WARN)
-E["header.errno_zero"] = ProtoExpert.new("vfio_user.expert.header.errno_zero", "error reply with errno 0", expert.group.MALFORMED, expert.severity.NOTE)
-E["header.error_reserved"] = ProtoExpert.new("vfio_user.expert.header.error_reserved", "error field set without the ERROR flag", expert.group.MALFORMED, expert.severity.NOTE)
+E["header.type"] = ProtoExpert.new("vfio_user.expert.header.type", "message type is neither command (0) nor reply (1)", expert.group.MALFORMED, expert.severity.ERROR)
+E["header.unknown_command"] = ProtoExpert.new("vfio_user.expert.header.unknown_command", "command number not in the spec's table", expert.group.MALFORMED, expert.severity.WARN)
+E["header.obsolete_command"] = ProtoExpert.new("vfio_user.expert.header.obsolete_command", "command 14 (DIRTY_PAGES), not in the spec's table", expert.group.MALFORMED, expert.severity.WARN)
+E["header.wrong_direction"] = ProtoExpert.new("vfio_user.expert.header.wrong_direction", "a command sent the way the spec's table does not give it (DMA_READ/WRITE by the client, the others by the server)", expert.group.MALFORMED, expert.severity.WARN)
+E["header.error_in_command"] = ProtoExpert.new("vfio_user.expert.header.error_in_command", "ERROR flag on a command (the spec defines it for replies)", expert.group.MALFORMED, expert.severity.NOTE)
+E["header.no_reply_in_reply"] = ProtoExpert.new("vfio_user.expert.header.no_reply_in_reply", "NO_REPLY flag on a reply (the spec defines it for commands)", expert.group.MALFORMED, expert.severity.NOTE)
+E["header.flags_unknown"] = ProtoExpert.new("vfio_user.expert.header.flags_unknown", "flag bits the spec does not define", expert.group.MALFORMED, expert.severity.NOTE)
+E["header.errno_zero"] = ProtoExpert.new("vfio_user.expert.header.errno_zero", "error reply with errno 0 (allowed; the cause is not said)", expert.group.MALFORMED, expert.severity.NOTE)
+E["header.error_reserved"] = ProtoExpert.new("vfio_user.expert.header.error_reserved", "error field set without the ERROR flag (reserved in commands)", expert.group.MALFORMED, expert.severity.NOTE)
 E["reply.unmatched"] = ProtoExpert.new("vfio_user.expert.reply.unmatched", "reply whose msg_id matches no request in flight", expert.group.SEQUENCE, expert.severity.ERROR)
 E["reply.command_mismatch"] = ProtoExpert.new("vfio_user.expert.reply.command_mismatch", "reply's command differs from its request's", expert.group.SEQUENCE, expert.severity.ERROR)
 E["reply.accepted_invalid"] = ProtoExpert.new("vfio_user.expert.reply.accepted_invalid", "success reply to a request the receiver must refuse", expert.group.SEQUENCE, expert.severity.ERROR)
-E["reply.to_no_reply"] = ProtoExpert.new("vfio_user.expert.reply.to_no_reply", "reply to a NO_REPLY request (desynchronizes QEMU's posted writes)", expert.group.SEQUENCE, expert.severity.ERROR)
-E["request.duplicate_id"] = ProtoExpert.new("vfio_user.expert.request.duplicate_id", "msg_id reused while a request with it is in flight", expert.group.SEQUENCE, expert.severity.NOTE)
+E["reply.error_payload"] = ProtoExpert.new("vfio_user.expert.reply.error_payload", "error reply that carries more than the header", expert.group.SEQUENCE, expert.severity.WARN)
+E["reply.echo_mismatch"] = ProtoExpert.new("vfio_user.expert.reply.echo_mismatch", "reply does not repeat what the spec has it echo (the index, the region and offset, the unmapped DMA entry, a SET or PROBE payload)", expert.group.SEQUENCE, expert.severity.WARN)
+E["reply.to_no_reply"] = ProtoExpert.new("vfio_user.expert.reply.to_no_reply", "reply to a NO_REPLY request, which needs none", expert.group.SEQUENCE, expert.severity.NOTE)
+E["request.duplicate_id"] = ProtoExpert.new("vfio_user.expert.request.duplicate_id", "msg_id reused while a request with it is in flight (allowed)", expert.group.SEQUENCE, expert.severity.NOTE)
 E["request.unanswered"] = ProtoExpert.new("vfio_user.expert.request.unanswered", "request never answered", expert.group.SEQUENCE, expert.severity.WARN)
-E["request.timeout"] = ProtoExpert.new("vfio_user.expert.request.timeout", "request unanswered for longer than the timeout (QEMU: 5 s)", expert.group.SEQUENCE, expert.severity.WARN)
-E["fd.count"] = ProtoExpert.new("vfio_user.expert.fd.count", "fds where the command carries none, or too few", expert.group.PROTOCOL, expert.severity.WARN)
+E["request.timeout"] = ProtoExpert.new("vfio_user.expert.request.timeout", "request unanswered for longer than the timeout (the spec sets none)", expert.group.SEQUENCE, expert.severity.NOTE)
+E["fd.count"] = ProtoExpert.new("vfio_user.expert.fd.count", "fds where the message carries none, or the wrong number", expert.group.PROTOCOL, expert.severity.WARN)
 E["fd.over_max"] = ProtoExpert.new("vfio_user.expert.fd.over_max", "more fds than the receiver's max_msg_fds", expert.group.PROTOCOL, expert.severity.ERROR)
-E["xfer.too_big"] = ProtoExpert.new("vfio_user.expert.xfer.too_big", "data transfer over the receiver's max_data_xfer_size", expert.group.PROTOCOL, expert.severity.WARN)
+E["xfer.too_big"] = ProtoExpert.new("vfio_user.expert.xfer.too_big", "data transfer over the receiver's max_data_xfer_size (REGION, DMA and MIG_DATA reads and writes)", expert.group.PROTOCOL, expert.severity.WARN)
 E["argsz.truncated"] = ProtoExpert.new("vfio_user.expert.argsz.truncated", "reply truncated to the request's argsz (the client retries)", expert.group.PROTOCOL, expert.severity.NOTE)
 E["argsz.mismatch"] = ProtoExpert.new("vfio_user.expert.argsz.mismatch", "argsz disagrees with the payload", expert.group.PROTOCOL, expert.severity.WARN)
-E["argsz.small"] = ProtoExpert.new("vfio_user.expert.argsz.small", "request argsz below the reply structure", expert.group.PROTOCOL, expert.severity.WARN)
-E["version.not_first"] = ProtoExpert.new("vfio_user.expert.version.not_first", "a command before VERSION was answered", expert.group.PROTOCOL, expert.severity.ERROR)
+E["argsz.small"] = ProtoExpert.new("vfio_user.expert.argsz.small", "request argsz below the reply it asks for (the fixed header, the feature's data)", expert.group.PROTOCOL, expert.severity.WARN)
+E["argsz.reply_exceeds"] = ProtoExpert.new("vfio_user.expert.argsz.reply_exceeds", "reply payload larger than its request's argsz allowed", expert.group.PROTOCOL, expert.severity.WARN)
+E["field.not_zero"] = ProtoExpert.new("vfio_user.expert.field.not_zero", "a field the spec says must be zero is not", expert.group.PROTOCOL, expert.severity.WARN)
+E["range.overflow"] = ProtoExpert.new("vfio_user.expert.range.overflow", "start + count (or address + size) does not fit the field's width: it wraps", expert.group.PROTOCOL, expert.severity.WARN)
+E["version.not_first"] = ProtoExpert.new("vfio_user.expert.version.not_first", "a command before VERSION", expert.group.PROTOCOL, expert.severity.ERROR)
 E["version.major"] = ProtoExpert.new("vfio_user.expert.version.major", "server's major version differs from the client's", expert.group.PROTOCOL, expert.severity.ERROR)
 E["version.minor"] = ProtoExpert.new("vfio_user.expert.version.minor", "server's minor version above the client's", expert.group.PROTOCOL, expert.severity.WARN)
-E["version.json_unterminated"] = ProtoExpert.new("vfio_user.expert.version.json_unterminated", "capabilities JSON not NUL-terminated", expert.group.PROTOCOL, expert.severity.WARN)
-E["version.json_invalid"] = ProtoExpert.new("vfio_user.expert.version.json_invalid", "capabilities JSON does not parse", expert.group.PROTOCOL, expert.severity.ERROR)
-E["version.no_capabilities"] = ProtoExpert.new("vfio_user.expert.version.no_capabilities", "JSON without a capabilities object", expert.group.PROTOCOL, expert.severity.WARN)
+E["version.json_unterminated"] = ProtoExpert.new("vfio_user.expert.version.json_unterminated", "version data not NUL-terminated", expert.group.PROTOCOL, expert.severity.WARN)
+E["version.json_invalid"] = ProtoExpert.new("vfio_user.expert.version.json_invalid", "version data is not JSON", expert.group.PROTOCOL, expert.severity.ERROR)
+E["version.json_not_object"] = ProtoExpert.new("vfio_user.expert.version.json_not_object", "version data is JSON but not an object", expert.group.PROTOCOL, expert.severity.WARN)
 E["version.unknown_capability"] = ProtoExpert.new("vfio_user.expert.version.unknown_capability", "capability not in the spec", expert.group.PROTOCOL, expert.severity.NOTE)
 E["version.capability_type"] = ProtoExpert.new("vfio_user.expert.version.capability_type", "capability of the wrong JSON type", expert.group.PROTOCOL, expert.severity.WARN)
-E["version.capability_range"] = ProtoExpert.new("vfio_user.expert.version.capability_range", "capability value out of range", expert.group.PROTOCOL, expert.severity.WARN)
+E["version.capability_range"] = ProtoExpert.new("vfio_user.expert.version.capability_range", "capability value its meaning excludes (a negative count, no page size, no transfer size)", expert.group.PROTOCOL, expert.severity.WARN)
+E["version.capability_not_offered"] = ProtoExpert.new("vfio_user.expert.version.capability_not_offered", "server reply states a spec capability the client did not propose (the spec: a subset)", expert.group.PROTOCOL, expert.severity.NOTE)
+E["interop.qemu_capability"] = ProtoExpert.new("vfio_user.expert.interop.qemu_capability", "server capability QEMU 10.2.2 rejects: max_msg_fds > 16, max_data_xfer_size > 64 MiB, max_dma_maps > 65535, page sizes below 4 KiB, max_bitmap_size > 256 MiB", expert.group.PROTOCOL, expert.severity.NOTE)
 E["twin.not_negotiated"] = ProtoExpert.new("vfio_user.expert.twin.not_negotiated", "twin socket used or offered without negotiation", expert.group.PROTOCOL, expert.severity.ERROR)
-E["dma_map.flags_unknown"] = ProtoExpert.new("vfio_user.expert.dma_map.flags_unknown", "DMA_MAP prot bits beyond READ/WRITE no implementation knows", expert.group.PROTOCOL, expert.severity.WARN)
+E["twin.fd_index"] = ProtoExpert.new("vfio_user.expert.twin.fd_index", "twin_socket.fd_index in a request, or a reply with twin_socket.supported whose fd_index names no passed fd (the client must close)", expert.group.PROTOCOL, expert.severity.WARN)
+E["twin.wrong_channel"] = ProtoExpert.new("vfio_user.expert.twin.wrong_channel", "with twin-socket mode on, a server command on the main socket or a client command on the twin", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_map.flags_unknown"] = ProtoExpert.new("vfio_user.expert.dma_map.flags_unknown", "DMA_MAP flag bits neither the spec (READ, WRITE) nor libvfio-user (MMAP, FILE_IO) defines", expert.group.PROTOCOL, expert.severity.NOTE)
 E["dma_map.flags_extension"] = ProtoExpert.new("vfio_user.expert.dma_map.flags_extension", "DMA_MAP MMAP/FILE_IO flags (libvfio-user extensions)", expert.group.PROTOCOL, expert.severity.NOTE)
-E["dma.overlap"] = ProtoExpert.new("vfio_user.expert.dma.overlap", "DMA_MAP overlapping a live map (the server must answer EEXIST)", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma.unmap_unknown"] = ProtoExpert.new("vfio_user.expert.dma.unmap_unknown", "DMA_UNMAP of a range that is not a live map", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma.misaligned"] = ProtoExpert.new("vfio_user.expert.dma.misaligned", "DMA map not aligned to the negotiated page size", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_map.offset_no_fd"] = ProtoExpert.new("vfio_user.expert.dma_map.offset_no_fd", "DMA_MAP without an fd but with a non-zero offset", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma.overlap"] = ProtoExpert.new("vfio_user.expert.dma.overlap", "DMA_MAP over a live map (the server must fail it with EEXIST)", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma.overlap_errno"] = ProtoExpert.new("vfio_user.expert.dma.overlap_errno", "DMA_MAP over a live map refused with an errno other than EEXIST", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma.unmap_unknown"] = ProtoExpert.new("vfio_user.expert.dma.unmap_unknown", "DMA_UNMAP of a range that is not exactly a live map", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_unmap.flags"] = ProtoExpert.new("vfio_user.expert.dma_unmap.flags", "DMA_UNMAP flags (unused in the spec) set as libvfio-user refuses: unknown bits, ALL with an address or size", expert.group.PROTOCOL, expert.severity.NOTE)
+E["dma.misaligned"] = ProtoExpert.new("vfio_user.expert.dma.misaligned", "DMA map not aligned to the smallest page size of pgsizes", expert.group.PROTOCOL, expert.severity.WARN)
 E["dma.too_many"] = ProtoExpert.new("vfio_user.expert.dma.too_many", "more live DMA maps than max_dma_maps", expert.group.PROTOCOL, expert.severity.WARN)
 E["dma.access_unmapped"] = ProtoExpert.new("vfio_user.expert.dma.access_unmapped", "DMA_READ/WRITE outside every live map", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma_unmap.bitmap_size"] = ProtoExpert.new("vfio_user.expert.dma_unmap.bitmap_size", "dirty bitmap size disagrees with its header, range or page size", expert.group.PROTOCOL, expert.severity.ERROR)
+E["dma_unmap.bitmap_size"] = ProtoExpert.new("vfio_user.expert.dma_unmap.bitmap_size", "DMA_UNMAP dirty bitmap size disagrees with its header, range or page size", expert.group.PROTOCOL, expert.severity.ERROR)
 E["dma_logging.bitmap_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.bitmap_size", "DMA_LOGGING_REPORT bitmap size disagrees with range and page size", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_logging.bitmap_bits"] = ProtoExpert.new("vfio_user.expert.dma_logging.bitmap_bits", "DMA_LOGGING_REPORT bitmap sets bits beyond the requested range", expert.group.PROTOCOL, expert.severity.WARN)
 E["dma_logging.ranges_short"] = ProtoExpert.new("vfio_user.expert.dma_logging.ranges_short", "num_ranges exceeds the ranges sent", expert.group.PROTOCOL, expert.severity.ERROR)
-E["dirty.bitmap_too_big"] = ProtoExpert.new("vfio_user.expert.dirty.bitmap_too_big", "dirty bitmap over the negotiated max_bitmap_size", expert.group.PROTOCOL, expert.severity.ERROR)
+E["dma_logging.page_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.page_size", "DMA logging page size zero, or a REPORT page size not a power of two", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_logging.unaligned"] = ProtoExpert.new("vfio_user.expert.dma_logging.unaligned", "DMA logging range or report not aligned to its page size", expert.group.PROTOCOL, expert.severity.NOTE)
+E["dma_logging.unmapped"] = ProtoExpert.new("vfio_user.expert.dma_logging.unmapped", "DMA_LOGGING_REPORT of a range no live DMA map with an fd holds", expert.group.PROTOCOL, expert.severity.NOTE)
+E["dma_logging.not_started"] = ProtoExpert.new("vfio_user.expert.dma_logging.not_started", "DMA_LOGGING_REPORT, or a DMA_UNMAP dirty bitmap, while dirty logging is off", expert.group.PROTOCOL, expert.severity.WARN)
+E["dirty.bitmap_too_big"] = ProtoExpert.new("vfio_user.expert.dirty.bitmap_too_big", "dirty bitmap over the client's migration.max_bitmap_size", expert.group.PROTOCOL, expert.severity.NOTE)
+E["device_info.pci"] = ProtoExpert.new("vfio_user.expert.device_info.pci", "DEVICE_GET_INFO reply that is not a PCI device with at least the 9 PCI regions", expert.group.PROTOCOL, expert.severity.WARN)
+E["device_reset.unsupported"] = ProtoExpert.new("vfio_user.expert.device_reset.unsupported", "DEVICE_RESET to a device whose GET_INFO reply lacked RESET", expert.group.PROTOCOL, expert.severity.WARN)
 E["region_info.caps_missing"] = ProtoExpert.new("vfio_user.expert.region_info.caps_missing", "CAPS flag with no capability chain", expert.group.PROTOCOL, expert.severity.WARN)
-E["region_info.mmap_no_fd"] = ProtoExpert.new("vfio_user.expert.region_info.mmap_no_fd", "mmap-able region whose reply carries no fd", expert.group.PROTOCOL, expert.severity.NOTE)
+E["region_info.mmap_no_fd"] = ProtoExpert.new("vfio_user.expert.region_info.mmap_no_fd", "MMAP region whose reply carries no fd", expert.group.PROTOCOL, expert.severity.WARN)
 E["region_info.fd_per_area"] = ProtoExpert.new("vfio_user.expert.region_info.fd_per_area", "one fd per sparse area instead of one per region", expert.group.PROTOCOL, expert.severity.NOTE)
 E["region_info.cap_loop"] = ProtoExpert.new("vfio_user.expert.region_info.cap_loop", "region capability chain loops", expert.group.PROTOCOL, expert.severity.ERROR)
 E["region_info.cap_unknown"] = ProtoExpert.new("vfio_user.expert.region_info.cap_unknown", "unknown region capability id", expert.group.PROTOCOL, expert.severity.NOTE)
+E["region_info.cap_version"] = ProtoExpert.new("vfio_user.expert.region_info.cap_version", "SPARSE_MMAP capability whose version is not 1", expert.group.PROTOCOL, expert.severity.WARN)
 E["region_info.areas_short"] = ProtoExpert.new("vfio_user.expert.region_info.areas_short", "nr_areas exceeds the areas sent", expert.group.PROTOCOL, expert.severity.ERROR)
-E["region_io_fds.entry_size"] = ProtoExpert.new("vfio_user.expert.region_io_fds.entry_size", "IO_FDS entries neither 40 nor 48 bytes", expert.group.PROTOCOL, expert.severity.ERROR)
+E["region_io_fds.entry_size"] = ProtoExpert.new("vfio_user.expert.region_io_fds.entry_size", "IO_FDS sub-regions do not divide into count entries of at least 40 bytes", expert.group.PROTOCOL, expert.severity.ERROR)
 E["region_io_fds.fd_index"] = ProtoExpert.new("vfio_user.expert.region_io_fds.fd_index", "sub-region names an fd that was not passed", expert.group.PROTOCOL, expert.severity.ERROR)
+E["region_io_fds.posted_writes"] = ProtoExpert.new("vfio_user.expert.region_io_fds.posted_writes", "zero-size ioregionfd sub-region without KVM_IOREGION_POSTED_WRITES", expert.group.PROTOCOL, expert.severity.WARN)
 E["region.unknown"] = ProtoExpert.new("vfio_user.expert.region.unknown", "access to a region index the device did not report", expert.group.PROTOCOL, expert.severity.WARN)
 E["region.out_of_bounds"] = ProtoExpert.new("vfio_user.expert.region.out_of_bounds", "region access beyond the region's size", expert.group.PROTOCOL, expert.severity.WARN)
 E["region.access_flags"] = ProtoExpert.new("vfio_user.expert.region.access_flags", "region access against its READ/WRITE flags", expert.group.PROTOCOL, expert.severity.WARN)
@@ -383,22 +417,31 @@ E["region_read.count"] = ProtoExpert.new("vfio_user.expert.region_read.count", "
 E["region_write.count"] = ProtoExpert.new("vfio_user.expert.region_write.count", "REGION_WRITE count disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
 E["write_multi.count"] = ProtoExpert.new("vfio_user.expert.write_multi.count", "wr_cnt exceeds the entries sent", expert.group.PROTOCOL, expert.severity.ERROR)
 E["write_multi.entry_count"] = ProtoExpert.new("vfio_user.expert.write_multi.entry_count", "write entry count over 8 bytes", expert.group.PROTOCOL, expert.severity.ERROR)
+E["write_multi.not_negotiated"] = ProtoExpert.new("vfio_user.expert.write_multi.not_negotiated", "REGION_WRITE_MULTI to a server that did not state write_multiple", expert.group.PROTOCOL, expert.severity.WARN)
 E["set_irqs.flags"] = ProtoExpert.new("vfio_user.expert.set_irqs.flags", "SET_IRQS needs exactly one data type and one action", expert.group.PROTOCOL, expert.severity.ERROR)
 E["set_irqs.bool_count"] = ProtoExpert.new("vfio_user.expert.set_irqs.bool_count", "DATA_BOOL bytes disagree with count", expert.group.PROTOCOL, expert.severity.ERROR)
 E["set_irqs.fd_count"] = ProtoExpert.new("vfio_user.expert.set_irqs.fd_count", "eventfd count disagrees with count", expert.group.PROTOCOL, expert.severity.WARN)
+E["set_irqs.count_zero"] = ProtoExpert.new("vfio_user.expert.set_irqs.count_zero", "SET_IRQS count 0 other than start 0 with DATA_NONE|TRIGGER", expert.group.PROTOCOL, expert.severity.NOTE)
+E["irq.unknown"] = ProtoExpert.new("vfio_user.expert.irq.unknown", "SET_IRQS or GET_IRQ_INFO of an index beyond the device's num_irqs", expert.group.PROTOCOL, expert.severity.WARN)
 E["irq.out_of_range"] = ProtoExpert.new("vfio_user.expert.irq.out_of_range", "SET_IRQS beyond the index's count", expert.group.PROTOCOL, expert.severity.WARN)
+E["irq.action_unsupported"] = ProtoExpert.new("vfio_user.expert.irq.action_unsupported", "SET_IRQS MASK/UNMASK on an index without MASKABLE, or eventfds for one without EVENTFD", expert.group.PROTOCOL, expert.severity.WARN)
 E["dma_read.count"] = ProtoExpert.new("vfio_user.expert.dma_read.count", "DMA_READ count disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
 E["dma_write.count"] = ProtoExpert.new("vfio_user.expert.dma_write.count", "DMA_WRITE count disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
-E["dma_read.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_read.count_mismatch", "DMA_READ reply count differs from the request's", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma_write.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_write.count_mismatch", "DMA_WRITE reply count differs from the request's", expert.group.PROTOCOL, expert.severity.WARN)
-E["interop.dma_qemu_layout"] = ProtoExpert.new("vfio_user.expert.interop.dma_qemu_layout", "DMA_READ/WRITE in QEMU's layout (u32 count, data at 12)", expert.group.PROTOCOL, expert.severity.WARN)
-E["interop.dma_write_bare_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_bare_reply", "DMA_WRITE reply is QEMU's bare header: libvfio-user fails the transfer (\"bad reply to DMA transfer\")", expert.group.PROTOCOL, expert.severity.ERROR)
-E["interop.region_caps_offset"] = ProtoExpert.new("vfio_user.expert.interop.region_caps_offset", "CAPS flag with cap_offset outside [32, argsz], as Linux VFIO sends in a truncated reply: QEMU fails (\"failed to get region N info: Invalid argument\")", expert.group.PROTOCOL, expert.severity.WARN)
-E["interop.io_fds_48"] = ProtoExpert.new("vfio_user.expert.interop.io_fds_48", "48-byte IO_FDS entries (libvfio-user), the spec has 40", expert.group.PROTOCOL, expert.severity.NOTE)
-E["interop.mig_data_padding"] = ProtoExpert.new("vfio_user.expert.interop.mig_data_padding", "short MIG_DATA_READ reply padded to the buffer (libvfio-user)", expert.group.PROTOCOL, expert.severity.NOTE)
-E["deadlock.server_command"] = ProtoExpert.new("vfio_user.expert.deadlock.server_command", "server command on the main socket while a client request is in flight, no twin socket", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_read.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_read.count_mismatch", "DMA_READ reply count differs from the request's", expert.group.PROTOCOL, expert.severity.NOTE)
+E["dma_write.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_write.count_mismatch", "DMA_WRITE reply count differs from the request's", expert.group.PROTOCOL, expert.severity.NOTE)
+E["interop.dma_qemu_layout"] = ProtoExpert.new("vfio_user.expert.interop.dma_qemu_layout", "DMA_READ reply in QEMU's layout (u32 count, data at 12)", expert.group.PROTOCOL, expert.severity.WARN)
+E["interop.dma_write_bare_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_bare_reply", "DMA_WRITE reply that is the bare header", expert.group.PROTOCOL, expert.severity.ERROR)
+E["interop.dma_write_spec_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_spec_reply", "DMA_WRITE reply with the spec table's u32 count (12 bytes)", expert.group.PROTOCOL, expert.severity.NOTE)
+E["interop.region_caps_offset"] = ProtoExpert.new("vfio_user.expert.interop.region_caps_offset", "REGION_INFO CAPS with cap_offset outside [32, argsz] in a truncated reply", expert.group.PROTOCOL, expert.severity.NOTE)
+E["interop.io_fds_48"] = ProtoExpert.new("vfio_user.expert.interop.io_fds_48", "48-byte IO_FDS entries (libvfio-user's shadow ioeventfd)", expert.group.PROTOCOL, expert.severity.NOTE)
+E["interop.mig_data_padding"] = ProtoExpert.new("vfio_user.expert.interop.mig_data_padding", "short MIG_DATA_READ reply padded to the buffer", expert.group.PROTOCOL, expert.severity.NOTE)
+E["interop.irq_mask_eventfd"] = ProtoExpert.new("vfio_user.expert.interop.irq_mask_eventfd", "SET_IRQS MASK/UNMASK with eventfds", expert.group.PROTOCOL, expert.severity.NOTE)
+E["deadlock.server_command"] = ProtoExpert.new("vfio_user.expert.deadlock.server_command", "server command on the main socket while a client request is in flight, no twin socket", expert.group.PROTOCOL, expert.severity.NOTE)
 E["device_feature.get_and_set"] = ProtoExpert.new("vfio_user.expert.device_feature.get_and_set", "GET and SET together without PROBE", expert.group.PROTOCOL, expert.severity.ERROR)
-E["device_feature.unknown"] = ProtoExpert.new("vfio_user.expert.device_feature.unknown", "unknown device feature", expert.group.PROTOCOL, expert.severity.NOTE)
+E["device_feature.unknown"] = ProtoExpert.new("vfio_user.expert.device_feature.unknown", "device feature the spec does not list", expert.group.PROTOCOL, expert.severity.NOTE)
+E["device_feature.op_undefined"] = ProtoExpert.new("vfio_user.expert.device_feature.op_undefined", "GET or SET of a feature that defines no such operation (SET MIGRATION, GET DMA_LOGGING_START ...)", expert.group.PROTOCOL, expert.severity.WARN)
+E["device_feature.probe_undefined"] = ProtoExpert.new("vfio_user.expert.device_feature.probe_undefined", "PROBE of an operation the feature does not define: the probe must fail", expert.group.PROTOCOL, expert.severity.NOTE)
+E["migration.flags"] = ProtoExpert.new("vfio_user.expert.migration.flags", "MIGRATION feature without VFIO_MIGRATION_STOP_COPY", expert.group.PROTOCOL, expert.severity.WARN)
 E["migration.transition"] = ProtoExpert.new("vfio_user.expert.migration.transition", "device-state transition the state machine forbids", expert.group.PROTOCOL, expert.severity.WARN)
 E["migration.data_state"] = ProtoExpert.new("vfio_user.expert.migration.data_state", "MIG_DATA_READ/WRITE in a state that allows none", expert.group.PROTOCOL, expert.severity.WARN)
 E["mig_data_read.size"] = ProtoExpert.new("vfio_user.expert.mig_data_read.size", "MIG_DATA_READ size disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
@@ -436,6 +479,7 @@ Dissection.__index = Dissection
 function Dissection:expert(id, message)
     -- In a packet cut at Wireshark's size limit, the end is missing, not wrong.
     if self.truncated and not id:match("^header%.") and id ~= "capture.truncated" then return end
+    if QEMU_DMA_SIGNS[id] and self.reply then self.shown = id end
     self.root:add_proto_expert_info(E[id], message)
 end
 
@@ -552,6 +596,42 @@ function Dissection:request_argsz(argsz, minimum, what)
         self:expert("argsz.small", string.format(
             "%s argsz %d is below the %d-byte reply struct", what, argsz, minimum))
     end
+end
+
+-- Fields the spec says must be zero.
+function Dissection:zero(v, names, what)
+    local set = {}
+    for _, name in ipairs(names) do
+        if v[name] and v[name] ~= 0 then set[#set + 1] = name .. "=" .. hex(v[name]) end
+    end
+    if #set > 0 then
+        self:expert("field.not_zero", what .. ": " .. table.concat(set, ", ") ..
+                    "; the spec says must be zero")
+    end
+end
+
+-- Whether the u64 at `a` plus the u32 or u64 at `b` reaches 2^64, so that the
+-- end a receiver computes wraps: in 32-bit halves, which doubles add exactly.
+function Dissection:wraps64(a, b, b_size)
+    local low = self.buf(a, 4):le_uint() + self.buf(b, 4):le_uint()
+    local high = self.buf(a + 4, 4):le_uint() + math.floor(low / 4294967296)
+    if b_size == 8 then high = high + self.buf(b + 4, 4):le_uint() end
+    return high >= 4294967296
+end
+
+function Dissection:range_check(a, b, b_size, what)
+    if self:wraps64(a, b, b_size) then
+        self:expert("range.overflow", what .. " does not fit in 64 bits: it wraps")
+    end
+end
+
+local function power_of_two(n)
+    if n < 1 then return false end
+    while n > 1 do
+        if n % 2 ~= 0 then return false end
+        n = n / 2
+    end
+    return true
 end
 
 -- Size of a dirty bitmap: one bit per page, in whole u64 words.
@@ -710,15 +790,39 @@ local function flatten(node, prefix, out)
     return out
 end
 
+local function capability_range(d, path, value)
+    local least, most = CAPABILITY_MINIMUM[path], QEMU_CAPABILITY_MAXIMUM[path]
+    if least ~= nil and value < least then
+        d:expert("version.capability_range", string.format("%s=%s: below %d", path,
+                 dec(value), least))
+    end
+    if d.c2s then return end                  -- QEMU checks what the server states
+    if most ~= nil and value > most then
+        d:expert("interop.qemu_capability", string.format(
+            "%s=%s: QEMU 10.2.2 accepts at most %d and closes the connection", path, dec(value), most))
+    elseif QEMU_PAGE_CAPABILITIES[path] and value % P.PAGE_4K ~= 0 then
+        d:expert("interop.qemu_capability", string.format(
+            "%s=%s has bits below 4 KiB: QEMU 10.2.2 closes the connection", path, hex(value)))
+    end
+end
+
+-- The capabilities (the version data is optional, and so is each of them);
+-- returns the paths given, by name.
 local function capabilities(d, doc, parent, start, length)
-    local caps = doc.kind == "object" and doc.items["capabilities"]
-    if not caps or caps.kind ~= "object" then
-        d:expert("version.no_capabilities", 'JSON has no "capabilities" object')
-        return
+    local given = {}
+    if doc.kind ~= "object" then
+        d:expert("version.json_not_object", "version data is a JSON " .. doc.kind .. ", not an object")
+        return given
+    end
+    local caps = doc.items["capabilities"]
+    if caps == nil then return given end
+    if caps.kind ~= "object" then
+        d:expert("version.capability_type", "capabilities should be an object, got " .. json.dumps(caps))
+        return given
     end
     for _, entry in ipairs(flatten(caps, "", {})) do
         local path, value = entry[1], entry[2]
-        local kind = CAPABILITIES[path]
+        local kind = CAPABILITIES[path] or (OBJECT_CAPABILITIES[path] and "object")
         if kind == nil then
             d:add(parent, "version.unknown_capability", start, length,
                   path .. "=" .. json.dumps(value))
@@ -727,9 +831,14 @@ local function capabilities(d, doc, parent, start, length)
             d:expert("version.capability_type", string.format(
                 "capability %s should be a %s, got %s", path, kind, json.dumps(value)))
         else
-            d:add(parent, "version." .. path, start, length, value.value)
+            if not (kind == "int" and value.value < 0) then       -- the fields are unsigned
+                d:add(parent, "version." .. path, start, length, value.value)
+            end
+            given[path] = true
+            if kind == "int" then capability_range(d, path, value.value) end
         end
     end
+    return given
 end
 
 local function version(d, off)
@@ -750,7 +859,7 @@ local function version(d, off)
         d:expert("version.json_invalid", "capabilities JSON invalid: " .. tostring(doc))
         return string.format("%d.%d (invalid JSON)", v.major, v.minor)
     end
-    capabilities(d, doc, item, start, #text)
+    d.capabilities = capabilities(d, doc, item, start, #text)
     return string.format("%d.%d %s", v.major, v.minor, text)
 end
 REQUESTS[CMD.VERSION], REPLIES[CMD.VERSION] = version, version
@@ -765,12 +874,13 @@ REQUESTS[CMD.DMA_MAP] = function(d, off)
     end
     local known = all_bits(DMA_MAP_FLAGS)
     if band(v.flags, U32 - known) ~= 0 then
-        d:expert("dma_map.flags_unknown", string.format(
-            "DMA_MAP flags 0x%x has bits no implementation knows", v.flags))
+        d:expert("dma_map.flags_unknown", string.format("DMA_MAP flags 0x%x has bits neither "
+            .. "the spec nor libvfio-user defines (libvfio-user refuses them)", v.flags))
     elseif band(v.flags, known - P.SPEC_DMA_MAP_FLAGS) ~= 0 then
         d:expert("dma_map.flags_extension", string.format(
             "DMA_MAP flags 0x%x: MMAP/FILE_IO are libvfio-user extensions", v.flags))
     end
+    d:range_check(off + 16, off + 24, 8, "DMA_MAP")
     return string.format("iova=%s size=%s", hex(v.address), hex(v.size))
 end
 bare(CMD.DMA_MAP, {REPLIES})
@@ -780,6 +890,17 @@ local function dma_unmap(d, off)
     if v.size == nil then return "" end
     local stop = off + d:size("DmaUnmap")
     local info = string.format("iova=%s size=%s", hex(v.address), hex(v.size))
+    if d.c2s then
+        d:request_argsz(v.argsz, d:size("DmaUnmap"), "DMA_UNMAP")
+        if band(v.flags, U32 - all_bits(DMA_UNMAP_FLAGS)) ~= 0 then
+            d:expert("dma_unmap.flags", string.format("DMA_UNMAP flags 0x%x: bits libvfio-user "
+                .. "does not define (it refuses them); the spec leaves flags unused", v.flags))
+        elseif band(v.flags, DMA_UNMAP_FLAGS.all) ~= 0 and (v.address ~= 0 or v.size ~= 0) then
+            d:expert("dma_unmap.flags", "DMA_UNMAP ALL with an address or size: libvfio-user "
+                .. "refuses ALL unless both are 0")
+        end
+        d:range_check(off + 8, off + 16, 8, "DMA_UNMAP")
+    end
     if band(v.flags, DMA_UNMAP_FLAGS.all) ~= 0 then info = info .. " ALL" end
     if band(v.flags, DMA_UNMAP_FLAGS.get_dirty_bitmap) ~= 0 then
         local _, bm = d:layer("DirtyBitmap", stop, node)
@@ -811,6 +932,7 @@ REQUESTS[CMD.DEVICE_GET_INFO] = function(d, off)
     local _, v = d:layer("DeviceInfo", off)
     d:expect_end(off + d:size("DeviceInfo"), "DEVICE_GET_INFO request")
     if v.argsz then d:request_argsz(v.argsz, d:size("DeviceInfo"), "DEVICE_GET_INFO") end
+    d:zero(v, {"flags", "num_regions", "num_irqs"}, "DEVICE_GET_INFO request")
     return ""
 end
 
@@ -819,6 +941,10 @@ REPLIES[CMD.DEVICE_GET_INFO] = function(d, off)
     d:expect_end(off + d:size("DeviceInfo"), "DEVICE_GET_INFO reply")
     if v.num_irqs == nil then return "" end
     d:reply_argsz(v.argsz, d.len - off, "DEVICE_GET_INFO")
+    if band(v.flags, DEVICE_INFO_FLAGS.pci) == 0 or v.num_regions < P.PCI_NUM_REGIONS then
+        d:expert("device_info.pci", string.format("flags 0x%x, %d regions: the spec supports "
+            .. "only PCI devices, with at least %d regions", v.flags, v.num_regions, P.PCI_NUM_REGIONS))
+    end
     return string.format("regions=%d irqs=%d flags=0x%x", v.num_regions, v.num_irqs, v.flags)
 end
 
@@ -826,19 +952,25 @@ REQUESTS[CMD.DEVICE_GET_REGION_INFO] = function(d, off)
     local _, v = d:layer("RegionInfo", off)
     if v.index == nil then return "" end
     d:request_argsz(v.argsz, d:size("RegionInfo"), "DEVICE_GET_REGION_INFO")
+    d:zero(v, {"flags", "cap_offset", "size", "offset"}, "DEVICE_GET_REGION_INFO request")
     return string.format("%s argsz=%d", region_name(v.index), v.argsz)
+end
+
+-- How many of `count` entries of layout `name` fit from `offset`; the rest
+-- are flagged with `id`.
+function Dissection:fitting(count, offset, name, id, what)
+    local room = math.floor(math.max(self.len - offset, 0) / self:size(name))
+    if count > room then
+        self:expert(id, string.format("%s is %d but only %d fit in the message", what, count, room))
+    end
+    return math.min(count, room)
 end
 
 local function sparse_areas(d, offset, parent)
     local _, sp = d:layer("SparseMmap", offset, parent)
     offset = offset + d:size("SparseMmap")
-    local count = sp.nr_areas or 0
-    local room = math.floor(math.max(d.len - offset, 0) / d:size("SparseArea"))
-    if count > room then
-        d:expert("region_info.areas_short", string.format(
-            "nr_areas is %d but only %d areas fit in the message", count, room))
-        count = room
-    end
+    local count = d:fitting(sp.nr_areas or 0, offset, "SparseArea", "region_info.areas_short",
+                            "nr_areas")
     for _ = 1, count do
         d:layer("SparseArea", offset, parent)
         offset = offset + d:size("SparseArea")
@@ -859,6 +991,10 @@ local function region_caps(d, base, cap_offset, parent)
         if cap.next == nil then break end
         local body = base + offset + d:size("RegionCap")
         if cap.id == REGION_CAP.SPARSE_MMAP then
+            if cap.version ~= 1 then
+                d:expert("region_info.cap_version", string.format(
+                    "SPARSE_MMAP capability version %d, the spec's is 1", cap.version))
+            end
             stop = math.max(stop, sparse_areas(d, body, node))
         elseif cap.id == REGION_CAP.TYPE then
             d:layer("RegionType", body, node)
@@ -881,13 +1017,13 @@ REPLIES[CMD.DEVICE_GET_REGION_INFO] = function(d, off)
     local stop = off + d:size("RegionInfo")
     if band(v.flags, REGION_FLAGS.caps) ~= 0 then
         local header = d:size("RegionInfo")
-        if v.cap_offset < header or v.cap_offset > v.argsz then
-            d:expert("interop.region_caps_offset", string.format(
-                "CAPS with cap_offset %d outside [%d, %d]: QEMU fails with \"failed to get " ..
-                "region %d info: Invalid argument\"", v.cap_offset, header, v.argsz, v.index))
-        end
         if v.argsz > payload then
             info = info .. " (truncated)"
+            if v.cap_offset < header or v.cap_offset > v.argsz then
+                d:expert("interop.region_caps_offset", string.format(
+                    "CAPS with cap_offset %d outside [%d, %d]: QEMU fails with \"failed to get " ..
+                    "region %d info: Invalid argument\"", v.cap_offset, header, v.argsz, v.index))
+            end
         elseif v.cap_offset == 0 then
             d:expert("region_info.caps_missing",
                      "CAPS flag set but cap_offset is 0: no capability chain")
@@ -903,38 +1039,59 @@ end
 REQUESTS[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, off)
     local _, v = d:layer("RegionIoFds", off)
     d:expect_end(off + d:size("RegionIoFds"), "DEVICE_GET_REGION_IO_FDS request")
-    return v.index and region_name(v.index) or ""
+    if v.count == nil then return "" end
+    d:request_argsz(v.argsz, d:size("RegionIoFds"), "DEVICE_GET_REGION_IO_FDS")
+    d:zero(v, {"flags", "count"}, "DEVICE_GET_REGION_IO_FDS request")
+    return region_name(v.index)
+end
+
+-- The entries present, `entry` bytes apart: the spec's 40-byte layout,
+-- libvfio-user's 48-byte one, or 40 known bytes and the rest.
+local function sub_regions(d, offset, entry, count, node)
+    local layout = entry == d:size("ShadowSubRegion") and "ShadowSubRegion" or "SubRegion"
+    for i = 0, math.min(count, math.floor((d.len - offset) / entry)) - 1 do
+        local _, sub = d:layer(layout, offset, node)
+        if entry > d:size(layout) then
+            d:add_bytes(node, "vfio_user.trailing", offset + d:size(layout), offset + entry)
+        end
+        offset = offset + entry
+        if sub.type == IO_FD_TYPE.IOREGIONFD and sub.size == 0
+                and band(sub.flags, P.KVM_IOREGION_POSTED_WRITES) == 0 then
+            d:expert("region_io_fds.posted_writes", string.format(
+                "sub-region %d: ioregionfd of size 0 without KVM_IOREGION_POSTED_WRITES", i))
+        end
+    end
+    return offset
 end
 
 REPLIES[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, off)
     local node, v = d:layer("RegionIoFds", off)
     if v.count == nil then return "" end
-    local start = off + d:size("RegionIoFds")
+    local header = d:size("RegionIoFds")
+    local start = off + header
     d:reply_argsz(v.argsz, d.len - off, "DEVICE_GET_REGION_IO_FDS")
-    local count, body = v.count, d.len - start
-    if count == 0 then
+    d:zero(v, {"flags"}, "DEVICE_GET_REGION_IO_FDS reply")
+    local info = string.format("%s %d sub-regions", region_name(v.index), v.count)
+    -- argsz and count say what the whole array needs; a truncated reply
+    -- carries only what fit (often none of it)
+    local truncated = v.argsz > d.len - off
+    local array = math.max(v.argsz - header, d.len - start)
+    if v.count == 0 or (truncated and d.len == start) then
         d:expect_end(start, "DEVICE_GET_REGION_IO_FDS reply")
-        return region_name(v.index) .. " 0 sub-regions"
+        return info
     end
-    local entry = (body % count == 0) and body / count or 0
-    local layout = ({[d:size("SubRegion")] = "SubRegion",
-                     [d:size("ShadowSubRegion")] = "ShadowSubRegion"})[entry]
-    if layout == nil then
+    local entry = (array % v.count == 0) and array / v.count or 0
+    if entry < d:size("SubRegion") then
         d:expert("region_io_fds.entry_size", string.format(
-            "%d bytes for %d sub-regions: entries must be 40 or 48 bytes", body, count))
-        layout = "SubRegion"
-        count = math.min(count, math.floor(body / d:size("SubRegion")))
-    elseif entry == 48 then
+            "%d bytes for %d sub-regions: not %d entries of at least %d bytes", array, v.count,
+            v.count, d:size("SubRegion")))
+        entry = d:size("SubRegion")
+    elseif entry == d:size("ShadowSubRegion") then
         d:expert("interop.io_fds_48",
                  "48-byte sub-regions (libvfio-user's shadow ioeventfd layout), the spec has 40")
     end
-    local offset = start
-    for _ = 1, count do
-        d:layer(layout, offset, node)
-        offset = offset + d:size(layout)
-    end
-    d:expect_end(offset, "DEVICE_GET_REGION_IO_FDS reply")
-    return string.format("%s %d sub-regions", region_name(v.index), v.count)
+    d:expect_end(sub_regions(d, start, entry, v.count, node), "DEVICE_GET_REGION_IO_FDS reply")
+    return info
 end
 
 REQUESTS[CMD.DEVICE_GET_IRQ_INFO] = function(d, off)
@@ -942,6 +1099,7 @@ REQUESTS[CMD.DEVICE_GET_IRQ_INFO] = function(d, off)
     d:expect_end(off + d:size("IrqInfo"), "DEVICE_GET_IRQ_INFO request")
     if v.index == nil then return "" end
     d:request_argsz(v.argsz, d:size("IrqInfo"), "DEVICE_GET_IRQ_INFO")
+    d:zero(v, {"flags", "count"}, "DEVICE_GET_IRQ_INFO request")
     return irq_name(v.index)
 end
 
@@ -977,9 +1135,18 @@ REQUESTS[CMD.DEVICE_SET_IRQS] = function(d, off)
     else
         d:expect_end(data, "DEVICE_SET_IRQS request")
     end
-    if v.argsz ~= d:size("SetIrqs") and v.argsz ~= d.len - off then
+    if v.argsz ~= d.len - off then
         d:expert("argsz.mismatch", string.format(
-            "SET_IRQS argsz %d, request is %d bytes", v.argsz, d.len - off))
+            "SET_IRQS argsz %d, the request payload (data included) is %d bytes", v.argsz, d.len - off))
+    end
+    if v.start + v.count >= 4294967296 then
+        d:expert("range.overflow", string.format(
+            "SET_IRQS start+count %d+%d does not fit in 32 bits: it wraps", v.start, v.count))
+    end
+    if v.count == 0 and (v.start ~= 0 or band(v.flags, P.SET_IRQS_DATA + P.SET_IRQS_ACTION)
+                                            ~= P.DISABLE_ALL) then
+        d:expert("set_irqs.count_zero", "count 0 other than start 0 DATA_NONE|TRIGGER: "
+                 .. "libvfio-user and Linux VFIO refuse it")
     end
     return string.format("%s start=%d count=%d", irq_name(v.index), v.start, v.count)
 end
@@ -999,6 +1166,7 @@ local function region_access(layout, prefix, with_data)
         else
             d:expect_end(data, LAYERS[layout].label)
         end
+        if d.c2s then d:range_check(off, off + 12, 4, LAYERS[layout].label .. " offset+count") end
         return string.format("%s offset=%s count=%d", region_name(v.region), hex(v.offset), v.count)
     end
 end
@@ -1022,6 +1190,7 @@ REQUESTS[CMD.REGION_WRITE_MULTI] = function(d, off)
             d:expert("write_multi.entry_count", string.format(
                 "entry count %d exceeds the 8-byte data field", e.count))
         end
+        d:range_check(offset, offset + 12, 4, "REGION_WRITE_MULTI entry offset+count")
         offset = offset + size
     end
     d:expect_end(offset, "REGION_WRITE_MULTI request")
@@ -1032,6 +1201,20 @@ REPLIES[CMD.REGION_WRITE_MULTI] = function(d, off)
     local _, v = d:layer("WriteMulti", off)
     d:expect_end(off + d:size("WriteMulti"), "REGION_WRITE_MULTI reply")
     return v.wr_cnt and (dec(v.wr_cnt) .. " completed") or ""
+end
+
+-- Why a DMA_READ reply is in QEMU's layout, or nil: both layouts give `count`
+-- bytes the same size; QEMU's u32 count is followed by data and ends with 4
+-- zero bytes, the spec's count is a u64.  d.qemu_dma: what the client showed.
+local function qemu_layout(d, spec, qemu, prefix, off, asked)
+    if asked == nil or d.len < off + d:size(spec) then return nil end
+    local spec_count = d:member(spec, prefix .. ".count", off)
+    if spec_count ~= asked and d:member(qemu, prefix .. ".count", off) == asked then
+        return "its u32 count matches the request and the u64 does not"
+    end
+    if d.qemu_dma and spec_count == asked and d.buf(d.len - 4, 4):le_uint() == 0 then
+        return "the bytes fit both (data starts with 4 zero bytes), and " .. d.qemu_dma
+    end
 end
 
 local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
@@ -1052,6 +1235,7 @@ local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
             d:expert(prefix .. ".count", string.format(
                 "count is %s but %d data bytes follow", dec(v.count), sent))
         end
+        if v.count ~= nil then d:range_check(off, off + 8, 8, LAYERS[spec].label) end
         return string.format("addr=%s count=%s", hex(v.address or 0), v.count and dec(v.count) or "?")
     end
     local function on_reply(d, off)
@@ -1063,13 +1247,15 @@ local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
             return "bare reply (QEMU layout)"
         end
         local layout = spec
-        -- the spec's count is a u64 where QEMU's is a u32 followed by data
-        if data_in_reply and asked ~= nil and d.len >= off + d:size(spec)
-                and d:member(spec, prefix .. ".count", off) ~= asked
-                and d:member(qemu, prefix .. ".count", off) == asked then
+        local why = data_in_reply and qemu_layout(d, spec, qemu, prefix, off, asked)
+        if not data_in_reply and d.len - off == d:size(qemu) then
+            layout = qemu
+            d:expert("interop.dma_write_spec_reply", LAYERS[spec].label .. " reply as the spec's "
+                .. "table has it, a u32 count (12 bytes): libvfio-user expects a u64 count")
+        elseif why then
             layout = qemu
             d:expert("interop.dma_qemu_layout", LAYERS[spec].label ..
-                " reply in QEMU's layout (u32 count, data at offset 12), not the spec's")
+                " reply in QEMU's layout (u32 count, data at offset 12), not the spec's: " .. why)
         end
         local v = body(d, off, layout, data_in_reply)
         if data_in_reply and v.count ~= nil then
@@ -1094,46 +1280,147 @@ REQUESTS[CMD.DMA_WRITE], REPLIES[CMD.DMA_WRITE] =
     dma_access("DmaWrite", "QemuDmaWrite", "dma_write", true, false)
 bare(CMD.DEVICE_RESET, {REQUESTS, REPLIES})
 
+-- Whether the u64 at `offset` is a multiple of `page`, exactly: by its
+-- halves for a power of two, else in 16-bit limbs (exact below 2^37).
+function Dissection:aligned(offset, page)
+    local low, high = self.buf(offset, 4):le_uint(), self.buf(offset + 4, 4):le_uint()
+    if power_of_two(page) then
+        if page <= 4294967296 then return low % page == 0 end
+        return low == 0 and high % (page / 4294967296) == 0
+    end
+    local r = 0
+    for _, limb in ipairs({math.floor(high / 65536), high % 65536, math.floor(low / 65536),
+                           low % 65536}) do
+        r = (r * 65536 + limb) % page
+    end
+    return r == 0
+end
+
+-- A range's iova and length (u64s at `offset`) against its page size.
+local function logging_alignment(d, offset, page, what)
+    if page ~= nil and page ~= 0 and not (d:aligned(offset, page) and d:aligned(offset + 8, page)) then
+        d:expert("dma_logging.unaligned", string.format("%s %s+%s is not aligned to its "
+            .. "%s-byte pages (libvfio-user refuses it)", what, hex(d:number(offset, 8)),
+            hex(d:number(offset + 8, 8)), hex(page)))
+    end
+end
+
+-- DMA_LOGGING_START/STOP data; `check` the page size and ranges of a START.
+local function logging_ranges(d, offset, parent, check)
+    local node, f = d:layer("DmaLogging", offset, parent)
+    offset = offset + d:size("DmaLogging")
+    local count = d:fitting(f.num_ranges or 0, offset, "DmaLoggingRange",
+                            "dma_logging.ranges_short", "num_ranges")
+    if check and f.page_size == 0 then
+        d:expert("dma_logging.page_size", "DMA_LOGGING_START page size 0")
+    end
+    for i = 0, count - 1 do
+        d:layer("DmaLoggingRange", offset, node)
+        if check then
+            local what = "DMA_LOGGING_START range " .. i
+            d:range_check(offset, offset + 8, 8, what)
+            logging_alignment(d, offset, f.page_size, what)
+        end
+        offset = offset + d:size("DmaLoggingRange")
+    end
+    d:expect_end(offset, "DMA logging")
+    return f
+end
+
+local function report_bitmap(d, bitmap, length, page)
+    local want = bitmap_bytes(length, page)
+    if d.len - bitmap ~= want then
+        d:expert("dma_logging.bitmap_size", string.format(
+            "bitmap is %d bytes; %s bytes of %s-byte pages need %s",
+            d.len - bitmap, hex(length), hex(page), dec(want)))
+    end
+    local pages = math.ceil(length / page)
+    for i = math.floor(pages / 8), d.len - bitmap - 1 do       -- the bytes past the range's bits
+        local byte, first = d.buf(bitmap + i, 1):uint(), math.max(pages - 8 * i, 0)
+        if math.floor(byte / 2 ^ first) ~= 0 then
+            d:expert("dma_logging.bitmap_bits", string.format("bits set beyond the %d pages of "
+                .. "the requested range; the spec says they must be zero", pages))
+            return
+        end
+    end
+end
+
+local function logging_report(d, offset, parent)
+    local node, f = d:layer("DmaLoggingReport", offset, parent)
+    if f.page_size == nil then return f end
+    local bitmap = offset + d:size("DmaLoggingReport")
+    if d.c2s then
+        d:expect_end(bitmap, "DMA_LOGGING_REPORT request")
+        if not power_of_two(f.page_size) then
+            d:expert("dma_logging.page_size", string.format(
+                "DMA_LOGGING_REPORT page size %s: the spec says a power of two", hex(f.page_size)))
+        end
+        d:range_check(offset, offset + 8, 8, "DMA_LOGGING_REPORT")
+        logging_alignment(d, offset, f.page_size, "DMA_LOGGING_REPORT")
+    elseif d.len > bitmap then
+        d:add_bytes(node, "dma_logging_report.bitmap", bitmap, d.len)
+        if power_of_two(f.page_size) then report_bitmap(d, bitmap, f.length, f.page_size) end
+    end
+    return f
+end
+
 local function feature_data(d, offset, feature, parent)
     if feature == FEATURE.MIGRATION then
-        d:layer("MigrationFeature", offset, parent)
+        local _, f = d:layer("MigrationFeature", offset, parent)
         d:expect_end(offset + d:size("MigrationFeature"), "MIGRATION feature")
+        return "", f
     elseif feature == FEATURE.MIG_DEVICE_STATE then
         local _, f = d:layer("MigDeviceState", offset, parent)
         d:expect_end(offset + d:size("MigDeviceState"), "MIG_DEVICE_STATE")
-        return " state=" .. (MIG_STATES[f.device_state] or tostring(f.device_state))
+        return " state=" .. (MIG_STATES[f.device_state] or tostring(f.device_state)), f
     elseif feature == FEATURE.DMA_LOGGING_START or feature == FEATURE.DMA_LOGGING_STOP then
-        local node, f = d:layer("DmaLogging", offset, parent)
-        offset = offset + d:size("DmaLogging")
-        local count = f.num_ranges or 0
-        local room = math.floor(math.max(d.len - offset, 0) / d:size("DmaLoggingRange"))
-        if count > room then
-            d:expert("dma_logging.ranges_short", string.format(
-                "num_ranges is %d but %d ranges fit", count, room))
-        end
-        for _ = 1, math.min(count, room) do
-            d:layer("DmaLoggingRange", offset, node)
-            offset = offset + d:size("DmaLoggingRange")
-        end
-        d:expect_end(offset, "DMA logging")
+        return "", logging_ranges(d, offset, parent, d.c2s and feature == FEATURE.DMA_LOGGING_START)
     elseif feature == FEATURE.DMA_LOGGING_REPORT then
-        local node, f = d:layer("DmaLoggingReport", offset, parent)
-        local bitmap = offset + d:size("DmaLoggingReport")
-        if d.len > bitmap then
-            d:add_bytes(node, "dma_logging_report.bitmap", bitmap, d.len)
-            if f.page_size ~= 0 then
-                local want = bitmap_bytes(f.length, f.page_size)
-                if d.len - bitmap ~= want then
-                    d:expert("dma_logging.bitmap_size", string.format(
-                        "bitmap is %d bytes; %s bytes of %s-byte pages need %s",
-                        d.len - bitmap, hex(f.length), hex(f.page_size), dec(want)))
-                end
-            end
-        end
-    else
-        d:add_bytes(parent, "device_feature.data", offset, d.len)
+        return "", logging_report(d, offset, parent)
     end
-    return ""
+    d:add_bytes(parent, "device_feature.data", offset, d.len)
+    return "", {}
+end
+
+local OP_NAMES = {{P.FEATURE_GET, "GET"}, {P.FEATURE_SET, "SET"}, {P.FEATURE_PROBE, "PROBE"}}
+
+-- GET and SET of what the feature defines; a PROBE of anything else must fail.
+local function feature_operation(d, flags, feature)
+    local undefined = band(band(flags, P.FEATURE_GET + P.FEATURE_SET),
+                           U32 - FEATURE_OPS[feature])
+    if undefined == 0 then return end
+    local names = {}
+    for _, op in ipairs(OP_NAMES) do
+        if band(undefined, op[1]) ~= 0 then names[#names + 1] = op[2] end
+    end
+    names = table.concat(names, "|")
+    if band(flags, P.FEATURE_PROBE) ~= 0 then
+        d:expert("device_feature.probe_undefined", string.format("PROBE of %s %s, which the "
+                 .. "feature does not define: the probe must fail", names, FEATURES[feature]))
+    else
+        d:expert("device_feature.op_undefined", string.format(
+            "%s of %s, which defines no such operation", names, FEATURES[feature]))
+    end
+end
+
+-- argsz must hold the reply: the request itself for SET and PROBE, the
+-- header and the feature's data for GET.
+local function feature_argsz(d, v, feature, payload, data)
+    local needed = payload
+    if band(v.flags, P.FEATURE_GET) ~= 0 and band(v.flags, P.FEATURE_PROBE) == 0 then
+        local size = ({[FEATURE.MIGRATION] = d:size("MigrationFeature"),
+                       [FEATURE.MIG_DEVICE_STATE] = d:size("MigDeviceState"),
+                       [FEATURE.DMA_LOGGING_REPORT] = d:size("DmaLoggingReport")})[feature] or 0
+        if feature == FEATURE.DMA_LOGGING_REPORT and data.page_size
+                and power_of_two(data.page_size) then
+            size = size + bitmap_bytes(data.length, data.page_size)
+        end
+        needed = d:size("DeviceFeature") + size
+    end
+    if v.argsz < needed then
+        d:expert("argsz.small", string.format("DEVICE_FEATURE %s argsz %d: the reply needs %d bytes",
+                 FEATURES[feature], v.argsz, needed))
+    end
 end
 
 local function device_feature(d, off)
@@ -1147,12 +1434,28 @@ local function device_feature(d, off)
     end
     if FEATURES[feature] == nil then
         d:expert("device_feature.unknown", "unknown feature " .. feature)
+    elseif d.c2s then
+        feature_operation(d, v.flags, feature)
     end
     if not d.c2s then d:reply_argsz(v.argsz, d.len - off, "DEVICE_FEATURE") end
     local data = off + d:size("DeviceFeature")
     local info = (get and "GET " or "") .. (set and "SET " or "") .. (probe and "PROBE " or "")
         .. (FEATURES[feature] or ("feature " .. feature))
-    if d.len > data then info = info .. feature_data(d, data, feature, node) end
+    local values = {}
+    if d.len > data and d.c2s and feature == FEATURE.MIGRATION then
+        d:expect_end(data, "MIGRATION request (it has no data)")
+    elseif d.len > data then
+        local text
+        text, values = feature_data(d, data, feature, node)
+        info = info .. text
+    end
+    if d.c2s and FEATURES[feature] then
+        feature_argsz(d, v, feature, d.len - off, values)
+    elseif get and feature == FEATURE.MIGRATION and values.flags
+            and band(values.flags, MIGRATION_FLAGS.stop_copy) == 0 then
+        d:expert("migration.flags", string.format(
+            "MIGRATION flags 0x%x: the spec requires VFIO_MIGRATION_STOP_COPY", values.flags))
+    end
     return info
 end
 REQUESTS[CMD.DEVICE_FEATURE], REPLIES[CMD.DEVICE_FEATURE] = device_feature, device_feature
@@ -1176,6 +1479,9 @@ local function mig_data(layout, prefix, with_data, is_reply)
         else
             d:expect_end(data, LAYERS[layout].label)
         end
+        if not with_data and not is_reply then       -- a READ request: argsz holds the data asked
+            d:request_argsz(v.argsz, d:size(layout) + v.size, LAYERS[layout].label)
+        end
         if is_reply then
             d:reply_argsz(v.argsz, math.min(d.len - off, d:size(layout) + v.size), LAYERS[layout].label)
             local asked = d.request and d.request.size
@@ -1198,9 +1504,41 @@ bare(CMD.MIG_DATA_WRITE, {REPLIES})
 -- channel in the "ports" of each packet.
 
 local pending, links = {}, {}
+-- What each connection's client has shown of QEMU's DMA layout (its VERSION,
+-- a bare DMA_WRITE reply, a reply in the layout), in the first pass; and
+-- what each frame was dissected with, for the later ones.
+local qemu_dma, frame_qemu_dma = {}, {}
 
 function vfio_user.init()
-    pending, links = {}, {}
+    pending, links, qemu_dma, frame_qemu_dma = {}, {}, {}, {}
+end
+
+-- The client's VERSION is QEMU's: 0.0 proposing exactly QEMU 10.2.2's capabilities.
+local function is_qemu_version(d, h)
+    if h.cmd ~= CMD.VERSION or h.type ~= TYPE_COMMAND or not d.capabilities
+            or d:number(HEADER_SIZE, 4) ~= 0 then
+        return false
+    end
+    for path in pairs(QEMU_CLIENT_CAPABILITIES) do
+        if not d.capabilities[path] then return false end
+    end
+    for path in pairs(d.capabilities) do
+        if not QEMU_CLIENT_CAPABILITIES[path] then return false end
+    end
+    return true
+end
+
+-- First pass: what this message shows of the client's DMA layout.
+local function learn_qemu_dma(d, h, pinfo)
+    local conn = pinfo.src_port
+    if qemu_dma[conn] then return end
+    if d.c2s and is_qemu_version(d, h) then
+        qemu_dma[conn] = string.format("the client's VERSION (frame %d) is QEMU's: 0.0 proposing "
+                                       .. "exactly QEMU 10.2.2's capabilities", pinfo.number)
+    elseif d.shown and d.request then
+        qemu_dma[conn] = string.format("frame %d, %s, was QEMU's", pinfo.number,
+                                       QEMU_DMA_SIGNS[d.shown])
+    end
 end
 
 local function match(d, pinfo, h)
@@ -1266,6 +1604,11 @@ local function header_checks(d, h)
     if band(h.flags, U32 - (P.FLAG_TYPE_MASK + P.FLAG_NO_REPLY + P.FLAG_ERROR)) ~= 0 then
         d:expert("header.flags_unknown", string.format("unknown flag bits in 0x%x", h.flags))
     end
+    if h.type == TYPE_COMMAND and (d.c2s and SERVER_COMMANDS[h.cmd]
+                                   or not d.c2s and CLIENT_COMMANDS[h.cmd]) then
+        d:expert("header.wrong_direction", string.format("%s sent by the %s", COMMANDS[h.cmd],
+                 d.c2s and "client" or "server"))
+    end
     if h.error_flag and h.type == TYPE_REPLY and h.error == 0 then
         d:expert("header.errno_zero", "error reply with errno 0")
     end
@@ -1277,7 +1620,11 @@ end
 
 local function payload(d, h)
     if h.error_flag and h.type == TYPE_REPLY then
-        d:expect_end(HEADER_SIZE, "error reply")
+        if d.len > HEADER_SIZE then
+            d:add_bytes(d.root, "vfio_user.trailing", HEADER_SIZE, d.len)
+            d:expert("reply.error_payload", string.format("error reply carries %d payload bytes; "
+                     .. "an error reply is the header alone", d.len - HEADER_SIZE))
+        end
         return ERRNOS[h.error] or ("errno " .. h.error)
     end
     local table_ = (h.type == TYPE_REPLY) and REPLIES or REQUESTS
@@ -1327,8 +1674,11 @@ function vfio_user.dissector(buf, pinfo, tree)
     remember_request(d, h)
     local link = match(d, pinfo, h)
     if link and link.request then d.request = link.request end
+    if not pinfo.visited then frame_qemu_dma[pinfo.number] = qemu_dma[pinfo.src_port] end
+    d.qemu_dma = frame_qemu_dma[pinfo.number]
     header_checks(d, h)
     local info = payload(d, h)
+    if not pinfo.visited then learn_qemu_dma(d, h, pinfo) end
     if link and link.request then
         root:add(F["vfio_user.response_to"], link.request.number):set_generated()
         root:add(F["vfio_user.time"], link.request.latency):set_generated()

@@ -46,6 +46,7 @@ ERRNO_NAMES = dict(errno.errorcode)
 
 REGIONS = {0: "BAR0", 1: "BAR1", 2: "BAR2", 3: "BAR3", 4: "BAR4", 5: "BAR5",
            6: "ROM", 7: "CONFIG", 8: "VGA"}
+PCI_NUM_REGIONS = len(REGIONS)
 IRQS = {0: "INTx", 1: "MSI", 2: "MSI-X", 3: "ERR", 4: "REQ"}
 REGION_CAPS = {1: "SPARSE_MMAP", 2: "TYPE", 3: "MIGRATION"}
 IO_FD_TYPES = {0: "IOEVENTFD", 1: "IOREGIONFD", 2: "IOEVENTFD_SHADOW"}
@@ -81,89 +82,136 @@ CAPABILITIES: dict[str, tuple[type, Any, str]] = {
     "twin_socket.fd_index": (int, None, "Twin socket fd index"),
     "write_multiple": (bool, False, "REGION_WRITE_MULTI supported"),
 }
-SCM_MAX_FD = 253                       # Linux's limit of fds in one message
-PAGE_4K, MAX_BITMAP_SIZE = 4096, 256 << 20
+# The capabilities QEMU 10.2.2's VERSION proposes (with version 0.0): how a
+# connection's client is known to be QEMU, whose DMA layout is its own.
+QEMU_CLIENT_CAPABILITIES = frozenset({
+    "max_msg_fds", "max_data_xfer_size", "max_dma_maps", "pgsizes", "migration.pgsize",
+    "migration.max_bitmap_size", "write_multiple"})
+# The expert items whose message shows its client uses QEMU's DMA layout.
+QEMU_DMA_SIGNS = {"interop.dma_write_bare_reply": "a bare DMA_WRITE reply",
+                  "interop.dma_qemu_layout": "a DMA_READ reply in QEMU's layout"}
+PAGE_4K = 4096
+OBJECT_CAPABILITIES = {path.split(".", 1)[0] for path in CAPABILITIES if "." in path}
+EXTENSION_CAPABILITIES = {"migration"}     # QEMU's and libvfio-user's, not in the spec
 
-
-def _pow2_multiple_of_4k(v: int) -> str | None:
-    return None if v >= PAGE_4K and v & (v - 1) == 0 else "not a power of two >= 4096"
-
-
-# What each numeric capability may be (None: fine); QEMU rejects the rest.
-CAPABILITY_RANGES: dict[str, Callable[[int], str | None]] = {
-    "max_msg_fds": lambda v: None if 1 <= v <= SCM_MAX_FD else f"outside 1..{SCM_MAX_FD}",
-    "max_data_xfer_size": lambda v: None if v > 0 else "must be positive",
-    "max_dma_maps": lambda v: None if v > 0 else "must be positive",
-    "pgsizes": lambda v: None if v and not v & (PAGE_4K - 1) else "needs a page size >= 4096",
-    "migration.pgsize": _pow2_multiple_of_4k,
-    "migration.max_bitmap_size": lambda v: None if 0 < v <= MAX_BITMAP_SIZE else "outside 1..256 MiB",
-}
+# The least value each numeric capability's meaning allows: no count or size
+# is negative, pgsizes names at least one page size, and a max_data_xfer_size
+# of 0 would forbid the reads and writes every peer must support.
+CAPABILITY_MINIMUM = {"max_msg_fds": 0, "max_data_xfer_size": 1, "max_dma_maps": 0,
+                      "pgsizes": 1, "twin_socket.fd_index": 0, "migration.pgsize": 0,
+                      "migration.max_bitmap_size": 0}
+# What QEMU 10.2.2 accepts in a server's reply (hw/vfio-user/proxy.c): at
+# most these values, and page sizes with no bit below 4 KiB.
+QEMU_CAPABILITY_MAXIMUM = {"max_msg_fds": 16, "max_data_xfer_size": 64 << 20,
+                           "max_dma_maps": 65535, "migration.max_bitmap_size": 256 << 20}
+QEMU_PAGE_CAPABILITIES = ("pgsizes", "migration.pgsize")
+MAX_BITMAP_SIZE = QEMU_CAPABILITY_MAXIMUM["migration.max_bitmap_size"]
 
 
 # --- expert infos -------------------------------------------------------------
-# Every check, once: id, severity, what it means, where the rule comes from.
-# "spec" is QEMU's docs/interop/vfio-user.rst; "facts" is what QEMU 10.2.2 and
-# libvfio-user do on the wire (shared/protocol-facts.md).
+# Every check, once: id, severity, what triggers it, where the rule comes from
+# and, for interop items, which implementation does what.  "spec" is QEMU's
+# docs/interop/vfio-user.rst, by section; a rule that is not the spec's says
+# whose it is, and is a note unless the message also breaks the spec.
 
-SPEC, FACTS = "spec", "facts"
-for _id, _severity, _summary, _section in [
-    # framing
-    ("malformed.short", "error", "a structure is cut short by the message end", f"{SPEC} § Protocol Specification"),
-    ("malformed.trailing", "warning", "bytes beyond what the command's layout accounts for", f"{SPEC} § Protocol Specification"),
+SPEC, FACTS, LVU, QEMU = "spec", "facts", "libvfio-user", "QEMU 10.2.2"
+for _id, _severity, _summary, _section, *_behaviour in [
+    # framing and the header
+    ("malformed.short", "error", "a structure is cut short by the message end", f"{SPEC} § Protocol Specification (each command's layout)"),
+    ("malformed.trailing", "warning", "bytes beyond what the command's layout accounts for", f"{SPEC} § Protocol Specification (each command's layout)"),
     ("header.size", "error", "msg_size disagrees with the message length", f"{SPEC} § Header"),
-    ("header.type", "error", "message type is neither command nor reply", f"{SPEC} § Header"),
-    ("header.unknown_command", "warning", "command number not in the spec", f"{SPEC} § Commands"),
-    ("header.obsolete_command", "warning", "command number only in QEMU's protocol.h", f"{FACTS} § 2"),
-    ("header.error_in_command", "warning", "ERROR flag on a command (flags contradict)", f"{SPEC} § Header"),
-    ("header.no_reply_in_reply", "warning", "NO_REPLY flag on a reply (flags contradict)", f"{SPEC} § Header"),
-    ("header.flags_unknown", "warning", "flag bits the spec does not define", f"{SPEC} § Header"),
-    ("header.errno_zero", "note", "error reply with errno 0", f"{SPEC} § Header"),
-    ("header.error_reserved", "note", "error field set without the ERROR flag", f"{SPEC} § Header"),
-    ("reply.unmatched", "error", "reply whose msg_id matches no request in flight", f"{SPEC} § Header; QEMU: unexpected reply"),
+    ("header.type", "error", "message type is neither command (0) nor reply (1)", f"{SPEC} § Header"),
+    ("header.unknown_command", "warning", "command number not in the spec's table", f"{SPEC} § Commands"),
+    ("header.obsolete_command", "warning", "command 14 (DIRTY_PAGES), not in the spec's table", f"{SPEC} § Commands",
+     "QEMU 10.2.2 still defines it in protocol.h and never sends it; libvfio-user refuses it"),
+    ("header.wrong_direction", "warning", "a command sent the way the spec's table does not give it (DMA_READ/WRITE by the client, the others by the server)", f"{SPEC} § Commands"),
+    ("header.error_in_command", "note", "ERROR flag on a command (the spec defines it for replies)", f"{SPEC} § Header"),
+    ("header.no_reply_in_reply", "note", "NO_REPLY flag on a reply (the spec defines it for commands)", f"{SPEC} § Header"),
+    ("header.flags_unknown", "note", "flag bits the spec does not define", f"{SPEC} § Header"),
+    ("header.errno_zero", "note", "error reply with errno 0 (allowed; the cause is not said)", f"{SPEC} § Header"),
+    ("header.error_reserved", "note", "error field set without the ERROR flag (reserved in commands)", f"{SPEC} § Header"),
+    # replies and requests
+    ("reply.unmatched", "error", "reply whose msg_id matches no request in flight", f"{SPEC} § Header",
+     "QEMU 10.2.2 fails with \"unexpected reply\""),
     ("reply.command_mismatch", "error", "reply's command differs from its request's", f"{SPEC} § Header"),
-    ("reply.accepted_invalid", "error", "success reply to a request the receiver must refuse", f"{SPEC} § Protocol Specification"),
-    ("reply.to_no_reply", "error", "reply to a NO_REPLY request (desynchronizes QEMU's posted writes)", f"{SPEC} § Header; {FACTS} § 9/10"),
-    ("request.duplicate_id", "note", "msg_id reused while a request with it is in flight", f"{FACTS} § 1"),
-    ("request.unanswered", "warning", "request never answered", f"{SPEC} § Socket Disconnection Behavior"),
-    ("request.timeout", "warning", "request unanswered for longer than the timeout (QEMU: 5 s)", f"{FACTS} § 4"),
-    ("fd.count", "warning", "fds where the command carries none, or too few", f"{SPEC} § Protocol Specification"),
+    ("reply.accepted_invalid", "error", "success reply to a request the receiver must refuse", f"{SPEC} § Protocol Specification (the rule the request broke)"),
+    ("reply.error_payload", "warning", "error reply that carries more than the header", f"{SPEC} § Header",
+     "libvfio-user sends its reply payload with some errors (REGION_WRITE, DEVICE_FEATURE)"),
+    ("reply.echo_mismatch", "warning", "reply does not repeat what the spec has it echo (the index, the region and offset, the unmapped DMA entry, a SET or PROBE payload)", f"{SPEC} § DEVICE_GET_REGION_INFO, _REGION_IO_FDS, _IRQ_INFO, REGION_READ/WRITE, DMA_UNMAP, DEVICE_FEATURE"),
+    ("reply.to_no_reply", "note", "reply to a NO_REPLY request, which needs none", f"{SPEC} § Header",
+     "QEMU 10.2.2 takes it for the reply to its next request: its posted writes desynchronize"),
+    ("request.duplicate_id", "note", "msg_id reused while a request with it is in flight (allowed)", f"{SPEC} § Header"),
+    ("request.unanswered", "warning", "request never answered", f"{SPEC} § Header"),
+    ("request.timeout", "note", "request unanswered for longer than the timeout (the spec sets none)", f"{SPEC} § Request Retry and Response Timeout",
+     "QEMU 10.2.2 gives up after x-msg-timeout, 5 s by default"),
+    ("fd.count", "warning", "fds where the message carries none, or the wrong number", f"{SPEC} § Protocol Specification (each command's fds)"),
     ("fd.over_max", "error", "more fds than the receiver's max_msg_fds", f"{SPEC} § VFIO_USER_VERSION"),
-    ("xfer.too_big", "warning", "data transfer over the receiver's max_data_xfer_size", f"{SPEC} § VFIO_USER_VERSION"),
-    ("argsz.truncated", "note", "reply truncated to the request's argsz (the client retries)", f"{SPEC} § argsz"),
-    ("argsz.mismatch", "warning", "argsz disagrees with the payload", f"{SPEC} § argsz"),
-    ("argsz.small", "warning", "request argsz below the reply structure", f"{SPEC} § argsz"),
+    ("xfer.too_big", "warning", "data transfer over the receiver's max_data_xfer_size (REGION, DMA and MIG_DATA reads and writes)", f"{SPEC} § Read and Write Operations; § VFIO_USER_VERSION",
+     "libvfio-user refuses MIG_DATA sizes over it too; the spec's capability table says \"data transfer messages\""),
+    ("argsz.truncated", "note", "reply truncated to the request's argsz (the client retries)", f"{SPEC} § Message sizes"),
+    ("argsz.mismatch", "warning", "argsz disagrees with the payload", f"{SPEC} § Message sizes"),
+    ("argsz.small", "warning", "request argsz below the reply it asks for (the fixed header, the feature's data)", f"{SPEC} § Message sizes"),
+    ("argsz.reply_exceeds", "warning", "reply payload larger than its request's argsz allowed", f"{SPEC} § Message sizes"),
+    ("field.not_zero", "warning", "a field the spec says must be zero is not", f"{SPEC} § DEVICE_GET_INFO, _REGION_INFO, _REGION_IO_FDS, _IRQ_INFO"),
+    ("range.overflow", "warning", "start + count (or address + size) does not fit the field's width: it wraps", f"{SPEC} § DEVICE_SET_IRQS, REGION_READ/WRITE, DMA_MAP/UNMAP/READ/WRITE, DEVICE_FEATURE"),
     # negotiation
-    ("version.not_first", "error", "a command before VERSION was answered", f"{SPEC} § VFIO_USER_VERSION"),
+    ("version.not_first", "error", "a command before VERSION", f"{SPEC} § VFIO_USER_VERSION"),
     ("version.major", "error", "server's major version differs from the client's", f"{SPEC} § VFIO_USER_VERSION"),
     ("version.minor", "warning", "server's minor version above the client's", f"{SPEC} § VFIO_USER_VERSION"),
-    ("version.json_unterminated", "warning", "capabilities JSON not NUL-terminated", f"{FACTS} § 1 VERSION"),
-    ("version.json_invalid", "error", "capabilities JSON does not parse", f"{SPEC} § VFIO_USER_VERSION"),
-    ("version.no_capabilities", "warning", "JSON without a capabilities object", f"{SPEC} § VFIO_USER_VERSION"),
+    ("version.json_unterminated", "warning", "version data not NUL-terminated", f"{SPEC} § VFIO_USER_VERSION",
+     "QEMU 10.2.2 refuses such a reply"),
+    ("version.json_invalid", "error", "version data is not JSON", f"{SPEC} § VFIO_USER_VERSION"),
+    ("version.json_not_object", "warning", "version data is JSON but not an object", f"{SPEC} § VFIO_USER_VERSION",
+     "QEMU 10.2.2 fails (\"capabilities … not an object\")"),
     ("version.unknown_capability", "note", "capability not in the spec", f"{SPEC} § VFIO_USER_VERSION"),
     ("version.capability_type", "warning", "capability of the wrong JSON type", f"{SPEC} § VFIO_USER_VERSION"),
-    ("version.capability_range", "warning", "capability value out of range", f"{SPEC} § VFIO_USER_VERSION; {FACTS} § 1"),
+    ("version.capability_range", "warning", "capability value its meaning excludes (a negative count, no page size, no transfer size)", f"{SPEC} § VFIO_USER_VERSION"),
+    ("version.capability_not_offered", "note", "server reply states a spec capability the client did not propose (the spec: a subset)", f"{SPEC} § VFIO_USER_VERSION",
+     "libvfio-user's server always states max_msg_fds and max_data_xfer_size (and migration, which is not in the spec and not checked); the rule reads oddly for limits each side states about itself"),
+    ("interop.qemu_capability", "note", "server capability QEMU 10.2.2 rejects: max_msg_fds > 16, max_data_xfer_size > 64 MiB, max_dma_maps > 65535, page sizes below 4 KiB, max_bitmap_size > 256 MiB", f"{FACTS} § 1 VERSION",
+     "QEMU 10.2.2 closes the connection; the spec sets no such bound"),
     ("twin.not_negotiated", "error", "twin socket used or offered without negotiation", f"{SPEC} § VFIO_USER_VERSION"),
+    ("twin.fd_index", "warning", "twin_socket.fd_index in a request, or a reply with twin_socket.supported whose fd_index names no passed fd (the client must close)", f"{SPEC} § VFIO_USER_VERSION (Reply)"),
+    ("twin.wrong_channel", "warning", "with twin-socket mode on, a server command on the main socket or a client command on the twin", f"{SPEC} § Socket; § VFIO_USER_DMA_READ"),
     # DMA
-    ("dma_map.flags_unknown", "warning", "DMA_MAP prot bits beyond READ/WRITE no implementation knows", f"{SPEC} § VFIO_USER_DMA_MAP"),
+    ("dma_map.flags_unknown", "note", "DMA_MAP flag bits neither the spec (READ, WRITE) nor libvfio-user (MMAP, FILE_IO) defines", f"{SPEC} § VFIO_USER_DMA_MAP",
+     "libvfio-user refuses them (EINVAL)"),
     ("dma_map.flags_extension", "note", "DMA_MAP MMAP/FILE_IO flags (libvfio-user extensions)", f"{FACTS} § 2 DMA_MAP"),
-    ("dma.overlap", "warning", "DMA_MAP overlapping a live map (the server must answer EEXIST)", f"{SPEC} § VFIO_USER_DMA_MAP"),
-    ("dma.unmap_unknown", "warning", "DMA_UNMAP of a range that is not a live map", f"{SPEC} § VFIO_USER_DMA_UNMAP"),
-    ("dma.misaligned", "warning", "DMA map not aligned to the negotiated page size", f"{SPEC} § VFIO_USER_VERSION pgsizes"),
+    ("dma_map.offset_no_fd", "warning", "DMA_MAP without an fd but with a non-zero offset", f"{SPEC} § VFIO_USER_DMA_MAP"),
+    ("dma.overlap", "warning", "DMA_MAP over a live map (the server must fail it with EEXIST)", f"{SPEC} § VFIO_USER_DMA_MAP"),
+    ("dma.overlap_errno", "warning", "DMA_MAP over a live map refused with an errno other than EEXIST", f"{SPEC} § VFIO_USER_DMA_MAP",
+     "libvfio-user answers EINVAL, and accepts a map identical to a live one"),
+    ("dma.unmap_unknown", "warning", "DMA_UNMAP of a range that is not exactly a live map", f"{SPEC} § VFIO_USER_DMA_UNMAP"),
+    ("dma_unmap.flags", "note", "DMA_UNMAP flags (unused in the spec) set as libvfio-user refuses: unknown bits, ALL with an address or size", f"{SPEC} § VFIO_USER_DMA_UNMAP",
+     "libvfio-user: GET_DIRTY_BITMAP = 1, ALL = 2 with address = size = 0, other bits EINVAL; QEMU 10.2.2 sends ALL only for a whole 2^64 section"),
+    ("dma.misaligned", "warning", "DMA map not aligned to the smallest page size of pgsizes", f"{SPEC} § VFIO_USER_VERSION pgsizes"),
     ("dma.too_many", "warning", "more live DMA maps than max_dma_maps", f"{SPEC} § VFIO_USER_VERSION"),
     ("dma.access_unmapped", "warning", "DMA_READ/WRITE outside every live map", f"{SPEC} § VFIO_USER_DMA_READ"),
-    ("dma_unmap.bitmap_size", "error", "dirty bitmap size disagrees with its header, range or page size", f"{SPEC} § VFIO_USER_DMA_UNMAP"),
-    ("dma_logging.bitmap_size", "warning", "DMA_LOGGING_REPORT bitmap size disagrees with range and page size", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
-    ("dma_logging.ranges_short", "error", "num_ranges exceeds the ranges sent", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
-    ("dirty.bitmap_too_big", "error", "dirty bitmap over the negotiated max_bitmap_size", f"{FACTS} § 1 VERSION; libvfio-user issue 469"),
-    # regions and IRQs
+    ("dma_unmap.bitmap_size", "error", "DMA_UNMAP dirty bitmap size disagrees with its header, range or page size", f"{LVU} (GET_DIRTY_BITMAP; not in the spec)"),
+    ("dma_logging.bitmap_size", "warning", "DMA_LOGGING_REPORT bitmap size disagrees with range and page size", f"{SPEC} § VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT"),
+    ("dma_logging.bitmap_bits", "warning", "DMA_LOGGING_REPORT bitmap sets bits beyond the requested range", f"{SPEC} § VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT"),
+    ("dma_logging.ranges_short", "error", "num_ranges exceeds the ranges sent", f"{SPEC} § VFIO_DEVICE_FEATURE_DMA_LOGGING_START"),
+    ("dma_logging.page_size", "warning", "DMA logging page size zero, or a REPORT page size not a power of two", f"{SPEC} § VFIO_DEVICE_FEATURE_DMA_LOGGING_START / _REPORT"),
+    ("dma_logging.unaligned", "note", "DMA logging range or report not aligned to its page size", f"{LVU} (the spec sets no alignment)",
+     "libvfio-user refuses it (EINVAL, ENOTSUP)"),
+    ("dma_logging.unmapped", "note", "DMA_LOGGING_REPORT of a range no live DMA map with an fd holds", f"{LVU} (the spec sets no such rule)",
+     "libvfio-user logs only the memory it maps, and refuses other ranges (EINVAL, ENOENT)"),
+    ("dma_logging.not_started", "warning", "DMA_LOGGING_REPORT, or a DMA_UNMAP dirty bitmap, while dirty logging is off", f"{SPEC} § VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT"),
+    ("dirty.bitmap_too_big", "note", "dirty bitmap over the client's migration.max_bitmap_size", f"{FACTS} § 1 VERSION (migration is not in the spec)",
+     "QEMU 10.2.2 and libvfio-user negotiate max_bitmap_size; libvfio-user issue 469"),
+    # the device, regions and IRQs
+    ("device_info.pci", "warning", "DEVICE_GET_INFO reply that is not a PCI device with at least the 9 PCI regions", f"{SPEC} § VFIO_USER_DEVICE_GET_INFO; § Device-Specific Regions"),
+    ("device_reset.unsupported", "warning", "DEVICE_RESET to a device whose GET_INFO reply lacked RESET", f"{SPEC} § VFIO_USER_DEVICE_GET_INFO"),
     ("region_info.caps_missing", "warning", "CAPS flag with no capability chain", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
-    ("region_info.mmap_no_fd", "note", "mmap-able region whose reply carries no fd", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
+    ("region_info.mmap_no_fd", "warning", "MMAP region whose reply carries no fd", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
     ("region_info.fd_per_area", "note", "one fd per sparse area instead of one per region", f"{FACTS} § 3"),
     ("region_info.cap_loop", "error", "region capability chain loops", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
     ("region_info.cap_unknown", "note", "unknown region capability id", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
+    ("region_info.cap_version", "warning", "SPARSE_MMAP capability whose version is not 1", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO (sparse mmap cap header)"),
     ("region_info.areas_short", "error", "nr_areas exceeds the areas sent", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
-    ("region_io_fds.entry_size", "error", "IO_FDS entries neither 40 nor 48 bytes", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_IO_FDS"),
+    ("region_io_fds.entry_size", "error", "IO_FDS sub-regions do not divide into count entries of at least 40 bytes", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_IO_FDS"),
     ("region_io_fds.fd_index", "error", "sub-region names an fd that was not passed", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_IO_FDS"),
+    ("region_io_fds.posted_writes", "warning", "zero-size ioregionfd sub-region without KVM_IOREGION_POSTED_WRITES", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_IO_FDS (ioregionfd)"),
     ("region.unknown", "warning", "access to a region index the device did not report", f"{SPEC} § VFIO_USER_DEVICE_GET_INFO"),
     ("region.out_of_bounds", "warning", "region access beyond the region's size", f"{SPEC} § VFIO_USER_REGION_READ"),
     ("region.access_flags", "warning", "region access against its READ/WRITE flags", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
@@ -171,25 +219,45 @@ for _id, _severity, _summary, _section in [
     ("region_write.count", "error", "REGION_WRITE count disagrees with the data", f"{SPEC} § VFIO_USER_REGION_WRITE"),
     ("write_multi.count", "error", "wr_cnt exceeds the entries sent", f"{SPEC} § VFIO_USER_REGION_WRITE_MULTI"),
     ("write_multi.entry_count", "error", "write entry count over 8 bytes", f"{SPEC} § VFIO_USER_REGION_WRITE_MULTI"),
+    ("write_multi.not_negotiated", "warning", "REGION_WRITE_MULTI to a server that did not state write_multiple", f"{SPEC} § VFIO_USER_VERSION"),
     ("set_irqs.flags", "error", "SET_IRQS needs exactly one data type and one action", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
     ("set_irqs.bool_count", "error", "DATA_BOOL bytes disagree with count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
     ("set_irqs.fd_count", "warning", "eventfd count disagrees with count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
+    ("set_irqs.count_zero", "note", "SET_IRQS count 0 other than start 0 with DATA_NONE|TRIGGER", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS",
+     "the spec's disable-all case names DATA_NONE and no action; libvfio-user and Linux VFIO accept it only with TRIGGER and refuse the others (EINVAL)"),
+    ("irq.unknown", "warning", "SET_IRQS or GET_IRQ_INFO of an index beyond the device's num_irqs", f"{SPEC} § VFIO_USER_DEVICE_GET_INFO"),
     ("irq.out_of_range", "warning", "SET_IRQS beyond the index's count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
+    ("irq.action_unsupported", "warning", "SET_IRQS MASK/UNMASK on an index without MASKABLE, or eventfds for one without EVENTFD", f"{SPEC} § VFIO_USER_DEVICE_GET_IRQ_INFO; § VFIO_USER_DEVICE_SET_IRQS"),
     # server commands, interop and deadlock risk
     ("dma_read.count", "error", "DMA_READ count disagrees with the data", f"{SPEC} § VFIO_USER_DMA_READ"),
     ("dma_write.count", "error", "DMA_WRITE count disagrees with the data", f"{SPEC} § VFIO_USER_DMA_WRITE"),
-    ("dma_read.count_mismatch", "warning", "DMA_READ reply count differs from the request's", f"{SPEC} § VFIO_USER_DMA_READ"),
-    ("dma_write.count_mismatch", "warning", "DMA_WRITE reply count differs from the request's", f"{SPEC} § VFIO_USER_DMA_WRITE"),
-    ("interop.dma_qemu_layout", "warning", "DMA_READ/WRITE in QEMU's layout (u32 count, data at 12)", f"{FACTS} § 11/12"),
-    ("interop.dma_write_bare_reply", "error", "DMA_WRITE reply is QEMU's bare header: libvfio-user fails the transfer (\"bad reply to DMA transfer\")", f"{FACTS} § 11/12"),
-    ("interop.region_caps_offset", "warning", "CAPS flag with cap_offset outside [32, argsz], as Linux VFIO sends in a truncated reply: QEMU fails (\"failed to get region N info: Invalid argument\")", f"{FACTS} peers: QEMU 10.2.2"),
-    ("interop.io_fds_48", "note", "48-byte IO_FDS entries (libvfio-user), the spec has 40", f"{FACTS} § 6 IO_FDS"),
-    ("interop.mig_data_padding", "note", "short MIG_DATA_READ reply padded to the buffer (libvfio-user)", f"{FACTS} § 17/18"),
-    ("deadlock.server_command", "warning", "server command on the main socket while a client request is in flight, no twin socket", f"{SPEC} § Command Concurrency; libvfio-user issues 279, 466"),
+    ("dma_read.count_mismatch", "note", "DMA_READ reply count differs from the request's", f"{LVU} (the spec allows it)",
+     "libvfio-user fails the transfer (\"bad reply to DMA transfer\")"),
+    ("dma_write.count_mismatch", "note", "DMA_WRITE reply count differs from the request's", f"{LVU} (the spec allows it)",
+     "libvfio-user fails the transfer (\"bad reply to DMA transfer\")"),
+    ("interop.dma_qemu_layout", "warning", "DMA_READ reply in QEMU's layout (u32 count, data at 12)", f"{SPEC} § VFIO_USER_DMA_READ; {FACTS} § 11/12",
+     "QEMU 10.2.2 reads and writes u32 count, data at offset 12; libvfio-user and the spec: u64 count, data at 16"),
+    ("interop.dma_write_bare_reply", "error", "DMA_WRITE reply that is the bare header", f"{SPEC} § VFIO_USER_DMA_WRITE; {FACTS} § 11/12",
+     "QEMU 10.2.2 replies with the header alone; libvfio-user fails the transfer (\"bad reply to DMA transfer\")"),
+    ("interop.dma_write_spec_reply", "note", "DMA_WRITE reply with the spec table's u32 count (12 bytes)", f"{SPEC} § VFIO_USER_DMA_WRITE (Reply); {FACTS} § 11/12",
+     "the spec's reply table gives count 4 bytes, its request 8; libvfio-user sends and expects 8 and fails a 12-byte reply (\"bad reply to DMA transfer\"); QEMU 10.2.2 sends the bare header"),
+    ("interop.region_caps_offset", "note", "REGION_INFO CAPS with cap_offset outside [32, argsz] in a truncated reply", f"{FACTS} peers: QEMU 10.2.2",
+     "Linux VFIO keeps CAPS with cap_offset 0 when it truncates; QEMU 10.2.2 fails (\"failed to get region N info: Invalid argument\"); libvfio-user sets CAPS only when the capabilities fit"),
+    ("interop.io_fds_48", "note", "48-byte IO_FDS entries (libvfio-user's shadow ioeventfd)", f"{FACTS} § 6 IO_FDS",
+     "libvfio-user inserts shadow_offset (type 2); the spec's entries are 40 bytes"),
+    ("interop.mig_data_padding", "note", "short MIG_DATA_READ reply padded to the buffer", f"{FACTS} § 17/18",
+     "libvfio-user sends its whole buffer with the last, short chunk"),
+    ("interop.irq_mask_eventfd", "note", "SET_IRQS MASK/UNMASK with eventfds", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS; {FACTS} § 8",
+     "libvfio-user closes them (\"closing unexpected fd\") and replies success: no mask event is ever signalled; QEMU 10.2.2 sends its INTx resample fd so"),
+    ("deadlock.server_command", "note", "server command on the main socket while a client request is in flight, no twin socket", f"{SPEC} § Socket (no stall on the other channel); libvfio-user issues 279, 466",
+     "a single-threaded client that waits for its reply deadlocks"),
     # features and migration
     ("device_feature.get_and_set", "error", "GET and SET together without PROBE", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
-    ("device_feature.unknown", "note", "unknown device feature", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
-    ("migration.transition", "warning", "device-state transition the state machine forbids", f"{SPEC} § VFIO_USER_DEVICE_FEATURE; {FACTS} § 16"),
+    ("device_feature.unknown", "note", "device feature the spec does not list", f"{SPEC} § VFIO_USER_DEVICE_FEATURE (Device Features)"),
+    ("device_feature.op_undefined", "warning", "GET or SET of a feature that defines no such operation (SET MIGRATION, GET DMA_LOGGING_START ...)", f"{SPEC} § VFIO_USER_DEVICE_FEATURE (Device Features)"),
+    ("device_feature.probe_undefined", "note", "PROBE of an operation the feature does not define: the probe must fail", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
+    ("migration.flags", "warning", "MIGRATION feature without VFIO_MIGRATION_STOP_COPY", f"{SPEC} § VFIO_DEVICE_FEATURE_MIGRATION"),
+    ("migration.transition", "warning", "device-state transition the state machine forbids", f"{SPEC} § VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE"),
     ("migration.data_state", "warning", "MIG_DATA_READ/WRITE in a state that allows none", f"{SPEC} § VFIO_USER_MIG_DATA_READ"),
     ("mig_data_read.size", "error", "MIG_DATA_READ size disagrees with the data", f"{SPEC} § VFIO_USER_MIG_DATA_READ"),
     ("mig_data_write.size", "error", "MIG_DATA_WRITE size disagrees with the data", f"{SPEC} § VFIO_USER_MIG_DATA_WRITE"),
@@ -198,7 +266,7 @@ for _id, _severity, _summary, _section in [
     ("capture.truncated", "warning", "the capture holds only part of the message", "vfu-inspect"),
     ("fault.injected", "note", "the proxy injected a fault here (proxy --fault)", "vfu-inspect"),
 ]:
-    expert_info(_id, _severity, _summary, _section)
+    expert_info(_id, _severity, _summary, _section, *_behaviour)
 
 
 # --- layers -------------------------------------------------------------------
@@ -513,6 +581,9 @@ class Context:
     fds: list[dict[str, Any]]            # metadata of the passed fds
     request: bytes | None = None         # the matched request, for a reply
     fd_purposes: dict[int, str] = dc_field(default_factory=dict)
+    # Why this connection's client is known to use QEMU's DMA layout (what it
+    # has shown earlier), or None: decides replies whose bytes fit both.
+    qemu_dma: str | None = None
 
     def purpose(self, index: int, text: str) -> None:
         if 0 <= index < len(self.fds):
@@ -598,6 +669,21 @@ def check_request_argsz(tree: Tree, argsz: int, minimum: int, what: str) -> None
                     f"{what} argsz {argsz} is below the {minimum}-byte reply struct")
 
 
+def check_zero(tree: Tree, values: dict[str, int], names: tuple[str, ...], what: str) -> None:
+    """Fields the spec says must be zero."""
+    set_ = [f"{name}={values[name]:#x}" for name in names if values.get(name)]
+    if set_:
+        tree.expert("field.not_zero", f"{what}: {', '.join(set_)}; the spec says must be zero")
+
+
+def check_range(tree: Tree, start: int, count: int, bits: int, what: str) -> None:
+    """start + count must fit a `bits`-wide field: where it does not, the end
+    a receiver computes in that width wraps (to 0 for an end of 2^bits)."""
+    if start + count >= 1 << bits:
+        tree.expert("range.overflow", f"{what} {start:#x}+{count:#x} does not fit in {bits} "
+                    "bits: it wraps")
+
+
 def hex_size(n: int) -> str:
     return f"{n:#x}"
 
@@ -667,39 +753,84 @@ def _version(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
 
 def _capabilities(tree: Tree, doc: Any, parent: int, start: int, length: int,
                   ctx: Context) -> None:
-    caps = doc.get("capabilities") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):
+        tree.expert("version.json_not_object",
+                    f"version data is a JSON {type(doc).__name__}, not an object", start, length)
+        return
+    caps = doc.get("capabilities", {})      # optional, as every capability is
     if not isinstance(caps, dict):
-        tree.expert("version.no_capabilities",
-                    "JSON has no \"capabilities\" object", start, length)
+        tree.expert("version.capability_type", "capabilities should be an object, got "
+                    f"{json.dumps(caps)}", start, length)
         return
     for path, value in _flatten(caps):
         spec = CAPABILITIES.get(path)
-        if spec is None:
+        if spec is None and path not in OBJECT_CAPABILITIES:
             tree.add("version.unknown_capability", f"{path}={json.dumps(value)}",
                      start, length, parent)
             tree.expert("version.unknown_capability",
                         f"capability {path!r} is not in the spec", start, length)
             continue
-        kind = spec[0]
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int)) \
-                or kind is bool and not isinstance(value, bool):
+        kind = spec[0] if spec else dict
+        if not _is_a(value, kind):
             tree.expert("version.capability_type",
-                        f"capability {path} should be a {kind.__name__}, "
+                        f"capability {path} should be {_TYPE_NAMES[kind]}, "
                         f"got {json.dumps(value)}", start, length)
             continue
-        tree.add(f"version.{path}", value, start, length, parent)
-        problem = CAPABILITY_RANGES.get(path, lambda v: None)(value)
-        if problem:
-            tree.expert("version.capability_range", f"{path}={value}: {problem}", start, length)
-        if path == "twin_socket.fd_index":
-            ctx.purpose(value, "twin socket (server-to-client commands)")
+        if not (kind is int and value < 0):         # the fields are unsigned
+            tree.add(f"version.{path}", value, start, length, parent)
+        _capability_range(tree, path, value, ctx, start, length)
+    _twin_fd_index(tree, caps.get("twin_socket"), ctx, start, length)
+
+
+_TYPE_NAMES = {int: "a number", bool: "a boolean", dict: "an object"}
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is int:         # JSON has no int type, but a count is whole; true is no number
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _capability_range(tree: Tree, path: str, value: Any, ctx: Context, start: int,
+                      length: int) -> None:
+    least = CAPABILITY_MINIMUM.get(path)
+    if least is not None and value < least:
+        tree.expert("version.capability_range", f"{path}={value}: below {least}", start, length)
+    if ctx.direction != "s2c":
+        return                      # QEMU checks what the server states
+    most = QEMU_CAPABILITY_MAXIMUM.get(path)
+    if most is not None and value > most:
+        tree.expert("interop.qemu_capability", f"{path}={value}: QEMU 10.2.2 accepts at most "
+                    f"{most} and closes the connection", start, length)
+    elif path in QEMU_PAGE_CAPABILITIES and value % PAGE_4K:
+        tree.expert("interop.qemu_capability", f"{path}={value:#x} has bits below 4 KiB: "
+                    "QEMU 10.2.2 closes the connection", start, length)
+
+
+def _twin_fd_index(tree: Tree, twin: Any, ctx: Context, start: int, length: int) -> None:
+    """fd_index is only valid in a reply, and there it must name a passed fd
+    whenever supported is true (the client closes otherwise)."""
+    if not isinstance(twin, dict):
+        return
+    index = twin.get("fd_index")
+    if ctx.direction == "c2s":
+        if "fd_index" in twin:
+            tree.expert("twin.fd_index", "twin_socket.fd_index is only valid in the reply",
+                        start, length)
+    elif twin.get("supported") is True and not (
+            _is_a(index, int) and 0 <= index < len(ctx.fds)):
+        tree.expert("twin.fd_index", f"twin_socket.supported with fd_index {json.dumps(index)} "
+                    f"and {len(ctx.fds)} fds passed: the client must close the connection",
+                    start, length)
+    elif _is_a(index, int):
+        ctx.purpose(index, "twin socket (server-to-client commands)")
 
 
 def _flatten(obj: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     out = []
     for key, value in obj.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and any(p.startswith(path + ".") for p in CAPABILITIES):
+        if isinstance(value, dict) and path in OBJECT_CAPABILITIES:
             out.extend(_flatten(value, path + "."))
         else:
             out.append((path, value))
@@ -715,12 +846,16 @@ def _dma_map(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     if v["argsz"] != DmaMap.vfu_compiled.size:
         tree.expert("argsz.mismatch",
                     f"DMA_MAP argsz {v['argsz']}, the request struct is 32 bytes")
-    if v["flags"] & ~0xF:
-        tree.expert("dma_map.flags_unknown",
-                    f"DMA_MAP flags {v['flags']:#x} has bits no implementation knows")
+    if v["flags"] & ~sum(DMA_MAP_FLAGS.values()):
+        tree.expert("dma_map.flags_unknown", f"DMA_MAP flags {v['flags']:#x} has bits neither "
+                    "the spec nor libvfio-user defines (libvfio-user refuses them)")
     elif v["flags"] & ~SPEC_DMA_MAP_FLAGS:
         tree.expert("dma_map.flags_extension",
                     f"DMA_MAP flags {v['flags']:#x}: MMAP/FILE_IO are libvfio-user extensions")
+    check_range(tree, v["address"], v["size"], 64, "DMA_MAP")
+    if not ctx.fds and v["offset"]:
+        tree.expert("dma_map.offset_no_fd", f"DMA_MAP offset {v['offset']:#x} without an fd: "
+                    "the offset is zero when the region is not mappable")
     end = v["address"] + v["size"]
     ctx.purpose(0, f"DMA memory for iova {v['address']:#x}-{end:#x} "
                    f"(file offset {v['offset']:#x})")
@@ -742,6 +877,8 @@ def _dma_unmap(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         return ""
     end = off + DmaUnmap.vfu_compiled.size
     info = f"iova={v['address']:#x} size={hex_size(v['size'])}"
+    if ctx.direction == "c2s":
+        _unmap_request_checks(tree, v)
     if v["flags"] & DMA_UNMAP_FLAGS["all"]:
         info += " ALL"
     if v["flags"] & DMA_UNMAP_FLAGS["get_dirty_bitmap"]:
@@ -758,12 +895,24 @@ def _dma_unmap(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return info
 
 
+def _unmap_request_checks(tree: Tree, v: dict[str, int]) -> None:
+    check_request_argsz(tree, v["argsz"], DmaUnmap.vfu_compiled.size, "DMA_UNMAP")
+    if v["flags"] & ~sum(DMA_UNMAP_FLAGS.values()):
+        tree.expert("dma_unmap.flags", f"DMA_UNMAP flags {v['flags']:#x}: bits libvfio-user "
+                    "does not define (it refuses them); the spec leaves flags unused")
+    elif v["flags"] & DMA_UNMAP_FLAGS["all"] and (v["address"] or v["size"]):
+        tree.expert("dma_unmap.flags", f"DMA_UNMAP ALL with iova {v['address']:#x} size "
+                    f"{v['size']:#x}: libvfio-user refuses ALL unless both are 0")
+    check_range(tree, v["address"], v["size"], 64, "DMA_UNMAP")
+
+
 @request("DEVICE_GET_INFO")
 def _device_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, DeviceInfo, msg, off)
     expect_end(tree, msg, off + DeviceInfo.vfu_compiled.size, "DEVICE_GET_INFO request")
     if "argsz" in v:
         check_request_argsz(tree, v["argsz"], DeviceInfo.vfu_compiled.size, "DEVICE_GET_INFO")
+        check_zero(tree, v, ("flags", "num_regions", "num_irqs"), "DEVICE_GET_INFO request")
     return ""
 
 
@@ -774,6 +923,9 @@ def _device_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     if "num_irqs" not in v:
         return ""
     check_reply_argsz(tree, v["argsz"], len(msg) - off, "DEVICE_GET_INFO")
+    if not v["flags"] & DEVICE_INFO_FLAGS["pci"] or v["num_regions"] < PCI_NUM_REGIONS:
+        tree.expert("device_info.pci", f"flags {v['flags']:#x}, {v['num_regions']} regions: "
+                    f"the spec supports only PCI devices, with at least {PCI_NUM_REGIONS} regions")
     return f"regions={v['num_regions']} irqs={v['num_irqs']} flags={v['flags']:#x}"
 
 
@@ -787,6 +939,7 @@ def _region_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     if "index" not in v:
         return ""
     check_request_argsz(tree, v["argsz"], RegionInfo.vfu_compiled.size, "DEVICE_GET_REGION_INFO")
+    check_zero(tree, v, ("flags", "cap_offset", "size", "offset"), "DEVICE_GET_REGION_INFO request")
     # libvfio-user's client sends an argsz-sized buffer: padding, not an error.
     return f"{region_name(v['index'])} argsz={v['argsz']}"
 
@@ -802,13 +955,13 @@ def _region_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     info = f"{name} size={hex_size(v['size'])} flags={_flag_letters(v['flags'], REGION_FLAGS)}"
     end = off + RegionInfo.vfu_compiled.size
     if v["flags"] & REGION_FLAGS["caps"]:
-        if not RegionInfo.vfu_compiled.size <= v["cap_offset"] <= v["argsz"]:
-            tree.expert("interop.region_caps_offset",
-                        f"CAPS with cap_offset {v['cap_offset']} outside "
-                        f"[{RegionInfo.vfu_compiled.size}, {v['argsz']}]: QEMU fails with "
-                        f"\"failed to get region {v['index']} info: Invalid argument\"")
         if v["argsz"] > payload_len:
             info += " (truncated, argsz=%d)" % v["argsz"]
+            if not RegionInfo.vfu_compiled.size <= v["cap_offset"] <= v["argsz"]:
+                tree.expert("interop.region_caps_offset",
+                            f"CAPS with cap_offset {v['cap_offset']} outside "
+                            f"[{RegionInfo.vfu_compiled.size}, {v['argsz']}]: QEMU fails with "
+                            f"\"failed to get region {v['index']} info: Invalid argument\"")
         elif not v["cap_offset"]:
             tree.expert("region_info.caps_missing",
                         "CAPS flag set but cap_offset is 0: no capability chain")
@@ -849,6 +1002,9 @@ def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
             break
         body = base + offset + RegionCap.vfu_compiled.size
         if cap["id"] == 1:
+            if cap["version"] != 1:
+                tree.expert("region_info.cap_version",
+                            f"SPARSE_MMAP capability version {cap['version']}, the spec's is 1")
             end = max(end, _sparse_areas(tree, msg, body, node))
         elif cap["id"] == 2:
             add_layer(tree, RegionType, msg, body, node)
@@ -860,15 +1016,21 @@ def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
     return min(end, len(msg))
 
 
+def fitting(tree: Tree, count: int, msg: bytes, offset: int, cls: type[Packet],
+            expert_id: str, what: str) -> int:
+    """How many of `count` entries of layout `cls` fit from `offset`; the rest
+    are flagged with `expert_id`."""
+    room = max(len(msg) - offset, 0) // cls.vfu_compiled.size
+    if count > room:
+        tree.expert(expert_id, f"{what} is {count} but only {room} fit in the message")
+    return min(count, room)
+
+
 def _sparse_areas(tree: Tree, msg: bytes, offset: int, parent: int) -> int:
     _, sp = add_layer(tree, SparseMmap, msg, offset, parent)
     offset += SparseMmap.vfu_compiled.size
-    count = sp.get("nr_areas", 0)
-    room = max(len(msg) - offset, 0) // SparseArea.vfu_compiled.size
-    if count > room:
-        tree.expert("region_info.areas_short",
-                    f"nr_areas is {count} but only {room} areas fit in the message")
-        count = room
+    count = fitting(tree, sp.get("nr_areas", 0), msg, offset, SparseArea,
+                    "region_info.areas_short", "nr_areas")
     for _ in range(count):
         add_layer(tree, SparseArea, msg, offset, parent)
         offset += SparseArea.vfu_compiled.size
@@ -879,7 +1041,12 @@ def _sparse_areas(tree: Tree, msg: bytes, offset: int, parent: int) -> int:
 def _io_fds_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, RegionIoFds, msg, off)
     expect_end(tree, msg, off + RegionIoFds.vfu_compiled.size, "DEVICE_GET_REGION_IO_FDS request")
-    return region_name(v["index"]) if "index" in v else ""
+    if "count" not in v:
+        return ""
+    check_request_argsz(tree, v["argsz"], RegionIoFds.vfu_compiled.size,
+                        "DEVICE_GET_REGION_IO_FDS")
+    check_zero(tree, v, ("flags", "count"), "DEVICE_GET_REGION_IO_FDS request")
+    return region_name(v["index"])
 
 
 @reply("DEVICE_GET_REGION_IO_FDS")
@@ -887,38 +1054,58 @@ def _io_fds_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, RegionIoFds, msg, off)
     if "count" not in v:
         return ""
-    start = off + RegionIoFds.vfu_compiled.size
+    start, header = off + RegionIoFds.vfu_compiled.size, RegionIoFds.vfu_compiled.size
     check_reply_argsz(tree, v["argsz"], len(msg) - off, "DEVICE_GET_REGION_IO_FDS")
-    count, body = v["count"], len(msg) - start
-    if count == 0:
+    check_zero(tree, v, ("flags",), "DEVICE_GET_REGION_IO_FDS reply")
+    info = f"{region_name(v['index'])} {v['count']} sub-regions"
+    # argsz and count say what the whole array needs; a truncated reply
+    # carries only what fit (often none of it) and needs no fd.
+    truncated = v["argsz"] > len(msg) - off
+    array = max(v["argsz"] - header, len(msg) - start)
+    if v["count"] == 0 or (truncated and len(msg) == start):
         expect_end(tree, msg, start, "DEVICE_GET_REGION_IO_FDS reply")
-        return f"{region_name(v['index'])} 0 sub-regions"
-    entry = body // count if body % count == 0 else 0
-    layout = {40: SubRegion, 48: ShadowSubRegion}.get(entry)
-    if layout is None:
-        tree.expert("region_io_fds.entry_size",
-                    f"{body} bytes for {count} sub-regions: entries must be 40 or 48 bytes")
-        layout = SubRegion
-        count = min(count, body // SubRegion.vfu_compiled.size)
-    elif entry == 48:
+        return info
+    entry = array // v["count"] if array % v["count"] == 0 else 0
+    if entry < SubRegion.vfu_compiled.size:
+        tree.expert("region_io_fds.entry_size", f"{array} bytes for {v['count']} sub-regions: "
+                    f"not {v['count']} entries of at least {SubRegion.vfu_compiled.size} bytes")
+        entry = SubRegion.vfu_compiled.size
+    elif entry == ShadowSubRegion.vfu_compiled.size:
         tree.expert("interop.io_fds_48",
                     "48-byte sub-regions (libvfio-user's shadow ioeventfd layout), the spec has 40")
-    offset = start
-    for i in range(count):
-        _, sub = add_layer(tree, layout, msg, offset, node)
-        if "fd_index" in sub:
-            kind = IO_FD_TYPES.get(sub["type"], f"type {sub['type']}").lower()
-            ctx.purpose(sub["fd_index"], f"{kind} for {region_name(v['index'])} "
-                                         f"offset {sub['offset']:#x} (sub-region {i})")
-            if sub["fd_index"] >= len(ctx.fds):
-                tree.expert("region_io_fds.fd_index",
-                            f"sub-region {i} names fd {sub['fd_index']}, "
-                            f"{len(ctx.fds)} fds were passed")
-        offset += layout.vfu_compiled.size
-    if not ctx.fds:
+    offset = _sub_regions(tree, msg, start, entry, v, ctx, node, check_fds=not truncated)
+    if not ctx.fds and not truncated:
         tree.expert("fd.count", "REGION_IO_FDS reply carries no fd (at least 1 expected)")
     expect_end(tree, msg, offset, "DEVICE_GET_REGION_IO_FDS reply")
-    return f"{region_name(v['index'])} {v['count']} sub-regions"
+    return info
+
+
+KVM_IOREGION_POSTED_WRITES = 1 << 1         # linux/kvm.h of the ioregionfd series
+IO_FD_TYPE = {name: number for number, name in IO_FD_TYPES.items()}
+
+
+def _sub_regions(tree: Tree, msg: bytes, offset: int, entry: int, v: dict[str, int],
+                 ctx: Context, parent: int, check_fds: bool) -> int:
+    """Decode the entries present, `entry` bytes apart: the spec's 40-byte
+    layout, libvfio-user's 48-byte one, or 40 known bytes and the rest."""
+    layout = ShadowSubRegion if entry == ShadowSubRegion.vfu_compiled.size else SubRegion
+    for i in range(min(v["count"], (len(msg) - offset) // entry)):
+        _, sub = add_layer(tree, layout, msg, offset, parent)
+        if entry > layout.vfu_compiled.size:
+            add_bytes(tree, "vfio_user.trailing", msg, offset + layout.vfu_compiled.size,
+                      offset + entry, parent)
+        offset += entry
+        kind = IO_FD_TYPES.get(sub["type"], f"type {sub['type']}").lower()
+        ctx.purpose(sub["fd_index"], f"{kind} for {region_name(v['index'])} "
+                                     f"offset {sub['offset']:#x} (sub-region {i})")
+        if check_fds and sub["fd_index"] >= len(ctx.fds):
+            tree.expert("region_io_fds.fd_index", f"sub-region {i} names fd {sub['fd_index']}, "
+                        f"{len(ctx.fds)} fds were passed")
+        if (sub["type"] == IO_FD_TYPE["IOREGIONFD"] and not sub["size"]
+                and not sub["flags"] & KVM_IOREGION_POSTED_WRITES):
+            tree.expert("region_io_fds.posted_writes", f"sub-region {i}: ioregionfd of size 0 "
+                        "without KVM_IOREGION_POSTED_WRITES")
+    return offset
 
 
 @request("DEVICE_GET_IRQ_INFO")
@@ -928,6 +1115,7 @@ def _irq_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     if "index" not in v:
         return ""
     check_request_argsz(tree, v["argsz"], IrqInfo.vfu_compiled.size, "DEVICE_GET_IRQ_INFO")
+    check_zero(tree, v, ("flags", "count"), "DEVICE_GET_IRQ_INFO request")
     return IRQS.get(v["index"], f"index {v['index']}")
 
 
@@ -963,23 +1151,35 @@ def _set_irqs(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
                         f"DATA_BOOL with count {count} carries {len(msg) - data} bytes")
     else:
         expect_end(tree, msg, data, "DEVICE_SET_IRQS request")
+    action_name = {0x8: "MASK", 0x10: "UNMASK", 0x20: "TRIGGER"}.get(action, "?")
     if kind == SET_IRQS_FLAGS["data_eventfd"]:
         for i in range(len(ctx.fds)):
             ctx.purpose(i, f"eventfd of {irq} vector {start + i}")
         if ctx.fds and len(ctx.fds) != count:
             tree.expert("set_irqs.fd_count",
                         f"{len(ctx.fds)} eventfds for count {count}")
+        if ctx.fds and action != SET_IRQS_FLAGS["trigger"]:
+            tree.expert("interop.irq_mask_eventfd", f"{action_name} with eventfds "
+                        f"({len(ctx.fds)}): libvfio-user closes them and replies success")
     elif ctx.fds:
         tree.expert("fd.count", f"{len(ctx.fds)} fds without DATA_EVENTFD")
-    if v["argsz"] not in (SetIrqs.vfu_compiled.size, len(msg) - off):
-        tree.expert("argsz.mismatch",
-                    f"SET_IRQS argsz {v['argsz']}, request is {len(msg) - off} bytes")
-    action_name = {0x8: "MASK", 0x10: "UNMASK", 0x20: "TRIGGER"}.get(action, "?")
-    kind_name = {0x1: "none", 0x2: "bool", 0x4: "eventfd"}.get(kind, "?")
-    return f"{irq} {action_name} start={start} count={count} data={kind_name}" + (
+    if v["argsz"] != len(msg) - off:
+        tree.expert("argsz.mismatch", f"SET_IRQS argsz {v['argsz']}, the request payload "
+                    f"(data included) is {len(msg) - off} bytes")
+    check_range(tree, start, count, 32, "SET_IRQS start+count")
+    if count == 0 and (start or flags & (SET_IRQS_DATA | SET_IRQS_ACTION) != DISABLE_ALL):
+        tree.expert("set_irqs.count_zero", f"count 0 with start {start}, {kind_name(kind)} "
+                    f"{action_name}: libvfio-user and Linux VFIO take count 0 only as start 0 "
+                    "DATA_NONE|TRIGGER (disable the index) and refuse the rest")
+    return f"{irq} {action_name} start={start} count={count} data={kind_name(kind)}" + (
         f" fds={len(ctx.fds)}" if ctx.fds else "")
 
 
+def kind_name(kind: int) -> str:
+    return {0x1: "none", 0x2: "bool", 0x4: "eventfd"}.get(kind, "?")
+
+
+DISABLE_ALL = SET_IRQS_FLAGS["data_none"] | SET_IRQS_FLAGS["trigger"]
 bare("DEVICE_SET_IRQS", "reply")
 
 
@@ -998,6 +1198,8 @@ def _region_access(cls: type[Packet], with_data: bool) -> Dissector:
                             f"count is {v['count']} but {len(msg) - data} data bytes follow")
         else:
             expect_end(tree, msg, data, cls.vfu_name)
+        if ctx.direction == "c2s":
+            check_range(tree, v["offset"], v["count"], 64, f"{cls.vfu_name} offset+count")
         info = f"{region_name(v['region'])} offset={v['offset']:#x} count={v['count']}"
         if with_data and v["count"] <= 8 and len(msg) - data == v["count"]:
             info += f" data={_le_value(msg[data:])}"
@@ -1032,6 +1234,7 @@ def _write_multi(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         if e["count"] > 8:
             tree.expert("write_multi.entry_count",
                         f"entry count {e['count']} exceeds the 8-byte data field")
+        check_range(tree, e["offset"], e["count"], 64, "REGION_WRITE_MULTI entry offset+count")
         offset += size
     expect_end(tree, msg, offset, "REGION_WRITE_MULTI request")
     return f"{v['wr_cnt']} writes"
@@ -1064,6 +1267,8 @@ def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
         if data_in_request and "count" in v and len(msg) - off - 16 != v["count"]:
             tree.expert(f"{prefix}.count",
                         f"count is {v['count']} but {len(msg) - off - 16} data bytes follow")
+        if "count" in v:
+            check_range(tree, v["address"], v["count"], 64, f"{spec.vfu_name} address+count")
         return f"addr={v.get('address', 0):#x} count={v.get('count', '?')}"
 
     def on_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
@@ -1074,11 +1279,17 @@ def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
                         "the spec and libvfio-user expect address and count")
             return "bare reply (QEMU layout)"
         layout = spec
-        if _looks_like_qemu(msg, off, asked, data_in_reply):
+        why = _qemu_layout(msg, off, asked, ctx.qemu_dma) if data_in_reply else None
+        if not data_in_reply and len(msg) - off == qemu.vfu_compiled.size:
+            layout = qemu
+            tree.expert("interop.dma_write_spec_reply", f"{spec.vfu_name} reply as the spec's "
+                        "table has it, a u32 count (12 bytes): libvfio-user expects a u64 count "
+                        "and fails the transfer")
+        elif why:
             layout = qemu
             tree.expert("interop.dma_qemu_layout",
                         f"{spec.vfu_name} reply in QEMU's layout (u32 count, data at offset 12), "
-                        "not the spec's (u64 count, data at 16)")
+                        f"not the spec's (u64 count, data at 16): {why}")
         v = body(tree, msg, off, layout, data_in_reply)
         if data_in_reply and "count" in v:
             got = len(msg) - off - layout.vfu_compiled.size
@@ -1101,13 +1312,19 @@ def _request_count(req: bytes | None) -> int | None:
     return struct.unpack_from("<Q", req, HEADER_SIZE + 8)[0]
 
 
-def _looks_like_qemu(msg: bytes, off: int, asked: int | None, with_data: bool) -> bool:
-    """Spec count is a u64 at 8; QEMU's is a u32 at 8 followed by data."""
-    if not with_data or asked is None or len(msg) < off + 16:
-        return False
+def _qemu_layout(msg: bytes, off: int, asked: int | None, known: str | None) -> str | None:
+    """Why a DMA_READ reply is in QEMU's layout, or None for the spec's.  Both
+    layouts give `count` bytes the same message size; QEMU's u32 count is
+    followed by data and ends with 4 zero bytes, the spec's count is a u64."""
+    if asked is None or len(msg) < off + 16:
+        return None
     spec_count = struct.unpack_from("<Q", msg, off + 8)[0]
-    qemu_count = struct.unpack_from("<I", msg, off + 8)[0]
-    return spec_count != asked and qemu_count == asked
+    qemu_count = spec_count & 0xFFFFFFFF
+    if spec_count != asked and qemu_count == asked:
+        return "its u32 count matches the request and the u64 does not"
+    if known and spec_count == asked and not any(msg[-4:]):
+        return f"the bytes fit both (data starts with 4 zero bytes), and {known}"
+    return None
 
 
 REQUESTS[CMD["DMA_READ"]], REPLIES[CMD["DMA_READ"]] = _dma_access(
@@ -1119,6 +1336,12 @@ bare("DEVICE_RESET", "request")
 bare("DEVICE_RESET", "reply")
 
 
+# The operations each feature defines, and the layout of its data.
+FEATURE_OPS = {1: FEATURE_GET, 2: FEATURE_GET | FEATURE_SET, 6: FEATURE_SET, 7: FEATURE_SET,
+               8: FEATURE_GET}
+FEATURE_OP_NAMES = {FEATURE_GET: "GET", FEATURE_SET: "SET", FEATURE_PROBE: "PROBE"}
+
+
 @request("DEVICE_FEATURE")
 @reply("DEVICE_FEATURE")
 def _device_feature(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
@@ -1127,61 +1350,152 @@ def _device_feature(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         return ""
     flags = v["flags"]
     feature = flags & 0xFFFF
-    ops = [n for n, bit in (("GET", FEATURE_GET), ("SET", FEATURE_SET),
-                            ("PROBE", FEATURE_PROBE)) if flags & bit]
+    ops = [name for bit, name in FEATURE_OP_NAMES.items() if flags & bit]
     if flags & FEATURE_GET and flags & FEATURE_SET and not flags & FEATURE_PROBE:
         tree.expert("device_feature.get_and_set",
                     "GET and SET together are only allowed with PROBE")
     if feature not in FEATURES:
         tree.expert("device_feature.unknown", f"unknown feature {feature}")
     data = off + DeviceFeature.vfu_compiled.size
-    is_reply = ctx.direction == "s2c"
-    if is_reply:
+    is_request = ctx.direction == "c2s"
+    if is_request:
+        _feature_operation(tree, flags, feature)
+    else:
         check_reply_argsz(tree, v["argsz"], len(msg) - off, "DEVICE_FEATURE")
     info = f"{'|'.join(ops) or 'no-op'} {FEATURES.get(feature, f'feature {feature}')}"
-    if len(msg) > data:
-        info += _feature_data(tree, msg, data, feature, node)
+    values: dict[str, int] = {}
+    if len(msg) > data and is_request and feature == 1:
+        expect_end(tree, msg, data, "MIGRATION request (it has no data)")
+    elif len(msg) > data:
+        text, values = _feature_data(tree, msg, data, feature, node, is_request)
+        info += text
+    if is_request and feature in FEATURES:
+        _feature_argsz(tree, v, feature, len(msg) - off, values)
+    elif flags & FEATURE_GET and feature == 1 and "flags" in values \
+            and not values["flags"] & MIGRATION_FLAGS["stop_copy"]:
+        tree.expert("migration.flags", f"MIGRATION flags {values['flags']:#x}: the spec "
+                    "requires VFIO_MIGRATION_STOP_COPY")
     return info
 
 
-def _feature_data(tree: Tree, msg: bytes, offset: int, feature: int,
-                  parent: int) -> str:
+def _feature_operation(tree: Tree, flags: int, feature: int) -> None:
+    """GET and SET of what the feature defines; a PROBE of anything else must fail."""
+    undefined = flags & (FEATURE_GET | FEATURE_SET) & ~FEATURE_OPS.get(feature, ~0)
+    if not undefined:
+        return
+    names = "|".join(name for bit, name in FEATURE_OP_NAMES.items() if undefined & bit)
+    if flags & FEATURE_PROBE:
+        tree.expert("device_feature.probe_undefined", f"PROBE of {names} {FEATURES[feature]}, "
+                    "which the feature does not define: the probe must fail")
+    else:
+        tree.expert("device_feature.op_undefined",
+                    f"{names} of {FEATURES[feature]}, which defines no such operation")
+
+
+def _feature_argsz(tree: Tree, v: dict[str, int], feature: int, payload: int,
+                   data: dict[str, int]) -> None:
+    """argsz must hold the reply: the request itself for SET and PROBE, the
+    header and the feature's data for GET."""
+    flags, what = v["flags"], f"DEVICE_FEATURE {FEATURES[feature]}"
+    needed = payload
+    if flags & FEATURE_GET and not flags & FEATURE_PROBE:
+        needed = DeviceFeature.vfu_compiled.size + _get_reply_data(feature, data)
+    if v["argsz"] < needed:
+        tree.expert("argsz.small", f"{what} argsz {v['argsz']}: the reply needs {needed} bytes")
+
+
+def _get_reply_data(feature: int, report: dict[str, int]) -> int:
+    if feature == 8:
+        size = DmaLoggingReport.vfu_compiled.size
+        if _power_of_two(report.get("page_size", 0)):
+            size += bitmap_bytes(report["length"], report["page_size"])
+        return size
+    return {1: MigrationFeature, 2: MigDeviceState}.get(feature, DeviceFeature).vfu_compiled.size
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _feature_data(tree: Tree, msg: bytes, offset: int, feature: int, parent: int,
+                  is_request: bool) -> tuple[str, dict[str, int]]:
     if feature == 1:
         _, f = add_layer(tree, MigrationFeature, msg, offset, parent)
         expect_end(tree, msg, offset + MigrationFeature.vfu_compiled.size, "MIGRATION feature")
-        return f" flags={_flag_letters(f.get('flags', 0), MIGRATION_FLAGS)}"
+        return f" flags={_flag_letters(f.get('flags', 0), MIGRATION_FLAGS)}", f
     if feature == 2:
         _, f = add_layer(tree, MigDeviceState, msg, offset, parent)
         expect_end(tree, msg, offset + MigDeviceState.vfu_compiled.size, "MIG_DEVICE_STATE")
         state = f.get("device_state")
-        return f" state={MIG_STATES.get(state, state)}"
+        return f" state={MIG_STATES.get(state, state)}", f
     if feature in (6, 7):
-        node, f = add_layer(tree, DmaLogging, msg, offset, parent)
-        offset += DmaLogging.vfu_compiled.size
-        count = f.get("num_ranges", 0)
-        room = max(len(msg) - offset, 0) // DmaLoggingRange.vfu_compiled.size
-        if count > room:
-            tree.expert("dma_logging.ranges_short",
-                        f"num_ranges is {count} but {room} ranges fit")
-        for _ in range(min(count, room)):
-            add_layer(tree, DmaLoggingRange, msg, offset, node)
-            offset += DmaLoggingRange.vfu_compiled.size
-        expect_end(tree, msg, offset, "DMA logging")
-        return f" page_size={f.get('page_size', 0):#x} ranges={count or 'all'}"
+        f = _logging_ranges(tree, msg, offset, parent, check=is_request and feature == 6)
+        return f" page_size={f.get('page_size', 0):#x} ranges={f.get('num_ranges') or 'all'}", f
     if feature == 8:
-        node, f = add_layer(tree, DmaLoggingReport, msg, offset, parent)
-        bitmap = offset + DmaLoggingReport.vfu_compiled.size
-        if len(msg) > bitmap:
-            add_bytes(tree, "dma_logging_report.bitmap", msg, bitmap, len(msg), node)
-            if f["page_size"]:
-                want = bitmap_bytes(f["length"], f["page_size"])
-                if len(msg) - bitmap != want:
-                    tree.expert("dma_logging.bitmap_size",
-                                f"bitmap is {len(msg) - bitmap} bytes; "
-                                f"{f['length']:#x} bytes of {f['page_size']:#x}-byte pages need {want}")
-        return f" iova={f.get('iova', 0):#x} length={f.get('length', 0):#x}"
+        f = _logging_report(tree, msg, offset, parent, is_request)
+        return f" iova={f.get('iova', 0):#x} length={f.get('length', 0):#x}", f
     add_bytes(tree, "device_feature.data", msg, offset, len(msg), parent)
-    return ""
+    return "", {}
+
+
+def _logging_ranges(tree: Tree, msg: bytes, offset: int, parent: int,
+                    check: bool) -> dict[str, int]:
+    """DMA_LOGGING_START/STOP data; `check` the page size and ranges of a START."""
+    node, f = add_layer(tree, DmaLogging, msg, offset, parent)
+    offset += DmaLogging.vfu_compiled.size
+    page = f.get("page_size")
+    count = fitting(tree, f.get("num_ranges", 0), msg, offset, DmaLoggingRange,
+                    "dma_logging.ranges_short", "num_ranges")
+    if check and page == 0:
+        tree.expert("dma_logging.page_size", "DMA_LOGGING_START page size 0")
+    for i in range(count):
+        _, r = add_layer(tree, DmaLoggingRange, msg, offset, node)
+        offset += DmaLoggingRange.vfu_compiled.size
+        if check:
+            what = f"DMA_LOGGING_START range {i}"
+            check_range(tree, r["iova"], r["length"], 64, what)
+            _check_logging_alignment(tree, r["iova"], r["length"], page, what)
+    expect_end(tree, msg, offset, "DMA logging")
+    return f
+
+
+def _logging_report(tree: Tree, msg: bytes, offset: int, parent: int,
+                    is_request: bool) -> dict[str, int]:
+    node, f = add_layer(tree, DmaLoggingReport, msg, offset, parent)
+    if "page_size" not in f:
+        return f
+    bitmap = offset + DmaLoggingReport.vfu_compiled.size
+    if is_request:
+        expect_end(tree, msg, bitmap, "DMA_LOGGING_REPORT request")
+        if not _power_of_two(f["page_size"]):
+            tree.expert("dma_logging.page_size", f"DMA_LOGGING_REPORT page size "
+                        f"{f['page_size']:#x}: the spec says a power of two")
+        check_range(tree, f["iova"], f["length"], 64, "DMA_LOGGING_REPORT")
+        _check_logging_alignment(tree, f["iova"], f["length"], f["page_size"],
+                                 "DMA_LOGGING_REPORT")
+    elif len(msg) > bitmap:
+        add_bytes(tree, "dma_logging_report.bitmap", msg, bitmap, len(msg), node)
+        if _power_of_two(f["page_size"]):
+            _check_report_bitmap(tree, msg[bitmap:], f["length"], f["page_size"])
+    return f
+
+
+def _check_logging_alignment(tree: Tree, iova: int, length: int, page: int | None,
+                             what: str) -> None:
+    if page and (iova % page or length % page):
+        tree.expert("dma_logging.unaligned", f"{what} {iova:#x}+{length:#x} is not aligned to "
+                    f"its {page:#x}-byte pages (libvfio-user refuses it)")
+
+
+def _check_report_bitmap(tree: Tree, bitmap: bytes, length: int, page: int) -> None:
+    want = bitmap_bytes(length, page)
+    if len(bitmap) != want:
+        tree.expert("dma_logging.bitmap_size", f"bitmap is {len(bitmap)} bytes; "
+                    f"{length:#x} bytes of {page:#x}-byte pages need {want}")
+    pages = -(-length // page)
+    if int.from_bytes(bitmap, "little") >> pages:
+        tree.expert("dma_logging.bitmap_bits", f"bits set beyond the {pages} pages of the "
+                    "requested range; the spec says they must be zero")
 
 
 def bitmap_bytes(length: int, page: int) -> int:
@@ -1202,6 +1516,8 @@ def _mig_data(cls: type[Packet], with_data: bool, is_reply: bool) -> Dissector:
             _mig_payload(tree, msg, data, v["size"], prefix, node)
         else:
             expect_end(tree, msg, data, cls.vfu_name)
+        if not with_data and not is_reply:         # a READ request: argsz holds the data asked
+            check_request_argsz(tree, v["argsz"], cls.vfu_compiled.size + v["size"], cls.vfu_name)
         if is_reply:
             used = min(len(msg) - off, cls.vfu_compiled.size + v["size"])
             check_reply_argsz(tree, v["argsz"], used, cls.vfu_name)
@@ -1304,11 +1620,15 @@ def dissect_message(msg: bytes, ctx: Context, header: HeaderInfo | None = None
     if header is None:
         tree.info = f"short message ({len(msg)} bytes)"
         return tree, None
-    _header_checks(tree, header, len(msg))
+    _header_checks(tree, header, len(msg), ctx)
     table = REPLIES if header.is_reply else REQUESTS
     fn = table.get(header.cmd)
     if header.is_error and header.is_reply:
-        expect_empty(tree, msg, "error reply")
+        if len(msg) > HEADER_SIZE:
+            add_bytes(tree, "vfio_user.trailing", msg, HEADER_SIZE, len(msg))
+            tree.expert("reply.error_payload", f"error reply carries {len(msg) - HEADER_SIZE} "
+                        "payload bytes; an error reply is the header alone", HEADER_SIZE,
+                        len(msg) - HEADER_SIZE)
         tree.info = ERRNO_NAMES.get(header.error, f"errno {header.error}")
     elif fn is None or header.type not in MSG_TYPES:
         if len(msg) > HEADER_SIZE:
@@ -1321,11 +1641,21 @@ def dissect_message(msg: bytes, ctx: Context, header: HeaderInfo | None = None
             # A dissector bug must not stop the capture: flag it and go on.
             tree.expert("dissector.bug",
                         f"dissector failed: {type(exc).__name__}: {exc}")
+    if ctx.fds and (header.cmd, header.kind) not in FD_CARRIERS:
+        tree.expert("fd.count", f"{len(ctx.fds)} fds with a {header.command_name} "
+                    f"{header.kind}, which carries none")
     _fd_items(tree, ctx)
     return tree, header
 
 
-def _header_checks(tree: Tree, h: HeaderInfo, length: int) -> None:
+# The messages that may carry fds, as (command, HeaderInfo.kind).
+FD_CARRIERS = {(CMD["VERSION"], "reply"), (CMD["DMA_MAP"], "command"),
+               (CMD["DEVICE_GET_REGION_INFO"], "reply"),
+               (CMD["DEVICE_GET_REGION_IO_FDS"], "reply"), (CMD["DEVICE_SET_IRQS"], "command")}
+CLIENT_COMMANDS = set(COMMANDS) - SERVER_COMMANDS - OBSOLETE_COMMANDS
+
+
+def _header_checks(tree: Tree, h: HeaderInfo, length: int, ctx: Context) -> None:
     if h.size != length:
         tree.expert("header.size",
                     f"msg_size is {h.size} but the message has {length} bytes", 4, 4)
@@ -1343,6 +1673,12 @@ def _header_checks(tree: Tree, h: HeaderInfo, length: int) -> None:
         tree.expert("header.no_reply_in_reply", "NO_REPLY flag set on a reply", 8, 4)
     if h.flags & ~(FLAG_TYPE_MASK | FLAG_NO_REPLY | FLAG_ERROR):
         tree.expert("header.flags_unknown", f"unknown flag bits in {h.flags:#x}", 8, 4)
+    if h.type == TYPE_COMMAND and h.cmd in (SERVER_COMMANDS if ctx.direction == "c2s"
+                                            else CLIENT_COMMANDS):
+        sender = "client" if ctx.direction == "c2s" else "server"
+        tree.expert("header.wrong_direction",
+                    f"{h.command_name} sent by the {sender}: the spec has the "
+                    f"{'server' if sender == 'client' else 'client'} send it", 2, 2)
     if h.is_error and h.is_reply and h.error == 0:
         tree.expert("header.errno_zero", "error reply with errno 0", 12, 4)
     if h.error and not h.is_error:

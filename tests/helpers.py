@@ -28,21 +28,24 @@ def wait_for_socket(path: Path | str, proc: subprocess.Popen | None = None,
     raise TimeoutError(f"{path} did not appear")
 
 
-def accepted(path: Path | str) -> int:
-    """Connections the listener on `path` has accepted (they share its address)."""
-    listening = 0x10000
-    return sum(1 for line in Path("/proc/net/unix").read_text().splitlines()[1:]
-               if len(fields := line.split()) >= 8 and fields[7] == str(path)
-               and not int(fields[3], 16) & listening)
-
-
 def is_listening(path: Path | str) -> bool:
     listening = 0x10000     # __SO_ACCEPTCON in /proc/net/unix's Flags column
-    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & listening:
-            return True
-    return False
+    return any(int(fields[3], 16) & listening for fields in _unix_sockets(path))
+
+
+def wait_for_accepted(path: Path | str, timeout: float = 10.0) -> None:
+    """Wait until the listener on `path` has accepted a connection: the
+    accepted socket shows under the listener's name, connected (state 03)."""
+    deadline = time.monotonic() + timeout
+    while not any(fields[5] == "03" for fields in _unix_sockets(path)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing connected to {path}")
+        time.sleep(0.02)
+
+
+def _unix_sockets(path: Path | str) -> list[list[str]]:
+    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    return [fields for fields in map(str.split, lines) if len(fields) >= 8 and fields[7] == str(path)]
 
 
 def vfu(*args: str, **kw) -> subprocess.Popen:

@@ -146,8 +146,8 @@ def test_linux_style_truncated_region_info_is_refused_as_qemu_does(server, tmp_p
     result = client(server[0], "--record", str(tmp_path / "c.vfucap"))
     assert result.returncode == 1
     assert "region 2 CAPS with cap_offset in [32, 80]: expected True, got False" in result.stderr
-    checked = run_vfu("check", str(tmp_path / "c.vfucap"), "--fail-on", "warning")
-    assert "interop.region_caps_offset" in checked.stdout and checked.returncode == 1
+    checked = run_vfu("check", str(tmp_path / "c.vfucap"))
+    assert "note    interop.region_caps_offset" in checked.stdout and checked.returncode == 0
 
 
 @pytest.mark.server_args("--dma-via-messages")

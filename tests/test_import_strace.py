@@ -125,6 +125,33 @@ def test_a_call_the_process_exits_in_is_not_a_problem(tmp_path):
     assert result.problems == [] and len(messages(result.records)) == 1
 
 
+def test_a_request_answered_from_its_header_comes_before_its_reply(tmp_path):
+    """The server answers a header whose body never comes (as libvfio-user
+    rejects a msg_size it refuses) and reads the next header after it."""
+    program = textwrap.dedent("""
+        import os, socket, struct
+        a, b = socket.socketpair()
+        def msg(msg_id, cmd, payload=b"", flags=0, size=None, error=0):
+            return struct.pack("<HHIII", msg_id, cmd, size or 16 + len(payload), flags,
+                               error) + payload
+        version = msg(1, 1, struct.pack("<HH", 0, 0) + b'{"capabilities":{}}\\0')
+        if os.fork() == 0:
+            b.recv(4096); b.sendall(msg(1, 1, version[16:], 1))
+            b.recv(16); b.sendall(msg(2, 10, flags=0x21, error=22))
+            b.recv(16); b.sendall(msg(3, 13, b"", 1))
+            os._exit(0)
+        a.send(version); a.recv(4096)
+        a.send(msg(2, 10, size=(1 << 20) + 33)); a.recv(16)
+        a.send(msg(3, 13)); a.recv(16); os.wait()
+    """)
+    log = tmp_path / "t.log"
+    subprocess.run(traced(log, sys.executable, "-c", program), check=True, timeout=60)
+    result = import_strace([str(log)])
+    assert result.problems == []
+    assert [(m.direction, m.data[0], len(m.data)) for m in messages(result.records)] == [
+        (0, 1, 40), (1, 1, 40), (0, 2, 16), (1, 2, 16), (0, 3, 16), (1, 3, 16)]
+
+
 def test_strings_cut_by_s_are_reported(tmp_path, session):
     tmp, _ = session
     sock = tmp_path / "s.sock"

@@ -28,14 +28,17 @@ needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installe
 # and no fds (they are not in the packet bytes).
 SESSION_OR_FD_CHECKS = {
     "reply.unmatched", "reply.command_mismatch", "reply.accepted_invalid", "reply.to_no_reply",
-    "request.duplicate_id", "request.unanswered", "request.timeout", "fd.count", "fd.over_max",
-    "xfer.too_big", "version.not_first", "version.major", "version.minor",
-    "version.capability_range", "twin.not_negotiated", "dma.overlap", "dma.unmap_unknown",
-    "dma.misaligned", "dma.too_many", "dma.access_unmapped", "dirty.bitmap_too_big",
-    "region_info.mmap_no_fd", "region_info.fd_per_area", "region_io_fds.fd_index",
-    "region.unknown", "region.out_of_bounds", "region.access_flags", "set_irqs.fd_count",
-    "irq.out_of_range", "deadlock.server_command", "migration.transition",
-    "migration.data_state", "capture.truncated", "dissector.bug",
+    "reply.echo_mismatch", "request.duplicate_id", "request.unanswered", "request.timeout",
+    "fd.count", "fd.over_max", "xfer.too_big", "argsz.reply_exceeds", "version.not_first",
+    "version.major", "version.minor", "version.capability_not_offered", "twin.not_negotiated",
+    "twin.fd_index", "twin.wrong_channel", "dma_map.offset_no_fd", "dma.overlap",
+    "dma.overlap_errno", "dma.unmap_unknown", "dma.misaligned", "dma.too_many",
+    "dma.access_unmapped", "dma_logging.not_started", "dma_logging.unmapped", "dirty.bitmap_too_big",
+    "device_reset.unsupported", "region_info.mmap_no_fd", "region_info.fd_per_area",
+    "region_io_fds.fd_index", "region.unknown", "region.out_of_bounds", "region.access_flags",
+    "write_multi.not_negotiated", "set_irqs.fd_count", "interop.irq_mask_eventfd", "irq.unknown",
+    "irq.out_of_range", "irq.action_unsupported", "deadlock.server_command",
+    "migration.transition", "migration.data_state", "capture.truncated", "dissector.bug",
 }
 COMPARED = {fd.name: fd for fd in protocol_fields() if fd.type != fields.PROTOCOL}
 
@@ -205,9 +208,26 @@ def linux_region_info_messages() -> list[Message]:
     return [Message(1000, 0, 0, 0, request, []), Message(2000, 0, 0, 1, reply, [])]
 
 
+def scenario_messages() -> list[Message]:
+    """Every expert check's scenario, with its fault and fixed, one connection
+    each: the plugin must raise each structural check exactly where read does."""
+    from test_expert import SCENARIOS, Script
+    out = []
+    # dissector.bug needs a broken dissector; fault.injected is a record of the
+    # proxy's, not a packet
+    tool_only = {"dissector.bug", "fault.injected"}
+    for conn, (expert_id, bad) in enumerate((e, bad) for e in sorted(SCENARIOS)
+                                             if e not in tool_only for bad in (True, False)):
+        s = Script()
+        SCENARIOS[expert_id](s, bad)
+        out += [Message(m.ts_ns + conn * 10**9, conn, m.channel, m.direction, m.data, m.fds,
+                        m.size) for m in s.messages]
+    return out
+
+
 MADE = {"mutated": lambda: mutations(read_all(SAMPLES[0])[0]),
         "extreme": extreme_messages, "interleaved": interleaved_messages,
-        "linux_region_info": linux_region_info_messages}
+        "linux_region_info": linux_region_info_messages, "scenarios": scenario_messages}
 
 
 def made_capture(name: str | Path, tmp_path: Path) -> Path:

@@ -240,6 +240,8 @@ def _check_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", nargs="?", help="capture file")
     p.add_argument("--list", action="store_true",
                    help="list every check: id, severity, meaning, where the rule comes from")
+    p.add_argument("--markdown", action="store_true",
+                   help="with --list: as the Markdown table README.md holds")
     p.add_argument("--fail-on", choices=("error", "warning"), default="error",
                    help="lowest severity that fails the check (default %(default)s)")
     p.add_argument("-q", dest="quiet", action="store_true", help="print only the table")
@@ -248,8 +250,11 @@ def _check_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .fields import EXPERTS, SEVERITIES
+    from .fields import EXPERTS, SEVERITIES, expert_table
     from .stats import ExpertStats
+    if args.list and args.markdown:
+        print(expert_table(), end="")
+        return EXIT_OK
     if args.list:
         for d in sorted(EXPERTS.values(), key=lambda d: (d.group, d.id)):
             print(f"{d.id:<28} {d.severity:<8} {d.summary}  ({d.section})")

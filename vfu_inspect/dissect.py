@@ -83,6 +83,10 @@ class Matcher:
             del self._pending[key]
         return entry
 
+    def waiting(self, conn: int, channel: int, direction: int, msg_id: int) -> bool:
+        """Whether a request sent in `direction` with `msg_id` awaits its reply."""
+        return bool(self._pending.get((conn, channel, direction, msg_id)))
+
     def outstanding(self) -> list[Any]:
         """Payloads of the requests still unanswered, oldest first."""
         entries = sorted((n, i, payload) for i, q in enumerate(self._pending.values())
@@ -141,7 +145,8 @@ class Analyzer:
         header = proto.parse_header(msg.data)
         request = self.sessions.pair(self.number, msg, header)
         ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds,
-                            request.data if request else None)
+                            request.data if request else None,
+                            qemu_dma=self.sessions.qemu_dma(msg.conn))
         tree, _ = proto.dissect_message(msg.data, ctx, header)
         packet = Dissected(self.number, msg, header, tree, rel, delta)
         if request:

@@ -86,6 +86,7 @@ class ExpertDef:
     severity: str           # one of SEVERITIES
     summary: str            # what the check means, for the -z expert table
     section: str            # where the rule comes from
+    behaviour: str = ""     # interop items: which implementation does what
 
     @property
     def group(self) -> str:
@@ -95,12 +96,23 @@ class ExpertDef:
 EXPERTS: dict[str, ExpertDef] = {}
 
 
-def expert_info(id: str, severity: str, summary: str, section: str) -> ExpertDef:
+def expert_table() -> str:
+    """Every check as a Markdown table (README.md holds it; a test keeps it current)."""
+    rows = ["| id | severity | what triggers it | rule | implementations |",
+            "|---|---|---|---|---|"]
+    for d in sorted(EXPERTS.values(), key=lambda d: (d.group, d.id)):
+        cells = (f"`{d.id}`", d.severity, d.summary, d.section, d.behaviour)
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def expert_info(id: str, severity: str, summary: str, section: str,
+                behaviour: str = "") -> ExpertDef:
     if id in EXPERTS:
         raise ValueError(f"expert info {id} registered twice")
     if severity not in SEVERITIES:
         raise ValueError(f"expert info {id}: bad severity {severity}")
-    EXPERTS[id] = ExpertDef(id, severity, summary, section)
+    EXPERTS[id] = ExpertDef(id, severity, summary, section, behaviour)
     return EXPERTS[id]
 
 

@@ -13,13 +13,23 @@ message's fds with that message.
 
 Memory is bounded: a message larger than `max_message` (a bogus msg_size of
 4 GiB, say) keeps only its first `keep` bytes and is reported as truncated.
+
+A request exists once its header has arrived.  A receiver may answer it from
+the header alone: libvfio-user rejects a bad msg_size and reads the next
+header right after it, the body never read (and maybe never sent).  The
+framer, which emits a message once it is whole, would hold such a request
+back past its reply, and frame the bytes that follow as its body; so when
+the other direction answers a request still being assembled (`answered_early`),
+that request is cut at its header, and framing resumes after it.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from .dissectors import vfio_user as proto
 
 HEADER_SIZE = 16
 _SIZE = struct.Struct("<I")
@@ -122,6 +132,33 @@ class Framer:
         self._buf, self._fds = bytearray(), []
         return frame
 
+    def cut_answered(self, msg_id: int) -> list[Frame]:
+        """The message being assembled, cut at its header, if it is a request
+        with `msg_id` (see the module docstring); then the messages the bytes
+        after its header complete.  [] when no such request is pending."""
+        head = self._oversized.data if self._skip and self._oversized else bytes(self._buf)
+        header = proto.parse_header(head)
+        if self.lost or header is None or header.msg_id != msg_id \
+                or header.type != proto.TYPE_COMMAND or header.no_reply:
+            return []
+        if self._skip and self._oversized:
+            received = self._oversized.size - self._skip
+            frame, self._oversized, self._skip = self._oversized, None, 0
+            # the bytes after the header can be framed again only if none was dropped
+            rest = frame.data[HEADER_SIZE:] if received == len(frame.data) else b""
+            self.lost = received != len(frame.data)
+        else:
+            frame = Frame(b"", 0, self._take_fds())
+            rest = self._buf[HEADER_SIZE:]
+        frame.data, frame.size, frame.truncated = bytes(head[:HEADER_SIZE]), HEADER_SIZE, False
+        frame.error = (f"the peer answered msg_id {msg_id:#x} after its header, before the rest "
+                       f"of its {header.size} bytes: cut there, the next bytes start a message")
+        self._buf = bytearray(rest)
+        frames = [frame]
+        if not self.lost:
+            self._cut(frames)
+        return frames
+
     @property
     def pending(self) -> int:
         """Bytes buffered for the message being assembled."""
@@ -173,3 +210,13 @@ class Framer:
     def _take_fds(self) -> list[Any]:
         fds, self._fds = self._fds, []
         return fds
+
+
+def answered_early(reply: Frame, requests: Framer, waiting: Callable[[int], bool]) -> list[Frame]:
+    """The frames to put before `reply` (see the module docstring): when it
+    answers a msg_id that no whole request in flight (`waiting`) has, the
+    request with that id that `requests` is still assembling, cut at its header."""
+    header = proto.parse_header(reply.data)
+    if header is None or not header.is_reply or waiting(header.msg_id):
+        return []
+    return requests.cut_answered(header.msg_id)

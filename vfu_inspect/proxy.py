@@ -40,7 +40,7 @@ from .capture import (C2S, CHANNELS, CLOSE, DIRECTIONS, FAULT, MAIN, NOTE, OPEN,
 from .dissect import Matcher, expects_reply
 from .dissectors import vfio_user as proto
 from .faults import Fault, FaultInjector, Gate, Verdict
-from .framing import Frame, Framer
+from .framing import Frame, Framer, answered_early
 from .irqs import SET_IRQS, IrqTracer
 from .sockio import fd_info, recv_chunk
 
@@ -294,6 +294,10 @@ class Proxy:
             closing = self._gated(src, dst, view, fds, owner)
         self._send_queued(dst)
         for frame in frames:
+            for early in answered_early(frame, dst.framer, lambda msg_id: conn.matcher.waiting(
+                    conn.id, src.channel, dst.direction, msg_id)):
+                self._track(dst, early.data, now)
+                self._emit_frame(dst, early, now)
             self._track(src, frame.data, now, bool(frame.fds))
             self._emit_frame(src, frame, now)
         if closing:

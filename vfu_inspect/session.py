@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import bisect
 import copy
+import errno
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -42,7 +44,7 @@ MIG_ARCS = {(RUNNING, STOP), (STOP_COPY, STOP), (RESUMING, STOP), (PRE_COPY, RUN
             (STOP, RESUMING)}
 MIG_READ_STATES, MIG_WRITE_STATES = {STOP_COPY, PRE_COPY, 7}, {RESUMING}
 REGION_READ_FLAG, REGION_WRITE_FLAG = proto.REGION_FLAGS["read"], proto.REGION_FLAGS["write"]
-SET_IRQS = proto.SET_IRQS_FLAGS
+SET_IRQS, IRQ_INFO = proto.SET_IRQS_FLAGS, proto.IRQ_INFO_FLAGS
 FEATURE = {name: number for number, name in proto.FEATURES.items()}
 # Requests a connection may have in flight before the oldest are forgotten:
 # a peer that never answers must not grow memory without bound.
@@ -50,7 +52,21 @@ MAX_INFLIGHT = 1 << 16
 # Requests the receiver must refuse; a success reply to one is an error.
 MUST_REFUSE = {"dma.overlap", "dma.unmap_unknown", "dma.too_many", "dma.access_unmapped",
                "region.unknown", "region.out_of_bounds", "region.access_flags", "xfer.too_big",
-               "irq.out_of_range", "migration.transition", "migration.data_state"}
+               "irq.unknown", "irq.out_of_range", "migration.transition", "migration.data_state",
+               "range.overflow", "dma_logging.not_started", "dma_logging.page_size"}
+# The errno a refusal must carry, where the spec names one.
+REFUSAL_ERRNO = {"dma.overlap": ("dma.overlap_errno", errno.EEXIST)}
+# Commands whose request argsz bounds the reply payload.
+ARGSZ_BOUNDED = {CMD[name] for name in (
+    "DMA_UNMAP", "DEVICE_GET_INFO", "DEVICE_GET_REGION_INFO", "DEVICE_GET_REGION_IO_FDS",
+    "DEVICE_GET_IRQ_INFO", "DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE")}
+# Request fields a reply repeats, by command: (layer prefix, fields).
+ECHOED = {CMD["DEVICE_GET_REGION_INFO"]: ("region_info", ("index",)),
+          CMD["DEVICE_GET_IRQ_INFO"]: ("irq_info", ("index",)),
+          CMD["DEVICE_GET_REGION_IO_FDS"]: ("region_io_fds", ("index",)),
+          CMD["REGION_READ"]: ("region_read", ("offset", "region")),
+          CMD["REGION_WRITE"]: ("region_write", ("offset", "region")),
+          CMD["DMA_UNMAP"]: ("dma_unmap", ("address", "size"))}
 REQUEST_KEPT = 64
 MAX_IRQ_VECTORS = 2048      # PCI's MSI-X table limit
 
@@ -139,7 +155,9 @@ class ConnState:
         self.regions: dict[int, RegionState] = {}
         self.irqs: dict[int, IrqState] = {}
         self.mig_state = RUNNING
+        self.mig_flags: int | None = None        # the MIGRATION feature's, once read
         self.logging: str | None = None          # dirty logging: None when off
+        self.qemu_dma: str | None = None         # why the client uses QEMU's DMA layout
         self.config = ConfigShadow()
         self.inflight: dict[int, Pending] = {}   # by request number, oldest first
         self.by_key: dict[tuple[int, int, int], list[int]] = {}
@@ -382,6 +400,11 @@ class SessionTracker:
     def close(self, conn: int) -> None:
         self.connection(conn).closed = True
 
+    def qemu_dma(self, conn: int) -> str | None:
+        """Why `conn`'s client is known to use QEMU's DMA layout (see Context)."""
+        state = self.conns.get(conn)
+        return state.qemu_dma if state is not None else None
+
     def pair(self, number: int, msg: Message, header: proto.HeaderInfo | None) -> Pending | None:
         """Before dissection: the request a reply answers (None for a command)."""
         if header is None or not header.is_reply:
@@ -435,6 +458,11 @@ def _check_message(state: ConnState, p: Dissected, timeout_ns: int) -> None:
             tree.expert("fd.over_max", f"{len(msg.fds)} fds, the receiver's max_msg_fds is {limit}")
     if msg.channel == TWIN and not state.twin:
         tree.expert("twin.not_negotiated", "message on a twin socket that VERSION did not set up")
+    elif state.twin and not h.is_reply and (msg.channel == TWIN) != (msg.direction == S2C):
+        tree.expert("twin.wrong_channel", f"{h.command_name} from the "
+                    f"{'server' if msg.direction == S2C else 'client'} on the "
+                    f"{'twin' if msg.channel == TWIN else 'main'} socket: with twin-socket mode "
+                    "server commands go on the twin socket, client commands on the main one")
     for pending in state.inflight.values():
         if pending.timed_out or msg.ts_ns - pending.ts_ns <= timeout_ns:
             break        # oldest first: the rest are younger
@@ -486,9 +514,8 @@ def _on_command(state: ConnState, p: Dissected) -> None:
                       f"msg_id {h.msg_id:#06x} is also in flight in frame "
                       f"{state.by_key[key][0]}; replies are matched in order")
     check = COMMAND_CHECKS.get(h.cmd)
-    raised = len(p.tree.experts)
     values = check(state, p) if check else None
-    refused = [e for e in p.tree.experts[raised:] if e.id in MUST_REFUSE]
+    refused = [e for e in p.tree.experts if e.id in MUST_REFUSE]
     # What the receiver must refuse changes nothing, unless its reply says it did.
     effect = None if refused else _apply_effect(state, p.number, h.cmd, values, msg.fds)
     if not h.no_reply:
@@ -514,6 +541,10 @@ def _version_request(state: ConnState, p: Dissected) -> None:
     v = p.tree.prefixed("version")
     state.client_version = (v.get("major", 0), v.get("minor", 0))
     state.client_caps = _caps(v)
+    if state.qemu_dma is None and state.client_version == (0, 0) \
+            and set(state.client_caps) == proto.QEMU_CLIENT_CAPABILITIES:
+        state.qemu_dma = (f"the client's VERSION (frame {p.number}) is QEMU's: 0.0 proposing "
+                          "exactly QEMU 10.2.2's capabilities")
 
 
 def _caps(values: dict[str, Any]) -> dict[str, Any]:
@@ -548,6 +579,7 @@ def _dma_unmap_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
     if "size" in bitmap and bitmap.get("pgsize"):
         _check_bitmap(state, p.tree, v["size"], bitmap["pgsize"], bitmap["size"],
                       "dma_unmap.bitmap_size")
+        _check_logging_on(state, p.tree, "DMA_UNMAP with GET_DIRTY_BITMAP")
     return v
 
 
@@ -569,7 +601,7 @@ def _check_bitmap_limit(state: ConnState, tree: Tree, length: int, page: int) ->
 
 
 @on_command("REGION_READ", "REGION_WRITE")
-def _region_access_request(state: ConnState, p: Dissected) -> None:
+def _region_access_request(state: ConnState, p: Dissected) -> dict[str, Any]:
     write = p.header.cmd == CMD["REGION_WRITE"]
     prefix = "region_write" if write else "region_read"
     v = p.tree.prefixed(prefix)
@@ -577,10 +609,14 @@ def _region_access_request(state: ConnState, p: Dissected) -> None:
         _check_region_access(state, p, v["region"], v["offset"], v["count"], write)
         if write:
             _device_access(state, p, prefix, write=True)
+    return v                                    # what the reply echoes
 
 
 @on_command("REGION_WRITE_MULTI")
 def _write_multi_request(state: ConnState, p: Dissected) -> None:
+    if state.server_version is not None and not state.cap(state.server_caps, "write_multiple"):
+        p.tree.expert("write_multi.not_negotiated",
+                      "the server's VERSION reply did not state write_multiple: true")
     for entry in p.tree.children_of("write_multi.entry"):
         if "count" in entry:
             _check_region_access(state, p, entry["region"], entry["offset"], entry["count"],
@@ -639,6 +675,9 @@ def _device_access(state: ConnState, p: Dissected, prefix: str, write: bool) -> 
 
 @on_command("DEVICE_RESET")
 def _reset_request(state: ConnState, p: Dissected) -> dict[str, Any]:
+    if state.device is not None and not state.device["flags"] & proto.DEVICE_INFO_FLAGS["reset"]:
+        p.tree.expert("device_reset.unsupported", f"the device's GET_INFO reply had flags "
+                      f"{state.device['flags']:#x}, without RESET")
     return {}
 
 
@@ -646,7 +685,16 @@ def _reset_request(state: ConnState, p: Dissected) -> dict[str, Any]:
 def _indexed_request(state: ConnState, p: Dissected) -> dict[str, Any]:
     prefix = {CMD["DEVICE_GET_IRQ_INFO"]: "irq_info", CMD["DEVICE_GET_REGION_INFO"]: "region_info",
               CMD["DEVICE_GET_REGION_IO_FDS"]: "region_io_fds"}[p.header.cmd]
-    return p.tree.prefixed(prefix)
+    v = p.tree.prefixed(prefix)
+    if prefix == "irq_info" and "index" in v:
+        _check_irq_index(state, p.tree, v["index"])
+    return v
+
+
+def _check_irq_index(state: ConnState, tree: Tree, index: int) -> None:
+    if state.device is not None and index >= state.device["num_irqs"]:
+        tree.expert("irq.unknown", f"IRQ index {index}: the device reported "
+                    f"{state.device['num_irqs']} IRQ types")
 
 
 @on_command("DEVICE_SET_IRQS")
@@ -654,13 +702,27 @@ def _set_irqs_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
     v = p.tree.prefixed("set_irqs")
     if "count" not in v:
         return None
+    _check_irq_index(state, p.tree, v["index"])
     irq = state.irqs.get(v["index"])
     if irq is not None and irq.count is not None and v["start"] + v["count"] > irq.count:
         p.tree.expert("irq.out_of_range", f"{proto.IRQS.get(irq.index, irq.index)} "
                       f"{v['start']}+{v['count']} beyond its {irq.count} vectors")
+    if irq is not None and irq.count is not None:
+        _check_irq_action(p.tree, irq, v["flags"], bool(p.msg.fds))
     data = p.tree.find("set_irqs.data")
     v["bools"] = data[1] if data is not None else b""
     return v
+
+
+def _check_irq_action(tree: Tree, irq: IrqState, flags: int, with_fds: bool) -> None:
+    """What GET_IRQ_INFO said the index supports."""
+    name = proto.IRQS.get(irq.index, irq.index)
+    if flags & (SET_IRQS["mask"] | SET_IRQS["unmask"]) and not irq.flags & IRQ_INFO["maskable"]:
+        tree.expert("irq.action_unsupported", f"{'MASK' if flags & SET_IRQS['mask'] else 'UNMASK'}"
+                    f" of {name}, whose GET_IRQ_INFO flags {irq.flags:#x} lack MASKABLE")
+    elif flags & SET_IRQS["data_eventfd"] and with_fds and not irq.flags & IRQ_INFO["eventfd"]:
+        tree.expert("irq.action_unsupported", f"eventfds for {name}, whose GET_IRQ_INFO flags "
+                    f"{irq.flags:#x} lack EVENTFD")
 
 
 @on_command("DMA_READ", "DMA_WRITE")
@@ -686,8 +748,20 @@ def _feature_request(state: ConnState, p: Dissected) -> dict[str, Any]:
     report = p.tree.prefixed("dma_logging_report")
     if flags & proto.FEATURE_GET and report.get("page_size"):
         _check_bitmap_limit(state, p.tree, report["length"], report["page_size"])
+        _check_logging_on(state, p.tree, "DMA_LOGGING_REPORT")
+        mapped = state.containing(report["iova"], report["length"])
+        if mapped is None or mapped.fd == "none":
+            p.tree.expert("dma_logging.unmapped", f"{report['iova']:#x}+{report['length']:#x} "
+                          "is in no live DMA map with an fd: libvfio-user logs only the memory "
+                          "it maps, and refuses this")
     v["logging"] = p.tree.prefixed("dma_logging")
     return v
+
+
+def _check_logging_on(state: ConnState, tree: Tree, what: str) -> None:
+    if state.logging is None:
+        tree.expert("dma_logging.not_started", f"{what} while dirty logging is off "
+                    "(no DMA_LOGGING_START is in effect)")
 
 
 @on_command("MIG_DATA_READ", "MIG_DATA_WRITE")
@@ -696,13 +770,18 @@ def _mig_data_request(state: ConnState, p: Dissected) -> None:
     if state.mig_state not in (MIG_READ_STATES if reading else MIG_WRITE_STATES):
         p.tree.expert("migration.data_state", f"{p.header.command_name} in state "
                       f"{proto.MIG_STATES.get(state.mig_state, state.mig_state)}")
+    v = p.tree.prefixed("mig_data_read" if reading else "mig_data_write")
+    if "size" in v:
+        _check_xfer(state, p.tree, C2S, v["size"])
 
 
-def migration_path(current: int, new: int) -> list[int] | None:
+def migration_path(current: int, new: int, pre_copy: bool = True) -> list[int] | None:
     """The states a transition passes through (spec: shortest path of direct
-    arcs with no saving state inside it); None when the spec forbids it."""
+    arcs with no saving state inside it); None when the spec forbids it.
+    Without PRE_COPY support, the arcs touching it are removed."""
     if current == ERROR_STATE or new not in (STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY) \
-            or (current, new) == (STOP_COPY, PRE_COPY):
+            or (current, new) == (STOP_COPY, PRE_COPY) \
+            or not pre_copy and PRE_COPY in (current, new):
         return None
     paths, frontier = {current: []}, [current]
     while frontier:
@@ -712,7 +791,7 @@ def migration_path(current: int, new: int) -> list[int] | None:
         if state != current and state in SAVING:
             continue
         for a, b in sorted(MIG_ARCS):
-            if a == state and b not in paths:
+            if a == state and b not in paths and (pre_copy or b != PRE_COPY):
                 paths[b] = paths[state] + [b]
                 frontier.append(b)
     return None
@@ -742,9 +821,11 @@ def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
             state.settle(request.effect)
         return
     if h.is_error:
+        _refusal_errno(tree, request, h.error)
         if request.effect is not None and not request.effect.answered:
             _retract(state, tree, request)
         return
+    _reply_fits(p, request)
     if request.effect is not None:
         state.settle(request.effect)
     for e in request.must_refuse:
@@ -755,6 +836,51 @@ def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
     apply = REPLY_APPLIES.get(h.cmd)
     if apply:
         apply(state, p, request)
+
+
+def _refusal_errno(tree: Tree, request: Pending, error: int) -> None:
+    for e in request.must_refuse:
+        if e.id in REFUSAL_ERRNO and error != REFUSAL_ERRNO[e.id][1]:
+            expert_id, wanted = REFUSAL_ERRNO[e.id]
+            tree.expert(expert_id, f"frame {request.number} ({e.id}) refused with "
+                        f"{proto.ERRNO_NAMES.get(error, error)}; the spec says "
+                        f"{proto.ERRNO_NAMES[wanted]}")
+
+
+def _reply_fits(p: Dissected, request: Pending) -> None:
+    """A reply's payload fits its request's argsz, and repeats what it echoes."""
+    payload = p.msg.wire_size - proto.HEADER_SIZE
+    if request.cmd in ARGSZ_BOUNDED and len(request.data) >= proto.HEADER_SIZE + 4:
+        argsz = struct.unpack_from("<I", request.data, proto.HEADER_SIZE)[0]
+        if payload > argsz:
+            p.tree.expert("argsz.reply_exceeds", f"{payload}-byte reply payload, frame "
+                          f"{request.number}'s argsz allowed {argsz}")
+    echoed = ECHOED.get(request.cmd)
+    if echoed is not None:
+        got = p.tree.prefixed(echoed[0])
+        differ = [f"{name} {got[name]:#x} (asked {request.values[name]:#x})"
+                  for name in echoed[1] if name in got and name in request.values
+                  and got[name] != request.values[name]]
+        if differ:
+            p.tree.expert("reply.echo_mismatch", f"reply gives {', '.join(differ)}")
+    elif request.cmd == CMD["DEVICE_FEATURE"]:
+        _feature_echo(p, request)
+
+
+def _feature_echo(p: Dissected, request: Pending) -> None:
+    """A SET or PROBE reply is the request's payload (argsz aside: it says the
+    size needed; DMA_LOGGING_START may change page_size)."""
+    flags = request.values.get("flags", 0)
+    if flags & proto.FEATURE_GET and not flags & proto.FEATURE_PROBE:
+        return
+    skip = 8 if flags & 0xFFFF == FEATURE["DMA_LOGGING_START"] else 0
+    kept = min(len(request.data), len(p.msg.data))
+    asked, got = request.data[proto.HEADER_SIZE + 4:kept], p.msg.data[proto.HEADER_SIZE + 4:kept]
+    size = struct.unpack_from("<I", request.data, 4)[0]
+    if size != p.msg.wire_size or asked[:4] + asked[4 + skip:] != got[:4] + got[4 + skip:]:
+        p.tree.expert("reply.echo_mismatch", f"{'PROBE' if flags & proto.FEATURE_PROBE else 'SET'}"
+                      f" reply differs from its request (frame {request.number}): the spec "
+                      "says it is the same payload")
 
 
 def _retract(state: ConnState, tree: Tree, failed: Pending) -> None:
@@ -783,6 +909,12 @@ def _version_reply(state: ConnState, p: Dissected, request: Pending) -> None:
     if offered and not state.client_caps.get("twin_socket.supported"):
         p.tree.expert("twin.not_negotiated", "server passes a twin socket the client did not offer")
     state.twin = offered
+    proposed = {name.split(".")[0] for name in state.client_caps}
+    unasked = sorted({name.split(".")[0] for name in state.server_caps} - proposed
+                     - proto.EXTENSION_CAPABILITIES)
+    if unasked:
+        p.tree.expert("version.capability_not_offered", f"{', '.join(unasked)} not proposed by "
+                      "the client: the spec has the reply state a subset of what it proposed")
 
 
 def describe_fd(fds: list[dict[str, Any]], index: int = 0) -> str:
@@ -800,6 +932,21 @@ def _device_info_reply(state: ConnState, p: Dissected, request: Pending) -> None
     v = p.tree.prefixed("device_info")
     if "num_irqs" in v:
         state.device = v
+
+
+@on_reply("DEVICE_FEATURE")
+def _feature_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    flags = request.values.get("flags", 0)
+    if flags & proto.FEATURE_GET and flags & 0xFFFF == FEATURE["MIGRATION"]:
+        state.mig_flags = p.tree.prefixed("migration").get("flags", state.mig_flags)
+
+
+@on_reply("DMA_READ", "DMA_WRITE")
+def _server_dma_reply(state: ConnState, p: Dissected, request: Pending) -> None:
+    """Remember a reply in QEMU's layout: the client's next ones are too."""
+    shown = next((e.id for e in p.tree.experts if e.id in proto.QEMU_DMA_SIGNS), None)
+    if shown and state.qemu_dma is None:
+        state.qemu_dma = f"frame {p.number}, {proto.QEMU_DMA_SIGNS[shown]}, was QEMU's"
 
 
 @on_reply("DEVICE_GET_REGION_INFO")
@@ -956,11 +1103,13 @@ def _irqs_text(v: dict[str, Any]) -> str:
 
 def _transition_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
     new = v.get("device_state")
-    if new is None or migration_path(state.mig_state, new) is not None:
+    pre_copy = state.mig_flags is None or bool(state.mig_flags & proto.MIGRATION_FLAGS["pre_copy"])
+    if new is None or migration_path(state.mig_state, new, pre_copy) is not None:
         return None
     return ("migration.transition", f"{proto.MIG_STATES.get(state.mig_state)} → "
                                     f"{proto.MIG_STATES.get(new, new)} is not a transition "
-                                    "the spec allows")
+                                    "the spec allows" + ("" if pre_copy else
+                                                         " (the device has no PRE_COPY)"))
 
 
 def _feature_apply(state: ConnState, e: Effect) -> tuple[int, str | None]:

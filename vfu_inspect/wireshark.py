@@ -119,8 +119,14 @@ def generate() -> str:
 # Named numbers of dissectors/vfio_user.py that the hand-written part tests.
 CONSTANTS = ("HEADER_SIZE", "TYPE_COMMAND", "TYPE_REPLY", "FLAG_TYPE_MASK", "FLAG_NO_REPLY",
              "FLAG_ERROR", "SPEC_DMA_MAP_FLAGS", "SET_IRQS_DATA", "SET_IRQS_ACTION",
-             "FEATURE_GET", "FEATURE_SET", "FEATURE_PROBE")
-FLAG_TABLES = ("DMA_MAP_FLAGS", "DMA_UNMAP_FLAGS", "REGION_FLAGS", "SET_IRQS_FLAGS")
+             "FEATURE_GET", "FEATURE_SET", "FEATURE_PROBE", "PCI_NUM_REGIONS", "PAGE_4K",
+             "DISABLE_ALL", "KVM_IOREGION_POSTED_WRITES")
+FLAG_TABLES = ("DMA_MAP_FLAGS", "DMA_UNMAP_FLAGS", "REGION_FLAGS", "SET_IRQS_FLAGS",
+               "DEVICE_INFO_FLAGS", "MIGRATION_FLAGS", "IO_FD_TYPE")
+# Tables keyed by capability path or number, and sets, by their Python names.
+KEYED_TABLES = ("CAPABILITY_MINIMUM", "QEMU_CAPABILITY_MAXIMUM", "FEATURE_OPS", "QEMU_DMA_SIGNS")
+SETS = ("OBJECT_CAPABILITIES", "QEMU_PAGE_CAPABILITIES", "QEMU_CLIENT_CAPABILITIES",
+        "SERVER_COMMANDS", "CLIENT_COMMANDS")
 
 
 def _constant_lines() -> Iterable[str]:
@@ -133,8 +139,13 @@ def _constant_lines() -> Iterable[str]:
         (name, number) for number, name in proto.REGION_CAPS.items())
     for name in FLAG_TABLES:
         yield f"local {name} = " + table(getattr(proto, name).items())
-    obsolete = ", ".join(f"[{number}] = true" for number in sorted(proto.OBSOLETE_COMMANDS))
-    yield f"local OBSOLETE_COMMANDS = {{{obsolete}}}"
+    for name in KEYED_TABLES:
+        entries = ", ".join(f"[{_lua(key)}] = {_lua(value)}"
+                            for key, value in getattr(proto, name).items())
+        yield f"local {name} = {{{entries}}}"
+    for name in ("OBSOLETE_COMMANDS", *SETS):
+        members = ", ".join(f"[{_lua(member)}] = true" for member in sorted(getattr(proto, name)))
+        yield f"local {name} = {{{members}}}"
 
 
 def _bits_lines() -> Iterable[str]:

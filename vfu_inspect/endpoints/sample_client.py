@@ -115,8 +115,9 @@ class Client:
     # --- the steps -------------------------------------------------------------
 
     def negotiate(self) -> None:
-        caps = {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20,
-                "migration": {"pgsize": PAGE, "max_bitmap_size": 1 << 20}}
+        # everything the server may state: its reply is a subset of this
+        caps = {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20, "pgsizes": PAGE,
+                "write_multiple": True, "migration": {"pgsize": PAGE, "max_bitmap_size": 1 << 20}}
         if not self.options.no_twin:
             caps["twin_socket"] = {"supported": True}
         reply = self.request("VERSION", version_payload(2, caps))
@@ -266,15 +267,18 @@ class Client:
                    wait_irq(eventfds[DOORBELL_VECTOR]), 1)
 
     def dirty_logging(self) -> None:
-        feature = lambda flags, data=b"": pack(proto.DeviceFeature, 8 + len(data), flags) + data  # noqa: E731
+        def feature(flags: int, data: bytes = b"", reply_data: int = 0) -> bytes:
+            """argsz holds the reply: the request for SET and PROBE, GET's data."""
+            return pack(proto.DeviceFeature, 8 + max(len(data), reply_data), flags) + data
         self.request("DEVICE_FEATURE", feature(proto.FEATURE_PROBE | proto.FEATURE_GET | 1))
-        reply = self.request("DEVICE_FEATURE", feature(proto.FEATURE_GET | 1))
+        reply = self.request("DEVICE_FEATURE", feature(proto.FEATURE_GET | 1, reply_data=8))
         expect("migration flags", u64(reply[8:]), 0x5)
         self.request("DEVICE_FEATURE", feature(
             proto.FEATURE_SET | 6, struct.pack("<QII", PAGE, 1, 0) + struct.pack("<QQ", FD_WINDOW, WINDOW)))
         self.dma(DMA_FROM_DEVICE, FD_WINDOW + 3 * PAGE, 16)
         reply = self.request("DEVICE_FEATURE", feature(
-            proto.FEATURE_GET | 8, struct.pack("<QQQ", FD_WINDOW, WINDOW, PAGE)))
+            proto.FEATURE_GET | 8, struct.pack("<QQQ", FD_WINDOW, WINDOW, PAGE),
+            reply_data=24 + proto.bitmap_bytes(WINDOW, PAGE)))
         expect("dirty bitmap", u64(reply[8 + 24:]), 1 << 3)
         self.request("DEVICE_FEATURE", feature(proto.FEATURE_SET | 7, struct.pack("<QII", PAGE, 0, 0)))
 

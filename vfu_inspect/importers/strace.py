@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..capture import C2S, MAIN, S2C, TWIN, Message
+from ..dissect import expects_reply
 from ..dissectors import vfio_user as proto
-from ..framing import Framer
+from ..framing import Frame, Framer, answered_early
 from . import ImportResult
 
 _LINE = re.compile(r"^(?:\[pid\s+)?(?P<pid>\d+)?\]?\s*(?P<ts>\d+(?::\d+:\d+)?\.\d+)?\s*(?P<rest>.*)$")
@@ -252,23 +254,52 @@ def _twins_of(endpoints: dict[int, Endpoint], client: int, server: int,
 
 def _messages(endpoints: dict[int, Endpoint], client: int, server: int, conn_id: int,
               channel: int, result: ImportResult) -> list[tuple[tuple, Message]]:
-    out = []
-    for direction, sender, receiver in ((C2S, client, server), (S2C, server, client)):
-        chunks = _stream(endpoints, sender, receiver)
-        framer, starts, offset, consumed = Framer(), [], 0, 0
-        frames = []
-        for chunk in chunks:
-            starts.append(offset)
-            offset += len(chunk.data)
-            frames += framer.feed(chunk.data, chunk.fds)
-        leftover = framer.close()
+    """Both directions framed together, in the order the syscalls ran, so that
+    a reply can cut a request whose body never came (framing.answered_early);
+    each message is ordered by the syscall its first byte came with."""
+    sides = {C2S: _Direction(C2S, _stream(endpoints, client, server)),
+             S2C: _Direction(S2C, _stream(endpoints, server, client))}
+    chunks = sorted(((chunk.order, side.direction, i) for side in sides.values()
+                     for i, chunk in enumerate(side.chunks)))
+    out: list[tuple[tuple, Message]] = []
+    for _, direction, i in chunks:
+        side, other = sides[direction], sides[1 - direction]
+        for frame in side.feed(i):
+            for early in answered_early(frame, other.framer, other.waiting.__getitem__):
+                out.append(other.message(early, conn_id, channel, side))
+            out.append(side.message(frame, conn_id, channel, other))
+    for side in sides.values():
+        leftover = side.framer.close()
         if leftover is not None:
-            result.problems.append(f"conn {conn_id} {('c2s', 's2c')[direction]}: "
+            result.problems.append(f"conn {conn_id} {('c2s', 's2c')[side.direction]}: "
                                    f"{leftover.error}")
-        for frame in frames:
-            chunk = chunks[bisect.bisect_right(starts, consumed) - 1]
-            consumed += frame.size
-            msg = Message(chunk.ts_ns, conn_id, channel, direction, frame.data, frame.fds,
-                          frame.size if frame.truncated else None)
-            out.append(((chunk.order, consumed), msg))
     return out
+
+
+class _Direction:
+    """One direction of a channel: its chunks, framer, and requests awaiting a reply."""
+
+    def __init__(self, direction: int, chunks: list[Chunk]) -> None:
+        self.direction, self.chunks, self.framer = direction, chunks, Framer()
+        self.starts: list[int] = []          # stream offset of each chunk fed
+        self.fed = self.consumed = 0
+        self.waiting: Counter[int] = Counter()   # msg_id -> requests awaiting a reply
+
+    def feed(self, index: int) -> list[Frame]:
+        chunk = self.chunks[index]
+        self.starts.append(self.fed)
+        self.fed += len(chunk.data)
+        return self.framer.feed(chunk.data, chunk.fds)
+
+    def message(self, frame: Frame, conn_id: int, channel: int,
+                other: _Direction) -> tuple[tuple, Message]:
+        chunk = self.chunks[bisect.bisect_right(self.starts, self.consumed) - 1]
+        self.consumed += frame.size
+        header = proto.parse_header(frame.data)
+        if header is not None and expects_reply(header):
+            self.waiting[header.msg_id] += 1
+        elif header is not None and header.is_reply and other.waiting[header.msg_id]:
+            other.waiting[header.msg_id] -= 1
+        msg = Message(chunk.ts_ns, conn_id, channel, self.direction, frame.data, frame.fds,
+                      frame.size if frame.truncated else None)
+        return (chunk.order, self.consumed), msg
