@@ -50,6 +50,7 @@ MAX_FILE = 1 << 20
 _MEMO_LIMIT = 4096
 _HEADER = proto.Header.vfu_compiled.struct
 _SIZE = struct.Struct("<I")
+_CMD_SIZE_FLAGS = struct.Struct("<2xHIQ")      # command, msg_size, flags | error << 32
 _ERRNOS = {name: number for number, name in proto.ERRNO_NAMES.items()}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(us|ms|s)?")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}
@@ -325,18 +326,18 @@ class FaultInjector:
 
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
-        self._candidates: dict[tuple, tuple[Rule, ...]] = {}
+        self.memo: dict[tuple, tuple[Rule, ...]] = {}     # candidates(), by header
 
     def candidates(self, channel: int, direction: int, cmd: int, flags: int, error: int,
                    fds: int) -> tuple[Rule, ...]:
         """The rules that may match a message with this header."""
         key = (channel, direction, cmd, flags, error, fds)
-        rules = self._candidates.get(key)
+        rules = self.memo.get(key)
         if rules is None:
-            if len(self._candidates) > _MEMO_LIMIT:      # headers of garbage: stay bounded
-                self._candidates.clear()
+            if len(self.memo) > _MEMO_LIMIT:      # headers of garbage: stay bounded
+                self.memo.clear()
             known = _header_values(*key)
-            rules = self._candidates[key] = tuple(
+            rules = self.memo[key] = tuple(
                 rule for rule in self.rules if rule.filter.could_match(known))
         return rules
 
@@ -513,10 +514,36 @@ class Gate:
     _held_size: int = 0
     _held_fds: list[int] = field(default_factory=list)
     _held_rules: tuple[Rule, ...] = ()
+    _passes: dict[int, bool] = field(default_factory=dict)   # fd-less headers no rule may match
+
+    def completed(self) -> int:
+        """Messages of the stream received whole so far (those begun, less the
+        one still coming): the framer's count of frames."""
+        return self.ordinal - bool(self._passing or self._held is not None)
 
     @property
     def between_messages(self) -> bool:
         return not (self._passing or self._head or self._held is not None)
+
+    def all_pass(self, data: memoryview, fds: int, owner: int) -> bool:
+        """The common case, decided fast: every message that begins in the chunk
+        has a header no rule may match, so the chunk passes as it is.  Else
+        (False, nothing changed) `feed` decides."""
+        if self._head or self._held is not None or self.lost or self.later:
+            return False
+        pos, end, count, passes = self._passing, len(data), 0, self._passes
+        while pos + proto.HEADER_SIZE <= end:
+            cmd, size, flags_error = _CMD_SIZE_FLAGS.unpack_from(data, pos)
+            if passes.get(flags_error << 16 | cmd) is not True or size < proto.HEADER_SIZE \
+                    or fds and pos == owner:
+                return False
+            pos += size
+            count += 1
+        if pos < end:
+            return False                # a header cut by the read: feed keeps its start
+        self._passing = pos - end
+        self.ordinal += count
+        return True
 
     def feed(self, data: memoryview, fds: list[int], owner: int) -> list[Any]:
         """The pieces of one chunk; its fds belong to the byte at `owner`."""
@@ -611,6 +638,8 @@ class Gate:
             return False
         rules = self.injector.candidates(self.channel, self.direction, cmd, flags, error,
                                          len(self._head_fds))
+        if not rules and not self._head_fds and len(self._passes) < _MEMO_LIMIT:
+            self._passes[(error << 32 | flags) << 16 | cmd] = True     # for all_pass
         if not rules:
             self._passing = size
             return False

@@ -39,7 +39,7 @@ from .capture import (C2S, CHANNELS, CLOSE, DIRECTIONS, FAULT, MAIN, NOTE, OPEN,
                       Event, Message)
 from .dissect import Matcher, expects_reply
 from .dissectors import vfio_user as proto
-from .faults import Fault, FaultInjector, Gate, Verdict
+from .faults import FaultInjector, Gate, Verdict
 from .framing import Frame, Framer
 from .irqs import SET_IRQS, IrqTracer
 from .sockio import fd_info, recv_chunk
@@ -78,7 +78,6 @@ class Side:
     closed: bool = False
     events: int = 0                             # what the selector watches for
     gate: Gate | None = None                    # with --fault: what holds messages back
-    framed: int = 0                             # messages framed (with a gate)
     wait_until: float = 0.0                     # a delay fault holds the queue (monotonic)
 
 
@@ -286,16 +285,19 @@ class Proxy:
         else:
             frames = src.framer.feed(data)
         closing = None
-        if src.gate is None:
+        if src.gate is None or src.gate.all_pass(view, len(fds), owner):
             if owner:
                 dst.queue.append((view[:owner], []))
             dst.queue.append((view[owner:], fds))
         else:
             closing = self._gated(src, dst, view, fds, owner)
         self._send_queued(dst)
-        for frame in frames:
-            self._track(src, frame.data, now, bool(frame.fds))
-            self._emit_frame(src, frame, now)
+        if src.gate is not None and src.gate.faults:
+            self._emit_faulted(src, frames, now)
+        else:
+            for frame in frames:
+                self._track(src, frame.data, now, bool(frame.fds))
+                self._emit_frame(src, frame, now)
         if closing:
             self._close_connection(conn, "proxy", f"fault: {closing}")
 
@@ -310,12 +312,6 @@ class Proxy:
         return fds
 
     def _emit_frame(self, src: Side, frame: Frame, now: int) -> None:
-        if src.gate is not None:
-            src.framed += 1
-            fault = src.gate.faults.pop(src.framed, None)
-            if fault is not None:
-                self._emit_faulted(src, frame, fault, now)
-                return
         self._emit(Message(now, src.conn.id, src.channel, src.direction, frame.data,
                            frame.fds, frame.size if frame.truncated else None))
         if frame.error:
@@ -375,9 +371,10 @@ class Proxy:
         close the connection, when a fault says so."""
         pieces = src.gate.feed(view, fds, owner)
         for n, piece in enumerate(pieces):
-            reason = self._carry_out(src, dst, piece) if isinstance(piece, Verdict) else None
-            if isinstance(piece, tuple):
+            if piece.__class__ is tuple:
                 dst.queue.append(piece)
+                continue
+            reason = self._carry_out(src, dst, piece)
             if reason:
                 for rest in pieces[n + 1:]:
                     _close_all(rest.fds if isinstance(rest, Verdict) else rest[1])
@@ -414,17 +411,25 @@ class Proxy:
             if side.wait_until and side.wait_until <= now and not side.closed:
                 self._send_queued(side)
 
-    def _emit_faulted(self, src: Side, frame: Frame, fault: Fault, now: int) -> None:
-        """The fault, then the message as delivered (as received when it was not)."""
-        conn = src.conn.id
-        self._emit(Event(FAULT, now, conn, fault.info))
-        name = fault.action.name
-        data = fault.data if name in ("rewrite", "truncate") else frame.data
-        for _ in range(2 if name == "duplicate" else 1):
-            self._emit(Message(now, conn, src.channel, src.direction, data, frame.fds))
-        if name == "errno":
-            self._emit(Message(now, conn, src.channel, 1 - src.direction, fault.answer, []))
-            self._track(src.peer, fault.answer, now)
+    def _emit_faulted(self, src: Side, frames: list[Frame], now: int) -> None:
+        """The chunk's messages, each a fault acted on preceded by its record and
+        recorded as delivered (as received when it was not delivered)."""
+        first = src.gate.completed() - len(frames) + 1
+        for number, frame in enumerate(frames, first):
+            self._track(src, frame.data, now, bool(frame.fds))
+            fault = src.gate.faults.pop(number, None)
+            if fault is None:
+                self._emit_frame(src, frame, now)
+                continue
+            conn = src.conn.id
+            self._emit(Event(FAULT, now, conn, fault.info))
+            name = fault.action.name
+            data = fault.data if name in ("rewrite", "truncate") else frame.data
+            for _ in range(2 if name == "duplicate" else 1):
+                self._emit(Message(now, conn, src.channel, src.direction, data, frame.fds))
+            if name == "errno":
+                self._emit(Message(now, conn, src.channel, 1 - src.direction, fault.answer, []))
+                self._track(src.peer, fault.answer, now)
 
     # --- twin socket -----------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from ..capture import DIRECTIONS, CaptureReader, Event, Message, read_record
+from ..capture import DIRECTIONS, FAULT, CaptureReader, Event, Message, read_record
 from ..dfilter import DisplayFilter
 from ..dissect import Analyzer, Dissected, expects_reply
 from ..dissectors import vfio_user as proto
@@ -134,7 +134,7 @@ class CaptureModel:
                     self._add(offset, record)
                 else:
                     self.events.append((self.count, record))
-                    self._analyzer.run([record])            # a close ends its session
+                    list(self._analyzer.run([record]))      # a close ends its session
                 self._notify()
         except (OSError, ValueError):
             pass          # a vanished stream ends the pass; what came is kept
@@ -207,7 +207,10 @@ class CaptureModel:
         analyzer = Analyzer(_Links(self.response_of), self.tracker.restored(snapshot.connections))
         ts = self.columns["ts"]
         analyzer.resume_at(first - 1, ts[0], ts[first - 2] if first > 1 else ts[0])
+        faults = [(before, e) for before, e in self.events
+                  if e.kind == FAULT and first <= before + 1 <= last]
         for msg in self.messages(first, last):
+            list(analyzer.run(e for before, e in faults if before == analyzer.number))
             p = analyzer.feed(msg)
             self._cache[p.number] = p
         while len(self._cache) > CACHE_PACKETS:
