@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (LIBVFIO_USER, TESTS, needs_libvfio_user, open_fds, run_vfu, sample_session,
-                     stop, vfu, wait_for_socket)
+from helpers import (TESTS, libvfio_user_client, libvfio_user_server_through_proxy,
+                     needs_libvfio_user, open_fds, run_vfu, sample_session, stop, vfu,
+                     wait_for_socket)
 from vfu_inspect.capture import DOORBELL, IRQ, Event, Message, read_all
 from vfu_inspect.dissectors.vfio_user import (CMD, Header, RegionIoFds, RegionWrite, SetIrqs,
                                               SubRegion, parse_header)
@@ -202,23 +203,11 @@ def test_no_eventfd_leaks_across_1000_assign_disable_cycles_and_disconnects(echo
 @needs_libvfio_user
 def test_libvfio_user_server_interrupt_reaches_its_client(tmp_path):
     """Its client waits for the INTx its server raises a second after a BAR0 write."""
-    build = Path(LIBVFIO_USER)
-    real, listen, capture = tmp_path / "lvu.sock", tmp_path / "p.sock", tmp_path / "c.vfucap"
-    server = subprocess.Popen([str(build / "samples" / "server"), "-v", str(real)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_socket(real, server)
-    proxy = vfu("proxy", "--listen", str(listen), "--server", str(real), "-w", str(capture),
-                "--trace-irqs")
-    wait_for_socket(listen, proxy)
-    try:
-        result = subprocess.run([str(build / "samples" / "client"), str(listen)],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert "INTx triggered" in result.stdout
-    finally:
-        stop(proxy)
-        server.kill()
-        server.wait()
+    capture = tmp_path / "c.vfucap"
+    with libvfio_user_server_through_proxy(tmp_path, capture, "--trace-irqs") as listen:
+        result = libvfio_user_client(listen)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "INTx triggered" in result.stdout
     assert signals(capture) == [(IRQ, 0, 0, 1)]
     stats = run_vfu("read", str(capture), "-q", "-z", "irq").stdout
     latency = [line for line in stats.splitlines() if "REGION_WRITE BAR0+0x0" in line]

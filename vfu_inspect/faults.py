@@ -272,7 +272,7 @@ def _rewrite(arg: str) -> Action:
         kind = proto.CAPABILITIES[capability][0]
         value = _json_value(text, kind, name)
         return Action("rewrite", field=name, value=value)
-    width = _widths().get(name.rsplit(".", 1)[0] if fd is not None and fd.mask else name)
+    width = proto.member_widths().get(name.rsplit(".", 1)[0] if fd is not None and fd.mask else name)
     if fd is None or width is None:
         raise FaultError(f"rewrite: {name!r} is not a field the proxy can rewrite: a VERSION "
                          "capability (version.max_data_xfer_size …) or a fixed-width field "
@@ -304,15 +304,6 @@ def _number(text: str, name: str) -> int:
         return int(text, 0)
     except ValueError:
         raise FaultError(f"rewrite: {name} needs a number, not {text!r}") from None
-
-
-def _widths() -> dict[str, int]:
-    """Bytes of every fixed-width layer member (the widest where layouts differ)."""
-    widths: dict[str, int] = {}
-    for cls in proto.layers():
-        for fd, _, size in cls.vfu_compiled.fields:
-            widths[fd.name] = max(size, widths.get(fd.name, 0))
-    return widths
 
 
 def _shift(mask: int) -> int:
