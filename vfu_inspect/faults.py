@@ -118,6 +118,13 @@ class Fault:
     answer: bytes | None        # errno: the error reply to the sender
     info: dict[str, Any]        # the fault record's info
 
+    @property
+    def delivered(self) -> bool:
+        """Whether the receiver gets the message (or what it became)."""
+        action = self.action
+        return not (action.name in ("errno", "drop") or action.name == "close"
+                    and not action.after)
+
 
 # --- parsing ----------------------------------------------------------------------
 

@@ -384,8 +384,8 @@ class Proxy:
     def _carry_out(self, src: Side, dst: Side, verdict: Verdict) -> str | None:
         fault, fds = verdict.fault, verdict.fds
         action = fault.action
-        if action.name in ("errno", "drop") or action.name == "close" and not action.after:
-            _close_all(fds)                     # not delivered
+        if not fault.delivered:
+            _close_all(fds)
             if action.name == "errno":
                 self._answer(src, dst, fault.answer)
             return fault.info["effect"] if action.name == "close" else None
@@ -416,9 +416,10 @@ class Proxy:
         recorded as delivered (as received when it was not delivered)."""
         first = src.gate.completed() - len(frames) + 1
         for number, frame in enumerate(frames, first):
-            self._track(src, frame.data, now, bool(frame.fds))
             fault = src.gate.faults.pop(number, None)
-            if fault is None:
+            if fault is None or fault.delivered or not _is_reply(frame.data):
+                self._track(src, frame.data, now, bool(frame.fds))   # an undelivered reply
+            if fault is None:                                         # answers nothing
                 self._emit_frame(src, frame, now)
                 continue
             conn = src.conn.id
@@ -535,6 +536,11 @@ def _twin_fd_index(frames: list) -> int | None:
                 twin.get("fd_index"), int):
             return twin["fd_index"]
     return None
+
+
+def _is_reply(data: bytes) -> bool:
+    header = proto.parse_header(data)
+    return header is not None and header.is_reply
 
 
 def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:

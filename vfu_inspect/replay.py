@@ -485,10 +485,9 @@ def _replies_before(recorded: list[tuple[int, Message]], replies: dict[int, int]
 
 def _copies(fault: Fault) -> int:
     """How many times a faulted request is sent."""
-    action = fault.action
-    if action.name in ("drop", "errno") or action.name == "close" and not action.after:
+    if not fault.delivered:
         return 0
-    return 2 if action.name == "duplicate" else 1
+    return 2 if fault.action.name == "duplicate" else 1
 
 
 def fresh_fd(meta: dict[str, Any]) -> int:
