@@ -62,7 +62,15 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10)
 
 
 def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """The process's open fds, once the count holds still: a relay closes its
+    copy of a passed fd just after sending it, maybe after the peer got it."""
+    count = len(os.listdir(f"/proc/{pid}/fd"))
+    for _ in range(100):
+        time.sleep(0.02)
+        count, last = len(os.listdir(f"/proc/{pid}/fd")), count
+        if count == last:
+            break
+    return count
 
 
 def rss_kib(pid: int) -> int:
