@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import random
 import subprocess
 import time
@@ -342,3 +343,19 @@ def test_libvfio_user_client_mishandles_a_server_that_chunks_its_dma(tmp_path):
     assert "failed to receive DMA read: Invalid argument" in result.stderr
     writes = messages(capture, "DMA_WRITE", S2C)
     assert len(writes) > 1 and {int.from_bytes(m.data[24:32], "little") for m in writes} == {512}
+
+
+def test_faults_survive_pcapng_and_show_in_its_comments(tmp_path):
+    rule = f"{GET_INFO} && frame.dir == s2c: rewrite device_info.num_irqs=4"
+    result, capture, _, _ = faulted(tmp_path, rule)
+    assert result.returncode == 1
+    pcapng, back = tmp_path / "s.pcapng", tmp_path / "back.vfucap"
+    assert run_vfu("export", str(capture), "-o", str(pcapng)).returncode == 0
+    assert run_vfu("import", str(pcapng), "-o", str(back)).returncode == 0
+    assert records(back) == records(capture)
+    if shutil.which("tshark"):
+        plugin = run_vfu("wireshark-plugin").stdout.strip()
+        shown = subprocess.run(["tshark", "-X", f"lua_script:{plugin}", "-r", str(pcapng), "-Y",
+                                'frame.comment contains "fault.injected"'],
+                               capture_output=True, text=True, timeout=60)
+        assert "DEVICE_GET_INFO reply" in shown.stdout and len(shown.stdout.splitlines()) == 1

@@ -210,3 +210,18 @@ def test_libvfio_user_server_interrupt_reaches_its_client(tmp_path):
     stats = run_vfu("read", str(capture), "-q", "-z", "irq").stdout
     latency = [line for line in stats.splitlines() if "REGION_WRITE BAR0+0x0" in line]
     assert latency and float(latency[0].split()[-2]) > 900_000      # its alarm: 1 s later
+
+
+def test_read_filters_and_counts_the_reference_sessions_interrupts():
+    reference = str(TESTS.parent / "captures" / "sample-endpoints.vfucap")
+    shown = run_vfu("read", reference, "-Y", "irq.vector == 2 || doorbell.datamatch == 3")
+    assert shown.stdout.splitlines() == [
+        "# conn 0 irq: MSI-X vector 2, count 1",
+        "# conn 0 doorbell: BAR0 offset 0x28 size 8 datamatch 0x3, count 1"]
+    stats = run_vfu("read", reference, "-q", "-z", "irq").stdout
+    assert [line.split()[1:4] for line in stats.splitlines() if "vector" in line
+            and "Events" not in line and "REGION_WRITE" not in line and "doorbell" not in line] \
+        == [["INTx", "vector", "0"], ["MSI-X", "vector", "1"], ["MSI-X", "vector", "2"],
+            ["MSI-X", "vector", "3"]]
+    assert any(line.split()[1] == "doorbell" and line.split()[3:6] == ["MSI-X", "vector", "3"]
+               for line in stats.splitlines() if "doorbell BAR0" in line)
