@@ -34,7 +34,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .capture import CHANNELS, DIRECTIONS
+from .capture import C2S, CHANNELS, DIRECTIONS
 from .dfilter import DisplayFilter, FilterError, PartialValues, compile_filter
 from .dissectors import vfio_user as proto
 from .endpoints.common import error_to
@@ -452,27 +452,34 @@ def _rewritten_capability(action: Action, data: bytes, header: proto.HeaderInfo
 
 def _info(rule: Rule, header: proto.HeaderInfo, channel: int, direction: int,
           details: dict[str, Any]) -> dict[str, Any]:
-    receiver = "server" if direction == 0 else "client"
-    cmd = header.command_name
-    what = f"{cmd} {header.kind}"
-    action = rule.action
-    effect = {
-        "errno": lambda: f"{cmd} answered with {proto.ERRNO_NAMES.get(action.errno, action.errno)} "
-                         f"in place of the {receiver}, not forwarded",
-        "delay": lambda: f"{what} delivered {action.delay * 1e3:g} ms late",
-        "drop": lambda: f"{what} dropped: the {receiver} never got it",
-        "close": lambda: f"connection closed {'after' if action.after else 'before'} {what} "
-                         f"reached the {receiver}",
-        "rewrite": lambda: f"{what}: {action.field} rewritten from {details['from']} to "
-                           f"{details['to']}",
-        "truncate": lambda: f"{what} cut from {details.get('from_size')} to {action.size} "
-                            f"bytes (msg_size {action.size})",
-        "duplicate": lambda: f"{what} delivered twice",
-    }[action.name]()
-    return {"action": action.name, "rule": rule.text, "number": rule.number,
+    return {"action": rule.action.name, "rule": rule.text, "number": rule.number,
             "match": rule.trigger.matches, "channel": CHANNELS[channel],
-            "dir": DIRECTIONS[direction], "msg_id": header.msg_id, "cmd": cmd,
-            "effect": effect, **details}
+            "dir": DIRECTIONS[direction], "msg_id": header.msg_id, "cmd": header.command_name,
+            "effect": _effect(rule.action, header, direction, details), **details}
+
+
+def _effect(action: Action, header: proto.HeaderInfo, direction: int,
+            details: dict[str, Any]) -> str:
+    """What the fault did, in a sentence for people."""
+    receiver = "server" if direction == C2S else "client"
+    what = f"{header.command_name} {header.kind}"
+    if action.name == "errno":
+        return (f"{header.command_name} answered with "
+                f"{proto.ERRNO_NAMES.get(action.errno, action.errno)} in place of the "
+                f"{receiver}, not forwarded")
+    if action.name == "delay":
+        return f"{what} delivered {action.delay * 1e3:g} ms late"
+    if action.name == "drop":
+        return f"{what} dropped: the {receiver} never got it"
+    if action.name == "close":
+        return (f"connection closed {'after' if action.after else 'before'} {what} reached "
+                f"the {receiver}")
+    if action.name == "rewrite":
+        return f"{what}: {action.field} rewritten from {details['from']} to {details['to']}"
+    if action.name == "truncate":
+        return (f"{what} cut from {details['from_size']} to {action.size} bytes "
+                f"(msg_size {action.size})")
+    return f"{what} delivered twice"
 
 
 # --- the relay's side ------------------------------------------------------------------

@@ -417,9 +417,10 @@ class Proxy:
         first = src.gate.completed() - len(frames) + 1
         for number, frame in enumerate(frames, first):
             fault = src.gate.faults.pop(number, None)
+            # a reply the client never got leaves its request unanswered
             if fault is None or fault.delivered or not _is_reply(frame.data):
-                self._track(src, frame.data, now, bool(frame.fds))   # an undelivered reply
-            if fault is None:                                         # answers nothing
+                self._track(src, frame.data, now, bool(frame.fds))
+            if fault is None:
                 self._emit_frame(src, frame, now)
                 continue
             conn = src.conn.id
