@@ -8,8 +8,8 @@
   target <= 1.05x the proxy without them; and rules that hold every
   REGION_READ to dissect it, for comparison), lock-step and pipelined, in
   interleaved passes; prints the median of the passes, and each proxy's CPU
-  time per round trip (from /proc: what the relay costs; its least of the
-  passes is the least disturbed by what else the shared machine runs).
+  time per round trip (from /proc, in 10 ms ticks; the least of the passes
+  is the least disturbed by what else the shared machine runs).
 * sample: the sample server driven by a Python client (4-byte REGION_READs of
   BAR0): direct, blind relay, proxy -w and proxy -w --print, best of --repeat.
 
@@ -18,8 +18,8 @@
 
 VFU_RTBENCH names the C client (default /opt/vfu-peers/vfu_rtbench).  The
 targets are proxy / blind-relay time per op: <= 1.1x lock-step, <= 1.2x
-pipelined; proxy with non-matching faults / proxy: <= 1.05x, in CPU time per
-round trip, least of the passes (wall time and medians are printed too).  Each proxy's capture must hold every message of every run, so a
+pipelined; proxy with non-matching faults / proxy: <= 1.05x in time per round
+trip (what the peers see), its CPU time printed beside it.  Each proxy's capture must hold every message of every run, so a
 relay that loses messages fails the bench instead of looking fast.
 """
 
@@ -190,11 +190,11 @@ def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, P
               "passes: " + ", ".join(f"{name} {least[name]:.2f} "
                                     f"({statistics.median(cpu[mode, name]):.2f}) us"
                                     for name in proxies))
-        print(f"  {label(mode, args.depth)}: proxy --fault (none matching)/proxy: CPU "
-              f"{least['proxy --fault'] / least['proxy -w']:.3f}x (target <= {FAULT_TARGET}), "
-              f"wall {med[mode, 'proxy --fault'] / proxy_us:.3f}x; with a rule that dissects "
-              f"each request: CPU {least['proxy --fault*'] / least['proxy -w']:.3f}x, wall "
-              f"{med[mode, 'proxy --fault*'] / proxy_us:.3f}x")
+        print(f"  {label(mode, args.depth)}: proxy --fault (none matching)/proxy: time "
+              f"{med[mode, 'proxy --fault'] / proxy_us:.3f}x (target <= {FAULT_TARGET}), CPU "
+              f"{least['proxy --fault'] / least['proxy -w']:.3f}x; with a rule that dissects "
+              f"each request: time {med[mode, 'proxy --fault*'] / proxy_us:.3f}x, CPU "
+              f"{least['proxy --fault*'] / least['proxy -w']:.3f}x")
 
 
 # --- sample server + Python client --------------------------------------------

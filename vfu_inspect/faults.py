@@ -50,7 +50,8 @@ MAX_FILE = 1 << 20
 _MEMO_LIMIT = 4096
 _HEADER = proto.Header.vfu_compiled.struct
 _SIZE = struct.Struct("<I")
-_CMD_SIZE_FLAGS = struct.Struct("<2xHIQ")      # command, msg_size, flags | error << 32
+_unpack_cmd_size_flags = struct.Struct("<2xHIQ").unpack_from   # cmd, size, flags | error << 32
+_HEADER_SIZE = proto.HEADER_SIZE
 _ERRNOS = {name: number for number, name in proto.ERRNO_NAMES.items()}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(us|ms|s)?")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}
@@ -519,7 +520,8 @@ class Gate:
     _held_size: int = 0
     _held_fds: list[int] = field(default_factory=list)
     _held_rules: tuple[Rule, ...] = ()
-    _passes: dict[int, bool] = field(default_factory=dict)   # fd-less headers no rule may match
+    _passes: set[int] = field(default_factory=set)    # fd-less headers no rule may match
+    _busy: bool = False                               # see _update_busy
 
     def completed(self) -> int:
         """Messages of the stream received whole so far (those begun, less the
@@ -534,12 +536,12 @@ class Gate:
         """The common case, decided fast: every message that begins in the chunk
         has a header no rule may match, so the chunk passes as it is.  Else
         (False, nothing changed) `feed` decides."""
-        if self._head or self._held is not None or self.lost or self.later:
+        if self._busy:
             return False
         pos, end, count, passes = self._passing, len(data), 0, self._passes
-        while pos + proto.HEADER_SIZE <= end:
-            cmd, size, flags_error = _CMD_SIZE_FLAGS.unpack_from(data, pos)
-            if passes.get(flags_error << 16 | cmd) is not True or size < proto.HEADER_SIZE \
+        while pos + _HEADER_SIZE <= end:
+            cmd, size, flags_error = _unpack_cmd_size_flags(data, pos)
+            if (flags_error << 16 | cmd) not in passes or size < _HEADER_SIZE \
                     or fds and pos == owner:
                 return False
             pos += size
@@ -558,7 +560,13 @@ class Gate:
             self._consume(data[owner:], fds, out)
         else:
             self._consume(data, fds, out)
+        self._update_busy()
         return out
+
+    def _update_busy(self) -> None:
+        """Whether all_pass must leave the next chunk to feed (state only feed
+        and answer change)."""
+        self._busy = bool(self._head or self._held is not None or self.lost or self.later)
 
     def answer(self, data: bytes) -> bool:
         """A reply the proxy made, to go where this stream goes: True when it can
@@ -566,6 +574,7 @@ class Gate:
         if self.between_messages:
             return True
         self.later.append(data)
+        self._busy = True
         return False
 
     def close(self) -> list[int]:
@@ -644,7 +653,7 @@ class Gate:
         rules = self.injector.candidates(self.channel, self.direction, cmd, flags, error,
                                          len(self._head_fds))
         if not rules and not self._head_fds and len(self._passes) < _MEMO_LIMIT:
-            self._passes[(error << 32 | flags) << 16 | cmd] = True     # for all_pass
+            self._passes.add((error << 32 | flags) << 16 | cmd)       # for all_pass
         if not rules:
             self._passing = size
             return False
