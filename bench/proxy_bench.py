@@ -3,8 +3,13 @@
 * libvfio-user: its gpio-pci-idio-16 sample driven by the C client vfu_rtbench
   (no Python on either end: the yardstick for the proxy's own cost), each
   1-byte REGION_READ of BAR2 one round trip.  Direct, through the blind relay
-  (bench/blind_relay.py) and through the proxy, lock-step and pipelined, in
-  interleaved passes; prints the median of the passes.
+  (bench/blind_relay.py), through the proxy, and through the proxy with fault
+  rules configured that match none of these messages (decided on the header:
+  target <= 1.05x the proxy without them; and rules that hold every
+  REGION_READ to dissect it, for comparison), lock-step and pipelined, in
+  interleaved passes; prints the median of the passes, and each proxy's CPU
+  time per round trip (from /proc, in 10 ms ticks; the least of the passes
+  is the least disturbed by what else the shared machine runs).
 * sample: the sample server driven by a Python client (4-byte REGION_READs of
   BAR0): direct, blind relay, proxy -w and proxy -w --print, best of --repeat.
 
@@ -13,7 +18,8 @@
 
 VFU_RTBENCH names the C client (default /opt/vfu-peers/vfu_rtbench).  The
 targets are proxy / blind-relay time per op: <= 1.1x lock-step, <= 1.2x
-pipelined.  Each proxy's capture must hold every message of every run, so a
+pipelined; proxy with non-matching faults / proxy: <= 1.05x in time per round
+trip (what the peers see), its CPU time printed beside it.  Each proxy's capture must hold every message of every run, so a
 relay that loses messages fails the bench instead of looking fast.
 """
 
@@ -47,6 +53,15 @@ DEFAULT_RTBENCH = "/opt/vfu-peers/vfu_rtbench"
 # gpio-pci-idio-16's BAR2 (0x100 bytes): offset 1 is the input register of pins 0-7.
 REGION, OFFSET, COUNT = 2, 1, 1
 TARGET = {"lock-step": 1.1, "pipelined": 1.2}   # proxy / blind-relay time per op
+FAULT_TARGET = 1.05                             # proxy --fault (none matching) / proxy
+# Rules a REGION_READ session never matches, each ruled out by the header alone
+# (another command, or a reply where a request is wanted) ...
+NOT_MATCHING = ["vfio_user.cmd == DMA_MAP && dma_map.size > 0x100000: errno ENOMEM",
+                "region_write.region == CONFIG: drop",
+                "vfio_user.cmd == DEVICE_RESET && frame.dir == s2c: delay 10ms",
+                "vfio_user.cmd == REGION_READ && vfio_user.flags.error: duplicate"]
+# ... and one that every REGION_READ request may match until it is dissected.
+DISSECTED = ["region_read.region == CONFIG && frame.dir == c2s: errno EIO"]
 
 
 class BenchError(Exception):
@@ -56,15 +71,22 @@ class BenchError(Exception):
 # --- processes and captures ---------------------------------------------------
 
 @contextmanager
-def running(args: list[str], sock: Path, log: Path | None = None) -> Iterator[None]:
+def running(args: list[str], sock: Path, log: Path | None = None
+            ) -> Iterator[subprocess.Popen]:
     """Run `args` until the block ends; it is ready once `sock` listens."""
     with open(log or os.devnull, "w") as err:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
     try:
         wait_for_socket(sock, proc)
-        yield
+        yield proc
     finally:
         stop(proc)      # SIGTERM: the proxy flushes its capture and exits
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def check_capture(path: Path, runs: int, ops: int) -> None:
@@ -121,28 +143,41 @@ def rtbench(client: Path, sock: Path, ops: int, window: int) -> float:
 
 def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, Path]) -> None:
     server_bin, client = peers
-    server, relay, proxy = tmp / "gpio.sock", tmp / "gpio-relay.sock", tmp / "gpio-proxy.sock"
-    capture = tmp / "gpio.vfucap"
-    socks = {"direct": server, "blind relay": relay, "proxy -w": proxy}
+    server, relay = tmp / "gpio.sock", tmp / "gpio-relay.sock"
+    proxies = {"proxy -w": [], "proxy --fault": NOT_MATCHING, "proxy --fault*": DISSECTED}
+    socks = {"direct": server, "blind relay": relay,
+             **{name: tmp / f"gpio-proxy{i}.sock" for i, name in enumerate(proxies)}}
     us: dict[tuple[str, str], list[float]] = {(m, s): [] for m in modes(1) for s in socks}
+    cpu: dict[tuple[str, str], list[float]] = {(m, s): [] for m in modes(1) for s in proxies}
+    pids: dict[str, int] = {}
     with ExitStack() as stack:
         stack.enter_context(running([str(server_bin), str(server)], server))
         rtbench(client, server, 10, 1)      # the server takes our REGION_READ, or fail now
         stack.enter_context(running([*RELAY, str(relay), str(server)], relay))
-        stack.enter_context(running([*VFU, "proxy", "--listen", str(proxy), "--server",
-                                     str(server), "-w", str(capture)], proxy,
-                                    log=tmp / "gpio-proxy.log"))
+        for i, (name, rules) in enumerate(proxies.items()):
+            faults = [arg for rule in rules for arg in ("--fault", rule)]
+            pids[name] = stack.enter_context(running(
+                [*VFU, "proxy", "--listen", str(socks[name]), "--server", str(server), "-w",
+                 str(tmp / f"gpio{i}.vfucap"), *faults], socks[name],
+                log=tmp / f"gpio-proxy{i}.log")).pid
         for n in range(args.passes):
             order = list(socks)[n % len(socks):] + list(socks)[:n % len(socks)]  # none always first
             for mode, window in modes(args.depth).items():
                 for name in order:
+                    before = cpu_seconds(pids[name]) if name in pids else 0.0
                     us[mode, name].append(rtbench(client, socks[name], args.ops, window))
-    check_capture(capture, runs=args.passes * 2, ops=args.ops)
+                    if name in pids:     # microseconds per round trip
+                        cpu[mode, name].append((cpu_seconds(pids[name]) - before) / args.ops
+                                               * 1e6)
+    for i in range(len(proxies)):
+        check_capture(tmp / f"gpio{i}.vfucap", runs=args.passes * 2, ops=args.ops)
     print(f"libvfio-user gpio-pci-idio-16 + vfu_rtbench: {args.ops:,} REGION_READs per run, "
-          f"median of {args.passes} interleaved passes (min-max us/op)")
+          f"median of {args.passes} interleaved passes (min-max us/op); proxy --fault: "
+          f"{len(NOT_MATCHING)} rules no message matches by its header; proxy --fault*: a "
+          "rule each REGION_READ request is dissected for")
     med = {key: statistics.median(v) for key, v in us.items()}
     for (mode, name), times in us.items():
-        print(f"  {label(mode, args.depth):<12} {name:<12} {1e6 / med[mode, name]:>9,.0f} ops/s "
+        print(f"  {label(mode, args.depth):<12} {name:<14} {1e6 / med[mode, name]:>9,.0f} ops/s "
               f"{med[mode, name]:7.2f} us/op  ({min(times):.2f}-{max(times):.2f})")
     for mode in modes(1):
         proxy_us, blind_us, direct_us = (med[mode, s] for s in ("proxy -w", "blind relay",
@@ -150,6 +185,16 @@ def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, P
         print(f"  {label(mode, args.depth)}: proxy/blind relay {proxy_us / blind_us:.2f}x "
               f"(target <= {TARGET[mode]}), proxy/direct {proxy_us / direct_us:.2f}x; the proxy "
               f"adds {proxy_us - blind_us:+.2f} us/op to the blind relay's")
+        least = {name: min(cpu[mode, name]) for name in proxies}
+        print(f"  {label(mode, args.depth)}: proxy CPU per round trip, least (median) of the "
+              "passes: " + ", ".join(f"{name} {least[name]:.2f} "
+                                    f"({statistics.median(cpu[mode, name]):.2f}) us"
+                                    for name in proxies))
+        print(f"  {label(mode, args.depth)}: proxy --fault (none matching)/proxy: time "
+              f"{med[mode, 'proxy --fault'] / proxy_us:.3f}x (target <= {FAULT_TARGET}), CPU "
+              f"{least['proxy --fault'] / least['proxy -w']:.3f}x; with a rule that dissects "
+              f"each request: time {med[mode, 'proxy --fault*'] / proxy_us:.3f}x, CPU "
+              f"{least['proxy --fault*'] / least['proxy -w']:.3f}x")
 
 
 # --- sample server + Python client --------------------------------------------

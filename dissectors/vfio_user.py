@@ -1717,6 +1717,16 @@ def _layer_commands() -> dict[str, frozenset[int]]:
     return out
 
 
+def member_widths() -> dict[str, int]:
+    """Bytes of each fixed-width layer member; the widest where layouts differ
+    (QEMU's DMA)."""
+    widths: dict[str, int] = {}
+    for cls in layers():
+        for fd, _, size in cls.vfu_compiled.fields:
+            widths[fd.name] = max(size, widths.get(fd.name, 0))
+    return widths
+
+
 def protocol_fields() -> list[FieldDef]:
     """Registry entries a message's own bytes give (not frames, fds or devices)."""
     prefixes = {cls.vfu_field.name.split(".")[0] for cls in layers()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -72,7 +73,15 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10)
 
 
 def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """The process's open fds, once the count holds still: a relay closes its
+    copy of a passed fd just after sending it, maybe after the peer got it."""
+    count = len(os.listdir(f"/proc/{pid}/fd"))
+    for _ in range(100):
+        time.sleep(0.02)
+        count, last = len(os.listdir(f"/proc/{pid}/fd")), count
+        if count == last:
+            break
+    return count
 
 
 def rss_kib(pid: int) -> int:
@@ -100,24 +109,36 @@ needs_qemu = pytest.mark.skipif(
     not QEMU, reason="set VFU_INSPECT_QEMU to a qemu-system-x86_64 with vfio-user-pci")
 
 
-def libvfio_user_samples_through_proxy(tmp_path: Path, capture: Path) -> None:
-    """libvfio-user's samples/client against samples/server through `proxy -w
-    capture`; fails unless the client succeeds."""
-    build = Path(LIBVFIO_USER)
+@contextlib.contextmanager
+def libvfio_user_server_through_proxy(tmp_path: Path, capture: Path, *proxy_args: str):
+    """libvfio-user's samples/server behind `proxy -w capture PROXY_ARGS`:
+    yields the proxy's socket, for a client to connect to."""
     real, listen = tmp_path / "lvu.sock", tmp_path / "p.sock"
-    server = subprocess.Popen([str(build / "samples" / "server"), "-v", str(real)],
+    server = subprocess.Popen([str(Path(LIBVFIO_USER) / "samples" / "server"), "-v", str(real)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_socket(real, server)
-    proxy = vfu("proxy", "--listen", str(listen), "--server", str(real), "-w", str(capture))
-    wait_for_socket(listen, proxy)
+    proxy = vfu("proxy", "--listen", str(listen), "--server", str(real), "-w", str(capture),
+                *proxy_args)
     try:
-        result = subprocess.run([str(build / "samples" / "client"), str(listen)],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
+        wait_for_socket(listen, proxy)
+        yield listen
     finally:
         stop(proxy)
         server.kill()
         server.wait()
+
+
+def libvfio_user_client(listen: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(LIBVFIO_USER) / "samples" / "client"), str(listen)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def libvfio_user_samples_through_proxy(tmp_path: Path, capture: Path) -> None:
+    """libvfio-user's samples/client against samples/server through `proxy -w
+    capture`; fails unless the client succeeds."""
+    with libvfio_user_server_through_proxy(tmp_path, capture) as listen:
+        result = libvfio_user_client(listen)
+        assert result.returncode == 0, result.stderr[-2000:]
 
 
 def sample_session(tmp_path: Path, proxy_args: list[str], client_args: list[str] = (),

@@ -20,13 +20,13 @@ import pytest
 from textual.theme import BUILTIN_THEMES
 from textual.widgets import Input
 
-from helpers import run_vfu, stop, vfu, wait_for_socket
+from helpers import run_vfu, sample_session, stop, vfu, wait_for_socket
 from vfu_inspect.capture import CLOSE, OPEN, CaptureWriter, Message, read_all
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dfilter import compile_filter
 from vfu_inspect.dissectors.vfio_user import CMD
 from vfu_inspect.tui.app import (AllRows, DetailTree, FilterBar, HexPane, InspectApp,
-                                 MessageList, QuitScreen, row_palette)
+                                 MessageList, row_palette)
 from vfu_inspect.tui.model import CaptureModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -764,3 +764,23 @@ def test_snapshot_sizes(snap_compare, size):
         await pilot.press("j", "j", "j")
         await pilot.pause(0.2)
     assert snap_compare(InspectApp(CaptureModel(TRACE)), terminal_size=size, run_before=before)
+
+
+def test_interrupts_and_faults_are_rows_of_the_message_list(tmp_path):
+    result, capture, _, _ = sample_session(tmp_path, [
+        "--trace-irqs", "--fault", "vfio_user.cmd == DEVICE_RESET && frame.dir == s2c: delay 1ms"])
+    assert result.returncode == 0, result.stderr
+
+    async def main():
+        app = InspectApp(CaptureModel(str(capture)))
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(pilot, app)
+            entries = [app.messages.rows[i] for i in range(len(app.messages.rows))]
+            rows = [app.messages.row(entry)[0] for entry in entries]
+            assert any("irq: MSI-X vector 2, count 1" in row for row in rows)
+            assert any("doorbell: BAR0 offset 0x28" in row for row in rows)
+            fault = next(i for i, row in enumerate(rows) if "fault: DEVICE_RESET reply" in row)
+            assert "DEVICE_RESET" in rows[fault + 1]
+            packet = app.model.packet(entries[fault + 1])
+            assert [e.id for e in packet.tree.experts] == ["fault.injected"]
+    asyncio.run(main())

@@ -1,7 +1,8 @@
 """`vfu-inspect demo`: the sample server, the proxy and the sample client, live.
 
-The server and the client are real processes talking through a real proxy;
-the demo prints the session as it happens and leaves a capture behind.
+The server and the client are real processes talking through a real proxy
+(with --trace-irqs, so that the device's interrupts show too); the demo
+prints the session as it happens and leaves a capture behind.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def run_demo(capture: str, out: TextIO = sys.stdout, color: bool = False,
                 print("vfu-inspect: error: the sample server did not start", file=sys.stderr)
                 return 2
             view = MonitorAddon(monitor, "demo") if tui else PrintAddon(out, color)
-            proxy = Proxy(str(proxy_path), str(server_path), [SaveAddon(capture, "demo"), view])
+            proxy = Proxy(str(proxy_path), str(server_path), [SaveAddon(capture, "demo"), view],
+                          trace_irqs=True)
             proxy.start()
             if tui:
                 from .tui import run_with_proxy
@@ -58,7 +60,8 @@ def run_demo(capture: str, out: TextIO = sys.stdout, color: bool = False,
     print(f"\nThe sample client {verdict}. The session is saved in {capture}. Next:\n"
           f"  vfu-inspect tui {capture}\n"
           f"  vfu-inspect read {capture} -V -Y 'vfio_user.cmd == DEVICE_GET_REGION_INFO'\n"
-          f"  vfu-inspect check {capture}\n", file=out)
+          f"  vfu-inspect check {capture}\n"
+          f"  vfu-inspect read {capture} -q -z irq\n", file=out)
     return 0 if returncode == 0 else 1
 
 

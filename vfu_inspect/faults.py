@@ -34,7 +34,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .capture import CHANNELS, DIRECTIONS
+from .capture import C2S, CHANNELS, DIRECTIONS
 from .dfilter import DisplayFilter, FilterError, PartialValues, compile_filter
 from .dissectors import vfio_user as proto
 from .endpoints.common import error_to
@@ -50,6 +50,8 @@ MAX_FILE = 1 << 20
 _MEMO_LIMIT = 4096
 _HEADER = proto.Header.vfu_compiled.struct
 _SIZE = struct.Struct("<I")
+_unpack_cmd_size_flags = struct.Struct("<2xHIQ").unpack_from   # cmd, size, flags | error << 32
+_HEADER_SIZE = proto.HEADER_SIZE
 _ERRNOS = {name: number for number, name in proto.ERRNO_NAMES.items()}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(us|ms|s)?")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}
@@ -116,6 +118,13 @@ class Fault:
     data: bytes                 # what to deliver: the message, rewritten or cut
     answer: bytes | None        # errno: the error reply to the sender
     info: dict[str, Any]        # the fault record's info
+
+    @property
+    def delivered(self) -> bool:
+        """Whether the receiver gets the message (or what it became)."""
+        action = self.action
+        return not (action.name in ("errno", "drop") or action.name == "close"
+                    and not action.after)
 
 
 # --- parsing ----------------------------------------------------------------------
@@ -271,7 +280,7 @@ def _rewrite(arg: str) -> Action:
         kind = proto.CAPABILITIES[capability][0]
         value = _json_value(text, kind, name)
         return Action("rewrite", field=name, value=value)
-    width = _widths().get(name.rsplit(".", 1)[0] if fd is not None and fd.mask else name)
+    width = proto.member_widths().get(name.rsplit(".", 1)[0] if fd is not None and fd.mask else name)
     if fd is None or width is None:
         raise FaultError(f"rewrite: {name!r} is not a field the proxy can rewrite: a VERSION "
                          "capability (version.max_data_xfer_size …) or a fixed-width field "
@@ -305,15 +314,6 @@ def _number(text: str, name: str) -> int:
         raise FaultError(f"rewrite: {name} needs a number, not {text!r}") from None
 
 
-def _widths() -> dict[str, int]:
-    """Bytes of every fixed-width layer member (the widest where layouts differ)."""
-    widths: dict[str, int] = {}
-    for cls in proto.layers():
-        for fd, _, size in cls.vfu_compiled.fields:
-            widths[fd.name] = max(size, widths.get(fd.name, 0))
-    return widths
-
-
 def _shift(mask: int) -> int:
     return (mask & -mask).bit_length() - 1
 
@@ -325,18 +325,18 @@ class FaultInjector:
 
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
-        self._candidates: dict[tuple, tuple[Rule, ...]] = {}
+        self.memo: dict[tuple, tuple[Rule, ...]] = {}     # candidates(), by header
 
     def candidates(self, channel: int, direction: int, cmd: int, flags: int, error: int,
                    fds: int) -> tuple[Rule, ...]:
         """The rules that may match a message with this header."""
         key = (channel, direction, cmd, flags, error, fds)
-        rules = self._candidates.get(key)
+        rules = self.memo.get(key)
         if rules is None:
-            if len(self._candidates) > _MEMO_LIMIT:      # headers of garbage: stay bounded
-                self._candidates.clear()
+            if len(self.memo) > _MEMO_LIMIT:      # headers of garbage: stay bounded
+                self.memo.clear()
             known = _header_values(*key)
-            rules = self._candidates[key] = tuple(
+            rules = self.memo[key] = tuple(
                 rule for rule in self.rules if rule.filter.could_match(known))
         return rules
 
@@ -453,27 +453,34 @@ def _rewritten_capability(action: Action, data: bytes, header: proto.HeaderInfo
 
 def _info(rule: Rule, header: proto.HeaderInfo, channel: int, direction: int,
           details: dict[str, Any]) -> dict[str, Any]:
-    receiver = "server" if direction == 0 else "client"
-    cmd = header.command_name
-    what = f"{cmd} {header.kind}"
-    action = rule.action
-    effect = {
-        "errno": lambda: f"{cmd} answered with {proto.ERRNO_NAMES.get(action.errno, action.errno)} "
-                         f"in place of the {receiver}, not forwarded",
-        "delay": lambda: f"{what} delivered {action.delay * 1e3:g} ms late",
-        "drop": lambda: f"{what} dropped: the {receiver} never got it",
-        "close": lambda: f"connection closed {'after' if action.after else 'before'} {what} "
-                         f"reached the {receiver}",
-        "rewrite": lambda: f"{what}: {action.field} rewritten from {details['from']} to "
-                           f"{details['to']}",
-        "truncate": lambda: f"{what} cut from {details.get('from_size')} to {action.size} "
-                            f"bytes (msg_size {action.size})",
-        "duplicate": lambda: f"{what} delivered twice",
-    }[action.name]()
-    return {"action": action.name, "rule": rule.text, "number": rule.number,
+    return {"action": rule.action.name, "rule": rule.text, "number": rule.number,
             "match": rule.trigger.matches, "channel": CHANNELS[channel],
-            "dir": DIRECTIONS[direction], "msg_id": header.msg_id, "cmd": cmd,
-            "effect": effect, **details}
+            "dir": DIRECTIONS[direction], "msg_id": header.msg_id, "cmd": header.command_name,
+            "effect": _effect(rule.action, header, direction, details), **details}
+
+
+def _effect(action: Action, header: proto.HeaderInfo, direction: int,
+            details: dict[str, Any]) -> str:
+    """What the fault did, in a sentence for people."""
+    receiver = "server" if direction == C2S else "client"
+    what = f"{header.command_name} {header.kind}"
+    if action.name == "errno":
+        return (f"{header.command_name} answered with "
+                f"{proto.ERRNO_NAMES.get(action.errno, action.errno)} in place of the "
+                f"{receiver}, not forwarded")
+    if action.name == "delay":
+        return f"{what} delivered {action.delay * 1e3:g} ms late"
+    if action.name == "drop":
+        return f"{what} dropped: the {receiver} never got it"
+    if action.name == "close":
+        return (f"connection closed {'after' if action.after else 'before'} {what} reached "
+                f"the {receiver}")
+    if action.name == "rewrite":
+        return f"{what}: {action.field} rewritten from {details['from']} to {details['to']}"
+    if action.name == "truncate":
+        return (f"{what} cut from {details['from_size']} to {action.size} bytes "
+                f"(msg_size {action.size})")
+    return f"{what} delivered twice"
 
 
 # --- the relay's side ------------------------------------------------------------------
@@ -513,10 +520,37 @@ class Gate:
     _held_size: int = 0
     _held_fds: list[int] = field(default_factory=list)
     _held_rules: tuple[Rule, ...] = ()
+    _passes: set[int] = field(default_factory=set)    # fd-less headers no rule may match
+    _busy: bool = False                               # see _update_busy
+
+    def completed(self) -> int:
+        """Messages of the stream received whole so far (those begun, less the
+        one still coming): the framer's count of frames."""
+        return self.ordinal - bool(self._passing or self._held is not None)
 
     @property
     def between_messages(self) -> bool:
         return not (self._passing or self._head or self._held is not None)
+
+    def all_pass(self, data: memoryview, fds: int, owner: int) -> bool:
+        """The common case, decided fast: every message that begins in the chunk
+        has a header no rule may match, so the chunk passes as it is.  Else
+        (False, nothing changed) `feed` decides."""
+        if self._busy:
+            return False
+        pos, end, count, passes = self._passing, len(data), 0, self._passes
+        while pos + _HEADER_SIZE <= end:
+            cmd, size, flags_error = _unpack_cmd_size_flags(data, pos)
+            if (flags_error << 16 | cmd) not in passes or size < _HEADER_SIZE \
+                    or fds and pos == owner:
+                return False
+            pos += size
+            count += 1
+        if pos < end:
+            return False                # a header cut by the read: feed keeps its start
+        self._passing = pos - end
+        self.ordinal += count
+        return True
 
     def feed(self, data: memoryview, fds: list[int], owner: int) -> list[Any]:
         """The pieces of one chunk; its fds belong to the byte at `owner`."""
@@ -526,7 +560,13 @@ class Gate:
             self._consume(data[owner:], fds, out)
         else:
             self._consume(data, fds, out)
+        self._update_busy()
         return out
+
+    def _update_busy(self) -> None:
+        """Whether all_pass must leave the next chunk to feed (state only feed
+        and answer change)."""
+        self._busy = bool(self._head or self._held is not None or self.lost or self.later)
 
     def answer(self, data: bytes) -> bool:
         """A reply the proxy made, to go where this stream goes: True when it can
@@ -534,6 +574,7 @@ class Gate:
         if self.between_messages:
             return True
         self.later.append(data)
+        self._busy = True
         return False
 
     def close(self) -> list[int]:
@@ -611,6 +652,8 @@ class Gate:
             return False
         rules = self.injector.candidates(self.channel, self.direction, cmd, flags, error,
                                          len(self._head_fds))
+        if not rules and not self._head_fds and len(self._passes) < _MEMO_LIMIT:
+            self._passes.add((error << 32 | flags) << 16 | cmd)       # for all_pass
         if not rules:
             self._passing = size
             return False

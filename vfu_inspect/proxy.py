@@ -39,7 +39,7 @@ from .capture import (C2S, CHANNELS, CLOSE, DIRECTIONS, FAULT, MAIN, NOTE, OPEN,
                       Event, Message)
 from .dissect import Matcher, expects_reply
 from .dissectors import vfio_user as proto
-from .faults import Fault, FaultInjector, Gate, Verdict
+from .faults import FaultInjector, Gate, Verdict
 from .framing import Frame, Framer, answered_early
 from .irqs import SET_IRQS, IrqTracer
 from .sockio import fd_info, recv_chunk
@@ -78,7 +78,6 @@ class Side:
     closed: bool = False
     events: int = 0                             # what the selector watches for
     gate: Gate | None = None                    # with --fault: what holds messages back
-    framed: int = 0                             # messages framed (with a gate)
     wait_until: float = 0.0                     # a delay fault holds the queue (monotonic)
 
 
@@ -286,7 +285,7 @@ class Proxy:
         else:
             frames = src.framer.feed(data)
         closing = None
-        if src.gate is None:
+        if src.gate is None or src.gate.all_pass(view, len(fds), owner):
             if owner:
                 dst.queue.append((view[:owner], []))
             dst.queue.append((view[owner:], fds))
@@ -298,8 +297,12 @@ class Proxy:
                     conn.id, src.channel, dst.direction, msg_id)):
                 self._track(dst, early.data, now)
                 self._emit_frame(dst, early, now)
-            self._track(src, frame.data, now, bool(frame.fds))
-            self._emit_frame(src, frame, now)
+        if src.gate is not None and src.gate.faults:
+            self._emit_faulted(src, frames, now)
+        else:
+            for frame in frames:
+                self._track(src, frame.data, now, bool(frame.fds))
+                self._emit_frame(src, frame, now)
         if closing:
             self._close_connection(conn, "proxy", f"fault: {closing}")
 
@@ -314,12 +317,6 @@ class Proxy:
         return fds
 
     def _emit_frame(self, src: Side, frame: Frame, now: int) -> None:
-        if src.gate is not None:
-            src.framed += 1
-            fault = src.gate.faults.pop(src.framed, None)
-            if fault is not None:
-                self._emit_faulted(src, frame, fault, now)
-                return
         self._emit(Message(now, src.conn.id, src.channel, src.direction, frame.data,
                            frame.fds, frame.size if frame.truncated else None))
         if frame.error:
@@ -379,9 +376,10 @@ class Proxy:
         close the connection, when a fault says so."""
         pieces = src.gate.feed(view, fds, owner)
         for n, piece in enumerate(pieces):
-            reason = self._carry_out(src, dst, piece) if isinstance(piece, Verdict) else None
-            if isinstance(piece, tuple):
+            if piece.__class__ is tuple:
                 dst.queue.append(piece)
+                continue
+            reason = self._carry_out(src, dst, piece)
             if reason:
                 for rest in pieces[n + 1:]:
                     _close_all(rest.fds if isinstance(rest, Verdict) else rest[1])
@@ -391,8 +389,8 @@ class Proxy:
     def _carry_out(self, src: Side, dst: Side, verdict: Verdict) -> str | None:
         fault, fds = verdict.fault, verdict.fds
         action = fault.action
-        if action.name in ("errno", "drop") or action.name == "close" and not action.after:
-            _close_all(fds)                     # not delivered
+        if not fault.delivered:
+            _close_all(fds)
             if action.name == "errno":
                 self._answer(src, dst, fault.answer)
             return fault.info["effect"] if action.name == "close" else None
@@ -418,17 +416,27 @@ class Proxy:
             if side.wait_until and side.wait_until <= now and not side.closed:
                 self._send_queued(side)
 
-    def _emit_faulted(self, src: Side, frame: Frame, fault: Fault, now: int) -> None:
-        """The fault, then the message as delivered (as received when it was not)."""
-        conn = src.conn.id
-        self._emit(Event(FAULT, now, conn, fault.info))
-        name = fault.action.name
-        data = fault.data if name in ("rewrite", "truncate") else frame.data
-        for _ in range(2 if name == "duplicate" else 1):
-            self._emit(Message(now, conn, src.channel, src.direction, data, frame.fds))
-        if name == "errno":
-            self._emit(Message(now, conn, src.channel, 1 - src.direction, fault.answer, []))
-            self._track(src.peer, fault.answer, now)
+    def _emit_faulted(self, src: Side, frames: list[Frame], now: int) -> None:
+        """The chunk's messages, each a fault acted on preceded by its record and
+        recorded as delivered (as received when it was not delivered)."""
+        first = src.gate.completed() - len(frames) + 1
+        for number, frame in enumerate(frames, first):
+            fault = src.gate.faults.pop(number, None)
+            # a reply the client never got leaves its request unanswered
+            if fault is None or fault.delivered or not _is_reply(frame.data):
+                self._track(src, frame.data, now, bool(frame.fds))
+            if fault is None:
+                self._emit_frame(src, frame, now)
+                continue
+            conn = src.conn.id
+            self._emit(Event(FAULT, now, conn, fault.info))
+            name = fault.action.name
+            data = fault.data if name in ("rewrite", "truncate") else frame.data
+            for _ in range(2 if name == "duplicate" else 1):
+                self._emit(Message(now, conn, src.channel, src.direction, data, frame.fds))
+            if name == "errno":
+                self._emit(Message(now, conn, src.channel, 1 - src.direction, fault.answer, []))
+                self._track(src.peer, fault.answer, now)
 
     # --- twin socket -----------------------------------------------------------------
 
@@ -534,6 +542,11 @@ def _twin_fd_index(frames: list) -> int | None:
                 twin.get("fd_index"), int):
             return twin["fd_index"]
     return None
+
+
+def _is_reply(data: bytes) -> bool:
+    header = proto.parse_header(data)
+    return header is not None and header.is_reply
 
 
 def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:

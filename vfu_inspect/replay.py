@@ -177,15 +177,7 @@ class Replayer:
         fault = self.fault(data, fds, C2S)
         copies = 1
         if fault is not None:
-            data, copies = fault.data, _copies(fault)
-            if not copies and self.recorder:         # recorded as the proxy records it
-                self.recorder.record(0, MAIN, C2S, data, fds)
-            if fault.action.name == "errno":
-                self.injected.append(Frame(fault.answer, len(fault.answer)))
-                if self.recorder:
-                    self.recorder.record(0, MAIN, S2C, fault.answer, [])
-            if fault.action.name == "delay":
-                time.sleep(fault.action.delay)
+            data, copies = fault.data, self.before_sending(fault, fds)
         for copy in range(copies):
             self.main.send(data, fds if copy == copies - 1 else [os.dup(fd) for fd in fds])
         for fd in fds:
@@ -200,6 +192,20 @@ class Replayer:
             print(f"replay: {fault.info['effect']}: the replay ends here", file=self.out)
             return False
         return True
+
+    def before_sending(self, fault: Fault, fds: list[int]) -> int:
+        """Do what a fault on a request says before it goes; how often it goes."""
+        if not fault.delivered and self.recorder:       # recorded as the proxy records it
+            self.recorder.record(0, MAIN, C2S, fault.data, fds)
+        if fault.action.name == "errno":                # the answer, in place of the server's
+            self.injected.append(Frame(fault.answer, len(fault.answer)))
+            if self.recorder:
+                self.recorder.record(0, MAIN, S2C, fault.answer, [])
+        if fault.action.name == "delay":
+            time.sleep(fault.action.delay)
+        if not fault.delivered:
+            return 0
+        return 2 if fault.action.name == "duplicate" else 1
 
     def fault(self, data: bytes, fds: list[int], direction: int) -> Fault | None:
         """The fault --fault puts on a message the replay sends or answers."""
@@ -481,14 +487,6 @@ def _replies_before(recorded: list[tuple[int, Message]], replies: dict[int, int]
         counts.append(seen)
         seen += index in answered
     return counts
-
-
-def _copies(fault: Fault) -> int:
-    """How many times a faulted request is sent."""
-    action = fault.action
-    if action.name in ("drop", "errno") or action.name == "close" and not action.after:
-        return 0
-    return 2 if action.name == "duplicate" else 1
 
 
 def fresh_fd(meta: dict[str, Any]) -> int:

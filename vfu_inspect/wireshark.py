@@ -31,15 +31,6 @@ LUA_GROUP = {"malformed": "MALFORMED", "header": "MALFORMED", "reply": "SEQUENCE
              "request": "SEQUENCE", "dissector": "UNDECODED", "capture": "UNDECODED"}
 
 
-def _widths() -> dict[str, int]:
-    """Bytes of each layer member; the widest where layouts differ (QEMU's DMA)."""
-    widths: dict[str, int] = {}
-    for cls in proto.layers():
-        for fd, _, size in cls.vfu_compiled.fields:
-            widths[fd.name] = max(size, widths.get(fd.name, 0))
-    return widths
-
-
 def _lua(value: Any) -> str:
     """A Lua literal (JSON strings are valid Lua strings for what we emit)."""
     if isinstance(value, bool):
@@ -90,7 +81,7 @@ def _protofield(fd: fields.FieldDef, width: int, parent_bits: int, values: _Valu
 
 def generate() -> str:
     """The whole plugin text."""
-    values, widths = _Values(), _widths()
+    values, widths = _Values(), proto.member_widths()
     parents = {child.name: widths.get(fd.name, 0) * 8
                for fd in proto.protocol_fields() for child in fd.children}
     declared = {fd.name: _protofield(fd, widths.get(fd.name, 8), parents.get(fd.name, 0), values)

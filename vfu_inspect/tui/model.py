@@ -289,13 +289,17 @@ class CaptureModel:
             yield from self.kept[first - 1:last]
             return
         with open(self.path, "rb") as file:        # its own: workers read too
-            number = first - 1
-            for record in records_from(file, self.offsets[first - 1]):
+            # from the message before, so that the events before `first` (a
+            # fault record, which marks the message after it) come too
+            start = max(first - 1, 1)
+            number = start - 1
+            for record in records_from(file, self.offsets[start - 1]):
                 if isinstance(record, Message):
                     number += 1
                     if number > last:
                         return
-                if record is not None:
+                wanted = first if isinstance(record, Message) else first - 1
+                if record is not None and number >= wanted:
                     yield record
 
     def messages(self, first: int, last: int) -> Iterator[Message]:
