@@ -271,7 +271,7 @@ def test_header_prefilter_never_misses_a_match():
 
 # --- against libvfio-user's samples ------------------------------------------------------
 
-def lvu_session(tmp_path: Path, rule: str, timeout: float = 60):
+def lvu_session(tmp_path: Path, rule: str, timeout: float = 120):
     """libvfio-user's client through proxy --fault RULE to its server: (client
     result, or None when it was still running at `timeout`; proxy capture)."""
     capture = tmp_path / "c.vfucap"
