@@ -129,6 +129,12 @@ def libvfio_user_server_through_proxy(tmp_path: Path, capture: Path, *proxy_args
 
 
 def libvfio_user_client(listen: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """libvfio-user's samples/client against `listen`.  A run that gets through
+    takes about 12 s: before migrating, the client writes now + 10 s to BAR0,
+    and the destination server (the process this waits for: the client forks,
+    its parent execs the server) arms its INTx timer from that value.  Should
+    the 10 s pass before the destination is running (a very loaded machine),
+    its timer is never armed and the client waits for the interrupt forever."""
     return subprocess.run([str(Path(LIBVFIO_USER) / "samples" / "client"), str(listen)],
                           capture_output=True, text=True, timeout=timeout)
 
