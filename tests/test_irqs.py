@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -210,6 +211,21 @@ def test_libvfio_user_server_interrupt_reaches_its_client(tmp_path):
     stats = run_vfu("read", str(capture), "-q", "-z", "irq").stdout
     latency = [line for line in stats.splitlines() if "REGION_WRITE BAR0+0x0" in line]
     assert latency and float(latency[0].split()[-2]) > 900_000      # its alarm: 1 s later
+
+
+def test_fields_and_json_carry_the_events_the_filter_selects():
+    reference = str(TESTS.parent / "captures" / "sample-endpoints.vfucap")
+    fields = run_vfu("read", reference, "-Y", "irq.vector == 2 || doorbell.datamatch == 3 || "
+                     "vfio_user.cmd == DEVICE_SET_IRQS", "-T", "fields", "-e", "vfio_user.cmd",
+                     "-e", "irq.vector", "-e", "doorbell.datamatch").stdout.splitlines()
+    assert "\t2\t" in fields and "\t\t3" in fields
+    assert fields.index("\t2\t") > fields.index(f"{CMD['DEVICE_SET_IRQS']}\t\t")
+    shown = json.loads(run_vfu("read", reference, "--events", "-T", "json").stdout)
+    irqs = [e for e in shown if e.get("event") == "irq"]
+    assert {e["layers"]["irq"]["irq.vector"] for e in irqs} == {0, 1, 2, 3}
+    assert irqs[0]["text"].startswith("# conn 0 irq: ")
+    assert [e["event"] for e in shown if "event" in e][0] == "open"
+    assert len([e for e in shown if "frame" in e]) == 220       # every message too
 
 
 def test_read_filters_and_counts_the_reference_sessions_interrupts():

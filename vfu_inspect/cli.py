@@ -14,7 +14,8 @@ from . import __version__
 from .capture import CaptureError, CaptureReader, CaptureWriter, Event, Message, Record
 from .dissect import Analyzer, Dissected, find_responses
 from .session import DEFAULT_TIMEOUT, SessionTracker
-from .output import SUMMARY_HEADER, detail_text, field_values, hex_dump, json_packet, summary_line
+from .output import (SUMMARY_HEADER, detail_text, field_values, filter_values, hex_dump,
+                     json_event, json_packet, summary_line)
 from .save import is_pcapng_name, open_writer, write_one
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -127,7 +128,8 @@ def _read_parser(sub: argparse._SubParsersAction) -> None:
                    help="print only the -z statistics, not the messages")
     p.add_argument("--events", action="store_true",
                    help="also print connection open/close/note, interrupt, doorbell and fault "
-                        "events ('# …' lines)")
+                        "events ('# …' lines; -T json: objects with \"event\"; -T fields: "
+                        "a row per interrupt, doorbell or fault)")
     p.add_argument("-w", dest="write", metavar="OUT",
                    help="write the messages shown (the -Y matches) to OUT instead of "
                         "printing them: a capture, or pcapng when OUT ends in .pcapng")
@@ -156,8 +158,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     analyzer = _analyzer(args, two_pass=needs_links and not args.follow)
     stats = _stats(args.stats, analyzer)
     from .events import names_events
-    events = args.format == "text" and (args.events or display is not None
-                                        and names_events(display.fields))
+    events = args.events or display is not None and names_events(display.fields)
     with CaptureReader(args.file, follow=args.follow) as reader:
         packets = _tapped(analyzer.run(reader, events=True), stats)
         if args.write:
@@ -317,6 +318,7 @@ def _print_packets(args: argparse.Namespace, packets: Iterator[Dissected], out: 
         return _print_json(packets, out)
     if args.format == "fields":
         render = lambda p: "\t".join(field_values(p, args.fields))  # noqa: E731
+        packets = (p for p in packets if filter_values(p))      # no open/close/note rows
     else:
         render = lambda p: _text(p, args, color)  # noqa: E731
         if not args.verbose and out.isatty():
@@ -346,7 +348,7 @@ def _print_json(packets: Iterator[Dissected], out: TextIO) -> int:
     out.write("[")
     for p in packets:
         out.write(",\n" if shown else "\n")
-        out.write(json.dumps(json_packet(p)))
+        out.write(json.dumps(json_event(p) if isinstance(p, Event) else json_packet(p)))
         shown += 1
     out.write("\n]\n")
     return shown

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .capture import TWIN
+from .capture import EVENT_NAMES, TWIN, Event, describe_event
 from .dissect import Dissected
+from .events import event_values
 from .fields import BYTES, PROTOCOL
 from .pcapng import fd_comment
 from .tree import Item
@@ -117,10 +118,33 @@ def json_value(item: Item) -> Any:
     return item.value
 
 
-def field_values(p: Dissected, names: Iterable[str], values: dict[str, list] | None = None
-                 ) -> list[str]:
+def json_event(event: Event) -> dict[str, Any]:
+    """An event as -T json gives it: its filter fields where it has them
+    (interrupts, doorbells, faults), what it records, and its `read --events` line."""
+    return {"event": EVENT_NAMES[event.kind], "conn": event.conn, "ts_ns": event.ts_ns,
+            "layers": _json_values(event_values(event) or {}),
+            "info": {k: v.hex() if isinstance(v, bytes) else v for k, v in event.info.items()},
+            "text": describe_event(event)}
+
+
+def _json_values(values: dict[str, list[Any]]) -> dict[str, Any]:
+    """Grouped by protocol as a message's layers are: {"irq": {"irq.vector": 2, …}}."""
+    layers: dict[str, dict[str, Any]] = {}
+    for name, v in values.items():
+        if "." in name:
+            layers.setdefault(name.split(".")[0], {})[name] = v[0] if len(v) == 1 else v
+    return layers
+
+
+def filter_values(p: Dissected | Event) -> dict[str, list[Any]]:
+    """What a display filter or -T fields sees of a message or an event."""
+    return event_values(p) or {} if isinstance(p, Event) else p.tree.values()
+
+
+def field_values(p: Dissected | Event, names: Iterable[str],
+                 values: dict[str, list] | None = None) -> list[str]:
     """The values of the named fields, for -T fields (repeats joined by ',')."""
-    values = values if values is not None else p.tree.values()
+    values = values if values is not None else filter_values(p)
     return [",".join(_plain(v) for v in values.get(name, [])) for name in names]
 
 
