@@ -52,6 +52,7 @@ STATELESS_FIELDS = HEADER_FIELDS | {fd.name for fd in proto.protocol_fields()} |
 FLAGS_FIELD = lookup("vfio_user.flags")
 TRUNCATED_AFTER = 1.0      # seconds a partial record may wait at the end of a file
 GROWING_FOR = 5.0          # seconds after the last growth the file counts as followed
+FIRST_SCREEN_WAIT = 1.0    # seconds the pass may wait for the first screen to be painted
 
 
 @dataclass
@@ -179,9 +180,19 @@ class CaptureModel:
         self._eof_since: float | None = None      # when the pass last caught up
         self._eof_count = 0
         self._grew_at: float | None = None
+        self._first_screen = 0
+        self._shown = threading.Event()
 
-    def start(self) -> None:
+    def start(self, first_screen: int = 0) -> None:
+        """Begin the background pass.  With `first_screen`, it stops after that
+        many messages until `shown()` (at most FIRST_SCREEN_WAIT): the pass
+        holds the GIL, and the UI's first paint is thousands of small steps."""
+        self._first_screen = first_screen
         self._thread.start()
+
+    def shown(self) -> None:
+        """The first screen is painted: the background pass goes on."""
+        self._shown.set()
 
     def close(self) -> None:
         self.reader.stop()
@@ -228,6 +239,8 @@ class CaptureModel:
             for offset, record in self.reader.indexed():
                 if isinstance(record, Message):
                     self._add(offset, record)
+                    if self.count == self._first_screen:
+                        self._shown.wait(FIRST_SCREEN_WAIT)
                 else:
                     self._event(record)
         except (OSError, ValueError):
