@@ -17,6 +17,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from textual import events
 from textual.theme import BUILTIN_THEMES
 from textual.widgets import Input
 
@@ -111,6 +112,23 @@ def test_valid_filter_shows_the_matches_and_invalid_leaves_the_list_alone():
         assert len(app.matches) == 0
         await type_filter(pilot, "")                                    # cleared
         assert len(app.messages.rows) == 344 + len(app.model.events)
+    run(scenario)
+
+
+def test_keys_typed_in_one_burst_go_where_the_focus_moves():
+    """A slow terminal or a paste delivers "/filter⏎j" at once: the app routes
+    each key as it arrives, so the filter must get the characters and the list the j."""
+    async def scenario(pilot, app):
+        text = "vfio_user.cmd == DMA_MAP"
+        burst = ["slash", *(("space" if c == " " else c) for c in text), "enter", "j"]
+        for key in burst:
+            app.post_message(events.Key(key, " " if key == "space" else
+                                        "/" if key == "slash" else
+                                        None if key == "enter" else key))
+        await until(pilot, lambda: app.filter_text == text)
+        await pilot.pause(0.1)
+        assert app.query_one(FilterBar).value == text and app.focused is app.messages
+        assert app.messages.entry() == list(app.matches)[1]     # j: the second match
     run(scenario)
 
 

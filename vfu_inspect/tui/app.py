@@ -9,6 +9,7 @@ messages arrive.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import io
 import json
@@ -21,6 +22,7 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual import on, work
+from textual.actions import SkipAction
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -49,6 +51,7 @@ COLUMNS = (f"{'No.':>7} {'Time':>15} {'Conn':>6} {'Dir':3} {'Msg-ID':>6} {'Comma
 ROW_WIDTH = 320             # how far the list scrolls right: long Info columns
 POLL_SECONDS = 0.25
 FIRST_POLL = 0.05
+KEYS_SETTLE = 0.5          # seconds a focus-moving key waits for the keys before it
 PREFETCH_SPAN = 2048        # a filtered screen spread wider is dissected row by row
 WIDE_HEX = 150              # from this terminal width the hex pane shows 16 bytes a row
 DETACH, STOP = "detach", "stop"
@@ -577,8 +580,12 @@ class InspectApp(App[str | None]):
     BINDINGS = [
         Binding("q", "quit", "quit"),
         Binding("question_mark", "help", "help"),
-        Binding("slash", "edit_filter", "filter"),
-        Binding("escape", "escape", "back to the list / cancel the filter", show=False),
+        # Priority: the app acts on these keys before it routes the next one, so
+        # keys typed in one burst go where the focus moves ("/dma" is a filter).
+        Binding("slash", "edit_filter", "filter", priority=True),
+        Binding("enter", "submit_filter", "apply the filter", show=False, priority=True),
+        Binding("escape", "escape", "back to the list / cancel the filter", show=False,
+                priority=True),
         Binding("n", "match(1)", "next match"),
         Binding("N", "match(-1)", "previous match", show=False),
         Binding("colon,ctrl+g", "go_to", "go to message"),
@@ -650,7 +657,7 @@ class InspectApp(App[str | None]):
     def on_mount(self) -> None:
         self.theme_changed_signal.subscribe(self, lambda _: self._apply_theme())
         self._apply_theme()
-        self.model.start()
+        self.model.start(first_screen=self.size.height)
         self.set_interval(POLL_SECONDS, self.poll)
         self.set_timer(FIRST_POLL, self.poll)   # the first screenful is read by then
         self.messages.focus()
@@ -685,6 +692,8 @@ class InspectApp(App[str | None]):
                 self.messages.select(len(self.messages.rows) - 1, by_user=False)
             elif first and self.model.count:
                 self.messages.select(0, by_user=False)
+            if first and self.model.count:
+                self.call_after_refresh(self.model.shown)
         self._advance_filters()
         self.update_status()
 
@@ -756,10 +765,35 @@ class InspectApp(App[str | None]):
 
     # --- filter -------------------------------------------------------------------------
 
-    def action_edit_filter(self) -> None:
+    async def _keys_settled(self) -> None:
+        """Wait until the focused widget has handled the keys routed to it
+        before this one (the app routes each key as it arrives; a priority key
+        would otherwise overtake them)."""
+        if self.focused is not None:
+            handled = asyncio.Event()
+            self.focused.call_later(handled.set)      # queued behind those keys
+            try:
+                await asyncio.wait_for(handled.wait(), KEYS_SETTLE)
+            except asyncio.TimeoutError:
+                pass
+
+    async def action_edit_filter(self) -> None:
+        if self.screen is not self.filter_bar.screen or isinstance(self.focused, Input):
+            raise SkipAction()                # "/" is a character of that input
+        await self._keys_settled()
         self.set_focus(self.filter_bar)       # now: the keys typed next are the filter's
 
-    def action_escape(self) -> None:
+    async def action_submit_filter(self) -> None:
+        if self.focused is not self.filter_bar:
+            raise SkipAction()
+        await self._keys_settled()            # the filter's last characters
+        self.set_focus(self.messages)
+        self.apply_filter(self.filter_bar.value.strip())
+
+    async def action_escape(self) -> None:
+        if self.screen is not self.filter_bar.screen:
+            raise SkipAction()                # a dialog's own escape
+        await self._keys_settled()
         if self.focused is not self.messages:
             self.messages.focus()
         elif self.pending is not None:
@@ -777,11 +811,6 @@ class InspectApp(App[str | None]):
         self.filter_bar.set_class(error is not None, "-invalid")
         self.filter_error.set_class(error is not None, "-shown")
         self.filter_error.update(error or "")
-
-    @on(Input.Submitted, "#filter")
-    def submit(self, event: Input.Submitted) -> None:
-        self.set_focus(self.messages)
-        self.apply_filter(event.value.strip())
 
     @on(DetailTree.ApplyFilter)
     def apply_field(self, event: DetailTree.ApplyFilter) -> None:
