@@ -1,31 +1,62 @@
-"""Proxy addons: each consumes the records the relay emits.
+"""Proxy addons, and the one list the proxy's command line and the demo load.
 
-The relay calls `record()` for every message and connection event, and
-`flush()` once per loop turn; an addon must never block the relay.
+Each addon declares its command-line options and makes itself from them
+(`from_options`, None when they leave it off); the proxy then calls its
+hooks with the typed events of proxy_events (see `proxy.Addon`).  An addon
+must never block the relay: one that needs time asks for dissected messages
+and gets them on a worker thread of its own.
 """
 
 from __future__ import annotations
 
-import os
-import queue
-import shutil
+import argparse
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from typing import Any, Callable, TextIO
+from dataclasses import dataclass
+from typing import Any, TextIO
 
 import msgpack
 
 from . import pcapng
-from .capture import NOTE, CaptureWriter, Event, Message, header_record
+from .capture import CaptureWriter, describe_event, header_record
+from .offload import Worker
+from .output import SUMMARY_HEADER, summary_line
 from .proxy import listen_unix, unlink_socket
+from .proxy_events import MessageDissected, MessageRelayed, Note, ProxyEvent
+
+
+@dataclass
+class Option:
+    """A command-line option of an addon: argparse's flags and settings."""
+
+    flags: tuple[str, ...]
+    settings: dict[str, Any]
+
+
+def option(*flags: str, **settings: Any) -> Option:
+    return Option(flags, settings)
+
+
+@dataclass
+class AddonContext:
+    """What the addons of one proxy are made with, besides their options."""
+
+    source: str                 # the proxy, as capture headers name it
+    out: TextIO = sys.stdout    # where they print
+    mode: int = 0o600           # permissions of the sockets they create
 
 
 class SaveAddon:
-    """Writes every record to a capture file (lossless), flushed each loop turn."""
+    """Writes every event to a capture file (lossless), flushed each loop turn."""
+
+    options = [option("-w", dest="write", metavar="FILE", help="write a capture file")]
+
+    @classmethod
+    def from_options(cls, options: argparse.Namespace, context: AddonContext
+                     ) -> SaveAddon | None:
+        return cls(options.write, context.source) if options.write else None
 
     def __init__(self, path: str, source: str) -> None:
         # pcapng by extension: fds in comments; expert items need `export`,
@@ -35,92 +66,55 @@ class SaveAddon:
         else:
             self.writer = CaptureWriter(path, source=source, autoflush=False)
 
-    def record(self, record: Message | Event) -> None:
-        self.writer.write(record)
+    def message(self, message: MessageRelayed) -> None:
+        self.writer.write(message)          # a relayed message is its own record
+
+    def event(self, event: ProxyEvent) -> None:
+        self.writer.write(event.record())
 
     def flush(self) -> None:
         self.writer.flush()
 
-    def close(self) -> None:
+    def done(self) -> None:
         self.writer.close()
 
 
 class PrintAddon:
-    """One summary line per message, as `vfu-inspect read` prints it.
+    """One summary line per message, as `vfu-inspect read --events` prints it.
 
-    The lines come from a child `vfu-inspect read --live` on a private
-    monitor stream: dissection and analysis run in another interpreter, so
-    they never take the relay's time (nor its GIL).  A child that falls
-    behind is told how many records it missed.
+    Dissection and analysis run on the addon's worker thread; when it falls
+    behind, a '#' line says how many events it missed.
     """
 
-    STARTUP_SECONDS = 10.0
+    wants_dissection = True
+    options = [option("--print", action="store_true", help="print one line per message"),
+               option("--color", choices=("auto", "always", "never"), default="auto",
+                      help="colour the --print lines (default: auto, on a terminal)")]
+
+    @classmethod
+    def from_options(cls, options: argparse.Namespace, context: AddonContext
+                     ) -> PrintAddon | None:
+        if not options.print:
+            return None
+        color = options.color == "always" or options.color == "auto" and context.out.isatty()
+        return cls(context.out, color)
 
     def __init__(self, out: TextIO = sys.stdout, color: bool = False) -> None:
-        self._dir = tempfile.mkdtemp(prefix="vfu-print-")
-        path = os.path.join(self._dir, "print.sock")
-        self.monitor = MonitorAddon(path, "print")
-        self.child = subprocess.Popen(
-            [sys.executable, "-m", "vfu_inspect", "read", "--live", path, "--events",
-             "--color", "always" if color else "never"], stdout=out)
-        deadline = time.monotonic() + self.STARTUP_SECONDS
-        while not self.monitor.viewers() and time.monotonic() < deadline \
-                and self.child.poll() is None:
-            time.sleep(0.01)             # lines start with the first record
+        self.out = out
+        self.color = color
+        if out.isatty():
+            out.write(SUMMARY_HEADER + "\n")
 
-    def record(self, record: Message | Event) -> None:
-        self.monitor.record(record)
+    def message_dissected(self, event: MessageDissected) -> None:
+        self.out.write(summary_line(event.packet, self.color) + "\n")
+
+    def event(self, event: ProxyEvent) -> None:
+        self.out.write(describe_event(event.record()) + "\n")
 
     def flush(self) -> None:
-        pass
+        self.out.flush()
 
-    def close(self) -> None:
-        self.monitor.close()             # the child prints what it has, then ends
-        try:
-            self.child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.child.kill()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-
-class Worker:
-    """Consumes items on its own thread, behind a bounded queue.
-
-    When the queue is full, items are counted, not queued, and the consumer
-    later receives the count (an int) in their place.
-    """
-
-    def __init__(self, consume: Callable[[Any], None], size: int,
-                 on_exit: Callable[[], None] = lambda: None) -> None:
-        self.consume = consume
-        self.on_exit = on_exit
-        self.queue: queue.Queue[Any] = queue.Queue(size)
-        self.skipped = 0
-        self.alive = True
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def offer(self, item: Any) -> None:
-        try:
-            if self.skipped:
-                self.queue.put_nowait(self.skipped)
-                self.skipped = 0
-            self.queue.put_nowait(item)
-        except queue.Full:
-            self.skipped += 1
-
-    def _loop(self) -> None:
-        try:
-            while (item := self.queue.get()) is not _STOP:
-                self.consume(item)
-        except OSError:
-            pass
-        finally:
-            self.alive = False
-            self.on_exit()
-
-
-_STOP = object()
+    done = flush
 
 
 class MonitorAddon:
@@ -131,6 +125,13 @@ class MonitorAddon:
     """
 
     QUEUE_RECORDS = 10000
+    options = [option("--monitor", metavar="PATH", help="serve the live record stream here "
+                      "(vfu-inspect read --live PATH)")]
+
+    @classmethod
+    def from_options(cls, options: argparse.Namespace, context: AddonContext
+                     ) -> MonitorAddon | None:
+        return cls(options.monitor, context.source, context.mode) if options.monitor else None
 
     def __init__(self, path: str, source: str, mode: int = 0o600) -> None:
         self.path = path
@@ -140,26 +141,19 @@ class MonitorAddon:
         self._lock = threading.Lock()
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
-    def record(self, record: Message | Event) -> None:
-        packed = msgpack.packb(record.to_record(), use_bin_type=True)
+    def event(self, event: ProxyEvent) -> None:
+        packed = msgpack.packb(event.record().to_record(), use_bin_type=True)
         with self._lock:
             viewers = list(self._viewers)
         for viewer in viewers:
             viewer.offer(packed)
 
-    def viewers(self) -> int:
-        with self._lock:
-            return sum(v.alive for v in self._viewers)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
+    def done(self) -> None:
         self._listener.close()
         unlink_socket(self.path)
         with self._lock:
             for viewer in self._viewers:
-                viewer.offer(None)
+                viewer.worker.close()
 
     def _accept_loop(self) -> None:
         while True:
@@ -173,9 +167,8 @@ class MonitorAddon:
 
 
 def _skipped_note(count: int) -> bytes:
-    note = Event(NOTE, time.time_ns(), -1,
-                 {"text": f"{count} records skipped: this viewer reads too slowly"})
-    return msgpack.packb(note.to_record(), use_bin_type=True)
+    note = Note(time.time_ns(), -1, f"{count} records skipped: this viewer reads too slowly")
+    return msgpack.packb(note.record().to_record(), use_bin_type=True)
 
 
 class _Viewer:
@@ -188,8 +181,40 @@ class _Viewer:
     def alive(self) -> bool:
         return self.worker.alive
 
-    def offer(self, packed: bytes | None) -> None:
-        self.worker.offer(_STOP if packed is None else packed)
+    def offer(self, packed: bytes) -> None:
+        self.worker.offer(packed)
 
     def _send(self, item: bytes | int) -> None:
         self.sock.sendall(_skipped_note(item) if isinstance(item, int) else item)
+
+
+ADDONS = [SaveAddon, PrintAddon, MonitorAddon]
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """Every addon's options, for the proxy's command line."""
+    for addon in ADDONS:
+        for opt in addon.options:
+            parser.add_argument(*opt.flags, **opt.settings)
+
+
+def parse_options(argv: list[str]) -> argparse.Namespace:
+    """The addon options that `proxy ARGV` would give, defaults included."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_options(parser)
+    return parser.parse_args(argv)
+
+
+def load_addons(options: argparse.Namespace, context: AddonContext) -> list[Any]:
+    """The addons the options turn on, in ADDONS order."""
+    addons: list[Any] = []
+    try:
+        for cls in ADDONS:
+            addon = cls.from_options(options, context)
+            if addon is not None:
+                addons.append(addon)
+    except BaseException:
+        for addon in addons:
+            addon.done()
+        raise
+    return addons

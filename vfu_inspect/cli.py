@@ -364,13 +364,10 @@ def _proxy_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", required=True, metavar="PATH",
                    help="socket the client connects to (created by the proxy)")
     p.add_argument("--server", required=True, metavar="PATH", help="the real server's socket")
-    p.add_argument("-w", dest="write", metavar="FILE", help="write a capture file")
-    p.add_argument("--print", action="store_true", help="print one line per message")
-    p.add_argument("--monitor", metavar="PATH",
-                   help="serve the live record stream here (vfu-inspect read --live PATH)")
+    from .addons import add_options
+    add_options(p)
     p.add_argument("--mode", type=lambda v: int(v, 8), default=0o600,
                    help="permissions of the created sockets, octal (default 600)")
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--tui", action="store_true", help="show the session in the terminal UI")
     p.add_argument("--trace-irqs", action="store_true",
                    help="pass the proxy's own eventfds for interrupts (SET_IRQS) and doorbells "
@@ -399,28 +396,23 @@ def _injector(args: argparse.Namespace):
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from .addons import MonitorAddon, PrintAddon, SaveAddon
+    from .addons import AddonContext, load_addons
     from .proxy import Proxy, ProxyError
     source = f"proxy {args.listen} -> {args.server}"
     faults = _injector(args)
     addons: list = []
     if args.tui and args.print:
         raise UserError("--tui and --print both want the terminal: choose one")
-    if args.tui and not args.monitor:
+    if args.tui and not args.monitor:       # the UI attaches to the monitor stream
         args.monitor = os.path.join(tempfile.mkdtemp(prefix="vfu-tui-"), "monitor.sock")
     try:
-        if args.write:
-            addons.append(SaveAddon(args.write, source))
-        if args.print:
-            addons.append(PrintAddon(sys.stdout, _use_color(args.color)))
-        if args.monitor:
-            addons.append(MonitorAddon(args.monitor, source, args.mode))
+        addons = load_addons(args, AddonContext(source, sys.stdout, args.mode))
         proxy = Proxy(args.listen, args.server, addons, args.mode, log=_log, faults=faults,
                       trace_irqs=args.trace_irqs)
         proxy.start()
     except (ProxyError, OSError) as exc:
         for addon in addons:
-            addon.close()
+            addon.done()
         raise UserError(str(exc)) from None
     if args.tui:
         from .tui import run_with_proxy

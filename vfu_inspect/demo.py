@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from .addons import MonitorAddon, PrintAddon, SaveAddon
+from .addons import AddonContext, load_addons, parse_options
 from .proxy import Proxy
 
 STARTUP_TIMEOUT = 10.0
@@ -36,9 +36,11 @@ def run_demo(capture: str, out: TextIO = sys.stdout, color: bool = False,
             if not _wait_for(server_path, server):
                 print("vfu-inspect: error: the sample server did not start", file=sys.stderr)
                 return 2
-            view = MonitorAddon(monitor, "demo") if tui else PrintAddon(out, color)
-            proxy = Proxy(str(proxy_path), str(server_path), [SaveAddon(capture, "demo"), view],
-                          trace_irqs=True)
+            view = ["--monitor", monitor] if tui else \
+                ["--print", "--color", "always" if color else "never"]
+            addons = load_addons(parse_options(["-w", capture, *view]),
+                                 AddonContext("demo", out))
+            proxy = Proxy(str(proxy_path), str(server_path), addons, trace_irqs=True)
             proxy.start()
             if tui:
                 from .tui import run_with_proxy

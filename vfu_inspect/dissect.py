@@ -169,12 +169,16 @@ class Analyzer:
             if isinstance(record, Message):
                 yield self.feed(record)
                 continue
-            if record.kind == CLOSE:
-                self.sessions.close(record.conn)
-            elif record.kind == FAULT:
-                self._faults.append(record)
+            self.event(record)
             if events:
                 yield record
+
+    def event(self, event: Event) -> None:
+        """Take in what an event changes for the messages after it."""
+        if event.kind == CLOSE:
+            self.sessions.close(event.conn)
+        elif event.kind == FAULT:
+            self._faults.append(event)
 
     def _add_faults(self, p: Dissected) -> None:
         """A fault record comes just before the message it acted on."""

@@ -4,9 +4,9 @@ and doorbell eventfds, so that every signal is seen, relayed at once and recorde
 Interrupts: with DEVICE_SET_IRQS (DATA_EVENTFD | TRIGGER) the client hands the
 server eventfds; the proxy keeps them and passes eventfds of its own.  When
 the server signals one, the proxy reads the count, adds it to the client's
-eventfd and records an IRQ event.  Doorbells: a DEVICE_GET_REGION_IO_FDS reply
+eventfd and emits an Interrupt event.  Doorbells: a DEVICE_GET_REGION_IO_FDS reply
 hands the client the server's ioeventfds; the proxy passes its own instead,
-and relays and records each signal as a DOORBELL event.
+and relays each signal and emits it as a Doorbell event.
 
 An assignment takes effect with its request (a server may signal before it
 replies) and an error reply undoes it; a de-assignment or a disable closes
@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .capture import C2S, DOORBELL, IRQ, S2C, Event
+from .capture import C2S, S2C
 from .dissectors import vfio_user as proto
 from .framing import Frame
+from .proxy_events import Doorbell, Interrupt
 
 SET_IRQS, IO_FDS = proto.CMD["DEVICE_SET_IRQS"], proto.CMD["DEVICE_GET_REGION_IO_FDS"]
 _SET_IRQS = proto.SetIrqs.vfu_compiled.struct
@@ -45,7 +46,7 @@ class Link:
     ours: int                  # what we watch; the signalling peer holds a copy
     theirs: int                # the receiving peer's eventfd, which we signal
     conn: int
-    kind: int                  # IRQ or DOORBELL
+    kind: type[Interrupt | Doorbell]    # the event a signal is
     info: dict[str, Any]       # index and vector, or region, offset, size, datamatch
 
 
@@ -63,7 +64,8 @@ class IrqTracer:
     relay's selector, `emit` records what they carry."""
 
     def __init__(self, watch: Callable[[int, Callable[[Any, int], None]], None],
-                 unwatch: Callable[[int], None], emit: Callable[[Event], None]) -> None:
+                 unwatch: Callable[[int], None],
+                 emit: Callable[[Interrupt | Doorbell], None]) -> None:
         self.watch, self.unwatch, self.emit = watch, unwatch, emit
         self.irqs: dict[tuple[int, int, int], Link] = {}        # (conn, index, vector)
         self.doorbells: dict[tuple[int, int], list[Link]] = {}   # (conn, region)
@@ -95,7 +97,7 @@ class IrqTracer:
         fds = list(fds)
         for i, meta in enumerate(frame.fds[:len(fds)]):
             if meta.get("kind") == "eventfd":
-                link = self._link(conn, IRQ, fds[i], {"index": index, "vector": start + i})
+                link = self._link(conn, Interrupt, fds[i], {"index": index, "vector": start + i})
                 pending.assigned[start + i] = link
                 fds[i] = os.dup(link.ours)
         self._expect(conn, header, pending)
@@ -105,7 +107,7 @@ class IrqTracer:
         fds, links = list(fds), {}
         for i, info in doorbells(frame.data, frame.fds).items():
             if i < len(fds):
-                links[i] = self._link(conn, DOORBELL, fds[i], info)
+                links[i] = self._link(conn, Doorbell, fds[i], info)
                 fds[i] = os.dup(links[i].ours)
         region = _IO_FDS.unpack_from(frame.data, proto.HEADER_SIZE)[2] \
             if len(frame.data) >= proto.HEADER_SIZE + _IO_FDS.size else None
@@ -115,7 +117,8 @@ class IrqTracer:
             self.doorbells[(conn, region)] = list(links.values())
         return fds
 
-    def _link(self, conn: int, kind: int, theirs: int, info: dict[str, Any]) -> Link:
+    def _link(self, conn: int, kind: type[Interrupt | Doorbell], theirs: int,
+              info: dict[str, Any]) -> Link:
         link = Link(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC), theirs, conn, kind, info)
         self.watch(link.ours, lambda fileobj, events: self._signal(link))
         return link
@@ -183,9 +186,9 @@ class IrqTracer:
         except OSError:
             pass               # the peer's eventfd is gone or full: still record it
         info = dict(link.info, count=count)
-        if link.kind == IRQ and (link.conn, info["index"], info["vector"]) in self.masked:
+        if link.kind is Interrupt and (link.conn, info["index"], info["vector"]) in self.masked:
             info["masked"] = True
-        self.emit(Event(link.kind, time.time_ns(), link.conn, info))
+        self.emit(link.kind(time.time_ns(), link.conn, info))
 
     # --- closing ---------------------------------------------------------------------
 

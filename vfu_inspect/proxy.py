@@ -5,8 +5,8 @@ sent on to the other side unchanged, with the fds that came with it, before
 anything but the framer's boundary scan looks at it: a chunk with fds is sent
 as two writes, split where the message owning the fds begins, so the receiver
 gets them with that message.  Then the chunk goes through a `Framer`, and each whole
-message is handed to the addons (capture, printing, monitor), as mitmproxy's
-core hands flows to its addons.  The only message the relay itself reads is
+message goes to the addons (capture, printing, monitor) as a typed event
+(proxy_events), as mitmproxy's core hands flows to its addons.  The only message the relay itself reads is
 the VERSION reply: when it hands the client a twin socket, the proxy puts a
 socketpair of its own in between so that the twin channel is relayed too.
 
@@ -35,13 +35,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .capture import (C2S, CHANNELS, CLOSE, DIRECTIONS, FAULT, MAIN, NOTE, OPEN, S2C, TWIN,
-                      Event, Message)
+from .capture import C2S, CHANNELS, DIRECTIONS, MAIN, S2C, TWIN
 from .dissect import Matcher, expects_reply
 from .dissectors import vfio_user as proto
 from .faults import FaultInjector, Gate, Verdict
 from .framing import Frame, Framer, answered_early
 from .irqs import SET_IRQS, IrqTracer
+from .offload import Dissection
+from .proxy_events import (PROXY_EVENTS, ConnectionClosed, ConnectionOpened, FaultInjected,
+                           MessageRelayed, Note, ProxyEvent, hooks)
 from .sockio import fd_info, recv_chunk
 
 
@@ -51,11 +53,21 @@ FLUSH_INTERVAL = 0.005
 
 
 class Addon(Protocol):
-    """What the proxy tells its addons; every hook is optional."""
+    """What the proxy calls on its addons; every hook is optional.
 
-    def record(self, record: Message | Event) -> None: ...
+    An event goes to the method its class names (`message`,
+    `connection_opened`, `connection_closed`, `note`, `interrupt`,
+    `doorbell`, `fault`), else to `event`.  `flush` comes once per loop turn
+    with traffic, `done` when the proxy stops.  An addon with
+    `wants_dissection` gets all of them on a worker thread of its own
+    (offload.Dissection), and each message as MessageDissected
+    (`message_dissected`) instead.
+    """
+
+    wants_dissection: bool
+    def event(self, event: ProxyEvent) -> None: ...
     def flush(self) -> None: ...
-    def close(self) -> None: ...
+    def done(self) -> None: ...
 
 
 class ProxyError(Exception):
@@ -105,7 +117,11 @@ class Proxy:
                  faults: FaultInjector | None = None, trace_irqs: bool = False) -> None:
         self.listen_path = listen
         self.server_path = server
-        self.addons = addons
+        self.addons = [Dissection(addon) if getattr(addon, "wants_dissection", False)
+                       else addon for addon in addons]
+        found = [hooks(addon) for addon in self.addons]
+        self._hooks = {cls: [h[cls] for h in found if cls in h] for cls in PROXY_EVENTS}
+        self._flushes = [a.flush for a in self.addons if hasattr(a, "flush")]
         self.mode = mode
         self.log = log or (lambda text: None)
         self.selector = selectors.DefaultSelector()
@@ -179,7 +195,11 @@ class Proxy:
         self._wakeup_r.close()
         self._wakeup_w.close()
         for addon in self.addons:
-            addon.close()
+            if hasattr(addon, "done"):
+                addon.done()
+            if isinstance(addon, Dissection) and addon.dropped:
+                self.log(f"{addon.name}: {addon.dropped} events not dissected: "
+                         "it fell behind the relay")
 
     def _wakeup(self, sock: socket.socket, events: int) -> None:
         try:
@@ -196,7 +216,7 @@ class Proxy:
             return
         conn = Connection(self._next_conn)
         self._next_conn += 1
-        self._emit(Event(OPEN, time.time_ns(), conn.id, self._open_info()))
+        self._emit(self._opened(conn))
         server_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             server_sock.connect(self.server_path)
@@ -205,21 +225,17 @@ class Proxy:
             client_sock.close()
             reason = f"cannot connect to server {self.server_path}: {exc.strerror or exc}"
             self.log(f"conn {conn.id}: {reason}")
-            self._emit(Event(CLOSE, time.time_ns(), conn.id,
-                             {"by": "proxy", "reason": reason, "unanswered": []}))
+            self._emit(ConnectionClosed(time.time_ns(), conn.id, "proxy", reason))
             return
         self.connections[conn.id] = conn
         self._add_channel(conn, client_sock, server_sock, MAIN)
         self.log(f"conn {conn.id}: client connected, relaying to {self.server_path}")
 
-    def _open_info(self) -> dict[str, Any]:
-        """The open record: the server, and what changes what is relayed."""
-        info: dict[str, Any] = {"server": self.server_path}
-        if self.tracer is not None:
-            info["trace_irqs"] = True
-        if self.faults is not None:
-            info["faults"] = [rule.text for rule in self.faults.rules]
-        return info
+    def _opened(self, conn: Connection) -> ConnectionOpened:
+        """The server, and what changes what is relayed."""
+        faults = [rule.text for rule in self.faults.rules] if self.faults is not None else None
+        return ConnectionOpened(time.time_ns(), conn.id, self.server_path,
+                                self.tracer is not None, faults)
 
     def _add_channel(self, conn: Connection, client_sock: socket.socket,
                      server_sock: socket.socket, channel: int) -> None:
@@ -317,12 +333,10 @@ class Proxy:
         return fds
 
     def _emit_frame(self, src: Side, frame: Frame, now: int) -> None:
-        self._emit(Message(now, src.conn.id, src.channel, src.direction, frame.data,
-                           frame.fds, frame.size if frame.truncated else None))
+        self._emit(MessageRelayed(now, src.conn.id, src.channel, src.direction, frame.data,
+                                  frame.fds, frame.size if frame.truncated else None))
         if frame.error:
-            self._emit(Event(NOTE, now, src.conn.id, {
-                "text": frame.error, "channel": CHANNELS[src.channel],
-                "dir": DIRECTIONS[src.direction]}))
+            self._emit(Note(now, src.conn.id, frame.error, src.channel, src.direction))
 
     def _send_queued(self, side: Side) -> None:
         if side.wait_until:
@@ -429,13 +443,15 @@ class Proxy:
                 self._emit_frame(src, frame, now)
                 continue
             conn = src.conn.id
-            self._emit(Event(FAULT, now, conn, fault.info))
+            self._emit(FaultInjected(now, conn, fault.info))
             name = fault.action.name
             data = fault.data if name in ("rewrite", "truncate") else frame.data
             for _ in range(2 if name == "duplicate" else 1):
-                self._emit(Message(now, conn, src.channel, src.direction, data, frame.fds))
+                self._emit(MessageRelayed(now, conn, src.channel, src.direction, data,
+                                          frame.fds))
             if name == "errno":
-                self._emit(Message(now, conn, src.channel, 1 - src.direction, fault.answer, []))
+                self._emit(MessageRelayed(now, conn, src.channel, 1 - src.direction,
+                                          fault.answer, []))
                 self._track(src.peer, fault.answer, now)
 
     # --- twin socket -----------------------------------------------------------------
@@ -460,7 +476,7 @@ class Proxy:
 
     def _note(self, conn: Connection, text: str) -> None:
         self.log(f"conn {conn.id}: {text}")
-        self._emit(Event(NOTE, time.time_ns(), conn.id, {"text": text}))
+        self._emit(Note(time.time_ns(), conn.id, text))
 
     # --- closing -------------------------------------------------------------------
 
@@ -487,8 +503,7 @@ class Proxy:
         unanswered = conn.matcher.outstanding()
         self.log(f"conn {conn.id}: {reason}"
                  + (f"; {len(unanswered)} request(s) unanswered" if unanswered else ""))
-        self._emit(Event(CLOSE, time.time_ns(), conn.id,
-                         {"by": by, "reason": reason, "unanswered": unanswered}))
+        self._emit(ConnectionClosed(time.time_ns(), conn.id, by, reason, unanswered))
 
     def _close_side(self, side: Side) -> None:
         if side.closed:
@@ -518,13 +533,13 @@ class Proxy:
 
     # --- addons --------------------------------------------------------------------
 
-    def _emit(self, record: Message | Event) -> None:
-        for addon in self.addons:
-            addon.record(record)
+    def _emit(self, event: ProxyEvent) -> None:
+        for hook in self._hooks[event.__class__]:
+            hook(event)
 
     def _emit_flush(self) -> None:
-        for addon in self.addons:
-            addon.flush()
+        for flush in self._flushes:
+            flush()
 
 
 def _twin_fd_index(frames: list) -> int | None:

@@ -1,0 +1,143 @@
+"""The typed events the proxy core emits to its addons.
+
+Each event names the addon hook it goes to (`hook`), as mitmproxy names its
+hooks by event, and converts to the capture record it is saved as
+(`record()`), without loss: a capture holds exactly what the addons were told.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from .capture import (CHANNELS, CLOSE, DIRECTIONS, DOORBELL, FAULT, IRQ, NOTE, OPEN, Event,
+                      Message, Record)
+
+if TYPE_CHECKING:
+    from .dissect import Dissected
+
+
+class MessageRelayed(Message):
+    """A whole message that crossed the proxy: its connection, channel,
+    direction, bytes, the fds that came with it (kind, size, inode), time, and
+    on-wire size when only its start was kept.  It is the capture record
+    itself, so that the relay builds one object per message."""
+
+    __slots__ = ()
+    hook: ClassVar[str] = "message"
+
+    def record(self) -> Record:
+        return self
+
+
+@dataclass(slots=True)
+class ConnectionOpened:
+    ts_ns: int
+    conn: int
+    server: str
+    trace_irqs: bool = False              # --trace-irqs: the proxy relays the eventfds
+    faults: list[str] | None = None       # --fault: the rules' texts
+    hook: ClassVar[str] = "connection_opened"
+
+    def record(self) -> Record:
+        info: dict[str, Any] = {"server": self.server}
+        if self.trace_irqs:
+            info["trace_irqs"] = True
+        if self.faults is not None:
+            info["faults"] = self.faults
+        return Event(OPEN, self.ts_ns, self.conn, info)
+
+
+@dataclass(slots=True)
+class ConnectionClosed:
+    ts_ns: int
+    conn: int
+    by: str                       # "client", "server" or "proxy"
+    reason: str
+    unanswered: list[dict[str, Any]] = field(default_factory=list)   # requests, oldest first
+    hook: ClassVar[str] = "connection_closed"
+
+    def record(self) -> Record:
+        return Event(CLOSE, self.ts_ns, self.conn,
+                     {"by": self.by, "reason": self.reason, "unanswered": self.unanswered})
+
+
+@dataclass(slots=True)
+class Note:
+    """Something the proxy says about a connection (conn -1: about none), or
+    about one stream of it when it has a channel and direction."""
+
+    ts_ns: int
+    conn: int
+    text: str
+    channel: int | None = None
+    direction: int | None = None
+    hook: ClassVar[str] = "note"
+
+    def record(self) -> Record:
+        info: dict[str, Any] = {"text": self.text}
+        if self.channel is not None:
+            info["channel"] = CHANNELS[self.channel]
+            info["dir"] = DIRECTIONS[self.direction]
+        return Event(NOTE, self.ts_ns, self.conn, info)
+
+
+@dataclass(slots=True)
+class _Signal:
+    """An event whose info map holds the filter fields events.py declares."""
+
+    ts_ns: int
+    conn: int
+    info: dict[str, Any]
+    kind: ClassVar[int]
+
+    def record(self) -> Record:
+        return Event(self.kind, self.ts_ns, self.conn, self.info)
+
+
+class Interrupt(_Signal):
+    """The server signalled an interrupt eventfd (--trace-irqs): irq.* fields."""
+
+    __slots__ = ()
+    kind, hook = IRQ, "interrupt"
+
+
+class Doorbell(_Signal):
+    """The client signalled a doorbell eventfd (--trace-irqs): doorbell.* fields."""
+
+    __slots__ = ()
+    kind, hook = DOORBELL, "doorbell"
+
+
+class FaultInjected(_Signal):
+    """A --fault rule acted on the message recorded next in its stream: fault.* fields."""
+
+    __slots__ = ()
+    kind, hook = FAULT, "fault"
+
+
+@dataclass(slots=True)
+class MessageDissected:
+    """A relayed message as the Analyzer decoded it, for the addons that ask
+    (`wants_dissection`); they get it instead of MessageRelayed."""
+
+    packet: Dissected
+    hook: ClassVar[str] = "message_dissected"
+
+    def record(self) -> Record:
+        return self.packet.msg
+
+
+ProxyEvent = (MessageRelayed | ConnectionOpened | ConnectionClosed | Note | Interrupt
+              | Doorbell | FaultInjected)
+PROXY_EVENTS = (MessageRelayed, ConnectionOpened, ConnectionClosed, Note, Interrupt, Doorbell,
+           FaultInjected)
+
+
+def hooks(addon: Any) -> dict[type, Callable[[Any], None]]:
+    """The method of `addon` each event type goes to: the one its `hook`
+    names, else the addon's `event` (for every event it has no hook for)."""
+    fallback = getattr(addon, "event", None)
+    found = {cls: getattr(addon, cls.hook, fallback)
+             for cls in (*PROXY_EVENTS, MessageDissected)}
+    return {cls: hook for cls, hook in found.items() if hook is not None}
