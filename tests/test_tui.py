@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import msgpack
 import pytest
@@ -25,7 +26,9 @@ from helpers import run_vfu, sample_session, stop, vfu, wait_for_socket
 from vfu_inspect.capture import CLOSE, OPEN, CaptureWriter, Message, read_all
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dfilter import compile_filter
-from vfu_inspect.dissectors.vfio_user import CMD
+from vfu_inspect.fields import all_fields
+from vfu_inspect.output import filter_values
+from vfu_inspect.dissectors.vfio_user import CMD, Header
 from vfu_inspect.tui.app import (AllRows, DetailTree, FilterBar, HexPane, InspectApp,
                                  MessageList, row_palette)
 from vfu_inspect.tui.model import CaptureModel
@@ -149,6 +152,41 @@ def test_keys_typed_in_one_burst_go_where_the_focus_moves():
                          ids=["libvfio-user", "sample-endpoints"])
 def test_every_filter_path_selects_what_read_selects(capture, text):
     assert model_matches(capture, text) == read_matches(capture, text)
+
+
+def registry_filters(values: list[dict[str, list]]) -> Iterator[str]:
+    """Each registered field as a filter (present, absent), and == two of the
+    integer values it takes in these messages."""
+    for name in sorted(fd.name for fd in all_fields()):
+        yield from (name, f"!{name}")
+        seen = {v for vs in values for v in vs.get(name, ()) if type(v) is int}
+        yield from (f"{name} == {v}" for v in sorted(seen)[:2])
+
+
+@pytest.mark.parametrize("capture", [TRACE, ENDPOINTS, "size-lies"])
+def test_read_and_the_tui_select_the_same_messages_for_every_registered_field(capture, tmp_path):
+    """What read filters on against the TUI's index, stateless and full paths."""
+    records, _ = read_all(TRACE if capture == "size-lies" else capture)
+    messages = [r for r in records if isinstance(r, Message)]
+    if capture == "size-lies":       # a 16-byte message whose msg_size says 99
+        capture = str(tmp_path / "size-lies.vfucap")
+        with CaptureWriter(capture) as writer:
+            for m in messages[:10]:
+                writer.write(m)
+            writer.write(Message(messages[9].ts_ns, 0, 0, 0, bytes(Header(
+                msg_id=7, cmd=CMD["DEVICE_GET_INFO"], size=99))))
+        messages = [r for r in read_all(capture)[0] if isinstance(r, Message)]
+    values = [(p.number, filter_values(p)) for p in Analyzer(find_responses(messages)).run(messages)]
+    model = CaptureModel(capture)
+    model.start()
+    model._thread.join(timeout=60)
+    try:
+        for text in registry_filters([v for _, v in values]):
+            display = compile_filter(text)
+            read = [n for n, v in values if display.matches(v)]
+            assert list(model.matches(display, lambda n: True)) == read, text
+    finally:
+        model.close()
 
 
 def model_matches(capture: str, text: str) -> list[int]:

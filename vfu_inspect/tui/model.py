@@ -162,7 +162,8 @@ class CaptureModel:
         self.offsets = array("q")
         self.kept: list[Message] = []          # live streams have no file to read back
         self.columns = {name: array("q") for name in (
-            "ts", "conn", "channel", "dir", "msg_id", "cmd", "flags", "error", "len", "fds")}
+            "ts", "conn", "channel", "dir", "msg_id", "cmd", "size", "flags", "error", "len",
+            "fds")}
         self.expert_codes = array("H")         # every message's expert ids, in order,
         self.expert_end = array("I")           # ... message n's end at expert_end[n - 1]
         self.expert_ids: list[str] = []        # code -> id
@@ -260,7 +261,8 @@ class CaptureModel:
         p = self._analyzer.feed(msg)
         h = p.header
         values = (msg.ts_ns, msg.conn, msg.channel, msg.direction, h.msg_id if h else -1,
-                  h.cmd if h else -1, h.flags if h else 0, h.error if h else 0,
+                  h.cmd if h else -1, h.size if h else 0, h.flags if h else 0,
+                  h.error if h else 0,
                   msg.wire_size, len(msg.fds))
         for column, value in zip(self.columns.values(), values):
             column.append(value)
@@ -398,7 +400,7 @@ class CaptureModel:
             "frame.len": [c["len"][i]], "frame.fds": [c["fds"][i]]}
         if c["cmd"][i] >= 0:
             values.update({"vfio_user": [None], "vfio_user.msg_id": [c["msg_id"][i]],
-                           "vfio_user.cmd": [c["cmd"][i]], "vfio_user.size": [c["len"][i]],
+                           "vfio_user.cmd": [c["cmd"][i]], "vfio_user.size": [c["size"][i]],
                            "vfio_user.flags": [flags]})
             for sub, value in bit_values(FLAGS_FIELD, flags):
                 values[sub.name] = [value]
