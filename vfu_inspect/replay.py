@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 from .capture import (C2S, DOORBELL, FAULT, IRQ, MAIN, OPEN, S2C, TWIN, CaptureReader, Event,
                       Message)
-from .dissect import Matcher, expects_reply
+from .dissect import expects_reply, find_responses
 from .dissectors import vfio_user as proto
 from .endpoints.common import (DmaMemory, Peer, Recorder, message, parse_caps, reply_to,
                                unpack)
@@ -464,18 +464,8 @@ def is_reply(msg: Message) -> bool:
 
 def recorded_replies(recorded: list[tuple[int, Message]]) -> dict[int, int]:
     """Index of each recorded request -> index of its recorded reply."""
-    matcher, links = Matcher(), {}
-    for index, (_, m) in enumerate(recorded):
-        h = proto.parse_header(m.data)
-        if h is None:
-            continue
-        if h.is_reply:
-            hit = matcher.reply(m.conn, m.channel, m.direction, h.msg_id)
-            if hit is not None:
-                links[hit[0]] = index
-        elif expects_reply(h):
-            matcher.request(m.conn, m.channel, m.direction, h.msg_id, index, None)
-    return links
+    links = find_responses(m for _, m in recorded)
+    return {request - 1: reply - 1 for request, reply in links.items()}
 
 
 def _replies_before(recorded: list[tuple[int, Message]], replies: dict[int, int]) -> list[int]:
