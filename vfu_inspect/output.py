@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 from .capture import EVENT_NAMES, TWIN, Event, describe_event
 from .dissect import Dissected
+from .dissectors.vfio_user import SERVER_COMMANDS
 from .events import event_values
 from .fields import BYTES, PROTOCOL
 from .pcapng import fd_comment
@@ -15,39 +16,51 @@ SUMMARY_HEADER = (f"{'No.':>7} {'Time':>11} {'Delta':>9} {'Conn':>6} {'Dir':3} "
                   f"{'Msg-ID':>6} {'Command':<24} {'Type':<7} {'Len':>6} {'Fds':>3}  Info")
 ARROWS = {"c2s": "C→S", "s2c": "C←S"}
 COLORS = {"error": "\x1b[31m", "warning": "\x1b[33m", "note": "\x1b[36m",
-          "reply": "\x1b[2m", "server": "\x1b[35m"}
+          "error_reply": "\x1b[31m", "reply": "\x1b[2m", "server": "\x1b[35m"}
 RESET = "\x1b[0m"
 
 
 def summary_line(p: Dissected, color: bool = False) -> str:
+    line = f"{p.number:>7} {p.time_relative:>11.6f} {p.time_delta:>9.6f} {summary_columns(p)}"
+    kind = row_kind(p)
+    return COLORS[kind] + line + RESET if color and kind in COLORS else line
+
+
+def summary_columns(p: Dissected) -> str:
+    """The columns after the number and the time, as `read` and the TUI show them."""
     h = p.header
     conn = f"{p.msg.conn}" + (":twin" if p.msg.channel == TWIN else "")
-    cmd = h.command_name if h else "?"
-    kind = h.kind if h else "short"
     msg_id = f"{h.msg_id:#06x}" if h else "-"
+    return (f"{conn:>6} {ARROWS[p.direction]:3} {msg_id:>6} "
+            f"{h.command_name if h else '?':<24} {h.kind if h else 'short':<7} "
+            f"{p.msg.wire_size:>6} {len(p.msg.fds):>3}  {summary_info(p)}")
+
+
+def summary_info(p: Dissected) -> str:
+    """The Info column: what the dissector says, the reply's latency, the expert items."""
     info = p.tree.info
     if p.latency is not None:
         info = f"{info} [{p.latency * 1e6:.0f} µs]".lstrip()
-    if p.tree.experts:
-        worst = p.tree.experts[0] if len(p.tree.experts) == 1 else None
-        info += f"  [{p.tree.worst_severity}: {worst.message if worst else f'{len(p.tree.experts)} items'}]"
-    line = (f"{p.number:>7} {p.time_relative:>11.6f} {p.time_delta:>9.6f} {conn:>6} "
-            f"{ARROWS[p.direction]:3} {msg_id:>6} {cmd:<24} {kind:<7} "
-            f"{p.msg.wire_size:>6} {len(p.msg.fds):>3}  {info}")
-    return _colored(line, p) if color else line
+    experts = p.tree.experts
+    if experts:
+        what = experts[0].message if len(experts) == 1 else f"{len(experts)} items"
+        info += f"  [{p.tree.worst_severity}: {what}]"
+    return info
 
 
-def _colored(line: str, p: Dissected) -> str:
-    severity = p.tree.worst_severity
-    if severity in ("error", "warning", "note"):
-        return COLORS[severity] + line + RESET
-    if p.header and p.header.kind == "error":
-        return COLORS["error"] + line + RESET
-    if p.header and p.header.cmd in (11, 12) and not p.header.is_reply:
-        return COLORS["server"] + line + RESET
-    if p.header and p.header.is_reply:
-        return COLORS["reply"] + line + RESET
-    return line
+def row_kind(p: Dissected) -> str:
+    """What a row is shown as: its worst expert item's severity, an error
+    reply, a server command, a note, a reply, or normal."""
+    h, worst = p.header, p.tree.worst_severity
+    if worst in ("error", "warning"):
+        return worst
+    if h is not None and h.kind == "error":
+        return "error_reply"
+    if h is not None and not h.is_reply and h.cmd in SERVER_COMMANDS:
+        return "server"
+    if worst:
+        return worst
+    return "reply" if h is not None and h.is_reply else "normal"
 
 
 def detail_text(p: Dissected) -> str:

@@ -36,12 +36,12 @@ from textual.theme import BUILTIN_THEMES, Theme
 from textual.widgets import DataTable, Footer, Input, Static, Tree
 from textual.worker import get_current_worker
 
-from ..capture import EVENT_NAMES, TWIN, Event, describe_event
+from ..capture import EVENT_NAMES, Event, describe_event
 from ..dfilter import FilterError, compile_filter
 from ..dissect import Dissected
 from ..dissectors import vfio_user as proto
 from ..fields import BOOL, BYTES, EXPERTS, FLOAT, PROTOCOL, SEVERITIES, STRING
-from ..output import ARROWS, hex_rows
+from ..output import hex_rows, row_kind, summary_columns
 from ..tree import Item
 from .model import CaptureModel, Cancelled, LiveFilter
 
@@ -234,30 +234,14 @@ class MessageList(ScrollView, can_focus=True):
         return self.row_text(p), style
 
     def row_text(self, p: Dissected) -> str:
-        h, msg = p.header, p.msg
         when = {"relative": f"{p.time_relative:>15.6f}", "delta": f"{p.time_delta:>15.6f}",
-                "absolute": clock_time(msg.ts_ns)}[self.time_mode]
-        conn = f"{msg.conn}" + (":twin" if msg.channel == TWIN else "")
-        info = p.tree.info + (f" [{p.latency * 1e6:.0f} µs]" if p.latency is not None else "")
-        if p.tree.experts:
-            info += f"  [{p.tree.worst_severity}: {p.tree.experts[0].message}]"
+                "absolute": clock_time(p.msg.ts_ns)}[self.time_mode]
         mark = "▶" if self.matched is not None and _contains(self.matched, p.number) else \
             ("●" if p.number in self.marks else " ")
-        return (f"{mark}{p.number:>6} {when:>15} {conn:>6} {ARROWS[p.direction]:3} "
-                f"{(f'{h.msg_id:#06x}' if h else '-'):>6} {(h.command_name if h else '?'):<24} "
-                f"{(h.kind if h else 'short'):<7} {msg.wire_size:>6} {len(msg.fds):>3}  {info}")
+        return f"{mark}{p.number:>6} {when:>15} {summary_columns(p)}"
 
     def row_style(self, p: Dissected) -> Style:
-        h, worst = p.header, p.tree.worst_severity
-        if worst in ("error", "warning"):
-            return self.palette[worst]
-        if h is not None and h.kind == "error":
-            return self.palette["error_reply"]
-        if h is not None and not h.is_reply and h.cmd in proto.SERVER_COMMANDS:
-            return self.palette["server"]
-        if worst:
-            return self.palette[worst]
-        return self.palette["reply" if h is not None and h.is_reply else "normal"]
+        return self.palette[row_kind(p)]
 
 
 def _contains(numbers: array, number: int) -> bool:
