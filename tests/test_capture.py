@@ -11,8 +11,9 @@ import time
 import msgpack
 import pytest
 
-from vfu_inspect.capture import (C2S, CLOSE, MAIN, OPEN, S2C, TWIN, CaptureError,
+from vfu_inspect.capture import (C2S, CLOSE, MAIN, OPEN, S2C, TWIN,
                                  CaptureReader, CaptureWriter, Event, Message, read_all)
+from vfu_inspect.errors import CaptureError
 
 
 def sample_records() -> list:

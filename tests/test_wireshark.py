@@ -475,7 +475,7 @@ def test_a_message_over_wiresharks_packet_limit_is_cut_for_it_and_whole_on_impor
 
 def test_damaged_pcapng_files_never_raise_anything_but_a_clear_error(tmp_path):
     import random
-    from vfu_inspect.capture import CaptureError
+    from vfu_inspect.errors import CaptureError
     data = export(SAMPLES[1], tmp_path / "out.pcapng").read_bytes()
     rng = random.Random(8)
     outcomes = {"read": 0, "refused": 0}

@@ -17,6 +17,8 @@ from typing import Any, BinaryIO, Iterator
 
 import msgpack
 
+from .errors import CaptureError
+
 FORMAT = "vfu-inspect-capture"
 VERSION = 1
 SUFFIX = ".vfucap"
@@ -88,10 +90,6 @@ def describe_event(event: Event) -> str:
         pending = ", ".join(f"{u['cmd']} id {u['msg_id']:#x}" for u in info["unanswered"])
         line += f" (unanswered: {pending})"
     return line
-
-
-class CaptureError(Exception):
-    """The file is not a capture vfu-inspect can read."""
 
 
 class CaptureWriter:

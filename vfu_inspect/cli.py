@@ -11,17 +11,14 @@ import tempfile
 from typing import Callable, Iterable, Iterator, TextIO
 
 from . import __version__
-from .capture import CaptureError, CaptureReader, CaptureWriter, Event, Message, Record
+from .capture import CaptureReader, CaptureWriter, Event, Message, Record
+from .errors import CaptureError, UserError
 from .dissect import Analyzer, Dissected, find_responses
 from .session import DEFAULT_TIMEOUT, SessionTracker
 from .output import SUMMARY_HEADER, detail_text, field_values, hex_dump, json_packet, summary_line
 from .save import is_pcapng_name, open_writer, write_one
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-
-
-class UserError(Exception):
-    """A problem the user can fix: printed as one line, exit status 2."""
 
 
 def main(argv: list[str] | None = None) -> int:

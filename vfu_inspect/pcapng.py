@@ -32,8 +32,9 @@ from typing import Any, BinaryIO, Iterator
 import msgpack
 
 from .capture import (
-    C2S, CHANNELS, EVENT_NAMES, MAIN, S2C, CaptureError, Event, Message, Record,
+    C2S, CHANNELS, EVENT_NAMES, MAIN, S2C, Event, Message, Record,
     describe_event)
+from .errors import CaptureError
 
 SUFFIX = ".pcapng"
 
