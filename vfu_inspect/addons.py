@@ -21,7 +21,7 @@ import msgpack
 
 from . import pcapng
 from .capture import NOTE, CaptureWriter, Event, Message, header_record
-from .proxy import listen_unix, unlink_socket
+from .sockio import listen_unix, unlink_socket
 
 
 class SaveAddon:

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, TextIO
 
 from . import __version__
 from .capture import CaptureReader, CaptureWriter, Event, Message, Record
-from .errors import CaptureError, UserError
+from .errors import CaptureError, ListenError, UserError
 from .dissect import Analyzer, Dissected, find_responses
 from .session import DEFAULT_TIMEOUT, SessionTracker
 from .output import SUMMARY_HEADER, detail_text, field_values, hex_dump, json_packet, summary_line
@@ -395,7 +395,7 @@ def _injector(args: argparse.Namespace):
 
 def cmd_proxy(args: argparse.Namespace) -> int:
     from .addons import MonitorAddon, PrintAddon, SaveAddon
-    from .proxy import Proxy, ProxyError
+    from .proxy import Proxy
     source = f"proxy {args.listen} -> {args.server}"
     faults = _injector(args)
     addons: list = []
@@ -413,7 +413,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         proxy = Proxy(args.listen, args.server, addons, args.mode, log=_log, faults=faults,
                       trace_irqs=args.trace_irqs)
         proxy.start()
-    except (ProxyError, OSError) as exc:
+    except (ListenError, OSError) as exc:
         for addon in addons:
             addon.close()
         raise UserError(str(exc)) from None
