@@ -27,9 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from vfu_inspect.capture import IRQ, CaptureReader, Event
+from vfu_inspect.capture import CaptureReader
 from vfu_inspect.dissectors.vfio_user import CMD, SetIrqs
 from vfu_inspect.endpoints.common import message, pack, reply_to
+from vfu_inspect.records import IRQ, Event
 from vfu_inspect.sockio import MessageSocket, PeerClosed
 
 HERE = Path(__file__).resolve().parent

@@ -39,8 +39,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vfu_inspect.capture import CaptureReader, Message
+from vfu_inspect.capture import CaptureReader
 from vfu_inspect.dissectors.vfio_user import CMD, Header, RegionRead, Version
+from vfu_inspect.records import Message
 from vfu_inspect.sockio import MessageSocket
 
 HERE = Path(__file__).resolve().parent

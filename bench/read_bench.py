@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from vfu_inspect.capture import CaptureWriter, Message, read_all
+from vfu_inspect.capture import CaptureWriter, read_all
+from vfu_inspect.records import Message
 
 SAMPLE = Path(__file__).resolve().parent.parent / "captures" / "libvfio-user-samples.vfucap"
 FILTER = "vfio_user.cmd == DMA_MAP && dma_map.size >= 0x1000"

@@ -11,8 +11,9 @@ import pytest
 
 from helpers import run_vfu
 from test_expert import Script
-from vfu_inspect.capture import CaptureWriter, Message, read_all
+from vfu_inspect.capture import CaptureWriter, read_all
 from vfu_inspect.dissect import Analyzer, find_responses
+from vfu_inspect.records import Message
 from vfu_inspect.session import SessionTracker
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,8 @@ from typing import Any, Callable, TextIO
 import msgpack
 
 from . import pcapng
-from .capture import NOTE, CaptureWriter, Event, Message, header_record
+from .capture import CaptureWriter, header_record
+from .records import NOTE, Event, Message
 from .sockio import listen_unix, unlink_socket
 
 

@@ -11,12 +11,13 @@ import tempfile
 from typing import Callable, Iterable, Iterator, TextIO
 
 from . import __version__
-from .capture import CaptureReader, CaptureWriter, Event, Message, Record
-from .errors import CaptureError, ListenError, UserError
+from .capture import CaptureReader, CaptureWriter
 from .dissect import Analyzer, Dissected, find_responses
-from .session import DEFAULT_TIMEOUT, SessionTracker
+from .errors import CaptureError, ListenError, UserError
 from .output import SUMMARY_HEADER, detail_text, field_values, hex_dump, json_packet, summary_line
+from .records import Event, Message, Record
 from .save import is_pcapng_name, open_writer, write_one
+from .session import DEFAULT_TIMEOUT, SessionTracker
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -328,7 +329,7 @@ def _print_packets(args: argparse.Namespace, packets: Iterator[Dissected], out: 
 
 def _text(p: Dissected | Event, args: argparse.Namespace, color: bool) -> str:
     if isinstance(p, Event):
-        from .capture import describe_event
+        from .events import describe_event
         return describe_event(p)
     parts = [detail_text(p) if args.verbose else summary_line(p, color)]
     if args.hex:

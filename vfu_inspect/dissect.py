@@ -11,9 +11,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from .capture import CHANNELS, CLOSE, DIRECTIONS, FAULT, Event, Message, Record
 from .dissectors import vfio_user as proto
 from .fields import FLOAT, FRAME, PROTOCOL, field, lookup
+from .records import CHANNELS, CLOSE, DIRECTIONS, FAULT, Event, Message, Record
 from .session import SessionTracker
 from .tree import Item, Tree
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .capture import DOORBELL, FAULT, IRQ, Event
 from .dissectors import vfio_user as proto
 from .fields import BOOL, PROTOCOL, STRING, field, lookup
+from .records import CLOSE, DOORBELL, EVENT_NAMES, FAULT, IRQ, Event
 
 field("irq", "Interrupt (the server signalled a SET_IRQS eventfd)", PROTOCOL)
 field("irq.index", "IRQ index", values=proto.IRQS)
@@ -48,6 +48,19 @@ def event_values(event: Event) -> dict[str, list[Any]] | None:
 def names_events(fields: frozenset[str]) -> bool:
     """Whether a filter tests interrupt, doorbell or fault fields."""
     return any(name.split(".")[0] in PREFIXES.values() for name in fields)
+
+
+def describe_event(event: Event) -> str:
+    """The `read --events` line of any event."""
+    if event.kind in (IRQ, DOORBELL, FAULT):
+        return f"# conn {event.conn} {EVENT_NAMES[event.kind]}: {describe(event)}"
+    info = event.info
+    text = info.get("text") or info.get("reason") or info.get("server", "")
+    line = f"# conn {event.conn} {EVENT_NAMES[event.kind]}: {text}"
+    if event.kind == CLOSE and info.get("unanswered"):
+        pending = ", ".join(f"{u['cmd']} id {u['msg_id']:#x}" for u in info["unanswered"])
+        line += f" (unanswered: {pending})"
+    return line
 
 
 def describe(event: Event) -> str:

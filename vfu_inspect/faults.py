@@ -34,12 +34,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .capture import C2S, CHANNELS, DIRECTIONS
 from .dfilter import DisplayFilter, FilterError, PartialValues, compile_filter
 from .dissectors import vfio_user as proto
 from .endpoints.common import error_to
 from .fields import BOOL, lookup
 from .framing import DEFAULT_MAX_MESSAGE
+from .records import C2S, CHANNELS, DIRECTIONS
 from .tree import Tree, bit_values
 
 ACTIONS = ("errno", "delay", "drop", "close", "rewrite", "truncate", "duplicate")

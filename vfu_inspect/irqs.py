@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .capture import C2S, DOORBELL, IRQ, S2C, Event
 from .dissectors import vfio_user as proto
 from .framing import Frame
+from .records import C2S, DOORBELL, IRQ, S2C, Event
 
 SET_IRQS, IO_FDS = proto.CMD["DEVICE_SET_IRQS"], proto.CMD["DEVICE_GET_REGION_IO_FDS"]
 _SET_IRQS = proto.SetIrqs.vfu_compiled.struct

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .capture import TWIN
 from .dissect import Dissected
 from .fields import BYTES, PROTOCOL
 from .pcapng import fd_comment
+from .records import TWIN
 from .tree import Item
 
 SUMMARY_HEADER = (f"{'No.':>7} {'Time':>11} {'Delta':>9} {'Conn':>6} {'Dir':3} "

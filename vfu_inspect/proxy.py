@@ -33,13 +33,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .capture import (C2S, CHANNELS, CLOSE, DIRECTIONS, FAULT, MAIN, NOTE, OPEN, S2C, TWIN,
-                      Event, Message)
 from .dissect import Matcher, expects_reply
 from .dissectors import vfio_user as proto
 from .faults import FaultInjector, Gate, Verdict
 from .framing import Frame, Framer, answered_early
 from .irqs import SET_IRQS, IrqTracer
+from .records import (
+    C2S, CHANNELS, CLOSE, DIRECTIONS, FAULT, MAIN, NOTE, OPEN, S2C, TWIN, Event, Message)
 from .sockio import fd_info, listen_unix, recv_chunk, unlink_socket
 
 

@@ -18,11 +18,12 @@ import socket
 import sys
 from typing import TextIO
 
-from .capture import C2S, S2C, TWIN, CaptureReader, Message
+from .capture import CaptureReader
 from .dissectors import vfio_user as proto
 from .endpoints.common import Peer, error_to, message, parse_caps, reply_to
 from .errors import ListenError
 from .framing import Frame
+from .records import C2S, S2C, TWIN, Message
 from .replay import ALWAYS_IGNORED, Progress, ReplayError, fresh_fd, is_reply, recorded_replies, values_without
 from .sockio import MessageSocket, PeerClosed, listen_unix, unlink_socket
 

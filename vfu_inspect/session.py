@@ -23,10 +23,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .capture import C2S, MAIN, S2C, TWIN, Message
-from .dissectors import vfio_user as proto
 from .devices import add_registers, device_for, load_plugins
+from .dissectors import vfio_user as proto
 from .dissectors.pci_config import CONFIG_REGION, ConfigShadow, dissect_config_access
+from .records import C2S, MAIN, S2C, TWIN, Message
 from .tree import Expert, Tree
 
 if TYPE_CHECKING:

@@ -34,14 +34,15 @@ from textual.theme import BUILTIN_THEMES, Theme
 from textual.widgets import DataTable, Footer, Input, Static, Tree
 from textual.worker import get_current_worker
 
-from ..capture import EVENT_NAMES, TWIN, Event, describe_event
 from ..dfilter import FilterError, compile_filter
 from ..dissect import Dissected
 from ..dissectors import vfio_user as proto
+from ..events import describe_event
 from ..fields import BOOL, BYTES, EXPERTS, FLOAT, PROTOCOL, SEVERITIES, STRING
-from ..output import ARROWS, hex_rows
-from ..tree import Item
 from .model import CaptureModel, Cancelled, LiveFilter
+from ..output import ARROWS, hex_rows
+from ..records import EVENT_NAMES, TWIN, Event
+from ..tree import Item
 
 TIME_MODES = ("relative", "delta", "absolute")
 COLUMNS = (f"{'No.':>7} {'Time':>15} {'Conn':>6} {'Dir':3} {'Msg-ID':>6} {'Command':<24} "

@@ -27,11 +27,12 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from ..capture import DIRECTIONS, OPEN, CaptureReader, Event, Message, Record, records_from
+from ..capture import CaptureReader, records_from
 from ..dfilter import DisplayFilter
 from ..dissect import Analyzer, Dissected, expects_reply
 from ..dissectors import vfio_user as proto
 from ..fields import EXPERTS, lookup
+from ..records import DIRECTIONS, OPEN, Event, Message, Record
 from ..session import SessionTracker, Snapshot
 from ..tree import bit_values
 
