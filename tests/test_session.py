@@ -12,7 +12,7 @@ import pytest
 from helpers import run_vfu
 from test_expert import Script
 from vfu_inspect.capture import CaptureWriter, read_all
-from vfu_inspect.dissect import Analyzer, find_responses
+from vfu_inspect.dissect import Analyzer, find_responses, state_at
 from vfu_inspect.records import Message
 from vfu_inspect.session import SessionTracker
 
@@ -67,7 +67,7 @@ def test_state_at_any_message_equals_a_straight_run_to_it():
         return messages[first - 1:last]
 
     for number in (1, 49, 50, 51, 120, 344):
-        snapshot = tracker.state_at(number, replay)
+        snapshot = state_at(tracker, number, replay)
         straight = Analyzer(sessions=SessionTracker(checkpoint_every=0))
         list(straight.run(messages[:number]))
         assert {c: s.sections() for c, s in snapshot.connections.items()} == \

@@ -12,9 +12,10 @@ from typing import Callable, Iterable, Iterator, TextIO
 
 from . import __version__
 from .capture import CaptureReader, CaptureWriter
-from .dissect import Analyzer, Dissected, find_responses
+from .dissect import Analyzer, find_responses
 from .errors import CaptureError, ListenError, UserError
 from .output import SUMMARY_HEADER, detail_text, field_values, hex_dump, json_packet, summary_line
+from .packet import Dissected
 from .records import Event, Message, Record
 from .save import is_pcapng_name, open_writer, write_one
 from .session import DEFAULT_TIMEOUT, SessionTracker

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .dissect import Dissected
 from .fields import BYTES, PROTOCOL
+from .packet import Dissected
 from .pcapng import fd_comment
 from .records import TWIN
 from .tree import Item

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from .capture import CaptureWriter
-from .dissect import Dissected
 from .output import packet_comment
+from .packet import Dissected
 from .pcapng import PcapngFileWriter
 from .records import Event, Message
 

@@ -12,10 +12,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TextIO
 
-from .dissect import Analyzer, Dissected
+from .dissect import Analyzer
 from .dissectors import vfio_user as proto
 from .events import describe, irq_name
 from .fields import EXPERTS, SEVERITIES
+from .packet import Dissected
 from .records import C2S, DOORBELL, IRQ, Event
 from .session import ConnState
 

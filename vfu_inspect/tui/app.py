@@ -35,12 +35,12 @@ from textual.widgets import DataTable, Footer, Input, Static, Tree
 from textual.worker import get_current_worker
 
 from ..dfilter import FilterError, compile_filter
-from ..dissect import Dissected
 from ..dissectors import vfio_user as proto
 from ..events import describe_event
 from ..fields import BOOL, BYTES, EXPERTS, FLOAT, PROTOCOL, SEVERITIES, STRING
 from .model import CaptureModel, Cancelled, LiveFilter
 from ..output import ARROWS, hex_rows
+from ..packet import Dissected
 from ..records import EVENT_NAMES, TWIN, Event
 from ..tree import Item
 

@@ -29,9 +29,10 @@ from typing import Any, Callable, Iterator
 
 from ..capture import CaptureReader, records_from
 from ..dfilter import DisplayFilter
-from ..dissect import Analyzer, Dissected, expects_reply
+from ..dissect import Analyzer, expects_reply, state_at
 from ..dissectors import vfio_user as proto
 from ..fields import EXPERTS, lookup
+from ..packet import Dissected
 from ..records import DIRECTIONS, OPEN, Event, Message, Record
 from ..session import SessionTracker, Snapshot
 from ..tree import bit_values
@@ -334,7 +335,7 @@ class CaptureModel:
         two-pass read, rolled forward from the nearest checkpoint."""
         if first > last:
             return
-        snapshot = self.tracker.state_at(first - 1, self.messages)
+        snapshot = state_at(self.tracker, first - 1, self.messages)
         analyzer = Analyzer(_Links(self.response_of), self.tracker.restored(snapshot.connections))
         ts = self.columns["ts"]
         analyzer.resume_at(first - 1, ts[0], ts[first - 2] if first > 1 else ts[0])
@@ -370,7 +371,7 @@ class CaptureModel:
         return len(numbers)
 
     def session_at(self, number: int) -> Snapshot:
-        return self.tracker.state_at(number, self.messages)
+        return state_at(self.tracker, number, self.messages)
 
     # --- filtering -----------------------------------------------------------------------
 
