@@ -22,6 +22,7 @@ from pathlib import Path
 
 from read_bench import bench_capture
 
+from vfu_inspect import registry
 from vfu_inspect.tui.app import FilterBar, InspectApp
 from vfu_inspect.tui.model import CaptureModel
 
@@ -85,6 +86,7 @@ async def measure(path: Path, count: int) -> None:
 
 
 def main() -> None:
+    registry.load()
     with bench_capture(__doc__) as (path, count):
         print(f"built {count:,} messages")
         asyncio.run(measure(path, count))

@@ -85,3 +85,28 @@ def test_module_imports_alone(module: str) -> None:
     another module's import has run fails here."""
     result = _run(f"import {module}")
     assert result.returncode == 0, result.stderr
+
+
+REGISTRY_STATE = """
+import importlib, sys
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+from vfu_inspect import devices, fields, registry
+print(len(fields.REGISTRY), len(fields.EXPERTS), len(devices.DEVICES))
+registry.load()
+registry.load()
+from vfu_inspect import dissect, events
+from vfu_inspect.dissectors import device_sample, pci_config, vfio_user
+declared = [fd.name for m in (vfio_user, pci_config, device_sample, dissect, events) for fd in m.FIELDS]
+print(list(fields.REGISTRY) == declared, len(fields.EXPERTS) == len(vfio_user.CHECKS),
+      list(devices.DEVICES) == [(0x5646, 0x0001)])
+"""
+
+
+def test_importing_registers_nothing_and_load_registers_everything_once() -> None:
+    result = subprocess.run([sys.executable, "-c", REGISTRY_STATE, *sorted(MODULES)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    after_import, after_load = result.stdout.splitlines()
+    assert after_import == "0 0 0"       # fields, checks, devices
+    assert after_load == "True True True"

@@ -135,15 +135,17 @@ def test_config_space_of_the_trace_is_decoded_as_pci():
 
 PLUGIN = '''
 from scapy.packet import Packet
-from vfu_inspect.devices import pci_device
-from vfu_inspect.fields import layer, u64
+from vfu_inspect.devices import PciDevice
+from vfu_inspect.fields import Fields, u64
 
-@layer("lvu_sample.bar0")
+FIELDS = Fields()
+
+@FIELDS.layer("lvu_sample.bar0")
 class TimeRegister(Packet):
     name = "libvfio-user sample BAR0"
     fields_desc = [u64("time", label="Time register")]
 
-pci_device("libvfio-user sample", 0xDEAD, 0xBEEF, {0: TimeRegister})
+DEVICES = [PciDevice("libvfio-user sample", 0xDEAD, 0xBEEF, {0: TimeRegister})]
 '''
 
 

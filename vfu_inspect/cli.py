@@ -10,7 +10,7 @@ import sys
 import tempfile
 from typing import Callable, Iterable, Iterator, TextIO
 
-from . import __version__
+from . import __version__, registry
 from .capture import CaptureReader, CaptureWriter
 from .dissect import Analyzer, find_responses
 from .errors import CaptureError, ListenError, UserError
@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return EXIT_USAGE
-    # What imports built (scapy's layers, the registries) lives as long as the
-    # process: keep it out of the collector's scans of the per-message garbage.
+    registry.load()
+    # What imports and load() built (scapy's layers, the registries) lives as
+    # long as the process: keep it out of the collector's scans of the
+    # per-message garbage.
     gc.freeze()
     try:
         return args.run(args)

@@ -11,23 +11,24 @@ from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from .dissectors import vfio_user as proto
-from .fields import FLOAT, FRAME, PROTOCOL, field, lookup
+from .fields import FLOAT, FRAME, PROTOCOL, Fields, lookup
 from .packet import Dissected
 from .records import CHANNELS, CLOSE, DIRECTIONS, FAULT, Event, Message, Record
 from .session import SessionTracker, Snapshot
 from .tree import Item
 
-FRAME_FIELD = field("frame", "Frame", PROTOCOL)
-field("frame.number", "Frame number", FRAME)
-field("frame.time_epoch", "Epoch time (s)", FLOAT)
-field("frame.time_relative", "Time since first message (s)", FLOAT)
-field("frame.time_delta", "Time since previous message (s)", FLOAT)
-field("frame.conn", "Connection")
-field("frame.channel", "Channel", values=CHANNELS)
-field("frame.dir", "Direction", values=DIRECTIONS)
-field("frame.len", "Message length")
-field("frame.fds", "Passed fds")
-field("frame.truncated", "Bytes captured (message truncated)")
+FIELDS = Fields()
+FRAME_FIELD = FIELDS.field("frame", "Frame", PROTOCOL)
+FIELDS.field("frame.number", "Frame number", FRAME)
+FIELDS.field("frame.time_epoch", "Epoch time (s)", FLOAT)
+FIELDS.field("frame.time_relative", "Time since first message (s)", FLOAT)
+FIELDS.field("frame.time_delta", "Time since previous message (s)", FLOAT)
+FIELDS.field("frame.conn", "Connection")
+FIELDS.field("frame.channel", "Channel", values=CHANNELS)
+FIELDS.field("frame.dir", "Direction", values=DIRECTIONS)
+FIELDS.field("frame.len", "Message length")
+FIELDS.field("frame.fds", "Passed fds")
+FIELDS.field("frame.truncated", "Bytes captured (message truncated)")
 
 HEADER_ROW = 0         # the header layer is the first thing every dissection adds
 # Requests awaiting a reply, per key; beyond this the oldest are dropped so

@@ -10,24 +10,25 @@ from __future__ import annotations
 from typing import Any
 
 from .dissectors import vfio_user as proto
-from .fields import BOOL, PROTOCOL, STRING, field, lookup
+from .fields import BOOL, PROTOCOL, STRING, Fields, lookup
 from .records import CLOSE, DOORBELL, EVENT_NAMES, FAULT, IRQ, Event
 
-field("irq", "Interrupt (the server signalled a SET_IRQS eventfd)", PROTOCOL)
-field("irq.index", "IRQ index", values=proto.IRQS)
-field("irq.vector", "Vector")
-field("irq.count", "Signals (eventfd counter)")
-field("irq.masked", "Raised while masked", BOOL)
-field("doorbell", "Doorbell (the client signalled a REGION_IO_FDS eventfd)", PROTOCOL)
-field("doorbell.region", "Region", values=proto.REGIONS)
-field("doorbell.offset", "Offset", base="hex")
-field("doorbell.size", "Size")
-field("doorbell.datamatch", "Datamatch", base="hex")
-field("doorbell.count", "Signals (eventfd counter)")
-field("fault", "Fault injected by the proxy", PROTOCOL)
-field("fault.action", "Action", STRING)
-field("fault.rule", "Rule", STRING)
-field("fault.errno", "Errno", values=proto.ERRNO_NAMES)
+FIELDS = Fields()
+FIELDS.field("irq", "Interrupt (the server signalled a SET_IRQS eventfd)", PROTOCOL)
+FIELDS.field("irq.index", "IRQ index", values=proto.IRQS)
+FIELDS.field("irq.vector", "Vector")
+FIELDS.field("irq.count", "Signals (eventfd counter)")
+FIELDS.field("irq.masked", "Raised while masked", BOOL)
+FIELDS.field("doorbell", "Doorbell (the client signalled a REGION_IO_FDS eventfd)", PROTOCOL)
+FIELDS.field("doorbell.region", "Region", values=proto.REGIONS)
+FIELDS.field("doorbell.offset", "Offset", base="hex")
+FIELDS.field("doorbell.size", "Size")
+FIELDS.field("doorbell.datamatch", "Datamatch", base="hex")
+FIELDS.field("doorbell.count", "Signals (eventfd counter)")
+FIELDS.field("fault", "Fault injected by the proxy", PROTOCOL)
+FIELDS.field("fault.action", "Action", STRING)
+FIELDS.field("fault.rule", "Rule", STRING)
+FIELDS.field("fault.errno", "Errno", values=proto.ERRNO_NAMES)
 
 PREFIXES = {IRQ: "irq", DOORBELL: "doorbell", FAULT: "fault"}
 

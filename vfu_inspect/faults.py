@@ -59,7 +59,7 @@ _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}
 _FRAME_FIELDS = {"frame", "frame.conn", "frame.channel", "frame.dir", "frame.len", "frame.fds"}
 _LINKS = {"vfio_user.response_in", "vfio_user.response_to", "vfio_user.time"}
 _MESSAGE_FIELDS = {fd.name for fd in proto.protocol_fields()} - _LINKS | {"vfio_user"}
-_FLAGS = lookup("vfio_user.flags")
+_FLAGS = proto.FIELDS["vfio_user.flags"]
 
 
 class FaultError(Exception):

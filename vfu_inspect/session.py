@@ -23,14 +23,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .devices import add_registers, device_for, load_plugins
+from .devices import add_registers, device_for
 from .dissectors import vfio_user as proto
 from .dissectors.pci_config import CONFIG_REGION, ConfigShadow, dissect_config_access
 from .packet import Dissected
 from .records import C2S, MAIN, S2C, TWIN, Message
 from .tree import Expert, Tree
-
-load_plugins()      # device layers register their fields before any filter is compiled
 
 CMD = proto.CMD
 DEFAULT_TIMEOUT = 5.0                # QEMU's x-msg-timeout

@@ -31,7 +31,7 @@ from ..capture import CaptureReader, records_from
 from ..dfilter import DisplayFilter
 from ..dissect import Analyzer, expects_reply, state_at
 from ..dissectors import vfio_user as proto
-from ..fields import EXPERTS, lookup
+from ..fields import EXPERTS
 from ..packet import Dissected
 from ..records import DIRECTIONS, OPEN, Event, Message, Record
 from ..session import SessionTracker, Snapshot
@@ -51,7 +51,7 @@ EXPERT_FIELDS = {"expert", "expert.id", "expert.severity", "expert.message"}
 # Fields dissection without session state gives exactly (the fds' items too).
 STATELESS_FIELDS = HEADER_FIELDS | {fd.name for fd in proto.protocol_fields()} | {
     "fd", "fd.index", "fd.kind", "fd.size", "fd.inode", "fd.purpose"}
-FLAGS_FIELD = lookup("vfio_user.flags")
+FLAGS_FIELD = proto.FIELDS["vfio_user.flags"]
 TRUNCATED_AFTER = 1.0      # seconds a partial record may wait at the end of a file
 GROWING_FOR = 5.0          # seconds after the last growth the file counts as followed
 
