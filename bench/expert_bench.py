@@ -18,6 +18,7 @@ from pathlib import Path
 
 from read_bench import bench_capture
 
+from vfu_inspect import registry
 from vfu_inspect.capture import CaptureReader
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.output import json_packet
@@ -48,6 +49,7 @@ def json_rate(path: Path, tracker: SessionTracker) -> float:
 
 
 def main() -> None:
+    registry.load()
     with bench_capture(__doc__) as (path, n):
         plain = json_rate(path, PairingOnly(checkpoint_every=0))
         full = json_rate(path, SessionTracker(checkpoint_every=0))

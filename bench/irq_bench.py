@@ -27,9 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from vfu_inspect.capture import IRQ, CaptureReader, Event
+from vfu_inspect import registry
+from vfu_inspect.capture import CaptureReader
 from vfu_inspect.dissectors.vfio_user import CMD, SetIrqs
 from vfu_inspect.endpoints.common import message, pack, reply_to
+from vfu_inspect.records import IRQ, Event
 from vfu_inspect.sockio import MessageSocket, PeerClosed
 
 HERE = Path(__file__).resolve().parent
@@ -133,6 +135,7 @@ def p99(values: list[float]) -> float:
 
 
 def main() -> None:
+    registry.load()
     if sys.argv[1:2] == ["--device"]:
         path, signals, interval, out, ack = sys.argv[2:]
         device(path, int(signals), float(interval), out, int(ack))

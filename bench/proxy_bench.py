@@ -39,8 +39,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vfu_inspect.capture import CaptureReader, Message
+from vfu_inspect import registry
+from vfu_inspect.capture import CaptureReader
 from vfu_inspect.dissectors.vfio_user import CMD, Header, RegionRead, Version
+from vfu_inspect.records import Message
 from vfu_inspect.sockio import MessageSocket
 
 HERE = Path(__file__).resolve().parent
@@ -264,6 +266,7 @@ def bench_sample(args: argparse.Namespace, tmp: Path) -> None:
 
 
 def main() -> None:
+    registry.load()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer", choices=("both", "libvfio-user", "sample"), default="both")
     parser.add_argument("--depth", type=int, default=16, help="requests in flight when pipelined")

@@ -20,7 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from vfu_inspect.capture import CaptureWriter, Message, read_all
+from vfu_inspect import registry
+from vfu_inspect.capture import CaptureWriter, read_all
+from vfu_inspect.records import Message
 
 SAMPLE = Path(__file__).resolve().parent.parent / "captures" / "libvfio-user-samples.vfucap"
 FILTER = "vfio_user.cmd == DMA_MAP && dma_map.size >= 0x1000"
@@ -63,6 +65,7 @@ def timed(args: list[str]) -> float:
 
 
 def main() -> None:
+    registry.load()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--keep", help="write the capture here and keep it")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from read_bench import bench_capture
 
+from vfu_inspect import registry
 from vfu_inspect.tui.app import FilterBar, InspectApp
 from vfu_inspect.tui.model import CaptureModel
 
@@ -114,6 +115,7 @@ async def measure(path: Path, count: int) -> None:
 
 
 def main() -> None:
+    registry.load()
     with bench_capture(__doc__) as (path, count):
         print(f"built {count:,} messages")
         tmux = tmux_first_screen(path)

@@ -19,6 +19,7 @@ import time
 
 from read_bench import bench_capture
 
+from vfu_inspect import registry
 from vfu_inspect.wireshark import PLUGIN
 
 OURS_FILTER = "vfio_user.cmd == DMA_MAP && dma_map.size >= 0x1000"
@@ -36,6 +37,7 @@ def vfu(*args: str) -> list[str]:
 
 
 def main() -> None:
+    registry.load()
     tshark = shutil.which("tshark")
     if tshark is None:
         sys.exit("tshark is not installed (apt-get install tshark)")

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from scapy.packet import Packet
 
-from vfu_inspect.devices import pci_device
-from vfu_inspect.fields import layer, u64
+from vfu_inspect.devices import PciDevice
+from vfu_inspect.fields import Fields, u64
 
 VENDOR_ID, DEVICE_ID = 0x5646, 0x0001     # "VF"
 DMA_COMMANDS = {0: "idle", 1: "to device", 2: "from device"}
+FIELDS = Fields()
 
 
-@layer("vfu_sample.bar0")
+@FIELDS.layer("vfu_sample.bar0")
 class SampleBar0(Packet):
     name = "vfu-inspect sample device BAR0"
     fields_desc = [
@@ -28,4 +29,4 @@ class SampleBar0(Packet):
     ]
 
 
-pci_device("vfu-inspect sample device", VENDOR_ID, DEVICE_ID, {0: SampleBar0})
+DEVICES = [PciDevice("vfu-inspect sample device", VENDOR_ID, DEVICE_ID, {0: SampleBar0})]

@@ -13,7 +13,7 @@ from typing import Any
 from scapy.packet import Packet
 
 from vfu_inspect.devices import add_registers, overlaps
-from vfu_inspect.fields import bits16, field, layer, raw, u8, u16, u32
+from vfu_inspect.fields import Fields, bits16, raw, u8, u16, u32
 from vfu_inspect.tree import Tree
 
 CONFIG_REGION = 7
@@ -43,8 +43,10 @@ PCIE_TYPES = {0: "endpoint", 1: "legacy endpoint", 4: "root port", 5: "upstream 
               6: "downstream port", 9: "RC integrated endpoint"}
 PCIE_CAPS_BITS = {"version": (0xF, None), "type": (0xF0, PCIE_TYPES)}
 
+FIELDS = Fields()
 
-@layer("pci")
+
+@FIELDS.layer("pci")
 class PciHeader(Packet):
     """The type 0 header, 64 bytes."""
 
@@ -72,35 +74,35 @@ class PciHeader(Packet):
     ]
 
 
-@layer("pci.cap")
+@FIELDS.layer("pci.cap")
 class CapHeader(Packet):
     name = "Capability"
     fields_desc = [u8("id", values=CAP_IDS, base="hex", label="Capability ID"),
                    u8("next", base="hex", label="Next capability")]
 
 
-@layer("pci.pm")
+@FIELDS.layer("pci.pm")
 class PmCap(Packet):
     name = "Power Management"
     fields_desc = [u16("pmc", base="hex", label="Capabilities"),
                    u16("pmcsr", base="hex", label="Control/status")]
 
 
-@layer("pci.msi")
+@FIELDS.layer("pci.msi")
 class Msi32Cap(Packet):
     name = "MSI"
     fields_desc = [bits16("control", MSI_CONTROL_BITS),
                    u32("address", base="hex"), u16("data", base="hex")]
 
 
-@layer("pci.msi")
+@FIELDS.layer("pci.msi")
 class Msi64Cap(Packet):
     name = "MSI"
     fields_desc = [bits16("control", MSI_CONTROL_BITS), u32("address", base="hex"),
                    u32("address_hi", base="hex", label="Address (high)"), u16("data", base="hex")]
 
 
-@layer("pci.msix")
+@FIELDS.layer("pci.msix")
 class MsixCap(Packet):
     name = "MSI-X"
     fields_desc = [bits16("control", MSIX_CONTROL_BITS),
@@ -108,7 +110,7 @@ class MsixCap(Packet):
                    u32("pba", base="hex", label="PBA offset/BIR")]
 
 
-@layer("pci.pcie")
+@FIELDS.layer("pci.pcie")
 class PcieCap(Packet):
     name = "PCI Express"
     fields_desc = [bits16("caps", PCIE_CAPS_BITS, label="Capabilities"),
@@ -120,7 +122,7 @@ class PcieCap(Packet):
                    u16("linksta", base="hex", label="Link status")]
 
 
-@layer("pci.vendor")
+@FIELDS.layer("pci.vendor")
 class VendorCap(Packet):
     name = "Vendor-specific"
     fields_desc = [u8("length")]
@@ -128,8 +130,8 @@ class VendorCap(Packet):
 
 CAP_LAYERS: dict[int, type[Packet]] = {0x01: PmCap, 0x10: PcieCap, 0x11: MsixCap, 0x09: VendorCap}
 MSI_CAP, MSI_ADDR64 = 0x05, 0x80
-field("pci.bar_size", "BAR size (sizing probe)", base="hex")
-field("pci.extended", "Extended configuration space (not decoded)", "bytes")
+FIELDS.field("pci.bar_size", "BAR size (sizing probe)", base="hex")
+FIELDS.field("pci.extended", "Extended configuration space (not decoded)", "bytes")
 
 
 class ConfigShadow:

@@ -1,8 +1,8 @@
 """vfio-user protocol dissector (QEMU docs/interop/vfio-user.rst).
 
 The layers below are the one declaration of the wire format: scapy builds
-messages from them, `fields.layer` registers their fields under their filter
-names and compiles them for decoding.  Each command then has a request and a
+messages from them, `FIELDS.layer` declares their fields under their filter
+names (`registry.load()` registers them) and compiles them for decoding.  Each command then has a request and a
 reply dissector that walks its variable parts and flags what is wrong.
 
 All integers are little-endian; every struct is packed.
@@ -21,8 +21,8 @@ from scapy.fields import StrField
 from scapy.packet import Packet
 
 from vfu_inspect.fields import (
-    BOOL, BYTES, FLOAT, FRAME, STRING, Compiled, FieldDef, all_fields, bits32, bits64, expert_info,
-    field, layer, raw, u16, u32, u64)
+    BOOL, BYTES, FLOAT, FRAME, STRING, UINT, Compiled, FieldDef, Fields, bits32, bits64, raw, u16,
+    u32, u64)
 from vfu_inspect.tree import Packed, Tree
 
 HEADER_SIZE = 16
@@ -115,7 +115,7 @@ MAX_BITMAP_SIZE = QEMU_CAPABILITY_MAXIMUM["migration.max_bitmap_size"]
 # whose it is, and is a note unless the message also breaks the spec.
 
 SPEC, FACTS, LVU, QEMU = "spec", "facts", "libvfio-user", "QEMU 10.2.2"
-for _id, _severity, _summary, _section, *_behaviour in [
+CHECKS: list[tuple[str, ...]] = [
     # framing and the header
     ("malformed.short", "error", "a structure is cut short by the message end", f"{SPEC} § Protocol Specification (each command's layout)"),
     ("malformed.trailing", "warning", "bytes beyond what the command's layout accounts for", f"{SPEC} § Protocol Specification (each command's layout)"),
@@ -265,13 +265,14 @@ for _id, _severity, _summary, _section, *_behaviour in [
     ("dissector.bug", "error", "the dissector failed on this message", "vfu-inspect"),
     ("capture.truncated", "warning", "the capture holds only part of the message", "vfu-inspect"),
     ("fault.injected", "note", "the proxy injected a fault here (proxy --fault)", "vfu-inspect"),
-]:
-    expert_info(_id, _severity, _summary, _section, *_behaviour)
+]
 
 
 # --- layers -------------------------------------------------------------------
 
-@layer("vfio_user")
+FIELDS = Fields()
+
+@FIELDS.layer("vfio_user")
 class Header(Packet):
     name = "vfio-user"
     fields_desc = [
@@ -289,13 +290,13 @@ class Header(Packet):
         return pkt + pay
 
 
-@layer("version")
+@FIELDS.layer("version")
 class Version(Packet):
     name = "VERSION"
     fields_desc = [u16("major"), u16("minor"), StrField("json", b"")]
 
 
-@layer("dma_map")
+@FIELDS.layer("dma_map")
 class DmaMap(Packet):
     name = "DMA_MAP"
     fields_desc = [
@@ -307,7 +308,7 @@ class DmaMap(Packet):
     ]
 
 
-@layer("dma_unmap")
+@FIELDS.layer("dma_unmap")
 class DmaUnmap(Packet):
     name = "DMA_UNMAP"
     fields_desc = [
@@ -318,21 +319,21 @@ class DmaUnmap(Packet):
     ]
 
 
-@layer("dma_unmap.bitmap")
+@FIELDS.layer("dma_unmap.bitmap")
 class DirtyBitmap(Packet):
     name = "Dirty bitmap"
     fields_desc = [u64("pgsize", base="hex", label="Page size"),
                    u64("size", label="Bitmap size"), StrField("data", b"")]
 
 
-@layer("device_info")
+@FIELDS.layer("device_info")
 class DeviceInfo(Packet):
     name = "DEVICE_GET_INFO"
     fields_desc = [u32("argsz", 16), bits32("flags", DEVICE_INFO_FLAGS),
                    u32("num_regions"), u32("num_irqs")]
 
 
-@layer("region_info")
+@FIELDS.layer("region_info")
 class RegionInfo(Packet):
     name = "DEVICE_GET_REGION_INFO"
     fields_desc = [
@@ -345,39 +346,39 @@ class RegionInfo(Packet):
     ]
 
 
-@layer("region_info.cap")
+@FIELDS.layer("region_info.cap")
 class RegionCap(Packet):
     name = "Region capability"
     fields_desc = [u16("id", values=REGION_CAPS), u16("version", 1),
                    u32("next", base="hex", label="Next capability")]
 
 
-@layer("region_info.sparse")
+@FIELDS.layer("region_info.sparse")
 class SparseMmap(Packet):
     name = "Sparse mmap areas"
     fields_desc = [u32("nr_areas", label="Number of areas"), u32("reserved")]
 
 
-@layer("region_info.area")
+@FIELDS.layer("region_info.area")
 class SparseArea(Packet):
     name = "mmap area"
     fields_desc = [u64("offset", base="hex"), u64("size", base="hex")]
 
 
-@layer("region_info.type")
+@FIELDS.layer("region_info.type")
 class RegionType(Packet):
     name = "Region type"
     fields_desc = [u32("type", base="hex"), u32("subtype", base="hex")]
 
 
-@layer("region_io_fds")
+@FIELDS.layer("region_io_fds")
 class RegionIoFds(Packet):
     name = "DEVICE_GET_REGION_IO_FDS"
     fields_desc = [u32("argsz", 16), u32("flags", base="hex"),
                    u32("index", values=REGIONS, label="Region"), u32("count")]
 
 
-@layer("region_io_fds.sub")
+@FIELDS.layer("region_io_fds.sub")
 class SubRegion(Packet):
     """The spec's 40-byte sub-region (ioeventfd / ioregionfd)."""
 
@@ -393,7 +394,7 @@ class SubRegion(Packet):
     ]
 
 
-@layer("region_io_fds.sub")
+@FIELDS.layer("region_io_fds.sub")
 class ShadowSubRegion(Packet):
     """libvfio-user's 48-byte ioeventfd with a shadow memory fd."""
 
@@ -410,14 +411,14 @@ class ShadowSubRegion(Packet):
     ]
 
 
-@layer("irq_info")
+@FIELDS.layer("irq_info")
 class IrqInfo(Packet):
     name = "DEVICE_GET_IRQ_INFO"
     fields_desc = [u32("argsz", 16), bits32("flags", IRQ_INFO_FLAGS),
                    u32("index", values=IRQS, label="IRQ index"), u32("count")]
 
 
-@layer("set_irqs")
+@FIELDS.layer("set_irqs")
 class SetIrqs(Packet):
     name = "DEVICE_SET_IRQS"
     fields_desc = [u32("argsz", 20), bits32("flags", SET_IRQS_FLAGS),
@@ -431,23 +432,23 @@ class RegionAccess(Packet):
                    StrField("data", b"")]
 
 
-@layer("region_read")
+@FIELDS.layer("region_read")
 class RegionRead(RegionAccess):
     name = "REGION_READ"
 
 
-@layer("region_write")
+@FIELDS.layer("region_write")
 class RegionWrite(RegionAccess):
     name = "REGION_WRITE"
 
 
-@layer("write_multi")
+@FIELDS.layer("write_multi")
 class WriteMulti(Packet):
     name = "REGION_WRITE_MULTI"
     fields_desc = [u64("wr_cnt", label="Write count")]
 
 
-@layer("write_multi.entry")
+@FIELDS.layer("write_multi.entry")
 class WriteMultiEntry(Packet):
     name = "Write"
     fields_desc = [u64("offset", base="hex"), u32("region", values=REGIONS),
@@ -468,41 +469,41 @@ class QemuDmaAccess(Packet):
                    StrField("data", b"")]
 
 
-@layer("dma_read")
+@FIELDS.layer("dma_read")
 class DmaRead(DmaAccess):
     name = "DMA_READ"
 
 
-@layer("dma_write")
+@FIELDS.layer("dma_write")
 class DmaWrite(DmaAccess):
     name = "DMA_WRITE"
 
 
-@layer("dma_read")
+@FIELDS.layer("dma_read")
 class QemuDmaRead(QemuDmaAccess):
     name = "DMA_READ"
 
 
-@layer("dma_write")
+@FIELDS.layer("dma_write")
 class QemuDmaWrite(QemuDmaAccess):
     name = "DMA_WRITE"
 
 
-@layer("device_feature")
+@FIELDS.layer("device_feature")
 class DeviceFeature(Packet):
     name = "DEVICE_FEATURE"
     fields_desc = [u32("argsz", 8), bits32("flags", FEATURE_FLAGS),
                    StrField("data", b"")]
 
 
-@layer("migration")
+@FIELDS.layer("migration")
 class MigrationFeature(Packet):
     name = "Migration feature"
     vfu_command = "DEVICE_FEATURE"      # a payload of that command
     fields_desc = [bits64("flags", MIGRATION_FLAGS)]
 
 
-@layer("mig_state")
+@FIELDS.layer("mig_state")
 class MigDeviceState(Packet):
     name = "Device state"
     vfu_command = "DEVICE_FEATURE"      # a payload of that command
@@ -510,7 +511,7 @@ class MigDeviceState(Packet):
                    u32("data_fd", base="hex", label="Data fd (unused)")]
 
 
-@layer("dma_logging")
+@FIELDS.layer("dma_logging")
 class DmaLogging(Packet):
     name = "DMA logging"
     vfu_command = "DEVICE_FEATURE"      # a payload of that command
@@ -518,13 +519,13 @@ class DmaLogging(Packet):
                    u32("num_ranges", label="Number of ranges"), u32("reserved")]
 
 
-@layer("dma_logging.range")
+@FIELDS.layer("dma_logging.range")
 class DmaLoggingRange(Packet):
     name = "Range"
     fields_desc = [u64("iova", base="hex", label="IOVA"), u64("length", base="hex")]
 
 
-@layer("dma_logging_report")
+@FIELDS.layer("dma_logging_report")
 class DmaLoggingReport(Packet):
     name = "DMA logging report"
     vfu_command = "DEVICE_FEATURE"      # a payload of that command
@@ -536,39 +537,41 @@ class MigData(Packet):
     fields_desc = [u32("argsz", 8), u32("size"), StrField("data", b"")]
 
 
-@layer("mig_data_read")
+@FIELDS.layer("mig_data_read")
 class MigDataRead(MigData):
     name = "MIG_DATA_READ"
 
 
-@layer("mig_data_write")
+@FIELDS.layer("mig_data_write")
 class MigDataWrite(MigData):
     name = "MIG_DATA_WRITE"
 
 
 # Fields that are not a fixed part of a layer.
-RESERVED_ERROR = field("vfio_user.reserved", "Error field (reserved: no ERROR flag)")
-field("vfio_user.payload", "Undecoded payload", BYTES)
-field("vfio_user.trailing", "Trailing bytes", BYTES)
-field("vfio_user.response_in", "Response in frame", FRAME)
-field("vfio_user.response_to", "Request in frame", FRAME)
-field("vfio_user.time", "Response time (s)", FLOAT)
-field("version.json", "Capabilities JSON", STRING)
-field("version.unknown_capability", "Unknown capability", STRING)
-for _path, (_type, _default, _label) in CAPABILITIES.items():
-    field(f"version.{_path}", _label, BOOL if _type is bool else "uint",
-          base="hex" if _path == "pgsizes" else "dec")
-field("dma_unmap.bitmap.data", "Dirty bitmap", BYTES)
-field("set_irqs.data", "Data", BYTES)
-field("set_irqs.bool", "Bool", "uint")
-field("region_read.data", "Data", BYTES)
-field("region_write.data", "Data", BYTES)
-field("dma_read.data", "Data", BYTES)
-field("dma_write.data", "Data", BYTES)
-field("device_feature.data", "Feature data", BYTES)
-field("dma_logging_report.bitmap", "Dirty bitmap", BYTES)
-field("mig_data_read.data", "Data", BYTES)
-field("mig_data_write.data", "Data", BYTES)
+RESERVED_ERROR = FIELDS.field("vfio_user.reserved", "Error field (reserved: no ERROR flag)")
+for _name, _label, _type in [
+    ("vfio_user.payload", "Undecoded payload", BYTES),
+    ("vfio_user.trailing", "Trailing bytes", BYTES),
+    ("vfio_user.response_in", "Response in frame", FRAME),
+    ("vfio_user.response_to", "Request in frame", FRAME),
+    ("vfio_user.time", "Response time (s)", FLOAT),
+    ("version.json", "Capabilities JSON", STRING),
+    ("version.unknown_capability", "Unknown capability", STRING),
+    *((f"version.{path}", label, BOOL if type is bool else UINT)
+      for path, (type, _, label) in CAPABILITIES.items()),
+    ("dma_unmap.bitmap.data", "Dirty bitmap", BYTES),
+    ("set_irqs.data", "Data", BYTES),
+    ("set_irqs.bool", "Bool", UINT),
+    ("region_read.data", "Data", BYTES),
+    ("region_write.data", "Data", BYTES),
+    ("dma_read.data", "Data", BYTES),
+    ("dma_write.data", "Data", BYTES),
+    ("device_feature.data", "Feature data", BYTES),
+    ("dma_logging_report.bitmap", "Dirty bitmap", BYTES),
+    ("mig_data_read.data", "Data", BYTES),
+    ("mig_data_write.data", "Data", BYTES),
+]:
+    FIELDS.field(_name, _label, _type, base="hex" if _name == "version.pgsizes" else "dec")
 
 
 # --- decoding helpers -----------------------------------------------------------
@@ -1558,12 +1561,12 @@ bare("MIG_DATA_WRITE", "reply")
 
 # --- the message ------------------------------------------------------------------
 
-field("fd", "File descriptor", "protocol")
-field("fd.index", "Index")
-field("fd.kind", "Kind", STRING)
-field("fd.size", "Size", base="hex")
-field("fd.inode", "Inode")
-field("fd.purpose", "Purpose", STRING)
+FIELDS.field("fd", "File descriptor", "protocol")
+FIELDS.field("fd.index", "Index")
+FIELDS.field("fd.kind", "Kind", STRING)
+FIELDS.field("fd.size", "Size", base="hex")
+FIELDS.field("fd.inode", "Inode")
+FIELDS.field("fd.purpose", "Purpose", STRING)
 
 
 class HeaderInfo:
@@ -1728,9 +1731,9 @@ def member_widths() -> dict[str, int]:
 
 
 def protocol_fields() -> list[FieldDef]:
-    """Registry entries a message's own bytes give (not frames, fds or devices)."""
+    """Fields a message's own bytes give (not frames, fds or devices)."""
     prefixes = {cls.vfu_field.name.split(".")[0] for cls in layers()}
-    return [fd for fd in all_fields()
+    return [fd for fd in FIELDS
             if fd.name.split(".")[0] in prefixes and fd.name != "vfio_user"]
 
 

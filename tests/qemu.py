@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from helpers import QEMU, run_vfu, wait_for_socket
-from vfu_inspect.capture import Message, read_all
+from vfu_inspect.capture import read_all
+from vfu_inspect.records import Message
 
 STRACE = shutil.which("strace")
 TRACE_ARGS = ["-f", "-yy", "-xx", "-s", "1100000", "-tt",

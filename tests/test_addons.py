@@ -13,7 +13,8 @@ import pytest
 from helpers import run_vfu, stop, vfu, wait_for_socket
 from vfu_inspect import addons
 from vfu_inspect.addons import AddonContext, SaveAddon, load_addons, option
-from vfu_inspect.capture import C2S, S2C, Message, read_all
+from vfu_inspect.capture import read_all
+from vfu_inspect.records import C2S, S2C, Message
 from vfu_inspect.cli import build_parser
 from vfu_inspect.faults import FaultInjector, load_rules
 from vfu_inspect.offload import Dissection

@@ -11,8 +11,9 @@ import time
 import msgpack
 import pytest
 
-from vfu_inspect.capture import (C2S, CLOSE, MAIN, OPEN, S2C, TWIN, CaptureError,
-                                 CaptureReader, CaptureWriter, Event, Message, read_all)
+from vfu_inspect.capture import CaptureReader, CaptureWriter, read_all
+from vfu_inspect.errors import CaptureError
+from vfu_inspect.records import C2S, CLOSE, MAIN, OPEN, S2C, TWIN, Event, Message
 
 
 def sample_records() -> list:
@@ -110,7 +111,8 @@ def test_follow_reads_records_as_another_process_appends(tmp_path):
     path = tmp_path / "live.vfucap"
     writer_code = (
         "import sys, time\n"
-        "from vfu_inspect.capture import CaptureWriter, C2S, MAIN\n"
+        "from vfu_inspect.capture import CaptureWriter\n"
+        "from vfu_inspect.records import C2S, MAIN\n"
         "with CaptureWriter(sys.argv[1]) as w:\n"
         "    for i in range(20):\n"
         "        w.message(i, 0, MAIN, C2S, bytes([i]) * 16)\n"
@@ -140,7 +142,8 @@ def test_killed_writer_leaves_a_readable_file(tmp_path):
     path = tmp_path / "killed.vfucap"
     code = (
         "import sys, os\n"
-        "from vfu_inspect.capture import CaptureWriter, C2S, MAIN\n"
+        "from vfu_inspect.capture import CaptureWriter\n"
+        "from vfu_inspect.records import C2S, MAIN\n"
         "w = CaptureWriter(sys.argv[1])\n"
         "for i in range(100):\n"
         "    w.message(i, 0, MAIN, C2S, bytes(16))\n"

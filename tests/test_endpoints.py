@@ -11,11 +11,12 @@ import pytest
 
 from helpers import (libvfio_user_samples_through_proxy, needs_libvfio_user, run_vfu, stop,
                      streams, vfu, wait_for_socket)
-from vfu_inspect.capture import MAIN, TWIN, Message, read_all
+from vfu_inspect.capture import read_all
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors.vfio_user import CMD, parse_header
 from vfu_inspect.endpoints.common import (BAR0_SIZE, DEFAULT_ID_VALUE, DEVICE_ID, MSIX_VECTORS,
                                            REG_DMA_CMD, VENDOR_ID)
+from vfu_inspect.records import MAIN, TWIN, Message
 
 EVERY_COMMAND = set(range(1, 14)) | {15, 16, 17, 18}
 

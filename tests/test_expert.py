@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import pytest
 
-from vfu_inspect.capture import C2S, FAULT, MAIN, S2C, TWIN, Event, Message
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors import vfio_user as proto
 from vfu_inspect.dissectors.vfio_user import (
@@ -25,6 +24,7 @@ from vfu_inspect.dissectors.vfio_user import (
     SetIrqs, ShadowSubRegion, SparseArea, SparseMmap, SubRegion, Version, WriteMulti,
     WriteMultiEntry)
 from vfu_inspect.fields import EXPERTS, expert_table
+from vfu_inspect.records import C2S, FAULT, MAIN, S2C, TWIN, Event, Message
 from vfu_inspect.session import SessionTracker
 
 REPLY, ERROR_REPLY, NO_REPLY = 0x1, 0x21, 0x10

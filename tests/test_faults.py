@@ -13,11 +13,12 @@ import pytest
 
 from helpers import (TESTS, libvfio_user_client, libvfio_user_server_through_proxy,
                      needs_libvfio_user, run_vfu, sample_session)
-from vfu_inspect.capture import CLOSE, FAULT, C2S, S2C, Event, Message, read_all
+from vfu_inspect.capture import read_all
 from vfu_inspect.dissect import Analyzer
 from vfu_inspect.dissectors.vfio_user import CMD, DmaMap, Header, RegionRead, parse_header
 from vfu_inspect.endpoints.common import parse_caps
 from vfu_inspect.faults import FaultInjector, Gate, Verdict, load_rules
+from vfu_inspect.records import CLOSE, FAULT, C2S, S2C, Event, Message
 
 GET_INFO = "vfio_user.cmd == DEVICE_GET_INFO"
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from hypothesis import given, settings, strategies as st
 
-from vfu_inspect.capture import Message
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors.vfio_user import Context, dissect_message
 from vfu_inspect.framing import Framer
 from vfu_inspect.importers.trace_jsonl import import_trace
+from vfu_inspect.records import Message
 from vfu_inspect.tree import SEVERITIES
 
 TRACE = Path(__file__).resolve().parent.parent / "captures" / "libvfio-user-samples.jsonl"

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from helpers import run_vfu, stop, streams, wait_for_socket
-from vfu_inspect.capture import Message, read_all
+from vfu_inspect.capture import read_all
 from vfu_inspect.importers.strace import import_strace
+from vfu_inspect.records import Message
 
 STRACE = shutil.which("strace")
 TRACE_ARGS = ["-f", "-yy", "-xx", "-s", "1100000", "-tt",

@@ -16,9 +16,10 @@ import pytest
 from helpers import (TESTS, libvfio_user_client, libvfio_user_server_through_proxy,
                      needs_libvfio_user, open_fds, run_vfu, sample_session, stop, vfu,
                      wait_for_socket)
-from vfu_inspect.capture import DOORBELL, IRQ, Event, Message, read_all
+from vfu_inspect.capture import read_all
 from vfu_inspect.dissectors.vfio_user import (CMD, Header, RegionIoFds, RegionWrite, SetIrqs,
                                               SubRegion, parse_header)
+from vfu_inspect.records import DOORBELL, IRQ, Event, Message
 from vfu_inspect.sockio import recv_chunk, send_all
 
 DATA_EVENTFD_TRIGGER, DISABLE, MASK = 0x24, 0x21, 0x09

@@ -22,7 +22,8 @@ import pytest
 
 from helpers import LIBVFIO_USER, TESTS, needs_libvfio_user
 from vfu_inspect.capture import read_all
-from vfu_inspect.dissect import Analyzer, Dissected, find_responses
+from vfu_inspect.dissect import Analyzer, find_responses
+from vfu_inspect.packet import Dissected
 
 pytestmark = needs_libvfio_user
 

@@ -17,9 +17,10 @@ import pytest
 
 from helpers import (TESTS, open_fds, rss_kib, run_vfu, stop, vfu, wait_for_accepted,
                      wait_for_socket)
-from vfu_inspect.capture import C2S, CLOSE, OPEN, S2C, Event, Message, read_all
+from vfu_inspect.capture import read_all
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors.vfio_user import CMD, DmaMap, DmaUnmap, Header, SetIrqs
+from vfu_inspect.records import C2S, CLOSE, OPEN, S2C, Event, Message
 from vfu_inspect.sockio import recv_chunk, send_all
 
 

@@ -14,12 +14,12 @@ import pytest
 from helpers import LIBVFIO_USER, needs_libvfio_user, needs_qemu, run_vfu, streams
 from qemu import (BAR_BASE, IO_BASE, VFU, Processes, Qtest, imported, kvm_usable, messages,
                   qemu_command, settle, strace_usable, traced)
-from vfu_inspect.capture import C2S, S2C
 from vfu_inspect.dissectors.vfio_user import CMD, parse_header
 from vfu_inspect.endpoints.common import (BAR0_SIZE, BAR2_SIZE, DEFAULT_ID_VALUE, DEVICE_ID,
                                           DMA_FROM_DEVICE, DMA_TO_DEVICE, REG_DMA_ADDR,
                                           REG_DMA_CMD, REG_DMA_LEN, REG_ID, REG_SCRATCH,
                                           VENDOR_ID)
+from vfu_inspect.records import C2S, S2C
 
 pytestmark = needs_qemu
 needs_strace = pytest.mark.skipif(not strace_usable(), reason="strace missing or ptrace refused")

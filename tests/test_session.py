@@ -11,8 +11,9 @@ import pytest
 
 from helpers import run_vfu
 from test_expert import Script
-from vfu_inspect.capture import CaptureWriter, Message, read_all
-from vfu_inspect.dissect import Analyzer, find_responses
+from vfu_inspect.capture import CaptureWriter, read_all
+from vfu_inspect.dissect import Analyzer, find_responses, state_at
+from vfu_inspect.records import Message
 from vfu_inspect.session import SessionTracker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,7 @@ def test_state_at_any_message_equals_a_straight_run_to_it():
         return messages[first - 1:last]
 
     for number in (1, 49, 50, 51, 120, 344):
-        snapshot = tracker.state_at(number, replay)
+        snapshot = state_at(tracker, number, replay)
         straight = Analyzer(sessions=SessionTracker(checkpoint_every=0))
         list(straight.run(messages[:number]))
         assert {c: s.sections() for c, s in snapshot.connections.items()} == \
@@ -134,15 +135,17 @@ def test_config_space_of_the_trace_is_decoded_as_pci():
 
 PLUGIN = '''
 from scapy.packet import Packet
-from vfu_inspect.devices import pci_device
-from vfu_inspect.fields import layer, u64
+from vfu_inspect.devices import PciDevice
+from vfu_inspect.fields import Fields, u64
 
-@layer("lvu_sample.bar0")
+FIELDS = Fields()
+
+@FIELDS.layer("lvu_sample.bar0")
 class TimeRegister(Packet):
     name = "libvfio-user sample BAR0"
     fields_desc = [u64("time", label="Time register")]
 
-pci_device("libvfio-user sample", 0xDEAD, 0xBEEF, {0: TimeRegister})
+DEVICES = [PciDevice("libvfio-user sample", 0xDEAD, 0xBEEF, {0: TimeRegister})]
 '''
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from vfu_inspect.capture import CaptureWriter, read_all
-from vfu_inspect.dissect import Analyzer, Dissected
+from vfu_inspect.dissect import Analyzer
 from vfu_inspect.importers.trace_jsonl import import_trace
+from vfu_inspect.packet import Dissected
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 TRACE = CAPTURES / "libvfio-user-samples.jsonl"

@@ -23,12 +23,13 @@ from textual.theme import BUILTIN_THEMES
 from textual.widgets import Input
 
 from helpers import run_vfu, sample_session, stop, vfu, wait_for_socket
-from vfu_inspect.capture import CLOSE, OPEN, CaptureWriter, Message, read_all
-from vfu_inspect.dissect import Analyzer, find_responses
+from vfu_inspect.capture import CaptureWriter, read_all
 from vfu_inspect.dfilter import compile_filter
+from vfu_inspect.dissect import Analyzer, find_responses
+from vfu_inspect.dissectors.vfio_user import CMD, Header
 from vfu_inspect.fields import all_fields
 from vfu_inspect.output import filter_values
-from vfu_inspect.dissectors.vfio_user import CMD, Header
+from vfu_inspect.records import CLOSE, OPEN, Message
 from vfu_inspect.tui.app import (AllRows, DetailTree, FilterBar, HexPane, InspectApp,
                                  MessageList, row_palette)
 from vfu_inspect.tui.model import CaptureModel

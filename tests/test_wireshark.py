@@ -16,8 +16,9 @@ from scapy.utils import RawPcapNgReader
 from helpers import (libvfio_user_samples_through_proxy, needs_libvfio_user, run_vfu, stop,
                      streams, vfu, wait_for_socket)
 from vfu_inspect import fields, pcapng, wireshark
-from vfu_inspect.capture import C2S, CaptureWriter, Message, read_all
+from vfu_inspect.capture import CaptureWriter, read_all
 from vfu_inspect.dissectors.vfio_user import HEADER_SIZE, protocol_fields
+from vfu_inspect.records import C2S, Message
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 SAMPLES = [CAPTURES / "libvfio-user-samples.vfucap", CAPTURES / "sample-endpoints.vfucap"]
@@ -475,7 +476,7 @@ def test_a_message_over_wiresharks_packet_limit_is_cut_for_it_and_whole_on_impor
 
 def test_damaged_pcapng_files_never_raise_anything_but_a_clear_error(tmp_path):
     import random
-    from vfu_inspect.capture import CaptureError
+    from vfu_inspect.errors import CaptureError
     data = export(SAMPLES[1], tmp_path / "out.pcapng").read_bytes()
     rng = random.Random(8)
     outcomes = {"read": 0, "refused": 0}
@@ -500,7 +501,7 @@ def test_damaged_pcapng_files_never_raise_anything_but_a_clear_error(tmp_path):
 def test_records_bigger_than_a_pcapng_option_survive(tmp_path):
     """An option's length is 16 bits: a close event listing 5000 unanswered
     requests, 253 fds and a 80 KB comment are split or cut, never corrupt."""
-    from vfu_inspect.capture import CLOSE, Event
+    from vfu_inspect.records import CLOSE, Event
     event = Event(CLOSE, 5, 0, {"by": "client", "unanswered": [
         {"cmd": "DMA_MAP", "msg_id": i} for i in range(5000)]})
     msg = Message(1, 0, 0, 0, struct.pack("<HHIII", 1, 13, 16, 0, 0),

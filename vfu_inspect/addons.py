@@ -20,11 +20,12 @@ from typing import Any, TextIO
 import msgpack
 
 from . import pcapng
-from .capture import CaptureWriter, describe_event, header_record
+from .capture import CaptureWriter, header_record
+from .events import describe_event
 from .offload import Worker
 from .output import SUMMARY_HEADER, summary_line
-from .proxy import listen_unix, unlink_socket
 from .proxy_events import MessageDissected, MessageRelayed, Note, ProxyEvent
+from .sockio import listen_unix, unlink_socket
 
 
 @dataclass

@@ -12,86 +12,20 @@ import os
 import socket
 import stat
 import time
-from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
 
 import msgpack
+
+from .errors import CaptureError
+from .records import CHANNELS, DIRECTIONS, EVENT_NAMES, MSG, Event, Message, Record
 
 FORMAT = "vfu-inspect-capture"
 VERSION = 1
 SUFFIX = ".vfucap"
 
-# Record types: the first element of each record array.
-MSG, OPEN, CLOSE, NOTE, IRQ, DOORBELL, FAULT = 0, 1, 2, 3, 4, 5, 6
-EVENT_NAMES = {OPEN: "open", CLOSE: "close", NOTE: "note", IRQ: "irq",
-               DOORBELL: "doorbell", FAULT: "fault"}
-C2S, S2C = 0, 1
-DIRECTIONS = {C2S: "c2s", S2C: "s2c"}
-MAIN, TWIN = 0, 1
-CHANNELS = {MAIN: "main", TWIN: "twin"}
-FD_KINDS = ("memfd", "file", "eventfd", "socket", "other")
-
 _READ_CHUNK = 1 << 20
 _RANDOM_READ = 1 << 16        # most records fit: random access reads little
 _MAX_RECORD = 256 << 20     # bounds memory on a corrupt length field
-
-
-@dataclass(slots=True)
-class Message:
-    """One vfio-user message as it crossed a socket."""
-
-    ts_ns: int
-    conn: int
-    channel: int            # MAIN or TWIN
-    direction: int          # C2S or S2C
-    data: bytes
-    fds: list[dict[str, Any]] = field(default_factory=list)   # kind, size, inode
-    size: int | None = None   # on-wire size when `data` holds only its start
-
-    @property
-    def wire_size(self) -> int:
-        return self.size if self.size is not None else len(self.data)
-
-    def to_record(self) -> list[Any]:
-        record = [MSG, self.ts_ns, self.conn, self.channel, self.direction,
-                  self.data, self.fds]
-        if self.size is not None:
-            record.append(self.size)
-        return record
-
-
-@dataclass(slots=True)
-class Event:
-    """A connection opened or closed, a free-text note, an interrupt or
-    doorbell signal (proxy --trace-irqs) or an injected fault (proxy --fault)."""
-
-    kind: int               # OPEN, CLOSE, NOTE, IRQ, DOORBELL or FAULT
-    ts_ns: int
-    conn: int
-    info: dict[str, Any]
-
-    def to_record(self) -> list[Any]:
-        return [self.kind, self.ts_ns, self.conn, self.info]
-
-
-Record = Message | Event
-
-
-def describe_event(event: Event) -> str:
-    if event.kind in (IRQ, DOORBELL, FAULT):
-        from .events import describe
-        return f"# conn {event.conn} {EVENT_NAMES[event.kind]}: {describe(event)}"
-    info = event.info
-    text = info.get("text") or info.get("reason") or info.get("server", "")
-    line = f"# conn {event.conn} {EVENT_NAMES[event.kind]}: {text}"
-    if event.kind == CLOSE and info.get("unanswered"):
-        pending = ", ".join(f"{u['cmd']} id {u['msg_id']:#x}" for u in info["unanswered"])
-        line += f" (unanswered: {pending})"
-    return line
-
-
-class CaptureError(Exception):
-    """The file is not a capture vfu-inspect can read."""
 
 
 class CaptureWriter:

@@ -10,19 +10,18 @@ import sys
 import tempfile
 from typing import Callable, Iterable, Iterator, TextIO
 
-from . import __version__
-from .capture import CaptureError, CaptureReader, CaptureWriter, Event, Message, Record
-from .dissect import Analyzer, Dissected, find_responses
-from .session import DEFAULT_TIMEOUT, SessionTracker
+from . import __version__, registry
+from .capture import CaptureReader, CaptureWriter
+from .dissect import Analyzer, find_responses
+from .errors import CaptureError, ListenError, UserError
 from .output import (SUMMARY_HEADER, detail_text, field_values, filter_values, hex_dump,
                      json_event, json_packet, summary_line)
+from .packet import Dissected
+from .records import Event, Message, Record
 from .save import is_pcapng_name, open_writer, write_one
+from .session import DEFAULT_TIMEOUT, SessionTracker
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-
-
-class UserError(Exception):
-    """A problem the user can fix: printed as one line, exit status 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return EXIT_USAGE
-    # What imports built (scapy's layers, the registries) lives as long as the
-    # process: keep it out of the collector's scans of the per-message garbage.
+    registry.load()
+    # What imports and load() built (scapy's layers, the registries) lives as
+    # long as the process: keep it out of the collector's scans of the
+    # per-message garbage.
     gc.freeze()
     try:
         return args.run(args)
@@ -333,7 +334,7 @@ def _print_packets(args: argparse.Namespace, packets: Iterator[Dissected], out: 
 
 def _text(p: Dissected | Event, args: argparse.Namespace, color: bool) -> str:
     if isinstance(p, Event):
-        from .capture import describe_event
+        from .events import describe_event
         return describe_event(p)
     parts = [detail_text(p) if args.verbose else summary_line(p, color)]
     if args.hex:
@@ -397,7 +398,7 @@ def _injector(args: argparse.Namespace):
 
 def cmd_proxy(args: argparse.Namespace) -> int:
     from .addons import AddonContext, load_addons
-    from .proxy import Proxy, ProxyError
+    from .proxy import Proxy
     source = f"proxy {args.listen} -> {args.server}"
     faults = _injector(args)
     addons: list = []
@@ -410,7 +411,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         proxy = Proxy(args.listen, args.server, addons, args.mode, log=_log, faults=faults,
                       trace_irqs=args.trace_irqs)
         proxy.start()
-    except (ProxyError, OSError) as exc:
+    except (ListenError, OSError) as exc:
         for addon in addons:
             addon.done()
         raise UserError(str(exc)) from None

@@ -2,10 +2,11 @@
 
 A device dissector is a plug-in: a module named `device_*.py` in
 `dissectors/`, or any `.py` file in a directory listed in
-$VFU_INSPECT_PLUGINS, that calls `pci_device()` with the vendor and device id
-it knows and a register layer per region.  Register layers are scapy layers
-declared with `fields.layer`, like the protocol's own, so an access decodes as
-the registers it covers and every register has a filter name.
+$VFU_INSPECT_PLUGINS.  It declares, as data, `DEVICES` (a `PciDevice` per
+vendor and device id it knows, with a register layer per region) and
+`FIELDS`, the `fields.Fields` its register layers are declared with, like the
+protocol's own, so an access decodes as the registers it covers and every
+register has a filter name.  `registry.load()` loads and registers them.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from scapy.packet import Packet
 
+from . import dissectors, fields
 from .tree import Tree
 
 PLUGIN_PATH_VARIABLE = "VFU_INSPECT_PLUGINS"
@@ -35,15 +38,6 @@ class PciDevice:
 
 
 DEVICES: dict[tuple[int, int], PciDevice] = {}
-_loaded = False
-
-
-def pci_device(name: str, vendor: int, device: int,
-               regions: dict[int, type[Packet]]) -> PciDevice:
-    """Register a device dissector (called by plug-ins)."""
-    dev = PciDevice(name, vendor, device, regions)
-    DEVICES[(vendor, device)] = dev
-    return dev
 
 
 def device_for(identity: tuple[int, int] | None) -> PciDevice | None:
@@ -51,18 +45,20 @@ def device_for(identity: tuple[int, int] | None) -> PciDevice | None:
 
 
 def load_plugins() -> None:
-    """Import the bundled device dissectors, then the user's (once)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    from . import dissectors
+    """Register the bundled device dissectors, then the user's (`registry.load()`
+    calls this once)."""
     for info in pkgutil.iter_modules(dissectors.__path__):
         if info.name.startswith("device_"):
-            importlib.import_module(f"{dissectors.__name__}.{info.name}")
+            _register(importlib.import_module(f"{dissectors.__name__}.{info.name}"))
     for directory in filter(None, os.environ.get(PLUGIN_PATH_VARIABLE, "").split(os.pathsep)):
         for path in sorted(Path(directory).glob("*.py")):
             _load_file(path)
+
+
+def _register(module: ModuleType) -> None:
+    fields.register(getattr(module, "FIELDS", ()))
+    for device in getattr(module, "DEVICES", ()):
+        DEVICES[(device.vendor, device.device)] = device
 
 
 def _load_file(path: Path) -> None:
@@ -71,6 +67,7 @@ def _load_file(path: Path) -> None:
     try:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        _register(module)
     except Exception as exc:          # any error in user code: report and go on
         print(f"vfu-inspect: device plug-in {path} not loaded: {type(exc).__name__}: {exc}",
               file=sys.stderr)

@@ -22,7 +22,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import dissect, events  # noqa: F401  (register the frame, protocol and event fields)
 from .fields import (BOOL, BYTES, FLOAT, FRAME, INT, PROTOCOL, STRING, UINT, FieldDef,
                      lookup)
 

@@ -8,48 +8,32 @@ context.  Every view (read, proxy --print, the TUI) goes through `Analyzer`.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from .capture import CHANNELS, CLOSE, DIRECTIONS, FAULT, Event, Message, Record
 from .dissectors import vfio_user as proto
-from .fields import FLOAT, FRAME, PROTOCOL, field, lookup
-from .session import SessionTracker
-from .tree import Item, Tree
+from .fields import FLOAT, FRAME, PROTOCOL, Fields, lookup
+from .packet import Dissected
+from .records import CHANNELS, CLOSE, DIRECTIONS, FAULT, Event, Message, Record
+from .session import SessionTracker, Snapshot
+from .tree import Item
 
-FRAME_FIELD = field("frame", "Frame", PROTOCOL)
-field("frame.number", "Frame number", FRAME)
-field("frame.time_epoch", "Epoch time (s)", FLOAT)
-field("frame.time_relative", "Time since first message (s)", FLOAT)
-field("frame.time_delta", "Time since previous message (s)", FLOAT)
-field("frame.conn", "Connection")
-field("frame.channel", "Channel", values=CHANNELS)
-field("frame.dir", "Direction", values=DIRECTIONS)
-field("frame.len", "Message length")
-field("frame.fds", "Passed fds")
-field("frame.truncated", "Bytes captured (message truncated)")
+FIELDS = Fields()
+FRAME_FIELD = FIELDS.field("frame", "Frame", PROTOCOL)
+FIELDS.field("frame.number", "Frame number", FRAME)
+FIELDS.field("frame.time_epoch", "Epoch time (s)", FLOAT)
+FIELDS.field("frame.time_relative", "Time since first message (s)", FLOAT)
+FIELDS.field("frame.time_delta", "Time since previous message (s)", FLOAT)
+FIELDS.field("frame.conn", "Connection")
+FIELDS.field("frame.channel", "Channel", values=CHANNELS)
+FIELDS.field("frame.dir", "Direction", values=DIRECTIONS)
+FIELDS.field("frame.len", "Message length")
+FIELDS.field("frame.fds", "Passed fds")
+FIELDS.field("frame.truncated", "Bytes captured (message truncated)")
 
 HEADER_ROW = 0         # the header layer is the first thing every dissection adds
 # Requests awaiting a reply, per key; beyond this the oldest are dropped so
 # that a peer that never answers cannot grow memory without bound.
 MAX_PENDING_PER_KEY = 4096
-
-
-@dataclass(slots=True)
-class Dissected:
-    number: int
-    msg: Message
-    header: proto.HeaderInfo | None
-    tree: Tree
-    time_relative: float
-    time_delta: float
-    request_in: int | None = None     # for a reply: its request's number
-    response_in: int | None = None    # for a request: its reply's number
-    latency: float | None = None      # reply time minus request time
-
-    @property
-    def direction(self) -> str:
-        return DIRECTIONS[self.msg.direction]
 
 
 class Matcher:
@@ -229,3 +213,16 @@ class FrameItem(Item):
         if msg.size is not None:
             values.append(("frame.truncated", len(msg.data)))
         return [Item(lookup(name), value) for name, value in values]
+
+
+def state_at(sessions: SessionTracker, number: int,
+             replay: Callable[[int, int], Iterable[Message]]) -> Snapshot:
+    """The session state after message `number`; `replay(first, last)` yields
+    the messages numbered first..last, from which the nearest checkpoint rolls forward."""
+    start, tracker = sessions.nearest_checkpoint(number)
+    analyzer = Analyzer(sessions=tracker)
+    analyzer.number = start
+    last = None
+    for msg in replay(start + 1, number):
+        last = analyzer.feed(msg)
+    return Snapshot(number, tracker.conns, last.msg.ts_ns if last else None)

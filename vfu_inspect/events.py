@@ -9,25 +9,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from .capture import DOORBELL, FAULT, IRQ, Event
 from .dissectors import vfio_user as proto
-from .fields import BOOL, PROTOCOL, STRING, field, lookup
+from .fields import BOOL, PROTOCOL, STRING, Fields, lookup
+from .records import CLOSE, DOORBELL, EVENT_NAMES, FAULT, IRQ, Event
 
-field("irq", "Interrupt (the server signalled a SET_IRQS eventfd)", PROTOCOL)
-field("irq.index", "IRQ index", values=proto.IRQS)
-field("irq.vector", "Vector")
-field("irq.count", "Signals (eventfd counter)")
-field("irq.masked", "Raised while masked", BOOL)
-field("doorbell", "Doorbell (the client signalled a REGION_IO_FDS eventfd)", PROTOCOL)
-field("doorbell.region", "Region", values=proto.REGIONS)
-field("doorbell.offset", "Offset", base="hex")
-field("doorbell.size", "Size")
-field("doorbell.datamatch", "Datamatch", base="hex")
-field("doorbell.count", "Signals (eventfd counter)")
-field("fault", "Fault injected by the proxy", PROTOCOL)
-field("fault.action", "Action", STRING)
-field("fault.rule", "Rule", STRING)
-field("fault.errno", "Errno", values=proto.ERRNO_NAMES)
+FIELDS = Fields()
+FIELDS.field("irq", "Interrupt (the server signalled a SET_IRQS eventfd)", PROTOCOL)
+FIELDS.field("irq.index", "IRQ index", values=proto.IRQS)
+FIELDS.field("irq.vector", "Vector")
+FIELDS.field("irq.count", "Signals (eventfd counter)")
+FIELDS.field("irq.masked", "Raised while masked", BOOL)
+FIELDS.field("doorbell", "Doorbell (the client signalled a REGION_IO_FDS eventfd)", PROTOCOL)
+FIELDS.field("doorbell.region", "Region", values=proto.REGIONS)
+FIELDS.field("doorbell.offset", "Offset", base="hex")
+FIELDS.field("doorbell.size", "Size")
+FIELDS.field("doorbell.datamatch", "Datamatch", base="hex")
+FIELDS.field("doorbell.count", "Signals (eventfd counter)")
+FIELDS.field("fault", "Fault injected by the proxy", PROTOCOL)
+FIELDS.field("fault.action", "Action", STRING)
+FIELDS.field("fault.rule", "Rule", STRING)
+FIELDS.field("fault.errno", "Errno", values=proto.ERRNO_NAMES)
 
 PREFIXES = {IRQ: "irq", DOORBELL: "doorbell", FAULT: "fault"}
 
@@ -48,6 +49,19 @@ def event_values(event: Event) -> dict[str, list[Any]] | None:
 def names_events(fields: frozenset[str]) -> bool:
     """Whether a filter tests interrupt, doorbell or fault fields."""
     return any(name.split(".")[0] in PREFIXES.values() for name in fields)
+
+
+def describe_event(event: Event) -> str:
+    """The `read --events` line of any event."""
+    if event.kind in (IRQ, DOORBELL, FAULT):
+        return f"# conn {event.conn} {EVENT_NAMES[event.kind]}: {describe(event)}"
+    info = event.info
+    text = info.get("text") or info.get("reason") or info.get("server", "")
+    line = f"# conn {event.conn} {EVENT_NAMES[event.kind]}: {text}"
+    if event.kind == CLOSE and info.get("unanswered"):
+        pending = ", ".join(f"{u['cmd']} id {u['msg_id']:#x}" for u in info["unanswered"])
+        line += f" (unanswered: {pending})"
+    return line
 
 
 def describe(event: Event) -> str:

@@ -34,12 +34,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .capture import C2S, CHANNELS, DIRECTIONS
 from .dfilter import DisplayFilter, FilterError, PartialValues, compile_filter
 from .dissectors import vfio_user as proto
 from .endpoints.common import error_to
 from .fields import BOOL, lookup
 from .framing import DEFAULT_MAX_MESSAGE
+from .records import C2S, CHANNELS, DIRECTIONS
 from .tree import Tree, bit_values
 
 ACTIONS = ("errno", "delay", "drop", "close", "rewrite", "truncate", "duplicate")
@@ -59,7 +59,7 @@ _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}
 _FRAME_FIELDS = {"frame", "frame.conn", "frame.channel", "frame.dir", "frame.len", "frame.fds"}
 _LINKS = {"vfio_user.response_in", "vfio_user.response_to", "vfio_user.time"}
 _MESSAGE_FIELDS = {fd.name for fd in proto.protocol_fields()} - _LINKS | {"vfio_user"}
-_FLAGS = lookup("vfio_user.flags")
+_FLAGS = proto.FIELDS["vfio_user.flags"]
 
 
 class FaultError(Exception):

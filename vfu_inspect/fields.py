@@ -1,9 +1,11 @@
 """The field registry: every field vfu-inspect can show has one entry here.
 
-A field is registered once, with the filter name that the display filter, the
-detail tree, the JSON output and the Wireshark plugin all use.  Protocol layers
-are scapy packets; `layer()` registers their fields and compiles their fixed
-part into one `struct.Struct`, so that dissection does not go through scapy's
+A field is declared once, with the filter name that the display filter, the
+detail tree, the JSON output and the Wireshark plugin all use.  Each module
+declares its fields in a `Fields` collection, as data; `registry.load()`
+registers them all, once, so that importing a module registers nothing.
+Protocol layers are scapy packets; `Fields.layer()` declares their fields and
+compiles their fixed part into one `struct.Struct`, so that dissection does not go through scapy's
 per-field machinery (which is ~20x slower) while scapy stays the single
 declaration that both builds and decodes messages.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field as dc_field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from scapy.fields import Field
 from scapy.packet import Packet
@@ -52,13 +54,12 @@ class FieldDef:
 REGISTRY: dict[str, FieldDef] = {}
 
 
-def register(fd: FieldDef) -> FieldDef:
-    if fd.name in REGISTRY:
-        raise ValueError(f"field {fd.name} registered twice")
-    REGISTRY[fd.name] = fd
-    for child in fd.children:
-        register(child)
-    return fd
+def register(declared: Iterable[FieldDef]) -> None:
+    """Register declared fields (called by `registry.load()`)."""
+    for fd in declared:
+        if fd.name in REGISTRY:
+            raise ValueError(f"field {fd.name} registered twice")
+        REGISTRY[fd.name] = fd
 
 
 def lookup(name: str) -> FieldDef | None:
@@ -106,14 +107,15 @@ def expert_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def expert_info(id: str, severity: str, summary: str, section: str,
-                behaviour: str = "") -> ExpertDef:
-    if id in EXPERTS:
-        raise ValueError(f"expert info {id} registered twice")
-    if severity not in SEVERITIES:
-        raise ValueError(f"expert info {id}: bad severity {severity}")
-    EXPERTS[id] = ExpertDef(id, severity, summary, section, behaviour)
-    return EXPERTS[id]
+def register_experts(checks: Iterable[tuple[str, ...]]) -> None:
+    """Register checks given as (id, severity, summary, section[, behaviour])
+    rows (called by `registry.load()`)."""
+    for id, severity, summary, section, *behaviour in checks:
+        if id in EXPERTS:
+            raise ValueError(f"expert info {id} registered twice")
+        if severity not in SEVERITIES:
+            raise ValueError(f"expert info {id}: bad severity {severity}")
+        EXPERTS[id] = ExpertDef(id, severity, summary, section, *behaviour)
 
 
 # --- scapy fields that carry display metadata -------------------------------
@@ -234,53 +236,71 @@ class Compiled:
         return Compiled(self.layer, self.struct, fields)
 
 
-def layer(prefix: str):
-    """Class decorator: register a scapy layer's fields under `prefix.`."""
+class Fields:
+    """The fields one module declares, in declaration order (a parent before
+    its bit sub-fields): data until `registry.load()` registers them."""
 
-    def wrap(cls: type[Packet]) -> type[Packet]:
-        cls.vfu_name = cls._name     # scapy keeps a layer's `name` here
-        if prefix not in REGISTRY:
-            register(FieldDef(prefix, cls.vfu_name, PROTOCOL))
-        cls.vfu_field = REGISTRY[prefix]
-        cls.vfu_compiled = _compile(cls, prefix)
-        return cls
+    def __init__(self) -> None:
+        self._by_name: dict[str, FieldDef] = {}
 
-    return wrap
+    def __getitem__(self, name: str) -> FieldDef:
+        return self._by_name[name]
 
+    def __iter__(self) -> Iterator[FieldDef]:
+        return iter(self._by_name.values())
 
-def _compile(cls: type[Packet], prefix: str) -> Compiled:
-    fmt, members, offset = "<", [], 0
-    for fld in cls.fields_desc:
-        meta = getattr(fld, "vfu_meta", None)
-        if meta is None:        # a variable tail: the dissector handles it
-            break
-        fd = _field_def(f"{prefix}.{fld.name}", fld, meta)
-        members.append((fd, offset, fld.sz))
-        fmt += fld.fmt.lstrip("<")
-        offset += fld.sz
-    return Compiled(REGISTRY[prefix], struct.Struct(fmt), members)
+    def add(self, fd: FieldDef) -> FieldDef:
+        if fd.name in self._by_name:
+            raise ValueError(f"field {fd.name} declared twice")
+        self._by_name[fd.name] = fd
+        for child in fd.children:
+            self.add(child)
+        return fd
 
+    def field(self, name: str, label: str, type: str = UINT, **kw: Any) -> FieldDef:
+        """A field that no fixed layer carries (JSON keys, derived values)."""
+        return self.add(FieldDef(name, label, type, **kw))
 
-def _field_def(name: str, fld: Field, meta: dict[str, Any]) -> FieldDef:
-    existing = REGISTRY.get(name)
-    if existing is not None:    # request and reply layers may share a prefix
-        return existing
-    fd = FieldDef(name, meta.get("label") or _humanize(fld.name), meta.get("type", UINT),
-                  values=meta.get("values"), base=meta.get("base", "dec"),
-                  blurb=meta.get("blurb", ""))
-    if isinstance(fld, Bits):
-        for sub, spec in fld.bits.items():
-            mask, names = spec if isinstance(spec, tuple) else (spec, None)
-            fd.children.append(FieldDef(
-                f"{name}.{sub}", _humanize(sub), UINT if isinstance(spec, tuple) else BOOL,
-                values=names, mask=mask))
-    return register(fd)
+    def layer(self, prefix: str) -> Callable[[type[Packet]], type[Packet]]:
+        """Class decorator: declare a scapy layer's fields under `prefix.`."""
+
+        def wrap(cls: type[Packet]) -> type[Packet]:
+            cls.vfu_name = cls._name     # scapy keeps a layer's `name` here
+            if prefix not in self._by_name:
+                self.add(FieldDef(prefix, cls.vfu_name, PROTOCOL))
+            cls.vfu_field = self._by_name[prefix]
+            cls.vfu_compiled = self._compile(cls, prefix)
+            return cls
+
+        return wrap
+
+    def _compile(self, cls: type[Packet], prefix: str) -> Compiled:
+        fmt, members, offset = "<", [], 0
+        for fld in cls.fields_desc:
+            meta = getattr(fld, "vfu_meta", None)
+            if meta is None:        # a variable tail: the dissector handles it
+                break
+            fd = self._field_def(f"{prefix}.{fld.name}", fld, meta)
+            members.append((fd, offset, fld.sz))
+            fmt += fld.fmt.lstrip("<")
+            offset += fld.sz
+        return Compiled(self._by_name[prefix], struct.Struct(fmt), members)
+
+    def _field_def(self, name: str, fld: Field, meta: dict[str, Any]) -> FieldDef:
+        existing = self._by_name.get(name)
+        if existing is not None:    # request and reply layers may share a prefix
+            return existing
+        fd = FieldDef(name, meta.get("label") or _humanize(fld.name), meta.get("type", UINT),
+                      values=meta.get("values"), base=meta.get("base", "dec"),
+                      blurb=meta.get("blurb", ""))
+        if isinstance(fld, Bits):
+            for sub, spec in fld.bits.items():
+                mask, names = spec if isinstance(spec, tuple) else (spec, None)
+                fd.children.append(FieldDef(
+                    f"{name}.{sub}", _humanize(sub), UINT if isinstance(spec, tuple) else BOOL,
+                    values=names, mask=mask))
+        return self.add(fd)
 
 
 def _humanize(name: str) -> str:
     return name.replace("_", " ").capitalize()
-
-
-def field(name: str, label: str, type: str = UINT, **kw: Any) -> FieldDef:
-    """Register a field that no fixed layer carries (JSON keys, derived values)."""
-    return register(FieldDef(name, label, type, **kw))

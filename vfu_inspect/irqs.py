@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .capture import C2S, S2C
 from .dissectors import vfio_user as proto
 from .framing import Frame
 from .proxy_events import Doorbell, Interrupt
+from .records import C2S, S2C
 
 SET_IRQS, IO_FDS = proto.CMD["DEVICE_SET_IRQS"], proto.CMD["DEVICE_GET_REGION_IO_FDS"]
 _SET_IRQS = proto.SetIrqs.vfu_compiled.struct

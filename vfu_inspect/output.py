@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .capture import EVENT_NAMES, TWIN, Event, describe_event
-from .dissect import Dissected
 from .dissectors.vfio_user import SERVER_COMMANDS
-from .events import event_values
+from .events import describe_event, event_values
 from .fields import BYTES, PROTOCOL
+from .packet import Dissected
 from .pcapng import fd_comment
+from .records import EVENT_NAMES, TWIN, Event
 from .tree import Item
 
 SUMMARY_HEADER = (f"{'No.':>7} {'Time':>11} {'Delta':>9} {'Conn':>6} {'Dir':3} "

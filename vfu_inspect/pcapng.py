@@ -31,9 +31,9 @@ from typing import Any, BinaryIO, Iterator
 
 import msgpack
 
-from .capture import (
-    C2S, CHANNELS, EVENT_NAMES, MAIN, S2C, CaptureError, Event, Message, Record,
-    describe_event)
+from .errors import CaptureError
+from .events import describe_event
+from .records import C2S, CHANNELS, EVENT_NAMES, MAIN, S2C, Event, Message, Record
 
 SUFFIX = ".pcapng"
 

@@ -22,7 +22,6 @@ close, a rewritten, cut or duplicated message.
 from __future__ import annotations
 
 import array
-import errno
 import heapq
 import itertools
 import json
@@ -30,12 +29,10 @@ import os
 import selectors
 import signal
 import socket
-import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .capture import C2S, CHANNELS, DIRECTIONS, MAIN, S2C, TWIN
 from .dissect import Matcher, expects_reply
 from .dissectors import vfio_user as proto
 from .faults import FaultInjector, Gate, Verdict
@@ -44,7 +41,8 @@ from .irqs import SET_IRQS, IrqTracer
 from .offload import Dissection
 from .proxy_events import (PROXY_EVENTS, ConnectionClosed, ConnectionOpened, FaultInjected,
                            MessageRelayed, Note, ProxyEvent, hooks)
-from .sockio import fd_info, recv_chunk
+from .records import C2S, CHANNELS, DIRECTIONS, MAIN, S2C, TWIN
+from .sockio import fd_info, listen_unix, recv_chunk, unlink_socket
 
 
 # Addons flush at most this long after a record: a write per message would be
@@ -68,10 +66,6 @@ class Addon(Protocol):
     def event(self, event: ProxyEvent) -> None: ...
     def flush(self) -> None: ...
     def done(self) -> None: ...
-
-
-class ProxyError(Exception):
-    """The proxy cannot start (socket in use, bad path …)."""
 
 
 @dataclass(eq=False)
@@ -576,52 +570,3 @@ def _close_all(fds: Any) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-# --- the listening socket ---------------------------------------------------------------
-
-def listen_unix(path: str, mode: int = 0o600) -> socket.socket:
-    """Listen on `path`, replacing only a stale socket, never another file."""
-    _clear_stale(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o777 & ~mode)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise ProxyError(f"cannot listen on {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, mode)
-    sock.listen(16)
-    return sock
-
-
-def _clear_stale(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ProxyError(f"{path} exists and is not a socket: refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)         # nobody listens: a leftover from a dead process
-        return
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            raise ProxyError(f"cannot use {path}: {exc.strerror}") from None
-        return
-    finally:
-        probe.close()
-    raise ProxyError(f"{path} is in use by another process")
-
-
-def unlink_socket(path: str) -> None:
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except OSError:
-        pass

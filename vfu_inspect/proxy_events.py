@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from .capture import (CHANNELS, CLOSE, DIRECTIONS, DOORBELL, FAULT, IRQ, NOTE, OPEN, Event,
+from .records import (CHANNELS, CLOSE, DIRECTIONS, DOORBELL, FAULT, IRQ, NOTE, OPEN, Event,
                       Message, Record)
 
 if TYPE_CHECKING:
-    from .dissect import Dissected
+    from .packet import Dissected
 
 
 class MessageRelayed(Message):

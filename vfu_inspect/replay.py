@@ -27,8 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .capture import (C2S, DOORBELL, FAULT, IRQ, MAIN, OPEN, S2C, TWIN, CaptureReader, Event,
-                      Message)
+from .capture import CaptureReader
 from .dissect import expects_reply, find_responses
 from .dissectors import vfio_user as proto
 from .endpoints.common import (DmaMemory, Peer, Recorder, message, parse_caps, reply_to,
@@ -37,6 +36,7 @@ from .events import irq_name
 from .faults import Fault, FaultInjector
 from .framing import Frame
 from .irqs import doorbells, set_irqs_assignment
+from .records import C2S, DOORBELL, FAULT, IRQ, MAIN, OPEN, S2C, TWIN, Event, Message
 from .sockio import MessageSocket, PeerClosed, fd_info
 
 # Fields that differ between any two runs and never count as divergence.

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .capture import CaptureWriter, Event, Message
-from .dissect import Dissected
+from .capture import CaptureWriter
 from .output import packet_comment
+from .packet import Dissected
 from .pcapng import PcapngFileWriter
+from .records import Event, Message
 
 PCAPNG_SUFFIXES = (".pcapng", ".pcap")
 

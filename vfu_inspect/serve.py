@@ -18,13 +18,14 @@ import socket
 import sys
 from typing import TextIO
 
-from .capture import C2S, S2C, TWIN, CaptureReader, Message
+from .capture import CaptureReader
 from .dissectors import vfio_user as proto
 from .endpoints.common import Peer, error_to, message, parse_caps, reply_to
+from .errors import ListenError
 from .framing import Frame
-from .proxy import ProxyError, listen_unix, unlink_socket
+from .records import C2S, S2C, TWIN, Message
 from .replay import ALWAYS_IGNORED, Progress, ReplayError, fresh_fd, is_reply, recorded_replies, values_without
-from .sockio import MessageSocket, PeerClosed
+from .sockio import MessageSocket, PeerClosed, listen_unix, unlink_socket
 
 
 def load_connections(path: str) -> dict[int, list[Message]]:
@@ -161,7 +162,7 @@ def serve_recording(path: str, listen: str, conn: int | None, ignore: list[str],
     conns = sorted(recorded)
     try:
         listener = listen_unix(listen)
-    except ProxyError as exc:
+    except ListenError as exc:
         raise ReplayError(str(exc)) from None
     served = unknown = 0
     try:

@@ -21,18 +21,14 @@ import copy
 import errno
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable
 
-from .capture import C2S, MAIN, S2C, TWIN, Message
+from .devices import add_registers, device_for
 from .dissectors import vfio_user as proto
-from .devices import add_registers, device_for, load_plugins
 from .dissectors.pci_config import CONFIG_REGION, ConfigShadow, dissect_config_access
+from .packet import Dissected
+from .records import C2S, MAIN, S2C, TWIN, Message
 from .tree import Expert, Tree
-
-if TYPE_CHECKING:
-    from .dissect import Dissected
-
-load_plugins()      # device layers register their fields before any filter is compiled
 
 CMD = proto.CMD
 DEFAULT_TIMEOUT = 5.0                # QEMU's x-msg-timeout
@@ -431,20 +427,12 @@ class SessionTracker:
         tracker.conns, tracker._shared = dict(conns), set(conns)
         return tracker
 
-    def state_at(self, number: int, replay: Callable[[int, int], Iterable[Message]]
-                 ) -> Snapshot:
-        """The state after message `number`; `replay(first, last)` yields the
-        messages numbered first..last, from which the nearest checkpoint rolls forward."""
-        from .dissect import Analyzer    # the analyzer drives trackers: avoid the cycle
+    def nearest_checkpoint(self, number: int) -> tuple[int, SessionTracker]:
+        """The last checkpoint at or before message `number`: its message
+        number and a tracker that goes on from it."""
         i = bisect.bisect_right(self.checkpoints, number, key=lambda c: c[0])
         start, conns = self.checkpoints[i - 1] if i else (0, {})
-        tracker = self.restored(conns)
-        analyzer = Analyzer(sessions=tracker)
-        analyzer.number = start
-        last = None
-        for msg in replay(start + 1, number):
-            last = analyzer.feed(msg)
-        return Snapshot(number, tracker.conns, last.msg.ts_ns if last else None)
+        return start, self.restored(conns)
 
 
 # --- checks on every message -------------------------------------------------------

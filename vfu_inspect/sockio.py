@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import stat
 from typing import Any
 
+from .errors import ListenError
 from .framing import Framer, Frame
 
 MAX_FDS_PER_RECV = 253          # SCM_MAX_FD: the kernel's limit for one message
@@ -104,3 +106,52 @@ class MessageSocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# --- the listening socket ---------------------------------------------------------------
+
+def listen_unix(path: str, mode: int = 0o600) -> socket.socket:
+    """Listen on `path`, replacing only a stale socket, never another file."""
+    _clear_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(16)
+    return sock
+
+
+def _clear_stale(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenError(f"{path} exists and is not a socket: refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)         # nobody listens: a leftover from a dead process
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise ListenError(f"cannot use {path}: {exc.strerror}") from None
+        return
+    finally:
+        probe.close()
+    raise ListenError(f"{path} is in use by another process")
+
+
+def unlink_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass

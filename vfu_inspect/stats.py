@@ -12,11 +12,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TextIO
 
-from .capture import C2S, DOORBELL, IRQ, Event
-from .dissect import Analyzer, Dissected
+from .dissect import Analyzer
 from .dissectors import vfio_user as proto
 from .events import describe, irq_name
 from .fields import EXPERTS, SEVERITIES
+from .packet import Dissected
+from .records import C2S, DOORBELL, IRQ, Event
 from .session import ConnState
 
 MMIO_WRITES = {proto.CMD["REGION_WRITE"]: "region_write", proto.CMD["REGION_WRITE_MULTI"]:

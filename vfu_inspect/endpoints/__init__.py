@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..errors import UserError
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     server = sub.add_parser("sample-server", help="run the sample vfio-user device server",
@@ -48,7 +50,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_server(args: argparse.Namespace) -> int:
-    from ..cli import UserError
     from ..dissectors.vfio_user import CMD, ERRNO_NAMES
     from .sample_server import ServerOptions, serve
     by_name = {name: number for number, name in ERRNO_NAMES.items()}
@@ -68,7 +69,6 @@ def _run_server(args: argparse.Namespace) -> int:
 
 
 def _run_client(args: argparse.Namespace) -> int:
-    from ..cli import UserError
     from .sample_client import ClientOptions, run
     if not os.path.exists(args.server):
         raise UserError(f"{args.server}: no such socket")

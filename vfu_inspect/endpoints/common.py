@@ -11,10 +11,11 @@ import threading
 import time
 from typing import Any
 
-from ..capture import C2S, MAIN, S2C, CaptureWriter
+from ..capture import CaptureWriter
 from ..dissectors import vfio_user as proto
 from ..dissectors.device_sample import DEVICE_ID, VENDOR_ID, SampleBar0
 from ..framing import Frame
+from ..records import C2S, MAIN, S2C
 from ..sockio import MessageSocket, fd_info
 
 # BAR0 register map of the sample device: its dissector declares it.

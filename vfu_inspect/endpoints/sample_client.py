@@ -25,13 +25,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..capture import TWIN
-from ..dissectors import vfio_user as proto
-from ..sockio import MessageSocket, PeerClosed
 from .common import (BAR2_AREAS, DEFAULT_ID_VALUE, DMA_FROM_DEVICE, DMA_TO_DEVICE,
                      DOORBELL_VECTOR, MSIX_VECTORS, PAGE, REG_DMA_ADDR, REG_DMA_CMD, REG_DMA_LEN, REG_ID, REG_IRQ,
                      REG_SCRATCH, VENDOR_ID, DmaMemory, Peer, ProtocolError, Recorder, close_fds,
                      message, pack, parse_caps, u64, unpack, version_payload)
+from ..dissectors import vfio_user as proto
+from ..records import TWIN
+from ..sockio import MessageSocket, PeerClosed
 
 CMD = proto.CMD
 FD_WINDOW, MSG_WINDOW, WINDOW = 0x10000, 0x100000, 0x10000

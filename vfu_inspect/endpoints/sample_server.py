@@ -23,15 +23,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..capture import TWIN
-from ..dissectors import vfio_user as proto
-from ..sockio import MessageSocket, PeerClosed
 from .common import (BAR0_SIZE, BAR2_AREAS, BAR2_SIZE, CONFIG_SIZE, DEFAULT_ID_VALUE,
                      DEVICE_ID, DMA_FROM_DEVICE, DMA_TO_DEVICE, DOORBELL_VECTOR, MSIX_VECTORS,
                      PAGE, REG_DMA_ADDR,
                      REG_DMA_CMD, REG_ID, REG_IRQ, VENDOR_ID, Peer, ProtocolError,
                      Recorder, close_fds, error_to, message, pack, parse_caps, reply_to, unpack,
                      version_payload)
+from ..dissectors import vfio_user as proto
+from ..errors import ListenError
+from ..records import TWIN
+from ..sockio import MessageSocket, PeerClosed, listen_unix, unlink_socket
 
 CMD = proto.CMD
 OUR_MINOR = 2
@@ -560,10 +561,9 @@ class DmaMapping:
 
 def serve(listen: str, options: ServerOptions) -> int:
     """Serve clients on `listen` until SIGINT/SIGTERM; each in its own thread."""
-    from ..proxy import ProxyError, listen_unix, unlink_socket
     try:
         listener = listen_unix(listen)
-    except ProxyError as exc:
+    except ListenError as exc:
         raise SystemExit(f"vfu-inspect: error: {exc}") from None
     device = Device(options)
     recorder = Recorder(options.record, f"sample-server {listen}") if options.record else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..capture import Record
+from ..records import Record
 
 
 @dataclass

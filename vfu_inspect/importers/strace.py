@@ -18,11 +18,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..capture import C2S, MAIN, S2C, TWIN, Message
+from . import ImportResult
 from ..dissect import expects_reply
 from ..dissectors import vfio_user as proto
 from ..framing import Frame, Framer, answered_early
-from . import ImportResult
+from ..records import C2S, MAIN, S2C, TWIN, Message
 
 _LINE = re.compile(r"^(?:\[pid\s+)?(?P<pid>\d+)?\]?\s*(?P<ts>\d+(?::\d+:\d+)?\.\d+)?\s*(?P<rest>.*)$")
 # "= ?": the process ended inside the call (a thread blocked in recvmsg at exit).

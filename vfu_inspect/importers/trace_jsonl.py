@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..capture import C2S, MAIN, S2C, Message
 from . import ImportResult
+from ..records import C2S, MAIN, S2C, Message
 
 SYNTHETIC_STEP_NS = 1000
 _DIRECTIONS = {"c2s": C2S, "s2c": S2C}

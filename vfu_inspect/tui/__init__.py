@@ -8,6 +8,8 @@ import sys
 import threading
 from typing import Any, Callable
 
+from ..errors import CaptureError, UserError
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tui", help="browse a capture or a live proxy in a terminal UI",
@@ -20,7 +22,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tui(args: argparse.Namespace) -> int:
-    from ..cli import UserError
     if (args.file is None) == (args.attach is None):
         raise UserError("give a capture FILE or --attach MONITOR")
     path = args.file or args.attach
@@ -35,8 +36,6 @@ def run_tui(path: str, follow: bool, then: Callable[[], Any] = lambda: None,
     """Open the UI on a capture or monitor socket until the user quits; `then`
     runs once the UI is reading (so that a live stream misses nothing).  With
     `live_proxy`, quitting asks whether to detach or stop: the answer is returned."""
-    from ..capture import CaptureError
-    from ..cli import UserError
     from .app import InspectApp
     from .model import CaptureModel
     try:

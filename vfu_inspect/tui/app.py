@@ -36,12 +36,13 @@ from textual.theme import BUILTIN_THEMES, Theme
 from textual.widgets import DataTable, Footer, Input, Static, Tree
 from textual.worker import get_current_worker
 
-from ..capture import EVENT_NAMES, Event, describe_event
 from ..dfilter import FilterError, compile_filter
-from ..dissect import Dissected
 from ..dissectors import vfio_user as proto
+from ..events import describe_event
 from ..fields import BOOL, BYTES, EXPERTS, FLOAT, PROTOCOL, SEVERITIES, STRING
 from ..output import hex_rows, row_kind, summary_columns
+from ..packet import Dissected
+from ..records import EVENT_NAMES, Event
 from ..tree import Item
 from .model import CaptureModel, Cancelled, LiveFilter
 

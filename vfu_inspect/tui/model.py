@@ -27,11 +27,13 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from ..capture import DIRECTIONS, OPEN, CaptureReader, Event, Message, Record, records_from
+from ..capture import CaptureReader, records_from
 from ..dfilter import DisplayFilter
-from ..dissect import Analyzer, Dissected, expects_reply
+from ..dissect import Analyzer, expects_reply, state_at
 from ..dissectors import vfio_user as proto
-from ..fields import EXPERTS, lookup
+from ..fields import EXPERTS
+from ..packet import Dissected
+from ..records import DIRECTIONS, OPEN, Event, Message, Record
 from ..session import SessionTracker, Snapshot
 from ..tree import bit_values
 
@@ -49,7 +51,7 @@ EXPERT_FIELDS = {"expert", "expert.id", "expert.severity", "expert.message"}
 # Fields dissection without session state gives exactly (the fds' items too).
 STATELESS_FIELDS = HEADER_FIELDS | {fd.name for fd in proto.protocol_fields()} | {
     "fd", "fd.index", "fd.kind", "fd.size", "fd.inode", "fd.purpose"}
-FLAGS_FIELD = lookup("vfio_user.flags")
+FLAGS_FIELD = proto.FIELDS["vfio_user.flags"]
 TRUNCATED_AFTER = 1.0      # seconds a partial record may wait at the end of a file
 GROWING_FOR = 5.0          # seconds after the last growth the file counts as followed
 FIRST_SCREEN_WAIT = 1.0    # seconds the pass may wait for the first screen to be painted
@@ -348,7 +350,7 @@ class CaptureModel:
         two-pass read, rolled forward from the nearest checkpoint."""
         if first > last:
             return
-        snapshot = self.tracker.state_at(first - 1, self.messages)
+        snapshot = state_at(self.tracker, first - 1, self.messages)
         analyzer = Analyzer(_Links(self.response_of), self.tracker.restored(snapshot.connections))
         ts = self.columns["ts"]
         analyzer.resume_at(first - 1, ts[0], ts[first - 2] if first > 1 else ts[0])
@@ -384,7 +386,7 @@ class CaptureModel:
         return len(numbers)
 
     def session_at(self, number: int) -> Snapshot:
-        return self.tracker.state_at(number, self.messages)
+        return state_at(self.tracker, number, self.messages)
 
     # --- filtering -----------------------------------------------------------------------
 

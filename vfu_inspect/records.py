@@ -1,0 +1,61 @@
+"""What the proxy records: vfio-user messages and the events around them.
+
+Capture files, pcapng files, live streams and every view share these types;
+each record kind's number is its first element on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Record types: the first element of each record array.
+MSG, OPEN, CLOSE, NOTE, IRQ, DOORBELL, FAULT = 0, 1, 2, 3, 4, 5, 6
+EVENT_NAMES = {OPEN: "open", CLOSE: "close", NOTE: "note", IRQ: "irq",
+               DOORBELL: "doorbell", FAULT: "fault"}
+C2S, S2C = 0, 1
+DIRECTIONS = {C2S: "c2s", S2C: "s2c"}
+MAIN, TWIN = 0, 1
+CHANNELS = {MAIN: "main", TWIN: "twin"}
+FD_KINDS = ("memfd", "file", "eventfd", "socket", "other")
+
+
+@dataclass(slots=True)
+class Message:
+    """One vfio-user message as it crossed a socket."""
+
+    ts_ns: int
+    conn: int
+    channel: int            # MAIN or TWIN
+    direction: int          # C2S or S2C
+    data: bytes
+    fds: list[dict[str, Any]] = field(default_factory=list)   # kind, size, inode
+    size: int | None = None   # on-wire size when `data` holds only its start
+
+    @property
+    def wire_size(self) -> int:
+        return self.size if self.size is not None else len(self.data)
+
+    def to_record(self) -> list[Any]:
+        record = [MSG, self.ts_ns, self.conn, self.channel, self.direction,
+                  self.data, self.fds]
+        if self.size is not None:
+            record.append(self.size)
+        return record
+
+
+@dataclass(slots=True)
+class Event:
+    """A connection opened or closed, a free-text note, an interrupt or
+    doorbell signal (proxy --trace-irqs) or an injected fault (proxy --fault)."""
+
+    kind: int               # OPEN, CLOSE, NOTE, IRQ, DOORBELL or FAULT
+    ts_ns: int
+    conn: int
+    info: dict[str, Any]
+
+    def to_record(self) -> list[Any]:
+        return [self.kind, self.ts_ns, self.conn, self.info]
+
+
+Record = Message | Event
