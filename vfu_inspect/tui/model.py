@@ -35,6 +35,7 @@ from ..fields import EXPERTS
 from ..packet import Dissected
 from ..records import DIRECTIONS, OPEN, Event, Message, Record
 from ..session import SessionTracker, Snapshot
+from ..stats import ExpertStats
 from ..tree import bit_values
 
 CHECKPOINT_EVERY = 1024
@@ -102,8 +103,7 @@ class Stats:
     bytes: Counter[int] = field(default_factory=Counter)
     errors: Counter[tuple[int, int]] = field(default_factory=Counter)
     latencies: dict[int, list[float]] = field(default_factory=dict)
-    experts: Counter[tuple[str, str]] = field(default_factory=Counter)
-    first_expert: dict[str, int] = field(default_factory=dict)
+    experts: ExpertStats = field(default_factory=ExpertStats)
     unanswered: set[int] = field(default_factory=set)     # requests still without a reply
     conversations: dict[int, Conversation] = field(default_factory=dict)
 
@@ -116,9 +116,7 @@ class Stats:
             self.errors[(cmd, h.error)] += 1
         if p.latency is not None:
             self.latencies.setdefault(cmd, []).append(p.latency)
-        for e in p.tree.experts:
-            self.experts[(e.severity, e.id)] += 1
-            self.first_expert.setdefault(e.id, p.number)
+        self.experts.packet(p)
         if p.request_in:
             self.unanswered.discard(p.request_in)
         elif h is not None and expects_reply(h):
@@ -134,8 +132,8 @@ class Stats:
     def expert_rows(self) -> list[tuple[str, str, int, int]]:
         """(severity, id, count, first message), unanswered requests included
         as a two-pass read counts them."""
-        rows = [(severity, eid, n, self.first_expert[eid])
-                for (severity, eid), n in self.experts.items()]
+        rows = [(EXPERTS[eid].severity, eid, n, self.experts.first[eid])
+                for eid, n in self.experts.counts.items()]
         if self.unanswered:
             eid = "request.unanswered"
             rows.append((EXPERTS[eid].severity, eid, len(self.unanswered), min(self.unanswered)))
