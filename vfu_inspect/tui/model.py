@@ -187,8 +187,9 @@ class CaptureModel:
     def start(self, first_screen: int = 0) -> None:
         """Begin the background pass.  With `first_screen`, it stops after that
         many messages until `shown()` (at most FIRST_SCREEN_WAIT): the pass
-        holds the GIL, and the UI's first paint is thousands of small steps."""
-        self._first_screen = first_screen
+        holds the GIL, and the UI's first paint is thousands of small steps.
+        A live stream never waits: its messages come as the proxy relays them."""
+        self._first_screen = 0 if self.live else first_screen
         self._thread.start()
 
     def shown(self) -> None:
