@@ -23,7 +23,7 @@ from . import pcapng
 from .capture import CaptureWriter, header_record
 from .events import describe_event
 from .offload import Worker
-from .output import SUMMARY_HEADER, summary_line
+from .output import SUMMARY_HEADER, summary_line, use_color
 from .proxy_events import MessageDissected, MessageRelayed, Note, ProxyEvent
 from .sockio import listen_unix, unlink_socket
 
@@ -97,8 +97,7 @@ class PrintAddon:
                      ) -> PrintAddon | None:
         if not options.print:
             return None
-        color = options.color == "always" or options.color == "auto" and context.out.isatty()
-        return cls(context.out, color)
+        return cls(context.out, use_color(options.color, context.out))
 
     def __init__(self, out: TextIO = sys.stdout, color: bool = False) -> None:
         self.out = out

@@ -15,7 +15,7 @@ from .capture import CaptureReader, CaptureWriter
 from .dissect import Analyzer, find_responses
 from .errors import CaptureError, ListenError, UserError
 from .output import (SUMMARY_HEADER, detail_text, field_values, filter_values, hex_dump,
-                     json_event, json_packet, summary_line)
+                     json_event, json_packet, summary_line, use_color)
 from .packet import Dissected
 from .records import Event, Message, Record
 from .save import is_pcapng_name, open_writer, write_one
@@ -90,12 +90,8 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     tui = not args.no_tui and sys.stdout.isatty() and sys.stdin.isatty()
-    return run_demo(args.write, sys.stdout, _use_color(args.color), twin=not args.no_twin,
+    return run_demo(args.write, sys.stdout, use_color(args.color), twin=not args.no_twin,
                     tui=tui)
-
-
-def _use_color(choice: str) -> bool:
-    return choice == "always" or (choice == "auto" and sys.stdout.isatty())
 
 
 # --- read ----------------------------------------------------------------------
@@ -313,7 +309,7 @@ def _select(packets: Iterator[Dissected], display, count: int | None,
 
 
 def _print_packets(args: argparse.Namespace, packets: Iterator[Dissected], out: TextIO) -> int:
-    color = _use_color(args.color)
+    color = use_color(args.color)
     render: Callable[[Dissected], str]
     if args.format == "json":
         return _print_json(packets, out)

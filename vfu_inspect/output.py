@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import sys
+from typing import Any, Iterable, TextIO
 
 from .dissectors.vfio_user import SERVER_COMMANDS
 from .events import describe_event, event_values
@@ -18,6 +19,11 @@ ARROWS = {"c2s": "C→S", "s2c": "C←S"}
 COLORS = {"error": "\x1b[31m", "warning": "\x1b[33m", "note": "\x1b[36m",
           "error_reply": "\x1b[31m", "reply": "\x1b[2m", "server": "\x1b[35m"}
 RESET = "\x1b[0m"
+
+
+def use_color(choice: str, out: TextIO = sys.stdout) -> bool:
+    """--color always, never or auto (colour when `out` is a terminal)."""
+    return choice == "always" or (choice == "auto" and out.isatty())
 
 
 def summary_line(p: Dissected, color: bool = False) -> str:
