@@ -315,7 +315,8 @@ def _print_packets(args: argparse.Namespace, packets: Iterator[Dissected], out: 
         return _print_json(packets, out)
     if args.format == "fields":
         render = lambda p: "\t".join(field_values(p, args.fields))  # noqa: E731
-        packets = (p for p in packets if filter_values(p))      # no open/close/note rows
+        # no open/close/note rows (a message's values are taken once, by render)
+        packets = (p for p in packets if not isinstance(p, Event) or filter_values(p))
     else:
         render = lambda p: _text(p, args, color)  # noqa: E731
         if not args.verbose and out.isatty():
