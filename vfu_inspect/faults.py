@@ -539,6 +539,11 @@ class Gate:
         if self._busy:
             return False
         pos, end, count, passes = self._passing, len(data), 0, self._passes
+        if not pos and not fds and end >= _HEADER_SIZE:     # most chunks: one whole message
+            cmd, size, flags_error = _unpack_cmd_size_flags(data)
+            if size == end and (flags_error << 16 | cmd) in passes:
+                self.ordinal += 1
+                return True
         while pos + _HEADER_SIZE <= end:
             cmd, size, flags_error = _unpack_cmd_size_flags(data, pos)
             if (flags_error << 16 | cmd) not in passes or size < _HEADER_SIZE \
