@@ -248,8 +248,8 @@ def round_trips(path: Path, rounds: int, depth: int) -> float:
 def bench_sample(args: argparse.Namespace, tmp: Path) -> None:
     server, relay, proxy = tmp / "server.sock", tmp / "relay.sock", tmp / "proxy.sock"
     # The same with every message dissected and analyzed (to /dev/null): the
-    # analysis runs on a worker thread that drops rather than waits, but it
-    # shares the relay's interpreter lock; this shows what that costs.
+    # analysis runs in a child process that drops rather than waits; the
+    # relay packs each record for it and shares the machine's cores with it.
     printing = tmp / "printing.sock"
     captures = [tmp / "bench.vfucap", tmp / "printing.vfucap"]
     proxy_to: Callable[..., list[str]] = lambda listen, cap, *more: [

@@ -4,7 +4,7 @@ Each addon declares its command-line options and makes itself from them
 (`from_options`, None when they leave it off); the proxy then calls its
 hooks with the typed events of proxy_events (see `proxy.Addon`).  An addon
 must never block the relay: one that needs time asks for dissected messages
-and gets them on a worker thread of its own.
+and runs in a process of its own (offload.Dissection).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class SaveAddon:
 class PrintAddon:
     """One summary line per message, as `vfu-inspect read --events` prints it.
 
-    Dissection and analysis run on the addon's worker thread; when it falls
+    Dissection and analysis run in the addon's own process; when it falls
     behind, a '#' line says how many events it missed.
     """
 

@@ -133,7 +133,7 @@ class CaptureReader:
             obj = self._next_object(wait=self.follow)
             if obj is _END:
                 break
-            record = _parse_record(obj)
+            record = parse_record(obj)
             if record is None:
                 bad += 1
                 continue
@@ -222,7 +222,7 @@ def _open_source(path: str) -> tuple[Any, Any]:
         raise CaptureError(f"cannot open {path}: {exc.strerror}") from None
 
 
-def _parse_record(obj: Any) -> Record | None:
+def parse_record(obj: Any) -> Record | None:
     """Validate one record array; None when it is not a record."""
     if not isinstance(obj, list) or len(obj) < 4 or not all(
             isinstance(x, int) for x in obj[:3]):
@@ -253,7 +253,7 @@ def records_from(file: Any, offset: int) -> Iterator[Record | None]:
         unpacker.feed(chunk)
         try:
             for obj in unpacker:
-                yield _parse_record(obj)
+                yield parse_record(obj)
         except (msgpack.FormatError, msgpack.StackError, ValueError):
             return
 

@@ -1,21 +1,32 @@
-"""Work taken off the relay thread, behind bounded queues that drop, never block.
+"""Work taken off the relay, behind bounded queues that drop, never block.
 
 `Dissection` runs an addon that asks for dissected messages
-(`wants_dissection`) on a thread of its own: the relay only queues the
-events; there the Analyzer decodes each message and the addon gets it
-dissected.  When the addon falls behind, events are dropped and counted, and
-the addon is told how many: decoding never holds up or alters the relay.
+(`wants_dissection`) in a child process: the relay only packs each event's
+record, as the capture does, and a thread writes them down a pipe; there the
+child's Analyzer decodes each message and the addon gets it dissected.  The
+child has an interpreter of its own, so decoding does not compete with the
+relay for one.  When the addon falls behind, events are dropped and counted,
+and the addon is told how many: decoding never holds up or alters the relay.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import queue
+import signal
+import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable
 
+import msgpack
+
+from .capture import parse_record
 from .dissect import Analyzer
-from .proxy_events import MessageDissected, MessageRelayed, Note, ProxyEvent, hooks
+from .proxy_events import MessageDissected, Note, ProxyEvent, event_from_record, hooks
+from .records import Message
 from .session import SessionTracker
 
 
@@ -37,15 +48,16 @@ class Worker:
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
-    def offer(self, item: Any) -> None:
+    def offer(self, item: Any, count: int = 1) -> None:
+        """Queue `item`, which stands for `count` of what the consumer counts."""
         try:
             if self.skipped:
                 self.queue.put_nowait(self.skipped)
                 self.skipped = 0
             self.queue.put_nowait(item)
         except queue.Full:
-            self.skipped += 1
-            self.dropped += 1
+            self.skipped += count
+            self.dropped += count
 
     def close(self) -> None:
         """End once the queued items are consumed; without waiting, and
@@ -79,18 +91,35 @@ _STOP = object()
 
 
 class Dissection:
-    """Stands in the proxy for an addon with `wants_dissection`: takes every
-    event on the relay thread and calls the addon's hooks on a worker's."""
+    """Stands in the proxy for an addon with `wants_dissection`: forks the
+    process that runs it, and sends it every event's record.
 
-    QUEUE_EVENTS = 10000
+    The relay packs the events of a loop turn and queues them as one batch at
+    `flush`; a writer thread writes the batches down the pipe.  The addon's
+    output comes from the child (it shares the proxy's stdout and stderr).
+    """
+
+    QUEUE_BATCHES = 200                 # of a loop turn each (<= 5 ms): about a second
+    PIPE_BYTES = 1 << 20
     STOP_SECONDS = 30.0
 
     def __init__(self, addon: Any) -> None:
         self.addon = addon
-        self.analyzer = Analyzer(sessions=SessionTracker(checkpoint_every=0))
-        self._hooks = hooks(addon)
-        self._flush = getattr(addon, "flush", None)
-        self.worker = Worker(self._consume, self.QUEUE_EVENTS)
+        self._batch: list[bytes] = []
+        read_end, write_end = os.pipe()
+        sys.stdout.flush()              # else the child would print what is buffered again
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(write_end)
+            _run_child(addon, read_end)
+        os.close(read_end)
+        try:
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
+        except OSError:
+            pass                        # a smaller pipe only makes drops likelier
+        self._pipe = write_end
+        self.worker = Worker(self._write, self.QUEUE_BATCHES, on_exit=self._close_pipe)
 
     @property
     def name(self) -> str:
@@ -98,29 +127,89 @@ class Dissection:
 
     @property
     def dropped(self) -> int:
-        """Events the addon never got: its queue was full."""
+        """Events the addon never got: the child had fallen behind."""
         return self.worker.dropped
 
     def event(self, event: ProxyEvent) -> None:
-        self.worker.offer(event)
+        self._batch.append(msgpack.packb(event.record().to_record(), use_bin_type=True))
+
+    def flush(self) -> None:
+        if self._batch:
+            self.worker.offer(b"".join(self._batch), len(self._batch))
+            self._batch = []
 
     def done(self) -> None:
+        """Send what is left, close the pipe and wait for the child to finish
+        (at most about STOP_SECONDS for each)."""
+        self.flush()
         self.worker.stop(self.STOP_SECONDS)
+        if self.worker.alive:           # still writing: the child is stuck
+            os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + self.STOP_SECONDS
+        while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    def _write(self, item: bytes | int) -> None:
+        data = memoryview(msgpack.packb(item) if isinstance(item, int) else item)
+        while data:
+            data = data[os.write(self._pipe, data):]
+
+    def _close_pipe(self) -> None:
+        os.close(self._pipe)
+
+
+def _run_child(addon: Any, pipe: int) -> None:
+    """The child's life: deliver what comes down the pipe until it closes."""
+    code = 0
+    try:
+        # The proxy stops the child by closing the pipe, after the relay ends.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _Delivery(addon).run(pipe)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)      # not the parent's atexit handlers or buffers
+
+
+class _Delivery:
+    """In the child: records in, the addon's hooks called with typed events."""
+
+    def __init__(self, addon: Any) -> None:
+        self.addon = addon
+        self.analyzer = Analyzer(sessions=SessionTracker(checkpoint_every=0))
+        self._hooks = hooks(addon)
+        self._flush = getattr(addon, "flush", None)
+
+    def run(self, pipe: int) -> None:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        while chunk := os.read(pipe, 1 << 16):
+            unpacker.feed(chunk)
+            for obj in unpacker:
+                self._consume(obj)
+            if self._flush is not None:
+                self._flush()           # caught up with what has come: show it
         done = getattr(self.addon, "done", None)
         if done is not None:
             done()
 
-    def _consume(self, item: ProxyEvent | int) -> None:
-        if isinstance(item, int):
-            self._deliver(Note(time.time_ns(), -1, f"{item} events not dissected: "
-                                                   f"{self.name} fell behind the relay"))
-        elif item.__class__ is MessageRelayed:
-            self._deliver(MessageDissected(self.analyzer.feed(item)))
-        else:
-            self.analyzer.event(item.record())
-            self._deliver(item)
-        if self._flush is not None and self.worker.queue.empty():
-            self._flush()               # caught up: show what it has
+    def _consume(self, obj: Any) -> None:
+        if isinstance(obj, int):
+            self._deliver(Note(time.time_ns(), -1, f"{obj} events not dissected: "
+                                                  f"{type(self.addon).__name__} fell behind "
+                                                  "the relay"))
+            return
+        record = parse_record(obj)
+        if isinstance(record, Message):
+            self._deliver(MessageDissected(self.analyzer.feed(record)))
+        elif record is not None:
+            self.analyzer.event(record)
+            self._deliver(event_from_record(record))
 
     def _deliver(self, event: Any) -> None:
         hook = self._hooks.get(event.__class__)

@@ -57,7 +57,7 @@ class Addon(Protocol):
     `connection_opened`, `connection_closed`, `note`, `interrupt`,
     `doorbell`, `fault`), else to `event`.  `flush` comes once per loop turn
     with traffic, `done` when the proxy stops.  An addon with
-    `wants_dissection` gets all of them on a worker thread of its own
+    `wants_dissection` runs in a child process and gets all of them there
     (offload.Dissection), and each message as MessageDissected
     (`message_dissected`) instead.
     """

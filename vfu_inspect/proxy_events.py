@@ -2,7 +2,9 @@
 
 Each event names the addon hook it goes to (`hook`), as mitmproxy names its
 hooks by event, and converts to the capture record it is saved as
-(`record()`), without loss: a capture holds exactly what the addons were told.
+(`record()`), without loss: a capture holds exactly what the addons were told,
+and `from_record` gives the event back (an addon in a process of its own gets
+its events as records).
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ class ConnectionOpened:
             info["faults"] = self.faults
         return Event(OPEN, self.ts_ns, self.conn, info)
 
+    @classmethod
+    def from_record(cls, record: Event) -> ConnectionOpened:
+        info = record.info
+        return cls(record.ts_ns, record.conn, info["server"], info.get("trace_irqs", False),
+                   info.get("faults"))
+
 
 @dataclass(slots=True)
 class ConnectionClosed:
@@ -60,6 +68,11 @@ class ConnectionClosed:
     def record(self) -> Record:
         return Event(CLOSE, self.ts_ns, self.conn,
                      {"by": self.by, "reason": self.reason, "unanswered": self.unanswered})
+
+    @classmethod
+    def from_record(cls, record: Event) -> ConnectionClosed:
+        info = record.info
+        return cls(record.ts_ns, record.conn, info["by"], info["reason"], info["unanswered"])
 
 
 @dataclass(slots=True)
@@ -81,6 +94,14 @@ class Note:
             info["dir"] = DIRECTIONS[self.direction]
         return Event(NOTE, self.ts_ns, self.conn, info)
 
+    @classmethod
+    def from_record(cls, record: Event) -> Note:
+        info = record.info
+        if "channel" not in info:
+            return cls(record.ts_ns, record.conn, info["text"])
+        return cls(record.ts_ns, record.conn, info["text"], _CHANNEL[info["channel"]],
+                   _DIRECTION[info["dir"]])
+
 
 @dataclass(slots=True)
 class _Signal:
@@ -93,6 +114,10 @@ class _Signal:
 
     def record(self) -> Record:
         return Event(self.kind, self.ts_ns, self.conn, self.info)
+
+    @classmethod
+    def from_record(cls, record: Event) -> _Signal:
+        return cls(record.ts_ns, record.conn, record.info)
 
 
 class Interrupt(_Signal):
@@ -132,6 +157,15 @@ ProxyEvent = (MessageRelayed | ConnectionOpened | ConnectionClosed | Note | Inte
               | Doorbell | FaultInjected)
 PROXY_EVENTS = (MessageRelayed, ConnectionOpened, ConnectionClosed, Note, Interrupt, Doorbell,
            FaultInjected)
+_EVENT_KINDS = {OPEN: ConnectionOpened, CLOSE: ConnectionClosed, NOTE: Note, IRQ: Interrupt,
+                DOORBELL: Doorbell, FAULT: FaultInjected}
+_CHANNEL = {name: number for number, name in CHANNELS.items()}
+_DIRECTION = {name: number for number, name in DIRECTIONS.items()}
+
+
+def event_from_record(record: Event) -> ProxyEvent:
+    """The event whose `record()` this is."""
+    return _EVENT_KINDS[record.kind].from_record(record)
 
 
 def hooks(addon: Any) -> dict[type, Callable[[Any], None]]:
