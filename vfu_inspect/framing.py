@@ -160,6 +160,12 @@ class Framer:
         return frames
 
     @property
+    def assembling(self) -> bool:
+        """Whether a message's header has come and not all of the rest: only
+        then can a reply answer it early (cut_answered)."""
+        return len(self._buf) >= HEADER_SIZE or bool(self._skip and self._oversized)
+
+    @property
     def pending(self) -> int:
         """Bytes buffered for the message being assembled."""
         return len(self._buf)
@@ -216,6 +222,8 @@ def answered_early(reply: Frame, requests: Framer, waiting: Callable[[int], bool
     """The frames to put before `reply` (see the module docstring): when it
     answers a msg_id that no whole request in flight (`waiting`) has, the
     request with that id that `requests` is still assembling, cut at its header."""
+    if not requests.assembling:         # the usual case, decided before any parsing
+        return []
     header = proto.parse_header(reply.data)
     if header is None or not header.is_reply or waiting(header.msg_id):
         return []

@@ -371,10 +371,8 @@ class Proxy:
         key = (src.conn.id, src.channel, src.direction, header.msg_id)
         if header.is_reply:
             src.conn.matcher.reply(*key)
-        elif expects_reply(header):
-            src.conn.matcher.request(*key, now, {
-                "msg_id": header.msg_id, "cmd": header.command_name,
-                "channel": CHANNELS[src.channel], "dir": DIRECTIONS[src.direction]})
+        elif expects_reply(header):     # what the close record says of it, if unanswered
+            src.conn.matcher.request(*key, now, (header, src.channel, src.direction))
 
     # --- faults --------------------------------------------------------------------
 
@@ -494,7 +492,7 @@ class Proxy:
                 self._watch(side)
             else:
                 self._close_side(side)
-        unanswered = conn.matcher.outstanding()
+        unanswered = [_unanswered(*request) for request in conn.matcher.outstanding()]
         self.log(f"conn {conn.id}: {reason}"
                  + (f"; {len(unanswered)} request(s) unanswered" if unanswered else ""))
         self._emit(ConnectionClosed(time.time_ns(), conn.id, by, reason, unanswered))
@@ -534,6 +532,12 @@ class Proxy:
     def _emit_flush(self) -> None:
         for flush in self._flushes:
             flush()
+
+
+def _unanswered(header: proto.HeaderInfo, channel: int, direction: int) -> dict[str, Any]:
+    """A request still unanswered, as the close record lists it."""
+    return {"msg_id": header.msg_id, "cmd": header.command_name,
+            "channel": CHANNELS[channel], "dir": DIRECTIONS[direction]}
 
 
 def _twin_fd_index(frames: list) -> int | None:
