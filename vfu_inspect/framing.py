@@ -109,6 +109,8 @@ class Framer:
         else:
             self._fds.extend(fds)
         frames: list[Frame] = []
+        if not self._buf and not self._skip:
+            data = self._cut_whole(data, frames)
         view = memoryview(data)
         while view:
             if self._skip:
@@ -118,6 +120,21 @@ class Framer:
             view = memoryview(b"")
             self._cut(frames)
         return frames
+
+    def _cut_whole(self, data: bytes, frames: list[Frame]) -> bytes:
+        """The usual chunk, one or more whole messages from a boundary: cut
+        straight from it, without the buffer's copies (a chunk that is one
+        message is its frame).  Returns what _cut must see: from the first
+        message that is incomplete or that it must flag."""
+        pos, end = 0, len(data)
+        while end - pos >= HEADER_SIZE:
+            size = _SIZE.unpack_from(data, pos + 4)[0]
+            if size < HEADER_SIZE or size > self.max_message or end - pos < size:
+                break
+            frames.append(Frame(bytes(data[pos:pos + size]) if size < end else bytes(data),
+                                size, self._take_fds()))
+            pos += size
+        return data[pos:] if pos else data
 
     def close(self) -> Frame | None:
         """End of stream: return what is left of an incomplete message."""
