@@ -16,10 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import fields
+from . import dissectors, fields
 from .dissectors import vfio_user as proto
 
-DISSECTORS = Path(proto.__file__).resolve().parent
+DISSECTORS = Path(dissectors.__file__).resolve().parent
 TEMPLATE = DISSECTORS / "vfio_user.lua.in"
 PLUGIN = DISSECTORS / "vfio_user.lua"
 MARKER = "--@GENERATED@"

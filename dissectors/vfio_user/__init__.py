@@ -10,102 +10,28 @@ All integers are little-endian; every struct is packed.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import struct
-from dataclasses import dataclass, field as dc_field
-from typing import Any, Callable
+from typing import Any
 
 from scapy.fields import StrField
 from scapy.packet import Packet
 
 from vfu_inspect.fields import (
-    BOOL, BYTES, FLOAT, FRAME, STRING, UINT, Compiled, FieldDef, Fields, bits32, bits64, raw, u16,
-    u32, u64)
-from vfu_inspect.tree import Packed, Tree
+    BOOL, BYTES, FLOAT, FRAME, STRING, UINT, FieldDef, Fields, bits32, bits64, raw, u16, u32, u64)
+from vfu_inspect.tree import Tree
 
-HEADER_SIZE = 16
+from .core import (
+    FACTS, LVU, SPEC, Context, Dissector, Dissectors, add_bytes, add_layer, check_range,
+    check_reply_argsz, check_request_argsz, check_zero, expect_end, fd_text,
+    fitting, flag_letters, hex_size)
+from .protocol import *  # noqa: F401,F403  (moved there; split next)
 
-COMMANDS = {
-    1: "VERSION", 2: "DMA_MAP", 3: "DMA_UNMAP", 4: "DEVICE_GET_INFO",
-    5: "DEVICE_GET_REGION_INFO", 6: "DEVICE_GET_REGION_IO_FDS",
-    7: "DEVICE_GET_IRQ_INFO", 8: "DEVICE_SET_IRQS", 9: "REGION_READ",
-    10: "REGION_WRITE", 11: "DMA_READ", 12: "DMA_WRITE", 13: "DEVICE_RESET",
-    14: "DIRTY_PAGES", 15: "REGION_WRITE_MULTI", 16: "DEVICE_FEATURE",
-    17: "MIG_DATA_READ", 18: "MIG_DATA_WRITE",
-}
-CMD = {name: number for number, name in COMMANDS.items()}
-OBSOLETE_COMMANDS = {14}                 # in QEMU's protocol.h, not in the spec
-SERVER_COMMANDS = {CMD["DMA_READ"], CMD["DMA_WRITE"]}
-
-TYPE_COMMAND, TYPE_REPLY = 0, 1
-MSG_TYPES = {TYPE_COMMAND: "command", TYPE_REPLY: "reply"}
-FLAG_TYPE_MASK, FLAG_NO_REPLY, FLAG_ERROR = 0x0F, 0x10, 0x20
-ERRNO_NAMES = dict(errno.errorcode)
-
-REGIONS = {0: "BAR0", 1: "BAR1", 2: "BAR2", 3: "BAR3", 4: "BAR4", 5: "BAR5",
-           6: "ROM", 7: "CONFIG", 8: "VGA"}
-PCI_NUM_REGIONS = len(REGIONS)
-IRQS = {0: "INTx", 1: "MSI", 2: "MSI-X", 3: "ERR", 4: "REQ"}
-REGION_CAPS = {1: "SPARSE_MMAP", 2: "TYPE", 3: "MIGRATION"}
-IO_FD_TYPES = {0: "IOEVENTFD", 1: "IOREGIONFD", 2: "IOEVENTFD_SHADOW"}
-FEATURES = {1: "MIGRATION", 2: "MIG_DEVICE_STATE", 6: "DMA_LOGGING_START",
-            7: "DMA_LOGGING_STOP", 8: "DMA_LOGGING_REPORT"}
-MIG_STATES = {0: "ERROR", 1: "STOP", 2: "RUNNING", 3: "STOP_COPY",
-              4: "RESUMING", 5: "RUNNING_P2P", 6: "PRE_COPY", 7: "PRE_COPY_P2P"}
-
-DMA_MAP_FLAGS = {"read": 1, "write": 2, "mmap": 4, "file_io": 8}
-SPEC_DMA_MAP_FLAGS = 0x3
-DMA_UNMAP_FLAGS = {"get_dirty_bitmap": 1, "all": 2}
-DEVICE_INFO_FLAGS = {"reset": 1, "pci": 2}
-REGION_FLAGS = {"read": 1, "write": 2, "mmap": 4, "caps": 8}
-IRQ_INFO_FLAGS = {"eventfd": 1, "maskable": 2, "automasked": 4, "noresize": 8}
-SET_IRQS_FLAGS = {"data_none": 0x1, "data_bool": 0x2, "data_eventfd": 0x4,
-                  "mask": 0x8, "unmask": 0x10, "trigger": 0x20}
-SET_IRQS_DATA, SET_IRQS_ACTION = 0x7, 0x38
-IO_FD_FLAGS = {"datamatch": 1}
-FEATURE_FLAGS = {"feature": (0xFFFF, FEATURES), "get": 1 << 16,
-                 "set": 1 << 17, "probe": 1 << 18}
-FEATURE_GET, FEATURE_SET, FEATURE_PROBE = 1 << 16, 1 << 17, 1 << 18
-MIGRATION_FLAGS = {"stop_copy": 1, "p2p": 2, "pre_copy": 4}
-
-# VERSION capabilities: JSON path -> (type, spec default, label)
-CAPABILITIES: dict[str, tuple[type, Any, str]] = {
-    "max_msg_fds": (int, 1, "Max fds per message"),
-    "max_data_xfer_size": (int, 1048576, "Max data transfer size"),
-    "max_dma_maps": (int, 65535, "Max DMA maps"),
-    "pgsizes": (int, 4096, "Supported page sizes"),
-    "migration.pgsize": (int, 4096, "Migration page size"),
-    "migration.max_bitmap_size": (int, None, "Migration max bitmap size"),
-    "twin_socket.supported": (bool, False, "Twin socket supported"),
-    "twin_socket.fd_index": (int, None, "Twin socket fd index"),
-    "write_multiple": (bool, False, "REGION_WRITE_MULTI supported"),
-}
-# The capabilities QEMU 10.2.2's VERSION proposes (with version 0.0): how a
-# connection's client is known to be QEMU, whose DMA layout is its own.
-QEMU_CLIENT_CAPABILITIES = frozenset({
-    "max_msg_fds", "max_data_xfer_size", "max_dma_maps", "pgsizes", "migration.pgsize",
-    "migration.max_bitmap_size", "write_multiple"})
 # The expert items whose message shows its client uses QEMU's DMA layout.
 QEMU_DMA_SIGNS = {"interop.dma_write_bare_reply": "a bare DMA_WRITE reply",
                   "interop.dma_qemu_layout": "a DMA_READ reply in QEMU's layout"}
-PAGE_4K = 4096
-OBJECT_CAPABILITIES = {path.split(".", 1)[0] for path in CAPABILITIES if "." in path}
-EXTENSION_CAPABILITIES = {"migration"}     # QEMU's and libvfio-user's, not in the spec
 
-# The least value each numeric capability's meaning allows: no count or size
-# is negative, pgsizes names at least one page size, and a max_data_xfer_size
-# of 0 would forbid the reads and writes every peer must support.
-CAPABILITY_MINIMUM = {"max_msg_fds": 0, "max_data_xfer_size": 1, "max_dma_maps": 0,
-                      "pgsizes": 1, "twin_socket.fd_index": 0, "migration.pgsize": 0,
-                      "migration.max_bitmap_size": 0}
-# What QEMU 10.2.2 accepts in a server's reply (hw/vfio-user/proxy.c): at
-# most these values, and page sizes with no bit below 4 KiB.
-QEMU_CAPABILITY_MAXIMUM = {"max_msg_fds": 16, "max_data_xfer_size": 64 << 20,
-                           "max_dma_maps": 65535, "migration.max_bitmap_size": 256 << 20}
-QEMU_PAGE_CAPABILITIES = ("pgsizes", "migration.pgsize")
-MAX_BITMAP_SIZE = QEMU_CAPABILITY_MAXIMUM["migration.max_bitmap_size"]
 
 
 # --- expert infos -------------------------------------------------------------
@@ -114,7 +40,6 @@ MAX_BITMAP_SIZE = QEMU_CAPABILITY_MAXIMUM["migration.max_bitmap_size"]
 # docs/interop/vfio-user.rst, by section; a rule that is not the spec's says
 # whose it is, and is a note unless the message also breaks the spec.
 
-SPEC, FACTS, LVU, QEMU = "spec", "facts", "libvfio-user", "QEMU 10.2.2"
 CHECKS: list[tuple[str, ...]] = [
     # framing and the header
     ("malformed.short", "error", "a structure is cut short by the message end", f"{SPEC} § Protocol Specification (each command's layout)"),
@@ -574,160 +499,15 @@ for _name, _label, _type in [
     FIELDS.field(_name, _label, _type, base="hex" if _name == "version.pgsizes" else "dec")
 
 
-# --- decoding helpers -----------------------------------------------------------
-
-@dataclass
-class Context:
-    """What a dissector may know beyond the message's own bytes."""
-
-    direction: str                       # "c2s" or "s2c"
-    fds: list[dict[str, Any]]            # metadata of the passed fds
-    request: bytes | None = None         # the matched request, for a reply
-    fd_purposes: dict[int, str] = dc_field(default_factory=dict)
-    # Why this connection's client is known to use QEMU's DMA layout (what it
-    # has shown earlier), or None: decides replies whose bytes fit both.
-    qemu_dma: str | None = None
-
-    def purpose(self, index: int, text: str) -> None:
-        if 0 <= index < len(self.fds):
-            self.fd_purposes.setdefault(index, text)
-
-
-def add_layer(tree: Tree, cls: type[Packet], msg: bytes, offset: int,
-              parent: int = -1, compiled: Compiled | None = None) -> tuple[int, dict[str, int]]:
-    """Add a layer's fixed fields; decode as many as fit and flag the rest."""
-    compiled = compiled or cls.vfu_compiled
-    available = len(msg) - offset
-    if available >= compiled.size:
-        raw_values = compiled.struct.unpack_from(msg, offset)
-        length = compiled.size
-    else:
-        raw_values = _unpack_partial(compiled, msg, offset)
-        length = sum(size for _, _, size in compiled.fields[:len(raw_values)])
-        tree.expert("malformed.short",
-                    f"{cls.vfu_name}: {max(available, 0)} bytes, "
-                    f"{compiled.size} expected", offset, max(available, 0))
-    values = dict(zip(compiled.names, raw_values))
-    node = tree.add_packed(Packed(compiled, raw_values, values), offset, length, parent)
-    return node, values
-
-
-def _unpack_partial(compiled: Any, msg: bytes, offset: int) -> tuple:
-    values = []
-    for fd, rel, size in compiled.fields:
-        if offset + rel + size > len(msg):
-            break
-        fmt = compiled.struct.format[1:]
-        values.append(struct.unpack_from(
-            "<" + _member_format(fmt, len(values)), msg, offset + rel)[0])
-    return tuple(values)
-
-
-def _member_format(fmt: str, index: int) -> str:
-    """The struct code of member `index` in a compiled format like 'IIQ8s'."""
-    members, number = [], ""
-    for ch in fmt:
-        if ch.isdigit():
-            number += ch
-        else:
-            members.append(number + ch)
-            number = ""
-    return members[index]
-
-
-def add_bytes(tree: Tree, name: str, msg: bytes, offset: int, end: int,
-              parent: int = -1) -> int:
-    return tree.add(name, bytes(msg[offset:end]), offset, max(end - offset, 0), parent)
-
-
-def expect_end(tree: Tree, msg: bytes, end: int, what: str,
-               parent: int = -1) -> None:
-    """Flag bytes beyond what the layout accounts for."""
-    extra = len(msg) - end
-    if extra > 0:
-        add_bytes(tree, "vfio_user.trailing", msg, end, len(msg), parent)
-        tree.expert("malformed.trailing",
-                    f"{what}: {extra} unexpected trailing bytes", end, extra)
-
-
-def expect_empty(tree: Tree, msg: bytes, what: str) -> None:
-    expect_end(tree, msg, HEADER_SIZE, what)
-
-
-def check_reply_argsz(tree: Tree, argsz: int, payload_len: int, what: str) -> None:
-    """In a reply, argsz is the size the full payload needs."""
-    if argsz > payload_len:
-        tree.expert("argsz.truncated",
-                    f"{what} reply truncated: argsz asks for {argsz} bytes, "
-                    f"{payload_len} sent; the client should retry with a larger buffer")
-    elif argsz < payload_len:
-        tree.expert("argsz.mismatch",
-                    f"{what} reply argsz {argsz} is smaller than its payload ({payload_len})")
-
-
-def check_request_argsz(tree: Tree, argsz: int, minimum: int, what: str) -> None:
-    """In most requests argsz is the largest reply the client accepts."""
-    if argsz < minimum:
-        tree.expert("argsz.small",
-                    f"{what} argsz {argsz} is below the {minimum}-byte reply struct")
-
-
-def check_zero(tree: Tree, values: dict[str, int], names: tuple[str, ...], what: str) -> None:
-    """Fields the spec says must be zero."""
-    set_ = [f"{name}={values[name]:#x}" for name in names if values.get(name)]
-    if set_:
-        tree.expert("field.not_zero", f"{what}: {', '.join(set_)}; the spec says must be zero")
-
-
-def check_range(tree: Tree, start: int, count: int, bits: int, what: str) -> None:
-    """start + count must fit a `bits`-wide field: where it does not, the end
-    a receiver computes in that width wraps (to 0 for an end of 2^bits)."""
-    if start + count >= 1 << bits:
-        tree.expert("range.overflow", f"{what} {start:#x}+{count:#x} does not fit in {bits} "
-                    "bits: it wraps")
-
-
-def hex_size(n: int) -> str:
-    return f"{n:#x}"
-
-
-def fd_text(ctx: Context, index: int = 0) -> str:
-    return ctx.fds[index].get("kind", "fd") if index < len(ctx.fds) else "none"
-
 
 # --- per-command dissectors ------------------------------------------------------
-# Each gets (tree, msg, ctx, off) with off = start of the payload, and returns
-# the info string.
 
-Dissector = Callable[[Tree, bytes, Context, int], str]
-REQUESTS: dict[int, Dissector] = {}
-REPLIES: dict[int, Dissector] = {}
+DISSECTORS = Dissectors()
+REQUESTS, REPLIES = DISSECTORS.requests, DISSECTORS.replies
 
 
-def request(cmd: str) -> Callable[[Dissector], Dissector]:
-    def wrap(fn: Dissector) -> Dissector:
-        REQUESTS[CMD[cmd]] = fn
-        return fn
-    return wrap
-
-
-def reply(cmd: str) -> Callable[[Dissector], Dissector]:
-    def wrap(fn: Dissector) -> Dissector:
-        REPLIES[CMD[cmd]] = fn
-        return fn
-    return wrap
-
-
-def bare(cmd: str, kind: str) -> None:
-    """A command or reply that has no payload."""
-    def fn(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-        expect_empty(tree, msg, f"{cmd} {kind}")
-        return ""
-    (REQUESTS if kind == "request" else REPLIES)[CMD[cmd]] = fn
-
-
-@request("VERSION")
-@reply("VERSION")
+@DISSECTORS.request("VERSION")
+@DISSECTORS.reply("VERSION")
 def _version(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, Version, msg, off)
     start = off + Version.vfu_compiled.size
@@ -840,7 +620,7 @@ def _flatten(obj: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-@request("DMA_MAP")
+@DISSECTORS.request("DMA_MAP")
 def _dma_map(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, DmaMap, msg, off)
     expect_end(tree, msg, off + DmaMap.vfu_compiled.size, "DMA_MAP request")
@@ -869,11 +649,11 @@ def _dma_map(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
             f"fd={fd_text(ctx)}" + (f" offset={v['offset']:#x}" if ctx.fds else ""))
 
 
-bare("DMA_MAP", "reply")
+DISSECTORS.bare("DMA_MAP", "reply")
 
 
-@request("DMA_UNMAP")
-@reply("DMA_UNMAP")
+@DISSECTORS.request("DMA_UNMAP")
+@DISSECTORS.reply("DMA_UNMAP")
 def _dma_unmap(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, DmaUnmap, msg, off)
     if "size" not in v:
@@ -909,7 +689,7 @@ def _unmap_request_checks(tree: Tree, v: dict[str, int]) -> None:
     check_range(tree, v["address"], v["size"], 64, "DMA_UNMAP")
 
 
-@request("DEVICE_GET_INFO")
+@DISSECTORS.request("DEVICE_GET_INFO")
 def _device_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, DeviceInfo, msg, off)
     expect_end(tree, msg, off + DeviceInfo.vfu_compiled.size, "DEVICE_GET_INFO request")
@@ -919,7 +699,7 @@ def _device_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return ""
 
 
-@reply("DEVICE_GET_INFO")
+@DISSECTORS.reply("DEVICE_GET_INFO")
 def _device_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, DeviceInfo, msg, off)
     expect_end(tree, msg, off + DeviceInfo.vfu_compiled.size, "DEVICE_GET_INFO reply")
@@ -932,11 +712,8 @@ def _device_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return f"regions={v['num_regions']} irqs={v['num_irqs']} flags={v['flags']:#x}"
 
 
-def region_name(index: int) -> str:
-    return REGIONS.get(index, f"region {index}")
 
-
-@request("DEVICE_GET_REGION_INFO")
+@DISSECTORS.request("DEVICE_GET_REGION_INFO")
 def _region_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, RegionInfo, msg, off)
     if "index" not in v:
@@ -947,7 +724,7 @@ def _region_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return f"{region_name(v['index'])} argsz={v['argsz']}"
 
 
-@reply("DEVICE_GET_REGION_INFO")
+@DISSECTORS.reply("DEVICE_GET_REGION_INFO")
 def _region_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, RegionInfo, msg, off)
     if "offset" not in v:
@@ -955,7 +732,7 @@ def _region_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     payload_len = len(msg) - off
     check_reply_argsz(tree, v["argsz"], payload_len, "DEVICE_GET_REGION_INFO")
     name = region_name(v["index"])
-    info = f"{name} size={hex_size(v['size'])} flags={_flag_letters(v['flags'], REGION_FLAGS)}"
+    info = f"{name} size={hex_size(v['size'])} flags={flag_letters(v['flags'], REGION_FLAGS)}"
     end = off + RegionInfo.vfu_compiled.size
     if v["flags"] & REGION_FLAGS["caps"]:
         if v["argsz"] > payload_len:
@@ -985,9 +762,6 @@ def _region_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     expect_end(tree, msg, end, "DEVICE_GET_REGION_INFO reply")
     return info
 
-
-def _flag_letters(flags: int, names: dict[str, int]) -> str:
-    return "|".join(n.upper() for n, m in names.items() if flags & m) or "0"
 
 
 def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
@@ -1019,15 +793,6 @@ def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
     return min(end, len(msg))
 
 
-def fitting(tree: Tree, count: int, msg: bytes, offset: int, cls: type[Packet],
-            expert_id: str, what: str) -> int:
-    """How many of `count` entries of layout `cls` fit from `offset`; the rest
-    are flagged with `expert_id`."""
-    room = max(len(msg) - offset, 0) // cls.vfu_compiled.size
-    if count > room:
-        tree.expert(expert_id, f"{what} is {count} but only {room} fit in the message")
-    return min(count, room)
-
 
 def _sparse_areas(tree: Tree, msg: bytes, offset: int, parent: int) -> int:
     _, sp = add_layer(tree, SparseMmap, msg, offset, parent)
@@ -1040,7 +805,7 @@ def _sparse_areas(tree: Tree, msg: bytes, offset: int, parent: int) -> int:
     return offset
 
 
-@request("DEVICE_GET_REGION_IO_FDS")
+@DISSECTORS.request("DEVICE_GET_REGION_IO_FDS")
 def _io_fds_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, RegionIoFds, msg, off)
     expect_end(tree, msg, off + RegionIoFds.vfu_compiled.size, "DEVICE_GET_REGION_IO_FDS request")
@@ -1052,7 +817,7 @@ def _io_fds_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return region_name(v["index"])
 
 
-@reply("DEVICE_GET_REGION_IO_FDS")
+@DISSECTORS.reply("DEVICE_GET_REGION_IO_FDS")
 def _io_fds_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, RegionIoFds, msg, off)
     if "count" not in v:
@@ -1111,7 +876,7 @@ def _sub_regions(tree: Tree, msg: bytes, offset: int, entry: int, v: dict[str, i
     return offset
 
 
-@request("DEVICE_GET_IRQ_INFO")
+@DISSECTORS.request("DEVICE_GET_IRQ_INFO")
 def _irq_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, IrqInfo, msg, off)
     expect_end(tree, msg, off + IrqInfo.vfu_compiled.size, "DEVICE_GET_IRQ_INFO request")
@@ -1122,7 +887,7 @@ def _irq_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return IRQS.get(v["index"], f"index {v['index']}")
 
 
-@reply("DEVICE_GET_IRQ_INFO")
+@DISSECTORS.reply("DEVICE_GET_IRQ_INFO")
 def _irq_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, IrqInfo, msg, off)
     expect_end(tree, msg, off + IrqInfo.vfu_compiled.size, "DEVICE_GET_IRQ_INFO reply")
@@ -1130,10 +895,10 @@ def _irq_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         return ""
     check_reply_argsz(tree, v["argsz"], len(msg) - off, "DEVICE_GET_IRQ_INFO")
     return (f"{IRQS.get(v['index'], v['index'])} count={v['count']} "
-            f"flags={_flag_letters(v['flags'], IRQ_INFO_FLAGS)}")
+            f"flags={flag_letters(v['flags'], IRQ_INFO_FLAGS)}")
 
 
-@request("DEVICE_SET_IRQS")
+@DISSECTORS.request("DEVICE_SET_IRQS")
 def _set_irqs(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, SetIrqs, msg, off)
     if "count" not in v:
@@ -1183,7 +948,7 @@ def kind_name(kind: int) -> str:
 
 
 DISABLE_ALL = SET_IRQS_FLAGS["data_none"] | SET_IRQS_FLAGS["trigger"]
-bare("DEVICE_SET_IRQS", "reply")
+DISSECTORS.bare("DEVICE_SET_IRQS", "reply")
 
 
 def _region_access(cls: type[Packet], with_data: bool) -> Dissector:
@@ -1215,13 +980,13 @@ def _le_value(data: bytes) -> str:
     return f"{int.from_bytes(data, 'little'):#0{2 + 2 * len(data)}x}"
 
 
-REQUESTS[CMD["REGION_READ"]] = _region_access(RegionRead, with_data=False)
-REPLIES[CMD["REGION_READ"]] = _region_access(RegionRead, with_data=True)
-REQUESTS[CMD["REGION_WRITE"]] = _region_access(RegionWrite, with_data=True)
-REPLIES[CMD["REGION_WRITE"]] = _region_access(RegionWrite, with_data=False)
+DISSECTORS.requests[CMD["REGION_READ"]] = _region_access(RegionRead, with_data=False)
+DISSECTORS.replies[CMD["REGION_READ"]] = _region_access(RegionRead, with_data=True)
+DISSECTORS.requests[CMD["REGION_WRITE"]] = _region_access(RegionWrite, with_data=True)
+DISSECTORS.replies[CMD["REGION_WRITE"]] = _region_access(RegionWrite, with_data=False)
 
 
-@request("REGION_WRITE_MULTI")
+@DISSECTORS.request("REGION_WRITE_MULTI")
 def _write_multi(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, WriteMulti, msg, off)
     if "wr_cnt" not in v:
@@ -1243,7 +1008,7 @@ def _write_multi(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return f"{v['wr_cnt']} writes"
 
 
-@reply("REGION_WRITE_MULTI")
+@DISSECTORS.reply("REGION_WRITE_MULTI")
 def _write_multi_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, WriteMulti, msg, off)
     expect_end(tree, msg, off + WriteMulti.vfu_compiled.size, "REGION_WRITE_MULTI reply")
@@ -1330,13 +1095,13 @@ def _qemu_layout(msg: bytes, off: int, asked: int | None, known: str | None) -> 
     return None
 
 
-REQUESTS[CMD["DMA_READ"]], REPLIES[CMD["DMA_READ"]] = _dma_access(
+DISSECTORS.requests[CMD["DMA_READ"]], DISSECTORS.replies[CMD["DMA_READ"]] = _dma_access(
     DmaRead, QemuDmaRead, data_in_request=False, data_in_reply=True)
-REQUESTS[CMD["DMA_WRITE"]], REPLIES[CMD["DMA_WRITE"]] = _dma_access(
+DISSECTORS.requests[CMD["DMA_WRITE"]], DISSECTORS.replies[CMD["DMA_WRITE"]] = _dma_access(
     DmaWrite, QemuDmaWrite, data_in_request=True, data_in_reply=False)
 
-bare("DEVICE_RESET", "request")
-bare("DEVICE_RESET", "reply")
+DISSECTORS.bare("DEVICE_RESET", "request")
+DISSECTORS.bare("DEVICE_RESET", "reply")
 
 
 # The operations each feature defines, and the layout of its data.
@@ -1345,8 +1110,8 @@ FEATURE_OPS = {1: FEATURE_GET, 2: FEATURE_GET | FEATURE_SET, 6: FEATURE_SET, 7: 
 FEATURE_OP_NAMES = {FEATURE_GET: "GET", FEATURE_SET: "SET", FEATURE_PROBE: "PROBE"}
 
 
-@request("DEVICE_FEATURE")
-@reply("DEVICE_FEATURE")
+@DISSECTORS.request("DEVICE_FEATURE")
+@DISSECTORS.reply("DEVICE_FEATURE")
 def _device_feature(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, DeviceFeature, msg, off)
     if "flags" not in v:
@@ -1425,7 +1190,7 @@ def _feature_data(tree: Tree, msg: bytes, offset: int, feature: int, parent: int
     if feature == 1:
         _, f = add_layer(tree, MigrationFeature, msg, offset, parent)
         expect_end(tree, msg, offset + MigrationFeature.vfu_compiled.size, "MIGRATION feature")
-        return f" flags={_flag_letters(f.get('flags', 0), MIGRATION_FLAGS)}", f
+        return f" flags={flag_letters(f.get('flags', 0), MIGRATION_FLAGS)}", f
     if feature == 2:
         _, f = add_layer(tree, MigDeviceState, msg, offset, parent)
         expect_end(tree, msg, offset + MigDeviceState.vfu_compiled.size, "MIG_DEVICE_STATE")
@@ -1553,10 +1318,10 @@ def _mig_request_size(req: bytes | None) -> int | None:
     return struct.unpack_from("<I", req, HEADER_SIZE + 4)[0]
 
 
-REQUESTS[CMD["MIG_DATA_READ"]] = _mig_data(MigDataRead, with_data=False, is_reply=False)
-REPLIES[CMD["MIG_DATA_READ"]] = _mig_data(MigDataRead, with_data=True, is_reply=True)
-REQUESTS[CMD["MIG_DATA_WRITE"]] = _mig_data(MigDataWrite, with_data=True, is_reply=False)
-bare("MIG_DATA_WRITE", "reply")
+DISSECTORS.requests[CMD["MIG_DATA_READ"]] = _mig_data(MigDataRead, with_data=False, is_reply=False)
+DISSECTORS.replies[CMD["MIG_DATA_READ"]] = _mig_data(MigDataRead, with_data=True, is_reply=True)
+DISSECTORS.requests[CMD["MIG_DATA_WRITE"]] = _mig_data(MigDataWrite, with_data=True, is_reply=False)
+DISSECTORS.bare("MIG_DATA_WRITE", "reply")
 
 
 # --- the message ------------------------------------------------------------------
