@@ -20,20 +20,23 @@ import bisect
 import copy
 import errno
 import struct
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from .devices import add_registers, device_for
 from .dissectors import vfio_user as proto
-from .dissectors.pci_config import CONFIG_REGION, ConfigShadow, dissect_config_access
+from .dissectors.pci_config import CONFIG_REGION, dissect_config_access
+from .dissectors.vfio_user.protocol import (
+    ERROR_STATE, PRE_COPY, RESUMING, RUNNING, STOP, STOP_COPY)
+from .dissectors.vfio_user.state import (
+    Conflict, ConnState, DmaMapping, Effect, EffectKind, IrqState, Pending, RegionState,
+    SessionRules, check_xfer, describe_fd, echoed_fields, raise_conflict, region_flags)
 from .packet import Dissected
 from .records import C2S, MAIN, S2C, TWIN, Message
-from .tree import Expert, Tree
+from .tree import Tree
 
 CMD = proto.CMD
 DEFAULT_TIMEOUT = 5.0                # QEMU's x-msg-timeout
-STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY = 1, 2, 3, 4, 6
-ERROR_STATE = 0
 SAVING = {STOP_COPY, PRE_COPY}
 MIG_ARCS = {(RUNNING, STOP), (STOP_COPY, STOP), (RESUMING, STOP), (PRE_COPY, RUNNING),
             (STOP, RUNNING), (RUNNING, PRE_COPY), (STOP, STOP_COPY), (PRE_COPY, STOP_COPY),
@@ -45,323 +48,27 @@ FEATURE = {name: number for number, name in proto.FEATURES.items()}
 # Requests a connection may have in flight before the oldest are forgotten:
 # a peer that never answers must not grow memory without bound.
 MAX_INFLIGHT = 1 << 16
-# Requests the receiver must refuse; a success reply to one is an error.
-MUST_REFUSE = {"dma.overlap", "dma.unmap_unknown", "dma.too_many", "dma.access_unmapped",
-               "region.unknown", "region.out_of_bounds", "region.access_flags", "xfer.too_big",
-               "irq.unknown", "irq.out_of_range", "migration.transition", "migration.data_state",
-               "range.overflow", "dma_logging.not_started", "dma_logging.page_size"}
-# The errno a refusal must carry, where the spec names one.
-REFUSAL_ERRNO = {"dma.overlap": ("dma.overlap_errno", errno.EEXIST)}
-# Commands whose request argsz bounds the reply payload.
-ARGSZ_BOUNDED = {CMD[name] for name in (
-    "DMA_UNMAP", "DEVICE_GET_INFO", "DEVICE_GET_REGION_INFO", "DEVICE_GET_REGION_IO_FDS",
-    "DEVICE_GET_IRQ_INFO", "DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE")}
-# Request fields a reply repeats, by command: (layer prefix, fields).
-ECHOED = {CMD["DEVICE_GET_REGION_INFO"]: ("region_info", ("index",)),
-          CMD["DEVICE_GET_IRQ_INFO"]: ("irq_info", ("index",)),
-          CMD["DEVICE_GET_REGION_IO_FDS"]: ("region_io_fds", ("index",)),
-          CMD["REGION_READ"]: ("region_read", ("offset", "region")),
-          CMD["REGION_WRITE"]: ("region_write", ("offset", "region")),
-          CMD["DMA_UNMAP"]: ("dma_unmap", ("address", "size"))}
 REQUEST_KEPT = 64
 MAX_IRQ_VECTORS = 2048      # PCI's MSI-X table limit
 
 
-@dataclass(slots=True)
-class Pending:
-    """A request in flight."""
-
-    number: int
-    cmd: int
-    msg_id: int
-    direction: int
-    channel: int
-    ts_ns: int
-    data: bytes           # its first REQUEST_KEPT bytes: what reply dissectors read
-    fds: list[dict[str, Any]]
-    values: dict[str, Any] = field(default_factory=dict)   # its layer's fields
-    must_refuse: list[Expert] = field(default_factory=list)
-    timed_out: bool = False
-    effect: Effect | None = None    # applied ahead of the reply
+def _send(state: ConnState, p: Pending) -> None:
+    """Put a request in flight; past MAX_INFLIGHT the oldest is forgotten."""
+    if len(state.inflight) >= MAX_INFLIGHT:
+        oldest = next(iter(state.inflight.values()))
+        state.answer(oldest.channel, 1 - oldest.direction, oldest.msg_id)
+        if oldest.effect is not None:
+            state.settle(oldest.effect)
+    state.inflight[p.number] = p
+    state.by_key.setdefault((p.channel, p.direction, p.msg_id), []).append(p.number)
 
 
-@dataclass(slots=True)
-class Effect:
-    """A request's change to the receiver's state, applied in stream order
-    before its reply arrives; `saved` is what undoing it needs."""
-
-    number: int
-    cmd: int
-    values: dict[str, Any]
-    fds: list[dict[str, Any]]
-    saved: Any = None
-    answered: bool = False
-
-
-@dataclass(slots=True)
-class DmaMapping:
-    iova: int
-    size: int
-    offset: int
-    flags: int
-    fd: str               # what was passed: "memfd 0x10000 inode 12", or "none"
-    number: int           # the DMA_MAP request that made it
-
-    @property
-    def end(self) -> int:
-        return self.iova + self.size
-
-
-@dataclass(slots=True)
-class RegionState:
-    index: int
-    size: int
-    flags: int
-    offset: int
-    fd: str
-    areas: list[tuple[int, int]] = field(default_factory=list)
-    caps: list[str] = field(default_factory=list)
-    io_fds: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class IrqState:
-    index: int
-    count: int | None = None
-    flags: int = 0
-    eventfds: set[int] = field(default_factory=set)
-    masked: set[int] = field(default_factory=set)
-    triggers: int = 0
-
-
-class ConnState:
-    """One connection: negotiation, DMA maps, regions, IRQs, migration, in flight."""
-
-    def __init__(self, conn: int) -> None:
-        self.conn = conn
-        self.version_sent = False
-        self.client_version: tuple[int, int] | None = None
-        self.server_version: tuple[int, int] | None = None
-        self.client_caps: dict[str, Any] = {}
-        self.server_caps: dict[str, Any] = {}
-        self.twin = False
-        self.device: dict[str, int] | None = None
-        self.maps: dict[int, DmaMapping] = {}
-        self.map_starts: list[int] = []          # sorted iovas of `maps`
-        self.regions: dict[int, RegionState] = {}
-        self.irqs: dict[int, IrqState] = {}
-        self.mig_state = RUNNING
-        self.mig_flags: int | None = None        # the MIGRATION feature's, once read
-        self.logging: str | None = None          # dirty logging: None when off
-        self.qemu_dma: str | None = None         # why the client uses QEMU's DMA layout
-        self.config = ConfigShadow()
-        self.inflight: dict[int, Pending] = {}   # by request number, oldest first
-        self.by_key: dict[tuple[int, int, int], list[int]] = {}
-        self.posted: dict[tuple[int, int, int], int] = {}   # NO_REPLY requests
-        self.effects: list[Effect] = []          # applied ahead of replies, stream order
-        self.closed = False
-
-    # --- negotiated values ------------------------------------------------------
-
-    def cap(self, caps: dict[str, Any], name: str) -> Any:
-        return caps.get(name, proto.CAPABILITIES[name][1])
-
-    def receiver_caps(self, direction: int) -> dict[str, Any] | None:
-        """The capabilities of whoever receives a message sent in `direction`."""
-        if self.server_version is None:
-            return None
-        return self.server_caps if direction == C2S else self.client_caps
-
-    @property
-    def page_size(self) -> int:
-        pgsizes = self.cap(self.server_caps, "pgsizes")
-        return pgsizes & -pgsizes if pgsizes else proto.PAGE_4K
-
-    # --- DMA map table ----------------------------------------------------------
-
-    def overlapping(self, iova: int, size: int) -> DmaMapping | None:
-        i = bisect.bisect_left(self.map_starts, iova + size)
-        if i and self.maps[self.map_starts[i - 1]].end > iova:
-            return self.maps[self.map_starts[i - 1]]
-        return None
-
-    def containing(self, addr: int, count: int) -> DmaMapping | None:
-        i = bisect.bisect_right(self.map_starts, addr)
-        if i:
-            m = self.maps[self.map_starts[i - 1]]
-            if addr + count <= m.end:
-                return m
-        return None
-
-    def add_map(self, m: DmaMapping) -> None:
-        if m.iova not in self.maps:
-            bisect.insort(self.map_starts, m.iova)
-        self.maps[m.iova] = m
-
-    def remove_map(self, iova: int) -> None:
-        del self.maps[iova]
-        self.map_starts.remove(iova)
-
-    # --- in flight --------------------------------------------------------------
-
-    def send(self, p: Pending) -> None:
-        if len(self.inflight) >= MAX_INFLIGHT:
-            oldest = next(iter(self.inflight.values()))
-            self.answer(oldest.channel, 1 - oldest.direction, oldest.msg_id)
-            if oldest.effect is not None:
-                self.settle(oldest.effect)
-        self.inflight[p.number] = p
-        self.by_key.setdefault((p.channel, p.direction, p.msg_id), []).append(p.number)
-
-    def answer(self, channel: int, direction: int, msg_id: int) -> Pending | None:
-        """The oldest request that a reply sent in `direction` answers."""
-        key = (channel, 1 - direction, msg_id)
-        numbers = self.by_key.get(key)
-        if not numbers:
-            return None
-        number = numbers.pop(0)
-        if not numbers:
-            del self.by_key[key]
-        return self.inflight.pop(number)
-
-    # --- effects ahead of replies -------------------------------------------------
-
-    def apply(self, effect: Effect) -> None:
-        effect.saved = EFFECTS[effect.cmd].apply(self, effect)
-
-    def push(self, effect: Effect) -> None:
-        """Keep an applied effect until its reply; a request never answered
-        must not keep every later one (and memory) waiting."""
-        self.effects.append(effect)
-        if len(self.effects) > MAX_INFLIGHT:
-            self.settle(self.effects[0])
-
-    def settle(self, effect: Effect) -> None:
-        """Its reply was a success: the effect stays."""
-        effect.answered = True
-        while self.effects and self.effects[0].answered:
-            self.effects.pop(0)
-
-    def retract(self, effect: Effect) -> list[tuple[Effect, str, str]]:
-        """Its reply was an error: undo it and what was applied on top of it,
-        then apply the later effects again.  Returns what the later requests
-        now break (effect, expert id, message): the receiver must refuse them."""
-        i = self.effects.index(effect)
-        for later in reversed(self.effects[i:]):
-            EFFECTS[later.cmd].undo(self, later)
-        del self.effects[i]
-        broken = []
-        for later in self.effects[i:]:
-            kind = EFFECTS[later.cmd]
-            problem = kind.conflict(self, later.values) if kind.conflict else None
-            if problem:
-                broken.append((later, *problem))
-            self.apply(later)
-        return broken
-
-    def in_flight_effect(self, *cmds: str) -> Effect | None:
-        """The newest unanswered effect of these commands, for the views."""
-        wanted = {CMD[name] for name in cmds}
-        return next((e for e in reversed(self.effects)
-                     if e.cmd in wanted and not e.answered), None)
-
-    def sections(self, at_ns: int | None = None) -> list[tuple[str, list[str]]]:
-        """The state as titled sections of text lines, for the views."""
-        return [("Negotiation", self._negotiation_lines()),
-                ("DMA maps", self._map_lines()),
-                ("Regions", self._region_lines()),
-                ("IRQs", self._irq_lines()),
-                ("Migration", self._migration_lines()),
-                ("In flight", self._inflight_lines(at_ns))]
-
-    def _negotiation_lines(self) -> list[str]:
-        if self.server_version is None:
-            return ["VERSION not answered yet" if self.version_sent else "no VERSION yet"]
-        lines = [f"client {self.client_version[0]}.{self.client_version[1]}, "
-                 f"server {self.server_version[0]}.{self.server_version[1]}"]
-        for name, (_, default, label) in proto.CAPABILITIES.items():
-            client, server = self.client_caps.get(name), self.server_caps.get(name)
-            if client is not None or server is not None:
-                lines.append(f"{label}: client {_shown(client, default)}, "
-                             f"server {_shown(server, default)}")
-        lines.append(f"twin socket: {'yes' if self.twin else 'no'}")
-        if self.device:
-            lines.append(f"device: {self.device['num_regions']} regions, "
-                         f"{self.device['num_irqs']} IRQ indexes, flags {self.device['flags']:#x}")
-        return lines
-
-    def _map_lines(self) -> list[str]:
-        awaiting = {e.number for e in self.effects if not e.answered}
-        return [f"{m.iova:#014x}-{m.end - 1:#014x} size {m.size:#x} "
-                f"{_prot(m.flags)} fd {m.fd} offset {m.offset:#x} (frame {m.number}"
-                + (", in flight: no reply yet)" if m.number in awaiting else ")")
-                for m in (self.maps[i] for i in self.map_starts)] or ["none"]
-
-    def _region_lines(self) -> list[str]:
-        lines = []
-        for r in sorted(self.regions.values(), key=lambda r: r.index):
-            line = (f"{proto.region_name(r.index)}: size {r.size:#x} "
-                    f"flags {_region_flags(r.flags)} fd {r.fd}")
-            if r.areas:
-                line += " mmap " + ", ".join(f"{o:#x}+{s:#x}" for o, s in r.areas)
-            if r.caps:
-                line += " caps " + ",".join(r.caps)
-            lines.append(line)
-            lines.extend(f"    io fd: {text}" for text in r.io_fds)
-        return lines or ["none described"]
-
-    def _irq_lines(self) -> list[str]:
-        lines = []
-        for irq in sorted(self.irqs.values(), key=lambda i: i.index):
-            count = "?" if irq.count is None else irq.count
-            lines.append(f"{proto.IRQS.get(irq.index, irq.index)}: count {count}, "
-                         f"eventfds {_ranges(irq.eventfds)}, masked {_ranges(irq.masked)}, "
-                         f"{irq.triggers} triggers")
-        return lines or ["none described"]
-
-    def _migration_lines(self) -> list[str]:
-        pending = self.in_flight_effect("DEVICE_FEATURE", "DEVICE_RESET")
-        return [f"device state {proto.MIG_STATES.get(self.mig_state, self.mig_state)}"
-                + (f" (in flight: frame {pending.number} has no reply yet)" if pending else ""),
-                f"dirty logging {self.logging or 'off'}"]
-
-    def _inflight_lines(self, at_ns: int | None) -> list[str]:
-        lines = []
-        for p in self.inflight.values():
-            age = f", {(at_ns - p.ts_ns) / 1e6:.3f} ms" if at_ns is not None else ""
-            arrow = "C→S" if p.direction == C2S else "C←S"
-            effect = (f"; applied ahead of its reply: {EFFECTS[p.cmd].describe(p.effect.values)}"
-                      if p.effect else "")
-            lines.append(f"{arrow} frame {p.number} {proto.COMMANDS.get(p.cmd, p.cmd)} "
-                         f"msg_id {p.msg_id:#06x}{age}{effect}")
-        return lines or ["none"]
-
-
-def _shown(value: Any, default: Any) -> str:
-    return f"{default} (default)" if value is None else str(value)
-
-
-def _prot(flags: int) -> str:
-    return ("R" if flags & 1 else "-") + ("W" if flags & 2 else "-")
-
-
-def _region_flags(flags: int) -> str:
-    return "".join(c if flags & bit else "-" for c, bit in zip("RWMC", (1, 2, 4, 8)))
-
-
-def _ranges(numbers: set[int]) -> str:
-    """{0, 1, 2, 5} -> '0-2,5'."""
-    if not numbers:
-        return "none"
-    out, start, prev = [], None, None
-    for n in sorted(numbers) + [None]:
-        if start is not None and n != prev + 1:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = None
-        if start is None:
-            start = n
-        prev = n
-    return ",".join(out)
+def _push(state: ConnState, effect: Effect) -> None:
+    """Keep an applied effect until its reply; a request never answered
+    must not keep every later one (and memory) waiting."""
+    state.effects.append(effect)
+    if len(state.effects) > MAX_INFLIGHT:
+        state.settle(state.effects[0])
 
 
 @dataclass
@@ -469,23 +176,23 @@ def _check_message(state: ConnState, p: Dissected, timeout_ns: int) -> None:
 
 # --- commands -------------------------------------------------------------------------
 
-# A command check returns the values its reply will need (or None).
-CommandCheck = Callable[[ConnState, "Dissected"], "dict[str, Any] | None"]
-COMMAND_CHECKS: dict[int, CommandCheck] = {}
-
-
-def handles(table: dict[int, Any]) -> Callable[..., Callable[[Any], Any]]:
-    """A decorator factory: @handles(table)("DMA_MAP", …) files a function by command."""
-    def by_names(*names: str) -> Callable[[Any], Any]:
-        def wrap(fn: Any) -> Any:
-            for name in names:
-                table[CMD[name]] = fn
-            return fn
-        return wrap
-    return by_names
-
-
-on_command = handles(COMMAND_CHECKS)
+_RULES = SessionRules(
+    must_refuse={"dma.overlap", "dma.unmap_unknown", "dma.too_many", "dma.access_unmapped",
+                 "region.unknown", "region.out_of_bounds", "region.access_flags", "xfer.too_big",
+                 "irq.unknown", "irq.out_of_range", "migration.transition",
+                 "migration.data_state", "range.overflow", "dma_logging.not_started",
+                 "dma_logging.page_size"},
+    refusal_errno={"dma.overlap": ("dma.overlap_errno", errno.EEXIST)},
+    argsz_bounded=("DMA_UNMAP", "DEVICE_GET_INFO", "DEVICE_GET_REGION_INFO",
+                   "DEVICE_GET_REGION_IO_FDS", "DEVICE_GET_IRQ_INFO", "DEVICE_FEATURE",
+                   "MIG_DATA_READ", "MIG_DATA_WRITE"),
+    echoes={"DEVICE_GET_REGION_INFO": echoed_fields("region_info", ("index",)),
+            "DEVICE_GET_IRQ_INFO": echoed_fields("irq_info", ("index",)),
+            "DEVICE_GET_REGION_IO_FDS": echoed_fields("region_io_fds", ("index",)),
+            "REGION_READ": echoed_fields("region_read", ("offset", "region")),
+            "REGION_WRITE": echoed_fields("region_write", ("offset", "region")),
+            "DMA_UNMAP": echoed_fields("dma_unmap", ("address", "size"))})
+on_command, on_reply = _RULES.on_command, _RULES.on_reply
 
 
 def _on_command(state: ConnState, p: Dissected) -> None:
@@ -501,25 +208,26 @@ def _on_command(state: ConnState, p: Dissected) -> None:
         p.tree.expert("request.duplicate_id",
                       f"msg_id {h.msg_id:#06x} is also in flight in frame "
                       f"{state.by_key[key][0]}; replies are matched in order")
-    check = COMMAND_CHECKS.get(h.cmd)
+    check = _RULES.command_checks.get(h.cmd)
     values = check(state, p) if check else None
-    refused = [e for e in p.tree.experts if e.id in MUST_REFUSE]
+    refused = [e for e in p.tree.experts if e.id in _RULES.must_refuse]
     # What the receiver must refuse changes nothing, unless its reply says it did.
     effect = None if refused else _apply_effect(state, p.number, h.cmd, values, msg.fds)
     if not h.no_reply:
         pending = Pending(p.number, h.cmd, h.msg_id, msg.direction, msg.channel, msg.ts_ns,
                           msg.data[:REQUEST_KEPT], msg.fds, values or {}, refused)
-        state.send(pending)
+        _send(state, pending)
         if effect is not None:
             pending.effect = effect
-            state.push(effect)
+            _push(state, effect)
 
 
 def _apply_effect(state: ConnState, number: int, cmd: int, values: dict[str, Any] | None,
                   fds: list[dict[str, Any]]) -> Effect | None:
-    if values is None or cmd not in EFFECTS:
+    kind = _RULES.effects.get(cmd)
+    if values is None or kind is None:
         return None
-    effect = Effect(number, cmd, values, fds)
+    effect = Effect(number, cmd, values, fds, kind)
     state.apply(effect)
     return effect
 
@@ -544,7 +252,7 @@ def _dma_map_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
     v = p.tree.prefixed("dma_map")
     if "size" not in v:
         return None
-    _raise(p.tree, _map_conflict(state, v))
+    raise_conflict(p.tree, _map_conflict(state, v))
     page = state.page_size
     bad = [name for name in ("address", "size", "offset") if v[name] % page]
     if bad:
@@ -562,7 +270,7 @@ def _dma_unmap_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
     v = p.tree.prefixed("dma_unmap")
     if "size" not in v:
         return None
-    _raise(p.tree, _unmap_conflict(state, v))
+    raise_conflict(p.tree, _unmap_conflict(state, v))
     bitmap = p.tree.prefixed("dma_unmap.bitmap")
     if "size" in bitmap and bitmap.get("pgsize"):
         _check_bitmap(state, p.tree, v["size"], bitmap["pgsize"], bitmap["size"],
@@ -627,16 +335,8 @@ def _check_region_access(state: ConnState, p: Dissected, index: int, offset: int
         needed = REGION_WRITE_FLAG if write else REGION_READ_FLAG
         if not region.flags & needed:
             tree.expert("region.access_flags", f"{'write to' if write else 'read of'} {name}, "
-                        f"whose flags {_region_flags(region.flags)} forbid it")
-    _check_xfer(state, tree, C2S, count)
-
-
-def _check_xfer(state: ConnState, tree: Tree, direction: int, count: int) -> None:
-    caps = state.receiver_caps(direction)
-    if caps is not None:
-        limit = state.cap(caps, "max_data_xfer_size")
-        if count > limit:
-            tree.expert("xfer.too_big", f"{count} bytes, max_data_xfer_size is {limit}")
+                        f"whose flags {region_flags(region.flags)} forbid it")
+    check_xfer(state, tree, C2S, count)
 
 
 def _device_access(state: ConnState, p: Dissected, prefix: str, write: bool) -> None:
@@ -722,7 +422,7 @@ def _server_dma_request(state: ConnState, p: Dissected) -> None:
     if state.containing(v["address"], v["count"]) is None:
         p.tree.expert("dma.access_unmapped",
                       f"{v['address']:#x}+{v['count']:#x} is outside every live DMA map")
-    _check_xfer(state, p.tree, S2C, v["count"])
+    check_xfer(state, p.tree, S2C, v["count"])
 
 
 @on_command("DEVICE_FEATURE")
@@ -732,7 +432,7 @@ def _feature_request(state: ConnState, p: Dissected) -> dict[str, Any]:
     new = p.tree.prefixed("mig_state").get("device_state")
     if new is not None and flags & proto.FEATURE_SET and not flags & proto.FEATURE_PROBE:
         v["device_state"] = new
-        _raise(p.tree, _transition_conflict(state, v))
+        raise_conflict(p.tree, _transition_conflict(state, v))
     report = p.tree.prefixed("dma_logging_report")
     if flags & proto.FEATURE_GET and report.get("page_size"):
         _check_bitmap_limit(state, p.tree, report["length"], report["page_size"])
@@ -760,7 +460,7 @@ def _mig_data_request(state: ConnState, p: Dissected) -> None:
                       f"{proto.MIG_STATES.get(state.mig_state, state.mig_state)}")
     v = p.tree.prefixed("mig_data_read" if reading else "mig_data_write")
     if "size" in v:
-        _check_xfer(state, p.tree, C2S, v["size"])
+        check_xfer(state, p.tree, C2S, v["size"])
 
 
 def migration_path(current: int, new: int, pre_copy: bool = True) -> list[int] | None:
@@ -786,10 +486,6 @@ def migration_path(current: int, new: int, pre_copy: bool = True) -> list[int] |
 
 
 # --- replies ----------------------------------------------------------------------------
-
-ReplyApply = Callable[[ConnState, "Dissected", Pending], None]
-REPLY_APPLIES: dict[int, ReplyApply] = {}
-on_reply = handles(REPLY_APPLIES)
 
 
 def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
@@ -821,15 +517,15 @@ def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
                     f"{e.message} ({e.id})")
     if request.must_refuse:         # it did change the receiver's state
         _apply_effect(state, request.number, h.cmd, request.values, request.fds)
-    apply = REPLY_APPLIES.get(h.cmd)
+    apply = _RULES.reply_applies.get(h.cmd)
     if apply:
         apply(state, p, request)
 
 
 def _refusal_errno(tree: Tree, request: Pending, error: int) -> None:
     for e in request.must_refuse:
-        if e.id in REFUSAL_ERRNO and error != REFUSAL_ERRNO[e.id][1]:
-            expert_id, wanted = REFUSAL_ERRNO[e.id]
+        if e.id in _RULES.refusal_errno and error != _RULES.refusal_errno[e.id][1]:
+            expert_id, wanted = _RULES.refusal_errno[e.id]
             tree.expert(expert_id, f"frame {request.number} ({e.id}) refused with "
                         f"{proto.ERRNO_NAMES.get(error, error)}; the spec says "
                         f"{proto.ERRNO_NAMES[wanted]}")
@@ -838,21 +534,14 @@ def _refusal_errno(tree: Tree, request: Pending, error: int) -> None:
 def _reply_fits(p: Dissected, request: Pending) -> None:
     """A reply's payload fits its request's argsz, and repeats what it echoes."""
     payload = p.msg.wire_size - proto.HEADER_SIZE
-    if request.cmd in ARGSZ_BOUNDED and len(request.data) >= proto.HEADER_SIZE + 4:
+    if request.cmd in _RULES.argsz_bounded and len(request.data) >= proto.HEADER_SIZE + 4:
         argsz = struct.unpack_from("<I", request.data, proto.HEADER_SIZE)[0]
         if payload > argsz:
             p.tree.expert("argsz.reply_exceeds", f"{payload}-byte reply payload, frame "
                           f"{request.number}'s argsz allowed {argsz}")
-    echoed = ECHOED.get(request.cmd)
-    if echoed is not None:
-        got = p.tree.prefixed(echoed[0])
-        differ = [f"{name} {got[name]:#x} (asked {request.values[name]:#x})"
-                  for name in echoed[1] if name in got and name in request.values
-                  and got[name] != request.values[name]]
-        if differ:
-            p.tree.expert("reply.echo_mismatch", f"reply gives {', '.join(differ)}")
-    elif request.cmd == CMD["DEVICE_FEATURE"]:
-        _feature_echo(p, request)
+    echo = _RULES.echoes.get(request.cmd)
+    if echo is not None:
+        echo(p, request)
 
 
 def _feature_echo(p: Dissected, request: Pending) -> None:
@@ -903,16 +592,6 @@ def _version_reply(state: ConnState, p: Dissected, request: Pending) -> None:
     if unasked:
         p.tree.expert("version.capability_not_offered", f"{', '.join(unasked)} not proposed by "
                       "the client: the spec has the reply state a subset of what it proposed")
-
-
-def describe_fd(fds: list[dict[str, Any]], index: int = 0) -> str:
-    if index >= len(fds):
-        return "none"
-    meta = fds[index]
-    text = meta.get("kind", "fd")
-    if meta.get("size") is not None:
-        text += f" {meta['size']:#x}"
-    return text + (f" inode {meta['inode']}" if meta.get("inode") else "")
 
 
 @on_reply("DEVICE_GET_INFO")
@@ -974,28 +653,6 @@ def _irq_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
 @on_reply("REGION_READ")
 def _region_read_reply(state: ConnState, p: Dissected, request: Pending) -> None:
     _device_access(state, p, "region_read", write=False)
-
-
-# --- effects: what a request changes, applied ahead of its reply ----------------------------
-# Each kind applies an effect (returning what undoing it needs) and undoes it;
-# undoing runs newest first, so an undo only has to restore what its apply saw.
-# `conflict` says what a request breaks in a given state (an expert id and
-# message), for the request check and when an earlier request is retracted.
-
-Conflict = tuple[str, str] | None
-
-
-@dataclass(frozen=True)
-class EffectKind:
-    apply: Callable[[ConnState, Effect], Any]
-    undo: Callable[[ConnState, Effect], None]
-    describe: Callable[[dict[str, Any]], str]
-    conflict: Callable[[ConnState, dict[str, Any]], Conflict] | None = None
-
-
-def _raise(tree: Tree, problem: Conflict) -> None:
-    if problem:
-        tree.expert(*problem)
 
 
 def _map_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
@@ -1137,15 +794,15 @@ def _reset_undo(state: ConnState, e: Effect) -> None:
     state.mig_state = e.saved
 
 
-EFFECTS: dict[int, EffectKind] = {
-    CMD["DMA_MAP"]: EffectKind(_map_apply, _map_undo,
-                               lambda v: f"map {v['address']:#x}+{v['size']:#x}", _map_conflict),
-    CMD["DMA_UNMAP"]: EffectKind(
-        _unmap_apply, _unmap_undo,
-        lambda v: "unmap all" if v["flags"] & proto.DMA_UNMAP_FLAGS["all"]
-        else f"unmap {v['address']:#x}+{v['size']:#x}", _unmap_conflict),
-    CMD["DEVICE_SET_IRQS"]: EffectKind(_irqs_apply, _irqs_undo, _irqs_text),
-    CMD["DEVICE_FEATURE"]: EffectKind(_feature_apply, _feature_undo, _feature_text,
-                                      _transition_conflict),
-    CMD["DEVICE_RESET"]: EffectKind(_reset_apply, _reset_undo, lambda v: "device reset"),
-}
+_RULES.effect("DMA_MAP", EffectKind(_map_apply, _map_undo,
+                                    lambda v: f"map {v['address']:#x}+{v['size']:#x}",
+                                    _map_conflict))
+_RULES.effect("DMA_UNMAP", EffectKind(
+    _unmap_apply, _unmap_undo,
+    lambda v: "unmap all" if v["flags"] & proto.DMA_UNMAP_FLAGS["all"]
+    else f"unmap {v['address']:#x}+{v['size']:#x}", _unmap_conflict))
+_RULES.effect("DEVICE_SET_IRQS", EffectKind(_irqs_apply, _irqs_undo, _irqs_text))
+_RULES.effect("DEVICE_FEATURE", EffectKind(_feature_apply, _feature_undo, _feature_text,
+                                           _transition_conflict))
+_RULES.effect("DEVICE_RESET", EffectKind(_reset_apply, _reset_undo, lambda v: "device reset"))
+_RULES.echoes[CMD["DEVICE_FEATURE"]] = _feature_echo

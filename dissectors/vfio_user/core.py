@@ -190,3 +190,11 @@ class Dissectors:
             expect_empty(tree, msg, f"{cmd} {kind}")
             return ""
         (self.requests if kind == "request" else self.replies)[CMD[cmd]] = fn
+
+
+def merge_by_command(into: dict[int, Any], table: dict[int, Any]) -> None:
+    """Add a family's table to the merged one: a command is one family's."""
+    twice = into.keys() & table.keys()
+    if twice:
+        raise ValueError(f"commands {sorted(twice)} handled by two families")
+    into.update(table)
