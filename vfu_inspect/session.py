@@ -178,10 +178,9 @@ def _check_message(state: ConnState, p: Dissected, timeout_ns: int) -> None:
 
 _RULES = SessionRules(
     must_refuse={"dma.overlap", "dma.unmap_unknown", "dma.too_many", "dma.access_unmapped",
-                 "region.unknown", "region.out_of_bounds", "region.access_flags", "xfer.too_big",
+                 "region.unknown", "region.out_of_bounds", "region.access_flags",
                  "irq.unknown", "irq.out_of_range", "migration.transition",
-                 "migration.data_state", "range.overflow", "dma_logging.not_started",
-                 "dma_logging.page_size"},
+                 "migration.data_state", "dma_logging.not_started", "dma_logging.page_size"},
     refusal_errno={"dma.overlap": ("dma.overlap_errno", errno.EEXIST)},
     argsz_bounded=("DMA_UNMAP", "DEVICE_GET_INFO", "DEVICE_GET_REGION_INFO",
                    "DEVICE_GET_REGION_IO_FDS", "DEVICE_GET_IRQ_INFO", "DEVICE_FEATURE",
@@ -208,9 +207,9 @@ def _on_command(state: ConnState, p: Dissected) -> None:
         p.tree.expert("request.duplicate_id",
                       f"msg_id {h.msg_id:#06x} is also in flight in frame "
                       f"{state.by_key[key][0]}; replies are matched in order")
-    check = _RULES.command_checks.get(h.cmd)
+    check = RULES.command_checks.get(h.cmd)
     values = check(state, p) if check else None
-    refused = [e for e in p.tree.experts if e.id in _RULES.must_refuse]
+    refused = [e for e in p.tree.experts if e.id in RULES.must_refuse]
     # What the receiver must refuse changes nothing, unless its reply says it did.
     effect = None if refused else _apply_effect(state, p.number, h.cmd, values, msg.fds)
     if not h.no_reply:
@@ -224,7 +223,7 @@ def _on_command(state: ConnState, p: Dissected) -> None:
 
 def _apply_effect(state: ConnState, number: int, cmd: int, values: dict[str, Any] | None,
                   fds: list[dict[str, Any]]) -> Effect | None:
-    kind = _RULES.effects.get(cmd)
+    kind = RULES.effects.get(cmd)
     if values is None or kind is None:
         return None
     effect = Effect(number, cmd, values, fds, kind)
@@ -517,15 +516,15 @@ def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
                     f"{e.message} ({e.id})")
     if request.must_refuse:         # it did change the receiver's state
         _apply_effect(state, request.number, h.cmd, request.values, request.fds)
-    apply = _RULES.reply_applies.get(h.cmd)
+    apply = RULES.reply_applies.get(h.cmd)
     if apply:
         apply(state, p, request)
 
 
 def _refusal_errno(tree: Tree, request: Pending, error: int) -> None:
     for e in request.must_refuse:
-        if e.id in _RULES.refusal_errno and error != _RULES.refusal_errno[e.id][1]:
-            expert_id, wanted = _RULES.refusal_errno[e.id]
+        if e.id in RULES.refusal_errno and error != RULES.refusal_errno[e.id][1]:
+            expert_id, wanted = RULES.refusal_errno[e.id]
             tree.expert(expert_id, f"frame {request.number} ({e.id}) refused with "
                         f"{proto.ERRNO_NAMES.get(error, error)}; the spec says "
                         f"{proto.ERRNO_NAMES[wanted]}")
@@ -534,12 +533,12 @@ def _refusal_errno(tree: Tree, request: Pending, error: int) -> None:
 def _reply_fits(p: Dissected, request: Pending) -> None:
     """A reply's payload fits its request's argsz, and repeats what it echoes."""
     payload = p.msg.wire_size - proto.HEADER_SIZE
-    if request.cmd in _RULES.argsz_bounded and len(request.data) >= proto.HEADER_SIZE + 4:
+    if request.cmd in RULES.argsz_bounded and len(request.data) >= proto.HEADER_SIZE + 4:
         argsz = struct.unpack_from("<I", request.data, proto.HEADER_SIZE)[0]
         if payload > argsz:
             p.tree.expert("argsz.reply_exceeds", f"{payload}-byte reply payload, frame "
                           f"{request.number}'s argsz allowed {argsz}")
-    echo = _RULES.echoes.get(request.cmd)
+    echo = RULES.echoes.get(request.cmd)
     if echo is not None:
         echo(p, request)
 
@@ -806,3 +805,5 @@ _RULES.effect("DEVICE_FEATURE", EffectKind(_feature_apply, _feature_undo, _featu
                                            _transition_conflict))
 _RULES.effect("DEVICE_RESET", EffectKind(_reset_apply, _reset_undo, lambda v: "device reset"))
 _RULES.echoes[CMD["DEVICE_FEATURE"]] = _feature_echo
+# What the tracker runs: every family's rules, and those still here.
+RULES = SessionRules.merged([proto.SESSION, _RULES])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import struct
+from types import ModuleType
 from typing import Any
 
 from scapy.fields import StrField
@@ -27,11 +28,15 @@ from .core import (
     check_reply_argsz, check_request_argsz, check_zero, expect_end, fd_text,
     fitting, flag_letters, hex_size)
 from .protocol import *  # noqa: F401,F403  (moved there; split next)
+from . import header
+from .header import (
+    CLIENT_COMMANDS, FD_CARRIERS, RESERVED, Header, HeaderInfo, fd_items, header_checks,
+    parse_header)
+from .state import SessionRules
 
 # The expert items whose message shows its client uses QEMU's DMA layout.
 QEMU_DMA_SIGNS = {"interop.dma_write_bare_reply": "a bare DMA_WRITE reply",
                   "interop.dma_qemu_layout": "a DMA_READ reply in QEMU's layout"}
-
 
 
 # --- expert infos -------------------------------------------------------------
@@ -40,45 +45,7 @@ QEMU_DMA_SIGNS = {"interop.dma_write_bare_reply": "a bare DMA_WRITE reply",
 # docs/interop/vfio-user.rst, by section; a rule that is not the spec's says
 # whose it is, and is a note unless the message also breaks the spec.
 
-CHECKS: list[tuple[str, ...]] = [
-    # framing and the header
-    ("malformed.short", "error", "a structure is cut short by the message end", f"{SPEC} § Protocol Specification (each command's layout)"),
-    ("malformed.trailing", "warning", "bytes beyond what the command's layout accounts for", f"{SPEC} § Protocol Specification (each command's layout)"),
-    ("header.size", "error", "msg_size disagrees with the message length", f"{SPEC} § Header"),
-    ("header.type", "error", "message type is neither command (0) nor reply (1)", f"{SPEC} § Header"),
-    ("header.unknown_command", "warning", "command number not in the spec's table", f"{SPEC} § Commands"),
-    ("header.obsolete_command", "warning", "command 14 (DIRTY_PAGES), not in the spec's table", f"{SPEC} § Commands",
-     "QEMU 10.2.2 still defines it in protocol.h and never sends it; libvfio-user refuses it"),
-    ("header.wrong_direction", "warning", "a command sent the way the spec's table does not give it (DMA_READ/WRITE by the client, the others by the server)", f"{SPEC} § Commands"),
-    ("header.error_in_command", "note", "ERROR flag on a command (the spec defines it for replies)", f"{SPEC} § Header"),
-    ("header.no_reply_in_reply", "note", "NO_REPLY flag on a reply (the spec defines it for commands)", f"{SPEC} § Header"),
-    ("header.flags_unknown", "note", "flag bits the spec does not define", f"{SPEC} § Header"),
-    ("header.errno_zero", "note", "error reply with errno 0 (allowed; the cause is not said)", f"{SPEC} § Header"),
-    ("header.error_reserved", "note", "error field set without the ERROR flag (reserved in commands)", f"{SPEC} § Header"),
-    # replies and requests
-    ("reply.unmatched", "error", "reply whose msg_id matches no request in flight", f"{SPEC} § Header",
-     "QEMU 10.2.2 fails with \"unexpected reply\""),
-    ("reply.command_mismatch", "error", "reply's command differs from its request's", f"{SPEC} § Header"),
-    ("reply.accepted_invalid", "error", "success reply to a request the receiver must refuse", f"{SPEC} § Protocol Specification (the rule the request broke)"),
-    ("reply.error_payload", "warning", "error reply that carries more than the header", f"{SPEC} § Header",
-     "libvfio-user sends its reply payload with some errors (REGION_WRITE, DEVICE_FEATURE)"),
-    ("reply.echo_mismatch", "warning", "reply does not repeat what the spec has it echo (the index, the region and offset, the unmapped DMA entry, a SET or PROBE payload)", f"{SPEC} § DEVICE_GET_REGION_INFO, _REGION_IO_FDS, _IRQ_INFO, REGION_READ/WRITE, DMA_UNMAP, DEVICE_FEATURE"),
-    ("reply.to_no_reply", "note", "reply to a NO_REPLY request, which needs none", f"{SPEC} § Header",
-     "QEMU 10.2.2 takes it for the reply to its next request: its posted writes desynchronize"),
-    ("request.duplicate_id", "note", "msg_id reused while a request with it is in flight (allowed)", f"{SPEC} § Header"),
-    ("request.unanswered", "warning", "request never answered", f"{SPEC} § Header"),
-    ("request.timeout", "note", "request unanswered for longer than the timeout (the spec sets none)", f"{SPEC} § Request Retry and Response Timeout",
-     "QEMU 10.2.2 gives up after x-msg-timeout, 5 s by default"),
-    ("fd.count", "warning", "fds where the message carries none, or the wrong number", f"{SPEC} § Protocol Specification (each command's fds)"),
-    ("fd.over_max", "error", "more fds than the receiver's max_msg_fds", f"{SPEC} § VFIO_USER_VERSION"),
-    ("xfer.too_big", "warning", "data transfer over the receiver's max_data_xfer_size (REGION, DMA and MIG_DATA reads and writes)", f"{SPEC} § Read and Write Operations; § VFIO_USER_VERSION",
-     "libvfio-user refuses MIG_DATA sizes over it too; the spec's capability table says \"data transfer messages\""),
-    ("argsz.truncated", "note", "reply truncated to the request's argsz (the client retries)", f"{SPEC} § Message sizes"),
-    ("argsz.mismatch", "warning", "argsz disagrees with the payload", f"{SPEC} § Message sizes"),
-    ("argsz.small", "warning", "request argsz below the reply it asks for (the fixed header, the feature's data)", f"{SPEC} § Message sizes"),
-    ("argsz.reply_exceeds", "warning", "reply payload larger than its request's argsz allowed", f"{SPEC} § Message sizes"),
-    ("field.not_zero", "warning", "a field the spec says must be zero is not", f"{SPEC} § DEVICE_GET_INFO, _REGION_INFO, _REGION_IO_FDS, _IRQ_INFO"),
-    ("range.overflow", "warning", "start + count (or address + size) does not fit the field's width: it wraps", f"{SPEC} § DEVICE_SET_IRQS, REGION_READ/WRITE, DMA_MAP/UNMAP/READ/WRITE, DEVICE_FEATURE"),
+_CHECKS: list[tuple[str, ...]] = [
     # negotiation
     ("version.not_first", "error", "a command before VERSION", f"{SPEC} § VFIO_USER_VERSION"),
     ("version.major", "error", "server's major version differs from the client's", f"{SPEC} § VFIO_USER_VERSION"),
@@ -153,7 +120,7 @@ CHECKS: list[tuple[str, ...]] = [
     ("irq.unknown", "warning", "SET_IRQS or GET_IRQ_INFO of an index beyond the device's num_irqs", f"{SPEC} § VFIO_USER_DEVICE_GET_INFO"),
     ("irq.out_of_range", "warning", "SET_IRQS beyond the index's count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
     ("irq.action_unsupported", "warning", "SET_IRQS MASK/UNMASK on an index without MASKABLE, or eventfds for one without EVENTFD", f"{SPEC} § VFIO_USER_DEVICE_GET_IRQ_INFO; § VFIO_USER_DEVICE_SET_IRQS"),
-    # server commands, interop and deadlock risk
+    # server commands and interop
     ("dma_read.count", "error", "DMA_READ count disagrees with the data", f"{SPEC} § VFIO_USER_DMA_READ"),
     ("dma_write.count", "error", "DMA_WRITE count disagrees with the data", f"{SPEC} § VFIO_USER_DMA_WRITE"),
     ("dma_read.count_mismatch", "note", "DMA_READ reply count differs from the request's", f"{LVU} (the spec allows it)",
@@ -174,8 +141,6 @@ CHECKS: list[tuple[str, ...]] = [
      "libvfio-user sends its whole buffer with the last, short chunk"),
     ("interop.irq_mask_eventfd", "note", "SET_IRQS MASK/UNMASK with eventfds", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS; {FACTS} § 8",
      "libvfio-user closes them (\"closing unexpected fd\") and replies success: no mask event is ever signalled; QEMU 10.2.2 sends its INTx resample fd so"),
-    ("deadlock.server_command", "note", "server command on the main socket while a client request is in flight, no twin socket", f"{SPEC} § Socket (no stall on the other channel); libvfio-user issues 279, 466",
-     "a single-threaded client that waits for its reply deadlocks"),
     # features and migration
     ("device_feature.get_and_set", "error", "GET and SET together without PROBE", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
     ("device_feature.unknown", "note", "device feature the spec does not list", f"{SPEC} § VFIO_USER_DEVICE_FEATURE (Device Features)"),
@@ -186,42 +151,20 @@ CHECKS: list[tuple[str, ...]] = [
     ("migration.data_state", "warning", "MIG_DATA_READ/WRITE in a state that allows none", f"{SPEC} § VFIO_USER_MIG_DATA_READ"),
     ("mig_data_read.size", "error", "MIG_DATA_READ size disagrees with the data", f"{SPEC} § VFIO_USER_MIG_DATA_READ"),
     ("mig_data_write.size", "error", "MIG_DATA_WRITE size disagrees with the data", f"{SPEC} § VFIO_USER_MIG_DATA_WRITE"),
-    # the tool itself
-    ("dissector.bug", "error", "the dissector failed on this message", "vfu-inspect"),
-    ("capture.truncated", "warning", "the capture holds only part of the message", "vfu-inspect"),
-    ("fault.injected", "note", "the proxy injected a fault here (proxy --fault)", "vfu-inspect"),
 ]
 
 
 # --- layers -------------------------------------------------------------------
 
-FIELDS = Fields()
+_FIELDS = Fields()
 
-@FIELDS.layer("vfio_user")
-class Header(Packet):
-    name = "vfio-user"
-    fields_desc = [
-        u16("msg_id", base="hex", label="Message ID"),
-        u16("cmd", values=COMMANDS, label="Command"),
-        u32("size", None, label="Message size"),
-        bits32("flags", {"type": (FLAG_TYPE_MASK, MSG_TYPES),
-                         "no_reply": FLAG_NO_REPLY, "error": FLAG_ERROR}),
-        u32("error", values=ERRNO_NAMES, label="Error"),
-    ]
-
-    def post_build(self, pkt: bytes, pay: bytes) -> bytes:
-        if self.size is None:
-            pkt = pkt[:4] + struct.pack("<I", len(pkt) + len(pay)) + pkt[8:]
-        return pkt + pay
-
-
-@FIELDS.layer("version")
+@_FIELDS.layer("version")
 class Version(Packet):
     name = "VERSION"
     fields_desc = [u16("major"), u16("minor"), StrField("json", b"")]
 
 
-@FIELDS.layer("dma_map")
+@_FIELDS.layer("dma_map")
 class DmaMap(Packet):
     name = "DMA_MAP"
     fields_desc = [
@@ -233,7 +176,7 @@ class DmaMap(Packet):
     ]
 
 
-@FIELDS.layer("dma_unmap")
+@_FIELDS.layer("dma_unmap")
 class DmaUnmap(Packet):
     name = "DMA_UNMAP"
     fields_desc = [
@@ -244,21 +187,21 @@ class DmaUnmap(Packet):
     ]
 
 
-@FIELDS.layer("dma_unmap.bitmap")
+@_FIELDS.layer("dma_unmap.bitmap")
 class DirtyBitmap(Packet):
     name = "Dirty bitmap"
     fields_desc = [u64("pgsize", base="hex", label="Page size"),
                    u64("size", label="Bitmap size"), StrField("data", b"")]
 
 
-@FIELDS.layer("device_info")
+@_FIELDS.layer("device_info")
 class DeviceInfo(Packet):
     name = "DEVICE_GET_INFO"
     fields_desc = [u32("argsz", 16), bits32("flags", DEVICE_INFO_FLAGS),
                    u32("num_regions"), u32("num_irqs")]
 
 
-@FIELDS.layer("region_info")
+@_FIELDS.layer("region_info")
 class RegionInfo(Packet):
     name = "DEVICE_GET_REGION_INFO"
     fields_desc = [
@@ -271,39 +214,39 @@ class RegionInfo(Packet):
     ]
 
 
-@FIELDS.layer("region_info.cap")
+@_FIELDS.layer("region_info.cap")
 class RegionCap(Packet):
     name = "Region capability"
     fields_desc = [u16("id", values=REGION_CAPS), u16("version", 1),
                    u32("next", base="hex", label="Next capability")]
 
 
-@FIELDS.layer("region_info.sparse")
+@_FIELDS.layer("region_info.sparse")
 class SparseMmap(Packet):
     name = "Sparse mmap areas"
     fields_desc = [u32("nr_areas", label="Number of areas"), u32("reserved")]
 
 
-@FIELDS.layer("region_info.area")
+@_FIELDS.layer("region_info.area")
 class SparseArea(Packet):
     name = "mmap area"
     fields_desc = [u64("offset", base="hex"), u64("size", base="hex")]
 
 
-@FIELDS.layer("region_info.type")
+@_FIELDS.layer("region_info.type")
 class RegionType(Packet):
     name = "Region type"
     fields_desc = [u32("type", base="hex"), u32("subtype", base="hex")]
 
 
-@FIELDS.layer("region_io_fds")
+@_FIELDS.layer("region_io_fds")
 class RegionIoFds(Packet):
     name = "DEVICE_GET_REGION_IO_FDS"
     fields_desc = [u32("argsz", 16), u32("flags", base="hex"),
                    u32("index", values=REGIONS, label="Region"), u32("count")]
 
 
-@FIELDS.layer("region_io_fds.sub")
+@_FIELDS.layer("region_io_fds.sub")
 class SubRegion(Packet):
     """The spec's 40-byte sub-region (ioeventfd / ioregionfd)."""
 
@@ -319,7 +262,7 @@ class SubRegion(Packet):
     ]
 
 
-@FIELDS.layer("region_io_fds.sub")
+@_FIELDS.layer("region_io_fds.sub")
 class ShadowSubRegion(Packet):
     """libvfio-user's 48-byte ioeventfd with a shadow memory fd."""
 
@@ -336,14 +279,14 @@ class ShadowSubRegion(Packet):
     ]
 
 
-@FIELDS.layer("irq_info")
+@_FIELDS.layer("irq_info")
 class IrqInfo(Packet):
     name = "DEVICE_GET_IRQ_INFO"
     fields_desc = [u32("argsz", 16), bits32("flags", IRQ_INFO_FLAGS),
                    u32("index", values=IRQS, label="IRQ index"), u32("count")]
 
 
-@FIELDS.layer("set_irqs")
+@_FIELDS.layer("set_irqs")
 class SetIrqs(Packet):
     name = "DEVICE_SET_IRQS"
     fields_desc = [u32("argsz", 20), bits32("flags", SET_IRQS_FLAGS),
@@ -357,23 +300,23 @@ class RegionAccess(Packet):
                    StrField("data", b"")]
 
 
-@FIELDS.layer("region_read")
+@_FIELDS.layer("region_read")
 class RegionRead(RegionAccess):
     name = "REGION_READ"
 
 
-@FIELDS.layer("region_write")
+@_FIELDS.layer("region_write")
 class RegionWrite(RegionAccess):
     name = "REGION_WRITE"
 
 
-@FIELDS.layer("write_multi")
+@_FIELDS.layer("write_multi")
 class WriteMulti(Packet):
     name = "REGION_WRITE_MULTI"
     fields_desc = [u64("wr_cnt", label="Write count")]
 
 
-@FIELDS.layer("write_multi.entry")
+@_FIELDS.layer("write_multi.entry")
 class WriteMultiEntry(Packet):
     name = "Write"
     fields_desc = [u64("offset", base="hex"), u32("region", values=REGIONS),
@@ -394,41 +337,41 @@ class QemuDmaAccess(Packet):
                    StrField("data", b"")]
 
 
-@FIELDS.layer("dma_read")
+@_FIELDS.layer("dma_read")
 class DmaRead(DmaAccess):
     name = "DMA_READ"
 
 
-@FIELDS.layer("dma_write")
+@_FIELDS.layer("dma_write")
 class DmaWrite(DmaAccess):
     name = "DMA_WRITE"
 
 
-@FIELDS.layer("dma_read")
+@_FIELDS.layer("dma_read")
 class QemuDmaRead(QemuDmaAccess):
     name = "DMA_READ"
 
 
-@FIELDS.layer("dma_write")
+@_FIELDS.layer("dma_write")
 class QemuDmaWrite(QemuDmaAccess):
     name = "DMA_WRITE"
 
 
-@FIELDS.layer("device_feature")
+@_FIELDS.layer("device_feature")
 class DeviceFeature(Packet):
     name = "DEVICE_FEATURE"
     fields_desc = [u32("argsz", 8), bits32("flags", FEATURE_FLAGS),
                    StrField("data", b"")]
 
 
-@FIELDS.layer("migration")
+@_FIELDS.layer("migration")
 class MigrationFeature(Packet):
     name = "Migration feature"
     vfu_command = "DEVICE_FEATURE"      # a payload of that command
     fields_desc = [bits64("flags", MIGRATION_FLAGS)]
 
 
-@FIELDS.layer("mig_state")
+@_FIELDS.layer("mig_state")
 class MigDeviceState(Packet):
     name = "Device state"
     vfu_command = "DEVICE_FEATURE"      # a payload of that command
@@ -436,7 +379,7 @@ class MigDeviceState(Packet):
                    u32("data_fd", base="hex", label="Data fd (unused)")]
 
 
-@FIELDS.layer("dma_logging")
+@_FIELDS.layer("dma_logging")
 class DmaLogging(Packet):
     name = "DMA logging"
     vfu_command = "DEVICE_FEATURE"      # a payload of that command
@@ -444,13 +387,13 @@ class DmaLogging(Packet):
                    u32("num_ranges", label="Number of ranges"), u32("reserved")]
 
 
-@FIELDS.layer("dma_logging.range")
+@_FIELDS.layer("dma_logging.range")
 class DmaLoggingRange(Packet):
     name = "Range"
     fields_desc = [u64("iova", base="hex", label="IOVA"), u64("length", base="hex")]
 
 
-@FIELDS.layer("dma_logging_report")
+@_FIELDS.layer("dma_logging_report")
 class DmaLoggingReport(Packet):
     name = "DMA logging report"
     vfu_command = "DEVICE_FEATURE"      # a payload of that command
@@ -462,24 +405,18 @@ class MigData(Packet):
     fields_desc = [u32("argsz", 8), u32("size"), StrField("data", b"")]
 
 
-@FIELDS.layer("mig_data_read")
+@_FIELDS.layer("mig_data_read")
 class MigDataRead(MigData):
     name = "MIG_DATA_READ"
 
 
-@FIELDS.layer("mig_data_write")
+@_FIELDS.layer("mig_data_write")
 class MigDataWrite(MigData):
     name = "MIG_DATA_WRITE"
 
 
 # Fields that are not a fixed part of a layer.
-RESERVED_ERROR = FIELDS.field("vfio_user.reserved", "Error field (reserved: no ERROR flag)")
 for _name, _label, _type in [
-    ("vfio_user.payload", "Undecoded payload", BYTES),
-    ("vfio_user.trailing", "Trailing bytes", BYTES),
-    ("vfio_user.response_in", "Response in frame", FRAME),
-    ("vfio_user.response_to", "Request in frame", FRAME),
-    ("vfio_user.time", "Response time (s)", FLOAT),
     ("version.json", "Capabilities JSON", STRING),
     ("version.unknown_capability", "Unknown capability", STRING),
     *((f"version.{path}", label, BOOL if type is bool else UINT)
@@ -496,14 +433,12 @@ for _name, _label, _type in [
     ("mig_data_read.data", "Data", BYTES),
     ("mig_data_write.data", "Data", BYTES),
 ]:
-    FIELDS.field(_name, _label, _type, base="hex" if _name == "version.pgsizes" else "dec")
-
+    _FIELDS.field(_name, _label, _type, base="hex" if _name == "version.pgsizes" else "dec")
 
 
 # --- per-command dissectors ------------------------------------------------------
 
 DISSECTORS = Dissectors()
-REQUESTS, REPLIES = DISSECTORS.requests, DISSECTORS.replies
 
 
 @DISSECTORS.request("VERSION")
@@ -712,7 +647,6 @@ def _device_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return f"regions={v['num_regions']} irqs={v['num_irqs']} flags={v['flags']:#x}"
 
 
-
 @DISSECTORS.request("DEVICE_GET_REGION_INFO")
 def _region_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, RegionInfo, msg, off)
@@ -763,7 +697,6 @@ def _region_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return info
 
 
-
 def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
                  parent: int) -> int:
     """Walk the capability chain; offsets count from the region-info struct."""
@@ -791,7 +724,6 @@ def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
             end = max(end, body)
         offset = cap["next"]
     return min(end, len(msg))
-
 
 
 def _sparse_areas(tree: Tree, msg: bytes, offset: int, parent: int) -> int:
@@ -1324,56 +1256,20 @@ DISSECTORS.requests[CMD["MIG_DATA_WRITE"]] = _mig_data(MigDataWrite, with_data=T
 DISSECTORS.bare("MIG_DATA_WRITE", "reply")
 
 
+# --- the families together --------------------------------------------------------
+
+# The families, in the order their fields and checks are registered.
+FAMILIES: tuple[ModuleType, ...] = (header,)
+COMMAND_FAMILIES: tuple[ModuleType, ...] = ()
+FIELDS = Fields(*(family.FIELDS for family in FAMILIES), _FIELDS)
+CHECKS = [row for family in FAMILIES for row in family.CHECKS] + _CHECKS
+DISSECTORS_ALL = Dissectors.merged([*(family.DISSECTORS for family in COMMAND_FAMILIES), DISSECTORS])
+REQUESTS, REPLIES = DISSECTORS_ALL.requests, DISSECTORS_ALL.replies
+SESSION = SessionRules.merged([SessionRules(must_refuse=header.MUST_REFUSE),
+                               *(family.SESSION for family in COMMAND_FAMILIES)])
+
+
 # --- the message ------------------------------------------------------------------
-
-FIELDS.field("fd", "File descriptor", "protocol")
-FIELDS.field("fd.index", "Index")
-FIELDS.field("fd.kind", "Kind", STRING)
-FIELDS.field("fd.size", "Size", base="hex")
-FIELDS.field("fd.inode", "Inode")
-FIELDS.field("fd.purpose", "Purpose", STRING)
-
-
-class HeaderInfo:
-    """The header's fields and what its flags say, computed once: every view
-    and check asks for them."""
-
-    __slots__ = ("msg_id", "cmd", "size", "flags", "error", "type", "is_reply", "no_reply",
-                 "is_error")
-
-    def __init__(self, msg_id: int, cmd: int, size: int, flags: int, error: int) -> None:
-        self.msg_id, self.cmd, self.size, self.flags, self.error = msg_id, cmd, size, flags, error
-        self.type = flags & FLAG_TYPE_MASK
-        self.is_reply = self.type == TYPE_REPLY
-        self.no_reply = bool(flags & FLAG_NO_REPLY)
-        self.is_error = bool(flags & FLAG_ERROR)
-
-    def __repr__(self) -> str:
-        return (f"HeaderInfo(msg_id={self.msg_id}, cmd={self.cmd}, size={self.size}, "
-                f"flags={self.flags:#x}, error={self.error})")
-
-    @property
-    def kind(self) -> str:
-        """command / reply / error, as the summary line shows it."""
-        if self.is_error and self.is_reply:
-            return "error"
-        return MSG_TYPES.get(self.type, "invalid")
-
-    @property
-    def command_name(self) -> str:
-        return COMMANDS.get(self.cmd, f"CMD_{self.cmd}")
-
-
-_HEADER = Header.vfu_compiled.struct
-_RESERVED = Header.vfu_compiled.with_field(len(Header.vfu_compiled.fields) - 1, RESERVED_ERROR)
-
-
-def parse_header(msg: bytes) -> HeaderInfo | None:
-    """The header's fields, or None when the message is shorter than a header."""
-    if len(msg) < HEADER_SIZE:
-        return None
-    return HeaderInfo(*_HEADER.unpack_from(msg))
-
 
 def dissect_message(msg: bytes, ctx: Context, header: HeaderInfo | None = None
                     ) -> tuple[Tree, HeaderInfo | None]:
@@ -1384,11 +1280,11 @@ def dissect_message(msg: bytes, ctx: Context, header: HeaderInfo | None = None
         header = parse_header(msg)
     # `vfio_user.error` is present only on error replies, so that it can be
     # tested for presence as in Wireshark.
-    add_layer(tree, Header, msg, 0, compiled=None if header and header.is_error else _RESERVED)
+    add_layer(tree, Header, msg, 0, compiled=None if header and header.is_error else RESERVED)
     if header is None:
         tree.info = f"short message ({len(msg)} bytes)"
         return tree, None
-    _header_checks(tree, header, len(msg), ctx)
+    header_checks(tree, header, len(msg), ctx)
     table = REPLIES if header.is_reply else REQUESTS
     fn = table.get(header.cmd)
     if header.is_error and header.is_reply:
@@ -1412,67 +1308,18 @@ def dissect_message(msg: bytes, ctx: Context, header: HeaderInfo | None = None
     if ctx.fds and (header.cmd, header.kind) not in FD_CARRIERS:
         tree.expert("fd.count", f"{len(ctx.fds)} fds with a {header.command_name} "
                     f"{header.kind}, which carries none")
-    _fd_items(tree, ctx)
+    fd_items(tree, ctx)
     return tree, header
-
-
-# The messages that may carry fds, as (command, HeaderInfo.kind).
-FD_CARRIERS = {(CMD["VERSION"], "reply"), (CMD["DMA_MAP"], "command"),
-               (CMD["DEVICE_GET_REGION_INFO"], "reply"),
-               (CMD["DEVICE_GET_REGION_IO_FDS"], "reply"), (CMD["DEVICE_SET_IRQS"], "command")}
-CLIENT_COMMANDS = set(COMMANDS) - SERVER_COMMANDS - OBSOLETE_COMMANDS
-
-
-def _header_checks(tree: Tree, h: HeaderInfo, length: int, ctx: Context) -> None:
-    if h.size != length:
-        tree.expert("header.size",
-                    f"msg_size is {h.size} but the message has {length} bytes", 4, 4)
-    if h.type not in MSG_TYPES:
-        tree.expert("header.type", f"invalid message type {h.type}", 8, 4)
-    if h.cmd not in COMMANDS:
-        tree.expert("header.unknown_command", f"unknown command {h.cmd}", 2, 2)
-    elif h.cmd in OBSOLETE_COMMANDS:
-        tree.expert("header.obsolete_command",
-                    f"command {h.cmd} ({COMMANDS[h.cmd]}) is not in the current spec", 2, 2)
-    if h.is_error and not h.is_reply:
-        tree.expert("header.error_in_command",
-                    "ERROR flag set on a message whose type says command", 8, 4)
-    if h.no_reply and h.is_reply:
-        tree.expert("header.no_reply_in_reply", "NO_REPLY flag set on a reply", 8, 4)
-    if h.flags & ~(FLAG_TYPE_MASK | FLAG_NO_REPLY | FLAG_ERROR):
-        tree.expert("header.flags_unknown", f"unknown flag bits in {h.flags:#x}", 8, 4)
-    if h.type == TYPE_COMMAND and h.cmd in (SERVER_COMMANDS if ctx.direction == "c2s"
-                                            else CLIENT_COMMANDS):
-        sender = "client" if ctx.direction == "c2s" else "server"
-        tree.expert("header.wrong_direction",
-                    f"{h.command_name} sent by the {sender}: the spec has the "
-                    f"{'server' if sender == 'client' else 'client'} send it", 2, 2)
-    if h.is_error and h.is_reply and h.error == 0:
-        tree.expert("header.errno_zero", "error reply with errno 0", 12, 4)
-    if h.error and not h.is_error:
-        tree.expert("header.error_reserved",
-                    f"error field {h.error} set without the ERROR flag", 12, 4)
-
-
-def _fd_items(tree: Tree, ctx: Context) -> None:
-    for i, meta in enumerate(ctx.fds):
-        node = tree.add("fd", None, text=f"fd {i}: {meta.get('kind', '?')}")
-        tree.add("fd.index", i, parent=node)
-        for key in ("kind", "size", "inode"):
-            if meta.get(key) is not None:
-                tree.add(f"fd.{key}", meta[key], parent=node)
-        purpose = ctx.fd_purposes.get(i)
-        if purpose:
-            tree.add("fd.purpose", purpose, parent=node)
-            tree.append_text(node, f", {purpose}")
 
 
 # --- what the layers say about the protocol -------------------------------------------
 
 def layers() -> list[type[Packet]]:
-    """The protocol's layers, in declaration order."""
-    return [cls for cls in globals().values() if isinstance(cls, type)
-            and issubclass(cls, Packet) and "vfu_compiled" in vars(cls)]
+    """The protocol's layers, family by family, in declaration order."""
+    return [cls for namespace in [*(vars(family) for family in FAMILIES), globals()]
+            for cls in namespace.values() if isinstance(cls, type)
+            and issubclass(cls, Packet) and "vfu_compiled" in vars(cls)
+            and cls.__module__ == namespace["__name__"]]       # not one it imports
 
 
 @functools.cache

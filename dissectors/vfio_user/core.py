@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field as dc_field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from scapy.packet import Packet
 
@@ -171,6 +171,15 @@ class Dissectors:
     def __init__(self) -> None:
         self.requests: dict[int, Dissector] = {}
         self.replies: dict[int, Dissector] = {}
+
+    @classmethod
+    def merged(cls, families: Iterable[Dissectors]) -> Dissectors:
+        """Every family's dissectors in one table; a command is one family's."""
+        out = cls()
+        for dissectors in families:
+            merge_by_command(out.requests, dissectors.requests)
+            merge_by_command(out.replies, dissectors.replies)
+        return out
 
     def request(self, cmd: str) -> Callable[[Dissector], Dissector]:
         def wrap(fn: Dissector) -> Dissector:
