@@ -231,21 +231,6 @@ def _apply_effect(state: ConnState, number: int, cmd: int, values: dict[str, Any
     return effect
 
 
-@on_command("VERSION")
-def _version_request(state: ConnState, p: Dissected) -> None:
-    v = p.tree.prefixed("version")
-    state.client_version = (v.get("major", 0), v.get("minor", 0))
-    state.client_caps = _caps(v)
-    if state.qemu_dma is None and state.client_version == (0, 0) \
-            and set(state.client_caps) == proto.QEMU_CLIENT_CAPABILITIES:
-        state.qemu_dma = (f"the client's VERSION (frame {p.number}) is QEMU's: 0.0 proposing "
-                          "exactly QEMU 10.2.2's capabilities")
-
-
-def _caps(values: dict[str, Any]) -> dict[str, Any]:
-    return {name: values[name] for name in proto.CAPABILITIES if name in values}
-
-
 @on_command("DMA_MAP")
 def _dma_map_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
     v = p.tree.prefixed("dma_map")
@@ -318,8 +303,6 @@ def _write_multi_request(state: ConnState, p: Dissected) -> None:
                                  write=True)
 
 
-
-
 def _check_region_access(state: ConnState, p: Dissected, index: int, offset: int,
                          count: int, write: bool) -> None:
     tree, name = p.tree, proto.region_name(index)
@@ -356,8 +339,6 @@ def _device_access(state: ConnState, p: Dissected, prefix: str, write: bool) -> 
         node = p.tree.add(registers.vfu_field, None, offset, length,
                           text=f"{device.name}, {proto.region_name(v['region'])}")
         add_registers(p.tree, node, registers, 0, v["offset"], value, offset)
-
-
 
 
 @on_command("DEVICE_RESET")
@@ -568,29 +549,6 @@ def _retract(state: ConnState, tree: Tree, failed: Pending) -> None:
         pending = state.inflight.get(later.number)
         if pending is not None:
             pending.must_refuse.append(tree.experts[-1])
-
-
-@on_reply("VERSION")
-def _version_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = p.tree.prefixed("version")
-    state.server_version = (v.get("major", 0), v.get("minor", 0))
-    state.server_caps = _caps(v)
-    client = state.client_version or state.server_version
-    if state.server_version[0] != client[0]:
-        p.tree.expert("version.major", f"server {state.server_version[0]}, client {client[0]}")
-    elif state.server_version[1] > client[1]:
-        p.tree.expert("version.minor", f"server {state.server_version[1]} above the client's "
-                      f"{client[1]}: it must answer with the lower of the two")
-    offered = bool(state.server_caps.get("twin_socket.supported") and p.msg.fds)
-    if offered and not state.client_caps.get("twin_socket.supported"):
-        p.tree.expert("twin.not_negotiated", "server passes a twin socket the client did not offer")
-    state.twin = offered
-    proposed = {name.split(".")[0] for name in state.client_caps}
-    unasked = sorted({name.split(".")[0] for name in state.server_caps} - proposed
-                     - proto.EXTENSION_CAPABILITIES)
-    if unasked:
-        p.tree.expert("version.capability_not_offered", f"{', '.join(unasked)} not proposed by "
-                      "the client: the spec has the reply state a subset of what it proposed")
 
 
 @on_reply("DEVICE_GET_INFO")

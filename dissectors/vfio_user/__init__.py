@@ -29,6 +29,8 @@ from .core import (
     fitting, flag_letters, hex_size)
 from .protocol import *  # noqa: F401,F403  (moved there; split next)
 from . import header
+from . import version
+from .version import Version
 from .header import (
     CLIENT_COMMANDS, FD_CARRIERS, RESERVED, Header, HeaderInfo, fd_items, header_checks,
     parse_header)
@@ -47,24 +49,6 @@ QEMU_DMA_SIGNS = {"interop.dma_write_bare_reply": "a bare DMA_WRITE reply",
 
 _CHECKS: list[tuple[str, ...]] = [
     # negotiation
-    ("version.not_first", "error", "a command before VERSION", f"{SPEC} § VFIO_USER_VERSION"),
-    ("version.major", "error", "server's major version differs from the client's", f"{SPEC} § VFIO_USER_VERSION"),
-    ("version.minor", "warning", "server's minor version above the client's", f"{SPEC} § VFIO_USER_VERSION"),
-    ("version.json_unterminated", "warning", "version data not NUL-terminated", f"{SPEC} § VFIO_USER_VERSION",
-     "QEMU 10.2.2 refuses such a reply"),
-    ("version.json_invalid", "error", "version data is not JSON", f"{SPEC} § VFIO_USER_VERSION"),
-    ("version.json_not_object", "warning", "version data is JSON but not an object", f"{SPEC} § VFIO_USER_VERSION",
-     "QEMU 10.2.2 fails (\"capabilities … not an object\")"),
-    ("version.unknown_capability", "note", "capability not in the spec", f"{SPEC} § VFIO_USER_VERSION"),
-    ("version.capability_type", "warning", "capability of the wrong JSON type", f"{SPEC} § VFIO_USER_VERSION"),
-    ("version.capability_range", "warning", "capability value its meaning excludes (a negative count, no page size, no transfer size)", f"{SPEC} § VFIO_USER_VERSION"),
-    ("version.capability_not_offered", "note", "server reply states a spec capability the client did not propose (the spec: a subset)", f"{SPEC} § VFIO_USER_VERSION",
-     "libvfio-user's server always states max_msg_fds and max_data_xfer_size (and migration, which is not in the spec and not checked); the rule reads oddly for limits each side states about itself"),
-    ("interop.qemu_capability", "note", "server capability QEMU 10.2.2 rejects: max_msg_fds > 16, max_data_xfer_size > 64 MiB, max_dma_maps > 65535, page sizes below 4 KiB, max_bitmap_size > 256 MiB", f"{FACTS} § 1 VERSION",
-     "QEMU 10.2.2 closes the connection; the spec sets no such bound"),
-    ("twin.not_negotiated", "error", "twin socket used or offered without negotiation", f"{SPEC} § VFIO_USER_VERSION"),
-    ("twin.fd_index", "warning", "twin_socket.fd_index in a request, or a reply with twin_socket.supported whose fd_index names no passed fd (the client must close)", f"{SPEC} § VFIO_USER_VERSION (Reply)"),
-    ("twin.wrong_channel", "warning", "with twin-socket mode on, a server command on the main socket or a client command on the twin", f"{SPEC} § Socket; § VFIO_USER_DMA_READ"),
     # DMA
     ("dma_map.flags_unknown", "note", "DMA_MAP flag bits neither the spec (READ, WRITE) nor libvfio-user (MMAP, FILE_IO) defines", f"{SPEC} § VFIO_USER_DMA_MAP",
      "libvfio-user refuses them (EINVAL)"),
@@ -157,12 +141,6 @@ _CHECKS: list[tuple[str, ...]] = [
 # --- layers -------------------------------------------------------------------
 
 _FIELDS = Fields()
-
-@_FIELDS.layer("version")
-class Version(Packet):
-    name = "VERSION"
-    fields_desc = [u16("major"), u16("minor"), StrField("json", b"")]
-
 
 @_FIELDS.layer("dma_map")
 class DmaMap(Packet):
@@ -417,10 +395,6 @@ class MigDataWrite(MigData):
 
 # Fields that are not a fixed part of a layer.
 for _name, _label, _type in [
-    ("version.json", "Capabilities JSON", STRING),
-    ("version.unknown_capability", "Unknown capability", STRING),
-    *((f"version.{path}", label, BOOL if type is bool else UINT)
-      for path, (type, _, label) in CAPABILITIES.items()),
     ("dma_unmap.bitmap.data", "Dirty bitmap", BYTES),
     ("set_irqs.data", "Data", BYTES),
     ("set_irqs.bool", "Bool", UINT),
@@ -433,126 +407,12 @@ for _name, _label, _type in [
     ("mig_data_read.data", "Data", BYTES),
     ("mig_data_write.data", "Data", BYTES),
 ]:
-    _FIELDS.field(_name, _label, _type, base="hex" if _name == "version.pgsizes" else "dec")
+    _FIELDS.field(_name, _label, _type)
 
 
 # --- per-command dissectors ------------------------------------------------------
 
 DISSECTORS = Dissectors()
-
-
-@DISSECTORS.request("VERSION")
-@DISSECTORS.reply("VERSION")
-def _version(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    node, v = add_layer(tree, Version, msg, off)
-    start = off + Version.vfu_compiled.size
-    if len(msg) <= start:
-        return f"{v.get('major', '?')}.{v.get('minor', '?')}"
-    text = bytes(msg[start:])
-    if not text.endswith(b"\0"):
-        tree.expert("version.json_unterminated",
-                    "capabilities JSON is not NUL-terminated (QEMU rejects such a reply)",
-                    start, len(text))
-    text = text.rstrip(b"\0")
-    try:
-        source = text.decode("utf-8")
-        caps = json.loads(source) if source.strip() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        # shown up to its first NUL, as QEMU reads it and Wireshark shows strings
-        shown = text.split(b"\0", 1)[0].decode("utf-8", "replace")
-        tree.add("version.json", shown, start, len(text), node)
-        tree.expert("version.json_invalid", f"capabilities JSON invalid: {exc}",
-                    start, len(text))
-        return f"{v['major']}.{v['minor']} (invalid JSON)"
-    json_item = tree.add("version.json", source, start, len(text), node)
-    _capabilities(tree, caps, json_item, start, len(text), ctx)
-    return f"{v['major']}.{v['minor']} {json.dumps(caps, separators=(',', ':'))}"
-
-
-def _capabilities(tree: Tree, doc: Any, parent: int, start: int, length: int,
-                  ctx: Context) -> None:
-    if not isinstance(doc, dict):
-        tree.expert("version.json_not_object",
-                    f"version data is a JSON {type(doc).__name__}, not an object", start, length)
-        return
-    caps = doc.get("capabilities", {})      # optional, as every capability is
-    if not isinstance(caps, dict):
-        tree.expert("version.capability_type", "capabilities should be an object, got "
-                    f"{json.dumps(caps)}", start, length)
-        return
-    for path, value in _flatten(caps):
-        spec = CAPABILITIES.get(path)
-        if spec is None and path not in OBJECT_CAPABILITIES:
-            tree.add("version.unknown_capability", f"{path}={json.dumps(value)}",
-                     start, length, parent)
-            tree.expert("version.unknown_capability",
-                        f"capability {path!r} is not in the spec", start, length)
-            continue
-        kind = spec[0] if spec else dict
-        if not _is_a(value, kind):
-            tree.expert("version.capability_type",
-                        f"capability {path} should be {_TYPE_NAMES[kind]}, "
-                        f"got {json.dumps(value)}", start, length)
-            continue
-        if not (kind is int and value < 0):         # the fields are unsigned
-            tree.add(f"version.{path}", value, start, length, parent)
-        _capability_range(tree, path, value, ctx, start, length)
-    _twin_fd_index(tree, caps.get("twin_socket"), ctx, start, length)
-
-
-_TYPE_NAMES = {int: "a number", bool: "a boolean", dict: "an object"}
-
-
-def _is_a(value: Any, kind: type) -> bool:
-    if kind is int:         # JSON has no int type, but a count is whole; true is no number
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _capability_range(tree: Tree, path: str, value: Any, ctx: Context, start: int,
-                      length: int) -> None:
-    least = CAPABILITY_MINIMUM.get(path)
-    if least is not None and value < least:
-        tree.expert("version.capability_range", f"{path}={value}: below {least}", start, length)
-    if ctx.direction != "s2c":
-        return                      # QEMU checks what the server states
-    most = QEMU_CAPABILITY_MAXIMUM.get(path)
-    if most is not None and value > most:
-        tree.expert("interop.qemu_capability", f"{path}={value}: QEMU 10.2.2 accepts at most "
-                    f"{most} and closes the connection", start, length)
-    elif path in QEMU_PAGE_CAPABILITIES and value % PAGE_4K:
-        tree.expert("interop.qemu_capability", f"{path}={value:#x} has bits below 4 KiB: "
-                    "QEMU 10.2.2 closes the connection", start, length)
-
-
-def _twin_fd_index(tree: Tree, twin: Any, ctx: Context, start: int, length: int) -> None:
-    """fd_index is only valid in a reply, and there it must name a passed fd
-    whenever supported is true (the client closes otherwise)."""
-    if not isinstance(twin, dict):
-        return
-    index = twin.get("fd_index")
-    if ctx.direction == "c2s":
-        if "fd_index" in twin:
-            tree.expert("twin.fd_index", "twin_socket.fd_index is only valid in the reply",
-                        start, length)
-    elif twin.get("supported") is True and not (
-            _is_a(index, int) and 0 <= index < len(ctx.fds)):
-        tree.expert("twin.fd_index", f"twin_socket.supported with fd_index {json.dumps(index)} "
-                    f"and {len(ctx.fds)} fds passed: the client must close the connection",
-                    start, length)
-    elif _is_a(index, int):
-        ctx.purpose(index, "twin socket (server-to-client commands)")
-
-
-def _flatten(obj: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for key, value in obj.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and path in OBJECT_CAPABILITIES:
-            out.extend(_flatten(value, path + "."))
-        else:
-            out.append((path, value))
-    return out
 
 
 @DISSECTORS.request("DMA_MAP")
@@ -1259,8 +1119,8 @@ DISSECTORS.bare("MIG_DATA_WRITE", "reply")
 # --- the families together --------------------------------------------------------
 
 # The families, in the order their fields and checks are registered.
-FAMILIES: tuple[ModuleType, ...] = (header,)
-COMMAND_FAMILIES: tuple[ModuleType, ...] = ()
+FAMILIES: tuple[ModuleType, ...] = (header, version,)
+COMMAND_FAMILIES: tuple[ModuleType, ...] = (version,)
 FIELDS = Fields(*(family.FIELDS for family in FAMILIES), _FIELDS)
 CHECKS = [row for family in FAMILIES for row in family.CHECKS] + _CHECKS
 DISSECTORS_ALL = Dissectors.merged([*(family.DISSECTORS for family in COMMAND_FAMILIES), DISSECTORS])
