@@ -72,6 +72,15 @@ F["dma_unmap.size"] = ProtoField.uint64("dma_unmap.size", "Size", base.HEX, nil)
 F["dma_unmap.bitmap"] = ProtoField.none("dma_unmap.bitmap", "Dirty bitmap")
 F["dma_unmap.bitmap.pgsize"] = ProtoField.uint64("dma_unmap.bitmap.pgsize", "Page size", base.HEX, nil)
 F["dma_unmap.bitmap.size"] = ProtoField.uint64("dma_unmap.bitmap.size", "Bitmap size", base.DEC, nil)
+F["dma_read"] = ProtoField.none("dma_read", "DMA_READ")
+F["dma_read.address"] = ProtoField.uint64("dma_read.address", "Address", base.HEX, nil)
+F["dma_read.count"] = ProtoField.uint64("dma_read.count", "Count", base.DEC, nil)
+F["dma_write"] = ProtoField.none("dma_write", "DMA_WRITE")
+F["dma_write.address"] = ProtoField.uint64("dma_write.address", "Address", base.HEX, nil)
+F["dma_write.count"] = ProtoField.uint64("dma_write.count", "Count", base.DEC, nil)
+F["dma_unmap.bitmap.data"] = ProtoField.bytes("dma_unmap.bitmap.data", "Dirty bitmap")
+F["dma_read.data"] = ProtoField.bytes("dma_read.data", "Data")
+F["dma_write.data"] = ProtoField.bytes("dma_write.data", "Data")
 F["device_info"] = ProtoField.none("device_info", "DEVICE_GET_INFO")
 F["device_info.argsz"] = ProtoField.uint32("device_info.argsz", "Argsz", base.DEC, nil)
 F["device_info.flags"] = ProtoField.uint32("device_info.flags", "Flags", base.HEX, nil)
@@ -155,12 +164,6 @@ F["write_multi.entry.offset"] = ProtoField.uint64("write_multi.entry.offset", "O
 F["write_multi.entry.region"] = ProtoField.uint32("write_multi.entry.region", "Region", base.DEC, VALUES[4])
 F["write_multi.entry.count"] = ProtoField.uint32("write_multi.entry.count", "Count", base.DEC, nil)
 F["write_multi.entry.data"] = ProtoField.bytes("write_multi.entry.data", "Data")
-F["dma_read"] = ProtoField.none("dma_read", "DMA_READ")
-F["dma_read.address"] = ProtoField.uint64("dma_read.address", "Address", base.HEX, nil)
-F["dma_read.count"] = ProtoField.uint64("dma_read.count", "Count", base.DEC, nil)
-F["dma_write"] = ProtoField.none("dma_write", "DMA_WRITE")
-F["dma_write.address"] = ProtoField.uint64("dma_write.address", "Address", base.HEX, nil)
-F["dma_write.count"] = ProtoField.uint64("dma_write.count", "Count", base.DEC, nil)
 F["device_feature"] = ProtoField.none("device_feature", "DEVICE_FEATURE")
 F["device_feature.argsz"] = ProtoField.uint32("device_feature.argsz", "Argsz", base.DEC, nil)
 F["device_feature.flags"] = ProtoField.uint32("device_feature.flags", "Flags", base.HEX, nil)
@@ -193,13 +196,10 @@ F["mig_data_read.size"] = ProtoField.uint32("mig_data_read.size", "Size", base.D
 F["mig_data_write"] = ProtoField.none("mig_data_write", "MIG_DATA_WRITE")
 F["mig_data_write.argsz"] = ProtoField.uint32("mig_data_write.argsz", "Argsz", base.DEC, nil)
 F["mig_data_write.size"] = ProtoField.uint32("mig_data_write.size", "Size", base.DEC, nil)
-F["dma_unmap.bitmap.data"] = ProtoField.bytes("dma_unmap.bitmap.data", "Dirty bitmap")
 F["set_irqs.data"] = ProtoField.bytes("set_irqs.data", "Data")
 F["set_irqs.bool"] = ProtoField.uint64("set_irqs.bool", "Bool", base.DEC, nil)
 F["region_read.data"] = ProtoField.bytes("region_read.data", "Data")
 F["region_write.data"] = ProtoField.bytes("region_write.data", "Data")
-F["dma_read.data"] = ProtoField.bytes("dma_read.data", "Data")
-F["dma_write.data"] = ProtoField.bytes("dma_write.data", "Data")
 F["device_feature.data"] = ProtoField.bytes("device_feature.data", "Feature data")
 F["dma_logging_report.bitmap"] = ProtoField.bytes("dma_logging_report.bitmap", "Dirty bitmap")
 F["mig_data_read.data"] = ProtoField.bytes("mig_data_read.data", "Data")
@@ -222,6 +222,10 @@ local U64 = {
     ["dma_unmap.size"] = true,
     ["dma_unmap.bitmap.pgsize"] = true,
     ["dma_unmap.bitmap.size"] = true,
+    ["dma_read.address"] = true,
+    ["dma_read.count"] = true,
+    ["dma_write.address"] = true,
+    ["dma_write.count"] = true,
     ["region_info.size"] = true,
     ["region_info.offset"] = true,
     ["region_info.area.offset"] = true,
@@ -234,10 +238,6 @@ local U64 = {
     ["region_write.offset"] = true,
     ["write_multi.wr_cnt"] = true,
     ["write_multi.entry.offset"] = true,
-    ["dma_read.address"] = true,
-    ["dma_read.count"] = true,
-    ["dma_write.address"] = true,
-    ["dma_write.count"] = true,
     ["migration.flags"] = true,
     ["dma_logging.page_size"] = true,
     ["dma_logging.range.iova"] = true,
@@ -268,6 +268,10 @@ local LAYERS = {
     DmaMap = {field = "dma_map", label = "DMA_MAP", size = 32, {"dma_map.argsz", 0, 4}, {"dma_map.flags", 4, 4}, {"dma_map.offset", 8, 8}, {"dma_map.address", 16, 8}, {"dma_map.size", 24, 8}},
     DmaUnmap = {field = "dma_unmap", label = "DMA_UNMAP", size = 24, {"dma_unmap.argsz", 0, 4}, {"dma_unmap.flags", 4, 4}, {"dma_unmap.address", 8, 8}, {"dma_unmap.size", 16, 8}},
     DirtyBitmap = {field = "dma_unmap.bitmap", label = "Dirty bitmap", size = 16, {"dma_unmap.bitmap.pgsize", 0, 8}, {"dma_unmap.bitmap.size", 8, 8}},
+    DmaRead = {field = "dma_read", label = "DMA_READ", size = 16, {"dma_read.address", 0, 8}, {"dma_read.count", 8, 8}},
+    DmaWrite = {field = "dma_write", label = "DMA_WRITE", size = 16, {"dma_write.address", 0, 8}, {"dma_write.count", 8, 8}},
+    QemuDmaRead = {field = "dma_read", label = "DMA_READ", size = 12, {"dma_read.address", 0, 8}, {"dma_read.count", 8, 4}},
+    QemuDmaWrite = {field = "dma_write", label = "DMA_WRITE", size = 12, {"dma_write.address", 0, 8}, {"dma_write.count", 8, 4}},
     DeviceInfo = {field = "device_info", label = "DEVICE_GET_INFO", size = 16, {"device_info.argsz", 0, 4}, {"device_info.flags", 4, 4}, {"device_info.num_regions", 8, 4}, {"device_info.num_irqs", 12, 4}},
     RegionInfo = {field = "region_info", label = "DEVICE_GET_REGION_INFO", size = 32, {"region_info.argsz", 0, 4}, {"region_info.flags", 4, 4}, {"region_info.index", 8, 4}, {"region_info.cap_offset", 12, 4}, {"region_info.size", 16, 8}, {"region_info.offset", 24, 8}},
     RegionCap = {field = "region_info.cap", label = "Region capability", size = 8, {"region_info.cap.id", 0, 2}, {"region_info.cap.version", 2, 2}, {"region_info.cap.next", 4, 4}},
@@ -283,10 +287,6 @@ local LAYERS = {
     RegionWrite = {field = "region_write", label = "REGION_WRITE", size = 16, {"region_write.offset", 0, 8}, {"region_write.region", 8, 4}, {"region_write.count", 12, 4}},
     WriteMulti = {field = "write_multi", label = "REGION_WRITE_MULTI", size = 8, {"write_multi.wr_cnt", 0, 8}},
     WriteMultiEntry = {field = "write_multi.entry", label = "Write", size = 24, {"write_multi.entry.offset", 0, 8}, {"write_multi.entry.region", 8, 4}, {"write_multi.entry.count", 12, 4}, {"write_multi.entry.data", 16, 8}},
-    DmaRead = {field = "dma_read", label = "DMA_READ", size = 16, {"dma_read.address", 0, 8}, {"dma_read.count", 8, 8}},
-    DmaWrite = {field = "dma_write", label = "DMA_WRITE", size = 16, {"dma_write.address", 0, 8}, {"dma_write.count", 8, 8}},
-    QemuDmaRead = {field = "dma_read", label = "DMA_READ", size = 12, {"dma_read.address", 0, 8}, {"dma_read.count", 8, 4}},
-    QemuDmaWrite = {field = "dma_write", label = "DMA_WRITE", size = 12, {"dma_write.address", 0, 8}, {"dma_write.count", 8, 4}},
     DeviceFeature = {field = "device_feature", label = "DEVICE_FEATURE", size = 8, {"device_feature.argsz", 0, 4}, {"device_feature.flags", 4, 4}},
     MigrationFeature = {field = "migration", label = "Migration feature", size = 8, {"migration.flags", 0, 8}},
     MigDeviceState = {field = "mig_state", label = "Device state", size = 8, {"mig_state.device_state", 0, 4}, {"mig_state.data_fd", 4, 4}},
@@ -392,16 +392,23 @@ E["dma.unmap_unknown"] = ProtoExpert.new("vfio_user.expert.dma.unmap_unknown", "
 E["dma_unmap.flags"] = ProtoExpert.new("vfio_user.expert.dma_unmap.flags", "DMA_UNMAP flags (unused in the spec) set as libvfio-user refuses: unknown bits, ALL with an address or size", expert.group.PROTOCOL, expert.severity.NOTE)
 E["dma.misaligned"] = ProtoExpert.new("vfio_user.expert.dma.misaligned", "DMA map not aligned to the smallest page size of pgsizes", expert.group.PROTOCOL, expert.severity.WARN)
 E["dma.too_many"] = ProtoExpert.new("vfio_user.expert.dma.too_many", "more live DMA maps than max_dma_maps", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma.access_unmapped"] = ProtoExpert.new("vfio_user.expert.dma.access_unmapped", "DMA_READ/WRITE outside every live map", expert.group.PROTOCOL, expert.severity.WARN)
 E["dma_unmap.bitmap_size"] = ProtoExpert.new("vfio_user.expert.dma_unmap.bitmap_size", "DMA_UNMAP dirty bitmap size disagrees with its header, range or page size", expert.group.PROTOCOL, expert.severity.ERROR)
+E["dma_logging.not_started"] = ProtoExpert.new("vfio_user.expert.dma_logging.not_started", "DMA_LOGGING_REPORT, or a DMA_UNMAP dirty bitmap, while dirty logging is off", expert.group.PROTOCOL, expert.severity.WARN)
+E["dirty.bitmap_too_big"] = ProtoExpert.new("vfio_user.expert.dirty.bitmap_too_big", "dirty bitmap over the client's migration.max_bitmap_size", expert.group.PROTOCOL, expert.severity.NOTE)
+E["dma.access_unmapped"] = ProtoExpert.new("vfio_user.expert.dma.access_unmapped", "DMA_READ/WRITE outside every live map", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_read.count"] = ProtoExpert.new("vfio_user.expert.dma_read.count", "DMA_READ count disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
+E["dma_write.count"] = ProtoExpert.new("vfio_user.expert.dma_write.count", "DMA_WRITE count disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
+E["dma_read.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_read.count_mismatch", "DMA_READ reply count differs from the request's", expert.group.PROTOCOL, expert.severity.NOTE)
+E["dma_write.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_write.count_mismatch", "DMA_WRITE reply count differs from the request's", expert.group.PROTOCOL, expert.severity.NOTE)
+E["interop.dma_qemu_layout"] = ProtoExpert.new("vfio_user.expert.interop.dma_qemu_layout", "DMA_READ reply in QEMU's layout (u32 count, data at 12)", expert.group.PROTOCOL, expert.severity.WARN)
+E["interop.dma_write_bare_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_bare_reply", "DMA_WRITE reply that is the bare header", expert.group.PROTOCOL, expert.severity.ERROR)
+E["interop.dma_write_spec_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_spec_reply", "DMA_WRITE reply with the spec table's u32 count (12 bytes)", expert.group.PROTOCOL, expert.severity.NOTE)
 E["dma_logging.bitmap_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.bitmap_size", "DMA_LOGGING_REPORT bitmap size disagrees with range and page size", expert.group.PROTOCOL, expert.severity.WARN)
 E["dma_logging.bitmap_bits"] = ProtoExpert.new("vfio_user.expert.dma_logging.bitmap_bits", "DMA_LOGGING_REPORT bitmap sets bits beyond the requested range", expert.group.PROTOCOL, expert.severity.WARN)
 E["dma_logging.ranges_short"] = ProtoExpert.new("vfio_user.expert.dma_logging.ranges_short", "num_ranges exceeds the ranges sent", expert.group.PROTOCOL, expert.severity.ERROR)
 E["dma_logging.page_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.page_size", "DMA logging page size zero, or a REPORT page size not a power of two", expert.group.PROTOCOL, expert.severity.WARN)
 E["dma_logging.unaligned"] = ProtoExpert.new("vfio_user.expert.dma_logging.unaligned", "DMA logging range or report not aligned to its page size", expert.group.PROTOCOL, expert.severity.NOTE)
 E["dma_logging.unmapped"] = ProtoExpert.new("vfio_user.expert.dma_logging.unmapped", "DMA_LOGGING_REPORT of a range no live DMA map with an fd holds", expert.group.PROTOCOL, expert.severity.NOTE)
-E["dma_logging.not_started"] = ProtoExpert.new("vfio_user.expert.dma_logging.not_started", "DMA_LOGGING_REPORT, or a DMA_UNMAP dirty bitmap, while dirty logging is off", expert.group.PROTOCOL, expert.severity.WARN)
-E["dirty.bitmap_too_big"] = ProtoExpert.new("vfio_user.expert.dirty.bitmap_too_big", "dirty bitmap over the client's migration.max_bitmap_size", expert.group.PROTOCOL, expert.severity.NOTE)
 E["device_info.pci"] = ProtoExpert.new("vfio_user.expert.device_info.pci", "DEVICE_GET_INFO reply that is not a PCI device with at least the 9 PCI regions", expert.group.PROTOCOL, expert.severity.WARN)
 E["device_reset.unsupported"] = ProtoExpert.new("vfio_user.expert.device_reset.unsupported", "DEVICE_RESET to a device whose GET_INFO reply lacked RESET", expert.group.PROTOCOL, expert.severity.WARN)
 E["region_info.caps_missing"] = ProtoExpert.new("vfio_user.expert.region_info.caps_missing", "CAPS flag with no capability chain", expert.group.PROTOCOL, expert.severity.WARN)
@@ -429,13 +436,6 @@ E["set_irqs.count_zero"] = ProtoExpert.new("vfio_user.expert.set_irqs.count_zero
 E["irq.unknown"] = ProtoExpert.new("vfio_user.expert.irq.unknown", "SET_IRQS or GET_IRQ_INFO of an index beyond the device's num_irqs", expert.group.PROTOCOL, expert.severity.WARN)
 E["irq.out_of_range"] = ProtoExpert.new("vfio_user.expert.irq.out_of_range", "SET_IRQS beyond the index's count", expert.group.PROTOCOL, expert.severity.WARN)
 E["irq.action_unsupported"] = ProtoExpert.new("vfio_user.expert.irq.action_unsupported", "SET_IRQS MASK/UNMASK on an index without MASKABLE, or eventfds for one without EVENTFD", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma_read.count"] = ProtoExpert.new("vfio_user.expert.dma_read.count", "DMA_READ count disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
-E["dma_write.count"] = ProtoExpert.new("vfio_user.expert.dma_write.count", "DMA_WRITE count disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
-E["dma_read.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_read.count_mismatch", "DMA_READ reply count differs from the request's", expert.group.PROTOCOL, expert.severity.NOTE)
-E["dma_write.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_write.count_mismatch", "DMA_WRITE reply count differs from the request's", expert.group.PROTOCOL, expert.severity.NOTE)
-E["interop.dma_qemu_layout"] = ProtoExpert.new("vfio_user.expert.interop.dma_qemu_layout", "DMA_READ reply in QEMU's layout (u32 count, data at 12)", expert.group.PROTOCOL, expert.severity.WARN)
-E["interop.dma_write_bare_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_bare_reply", "DMA_WRITE reply that is the bare header", expert.group.PROTOCOL, expert.severity.ERROR)
-E["interop.dma_write_spec_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_spec_reply", "DMA_WRITE reply with the spec table's u32 count (12 bytes)", expert.group.PROTOCOL, expert.severity.NOTE)
 E["interop.region_caps_offset"] = ProtoExpert.new("vfio_user.expert.interop.region_caps_offset", "REGION_INFO CAPS with cap_offset outside [32, argsz] in a truncated reply", expert.group.PROTOCOL, expert.severity.NOTE)
 E["interop.io_fds_48"] = ProtoExpert.new("vfio_user.expert.interop.io_fds_48", "48-byte IO_FDS entries (libvfio-user's shadow ioeventfd)", expert.group.PROTOCOL, expert.severity.NOTE)
 E["interop.mig_data_padding"] = ProtoExpert.new("vfio_user.expert.interop.mig_data_padding", "short MIG_DATA_READ reply padded to the buffer", expert.group.PROTOCOL, expert.severity.NOTE)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-import errno
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +25,11 @@ from typing import Any
 from .devices import add_registers, device_for
 from .dissectors import vfio_user as proto
 from .dissectors.pci_config import CONFIG_REGION, dissect_config_access
+from .dissectors.vfio_user.dma import check_bitmap_limit, check_logging_on
 from .dissectors.vfio_user.protocol import (
     ERROR_STATE, PRE_COPY, RESUMING, RUNNING, STOP, STOP_COPY)
 from .dissectors.vfio_user.state import (
-    Conflict, ConnState, DmaMapping, Effect, EffectKind, IrqState, Pending, RegionState,
+    Conflict, ConnState, Effect, EffectKind, IrqState, Pending, RegionState,
     SessionRules, check_xfer, describe_fd, echoed_fields, raise_conflict, region_flags)
 from .packet import Dissected
 from .records import C2S, MAIN, S2C, TWIN, Message
@@ -177,20 +177,16 @@ def _check_message(state: ConnState, p: Dissected, timeout_ns: int) -> None:
 # --- commands -------------------------------------------------------------------------
 
 _RULES = SessionRules(
-    must_refuse={"dma.overlap", "dma.unmap_unknown", "dma.too_many", "dma.access_unmapped",
-                 "region.unknown", "region.out_of_bounds", "region.access_flags",
+    must_refuse={"region.unknown", "region.out_of_bounds", "region.access_flags",
                  "irq.unknown", "irq.out_of_range", "migration.transition",
-                 "migration.data_state", "dma_logging.not_started", "dma_logging.page_size"},
-    refusal_errno={"dma.overlap": ("dma.overlap_errno", errno.EEXIST)},
-    argsz_bounded=("DMA_UNMAP", "DEVICE_GET_INFO", "DEVICE_GET_REGION_INFO",
-                   "DEVICE_GET_REGION_IO_FDS", "DEVICE_GET_IRQ_INFO", "DEVICE_FEATURE",
-                   "MIG_DATA_READ", "MIG_DATA_WRITE"),
+                 "migration.data_state", "dma_logging.page_size"},
+    argsz_bounded=("DEVICE_GET_INFO", "DEVICE_GET_REGION_INFO", "DEVICE_GET_REGION_IO_FDS",
+                   "DEVICE_GET_IRQ_INFO", "DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE"),
     echoes={"DEVICE_GET_REGION_INFO": echoed_fields("region_info", ("index",)),
             "DEVICE_GET_IRQ_INFO": echoed_fields("irq_info", ("index",)),
             "DEVICE_GET_REGION_IO_FDS": echoed_fields("region_io_fds", ("index",)),
             "REGION_READ": echoed_fields("region_read", ("offset", "region")),
-            "REGION_WRITE": echoed_fields("region_write", ("offset", "region")),
-            "DMA_UNMAP": echoed_fields("dma_unmap", ("address", "size"))})
+            "REGION_WRITE": echoed_fields("region_write", ("offset", "region"))})
 on_command, on_reply = _RULES.on_command, _RULES.on_reply
 
 
@@ -229,55 +225,6 @@ def _apply_effect(state: ConnState, number: int, cmd: int, values: dict[str, Any
     effect = Effect(number, cmd, values, fds, kind)
     state.apply(effect)
     return effect
-
-
-@on_command("DMA_MAP")
-def _dma_map_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
-    v = p.tree.prefixed("dma_map")
-    if "size" not in v:
-        return None
-    raise_conflict(p.tree, _map_conflict(state, v))
-    page = state.page_size
-    bad = [name for name in ("address", "size", "offset") if v[name] % page]
-    if bad:
-        p.tree.expert("dma.misaligned", f"{', '.join(bad)} not a multiple of the "
-                      f"{page:#x}-byte page size")
-    if state.server_version is not None:
-        limit = state.cap(state.server_caps, "max_dma_maps")
-        if len(state.maps) >= limit:
-            p.tree.expert("dma.too_many", f"{len(state.maps)} maps live, max_dma_maps is {limit}")
-    return v
-
-
-@on_command("DMA_UNMAP")
-def _dma_unmap_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
-    v = p.tree.prefixed("dma_unmap")
-    if "size" not in v:
-        return None
-    raise_conflict(p.tree, _unmap_conflict(state, v))
-    bitmap = p.tree.prefixed("dma_unmap.bitmap")
-    if "size" in bitmap and bitmap.get("pgsize"):
-        _check_bitmap(state, p.tree, v["size"], bitmap["pgsize"], bitmap["size"],
-                      "dma_unmap.bitmap_size")
-        _check_logging_on(state, p.tree, "DMA_UNMAP with GET_DIRTY_BITMAP")
-    return v
-
-
-def _check_bitmap(state: ConnState, tree: Tree, length: int, page: int, size: int,
-                  mismatch_id: str) -> None:
-    want = proto.bitmap_bytes(length, page)
-    if size != want:
-        tree.expert(mismatch_id, f"bitmap of {size} bytes for {length:#x} bytes of "
-                    f"{page:#x}-byte pages: {want} expected")
-    _check_bitmap_limit(state, tree, length, page)
-
-
-def _check_bitmap_limit(state: ConnState, tree: Tree, length: int, page: int) -> None:
-    want = proto.bitmap_bytes(length, page)
-    limit = state.cap(state.client_caps, "migration.max_bitmap_size") or proto.MAX_BITMAP_SIZE
-    if want > limit:
-        tree.expert("dirty.bitmap_too_big", f"{length:#x} bytes of {page:#x}-byte pages need "
-                    f"a {want}-byte bitmap, max_bitmap_size is {limit}")
 
 
 @on_command("REGION_READ", "REGION_WRITE")
@@ -393,18 +340,6 @@ def _check_irq_action(tree: Tree, irq: IrqState, flags: int, with_fds: bool) -> 
                     f"{irq.flags:#x} lack EVENTFD")
 
 
-@on_command("DMA_READ", "DMA_WRITE")
-def _server_dma_request(state: ConnState, p: Dissected) -> None:
-    prefix = "dma_read" if p.header.cmd == CMD["DMA_READ"] else "dma_write"
-    v = p.tree.prefixed(prefix)
-    if "count" not in v or p.msg.direction != S2C:
-        return
-    if state.containing(v["address"], v["count"]) is None:
-        p.tree.expert("dma.access_unmapped",
-                      f"{v['address']:#x}+{v['count']:#x} is outside every live DMA map")
-    check_xfer(state, p.tree, S2C, v["count"])
-
-
 @on_command("DEVICE_FEATURE")
 def _feature_request(state: ConnState, p: Dissected) -> dict[str, Any]:
     v = p.tree.prefixed("device_feature")
@@ -415,8 +350,8 @@ def _feature_request(state: ConnState, p: Dissected) -> dict[str, Any]:
         raise_conflict(p.tree, _transition_conflict(state, v))
     report = p.tree.prefixed("dma_logging_report")
     if flags & proto.FEATURE_GET and report.get("page_size"):
-        _check_bitmap_limit(state, p.tree, report["length"], report["page_size"])
-        _check_logging_on(state, p.tree, "DMA_LOGGING_REPORT")
+        check_bitmap_limit(state, p.tree, report["length"], report["page_size"])
+        check_logging_on(state, p.tree, "DMA_LOGGING_REPORT")
         mapped = state.containing(report["iova"], report["length"])
         if mapped is None or mapped.fd == "none":
             p.tree.expert("dma_logging.unmapped", f"{report['iova']:#x}+{report['length']:#x} "
@@ -424,12 +359,6 @@ def _feature_request(state: ConnState, p: Dissected) -> dict[str, Any]:
                           "it maps, and refuses this")
     v["logging"] = p.tree.prefixed("dma_logging")
     return v
-
-
-def _check_logging_on(state: ConnState, tree: Tree, what: str) -> None:
-    if state.logging is None:
-        tree.expert("dma_logging.not_started", f"{what} while dirty logging is off "
-                    "(no DMA_LOGGING_START is in effect)")
 
 
 @on_command("MIG_DATA_READ", "MIG_DATA_WRITE")
@@ -565,14 +494,6 @@ def _feature_reply(state: ConnState, p: Dissected, request: Pending) -> None:
         state.mig_flags = p.tree.prefixed("migration").get("flags", state.mig_flags)
 
 
-@on_reply("DMA_READ", "DMA_WRITE")
-def _server_dma_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    """Remember a reply in QEMU's layout: the client's next ones are too."""
-    shown = next((e.id for e in p.tree.experts if e.id in proto.QEMU_DMA_SIGNS), None)
-    if shown and state.qemu_dma is None:
-        state.qemu_dma = f"frame {p.number}, {proto.QEMU_DMA_SIGNS[shown]}, was QEMU's"
-
-
 @on_reply("DEVICE_GET_REGION_INFO")
 def _region_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
     v = p.tree.prefixed("region_info")
@@ -610,56 +531,6 @@ def _irq_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
 @on_reply("REGION_READ")
 def _region_read_reply(state: ConnState, p: Dissected, request: Pending) -> None:
     _device_access(state, p, "region_read", write=False)
-
-
-def _map_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
-    old = state.overlapping(v["address"], v["size"])
-    if old is None:
-        return None
-    return ("dma.overlap", f"{v['address']:#x}+{v['size']:#x} overlaps the map "
-                           f"{old.iova:#x}+{old.size:#x} of frame {old.number}")
-
-
-def _map_apply(state: ConnState, e: Effect) -> DmaMapping | None:
-    v = e.values
-    replaced = state.maps.get(v["address"])
-    state.add_map(DmaMapping(v["address"], v["size"], v["offset"], v["flags"],
-                             describe_fd(e.fds), e.number))
-    return replaced
-
-
-def _map_undo(state: ConnState, e: Effect) -> None:
-    state.remove_map(e.values["address"])
-    if e.saved is not None:
-        state.add_map(e.saved)
-
-
-def _unmap_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
-    if v["flags"] & proto.DMA_UNMAP_FLAGS["all"]:
-        return None
-    m = state.maps.get(v["address"])
-    if m is not None and m.size == v["size"]:
-        return None
-    return ("dma.unmap_unknown", f"{v['address']:#x}+{v['size']:#x} is not a live map"
-                                 + (f" (the map there is {m.size:#x} bytes)" if m else ""))
-
-
-def _unmap_apply(state: ConnState, e: Effect) -> list[DmaMapping]:
-    if e.values["flags"] & proto.DMA_UNMAP_FLAGS["all"]:
-        removed = [state.maps[i] for i in state.map_starts]
-        state.maps.clear()
-        state.map_starts.clear()
-        return removed
-    m = state.maps.get(e.values["address"])
-    if m is None:
-        return []
-    state.remove_map(m.iova)
-    return [m]
-
-
-def _unmap_undo(state: ConnState, e: Effect) -> None:
-    for m in e.saved:
-        state.add_map(m)
 
 
 def _irqs_apply(state: ConnState, e: Effect) -> IrqState | None:
@@ -751,13 +622,6 @@ def _reset_undo(state: ConnState, e: Effect) -> None:
     state.mig_state = e.saved
 
 
-_RULES.effect("DMA_MAP", EffectKind(_map_apply, _map_undo,
-                                    lambda v: f"map {v['address']:#x}+{v['size']:#x}",
-                                    _map_conflict))
-_RULES.effect("DMA_UNMAP", EffectKind(
-    _unmap_apply, _unmap_undo,
-    lambda v: "unmap all" if v["flags"] & proto.DMA_UNMAP_FLAGS["all"]
-    else f"unmap {v['address']:#x}+{v['size']:#x}", _unmap_conflict))
 _RULES.effect("DEVICE_SET_IRQS", EffectKind(_irqs_apply, _irqs_undo, _irqs_text))
 _RULES.effect("DEVICE_FEATURE", EffectKind(_feature_apply, _feature_undo, _feature_text,
                                            _transition_conflict))

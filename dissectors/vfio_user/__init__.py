@@ -29,16 +29,16 @@ from .core import (
     fitting, flag_letters, hex_size)
 from .protocol import *  # noqa: F401,F403  (moved there; split next)
 from . import header
+from . import dma
+from .dma import (
+    QEMU_DMA_SIGNS, DirtyBitmap, DmaMap, DmaRead, DmaUnmap, DmaWrite, QemuDmaRead, QemuDmaWrite,
+    bitmap_bytes)
 from . import version
 from .version import Version
 from .header import (
     CLIENT_COMMANDS, FD_CARRIERS, RESERVED, Header, HeaderInfo, fd_items, header_checks,
     parse_header)
 from .state import SessionRules
-
-# The expert items whose message shows its client uses QEMU's DMA layout.
-QEMU_DMA_SIGNS = {"interop.dma_write_bare_reply": "a bare DMA_WRITE reply",
-                  "interop.dma_qemu_layout": "a DMA_READ reply in QEMU's layout"}
 
 
 # --- expert infos -------------------------------------------------------------
@@ -50,20 +50,6 @@ QEMU_DMA_SIGNS = {"interop.dma_write_bare_reply": "a bare DMA_WRITE reply",
 _CHECKS: list[tuple[str, ...]] = [
     # negotiation
     # DMA
-    ("dma_map.flags_unknown", "note", "DMA_MAP flag bits neither the spec (READ, WRITE) nor libvfio-user (MMAP, FILE_IO) defines", f"{SPEC} § VFIO_USER_DMA_MAP",
-     "libvfio-user refuses them (EINVAL)"),
-    ("dma_map.flags_extension", "note", "DMA_MAP MMAP/FILE_IO flags (libvfio-user extensions)", f"{FACTS} § 2 DMA_MAP"),
-    ("dma_map.offset_no_fd", "warning", "DMA_MAP without an fd but with a non-zero offset", f"{SPEC} § VFIO_USER_DMA_MAP"),
-    ("dma.overlap", "warning", "DMA_MAP over a live map (the server must fail it with EEXIST)", f"{SPEC} § VFIO_USER_DMA_MAP"),
-    ("dma.overlap_errno", "warning", "DMA_MAP over a live map refused with an errno other than EEXIST", f"{SPEC} § VFIO_USER_DMA_MAP",
-     "libvfio-user answers EINVAL, and accepts a map identical to a live one"),
-    ("dma.unmap_unknown", "warning", "DMA_UNMAP of a range that is not exactly a live map", f"{SPEC} § VFIO_USER_DMA_UNMAP"),
-    ("dma_unmap.flags", "note", "DMA_UNMAP flags (unused in the spec) set as libvfio-user refuses: unknown bits, ALL with an address or size", f"{SPEC} § VFIO_USER_DMA_UNMAP",
-     "libvfio-user: GET_DIRTY_BITMAP = 1, ALL = 2 with address = size = 0, other bits EINVAL; QEMU 10.2.2 sends ALL only for a whole 2^64 section"),
-    ("dma.misaligned", "warning", "DMA map not aligned to the smallest page size of pgsizes", f"{SPEC} § VFIO_USER_VERSION pgsizes"),
-    ("dma.too_many", "warning", "more live DMA maps than max_dma_maps", f"{SPEC} § VFIO_USER_VERSION"),
-    ("dma.access_unmapped", "warning", "DMA_READ/WRITE outside every live map", f"{SPEC} § VFIO_USER_DMA_READ"),
-    ("dma_unmap.bitmap_size", "error", "DMA_UNMAP dirty bitmap size disagrees with its header, range or page size", f"{LVU} (GET_DIRTY_BITMAP; not in the spec)"),
     ("dma_logging.bitmap_size", "warning", "DMA_LOGGING_REPORT bitmap size disagrees with range and page size", f"{SPEC} § VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT"),
     ("dma_logging.bitmap_bits", "warning", "DMA_LOGGING_REPORT bitmap sets bits beyond the requested range", f"{SPEC} § VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT"),
     ("dma_logging.ranges_short", "error", "num_ranges exceeds the ranges sent", f"{SPEC} § VFIO_DEVICE_FEATURE_DMA_LOGGING_START"),
@@ -72,9 +58,6 @@ _CHECKS: list[tuple[str, ...]] = [
      "libvfio-user refuses it (EINVAL, ENOTSUP)"),
     ("dma_logging.unmapped", "note", "DMA_LOGGING_REPORT of a range no live DMA map with an fd holds", f"{LVU} (the spec sets no such rule)",
      "libvfio-user logs only the memory it maps, and refuses other ranges (EINVAL, ENOENT)"),
-    ("dma_logging.not_started", "warning", "DMA_LOGGING_REPORT, or a DMA_UNMAP dirty bitmap, while dirty logging is off", f"{SPEC} § VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT"),
-    ("dirty.bitmap_too_big", "note", "dirty bitmap over the client's migration.max_bitmap_size", f"{FACTS} § 1 VERSION (migration is not in the spec)",
-     "QEMU 10.2.2 and libvfio-user negotiate max_bitmap_size; libvfio-user issue 469"),
     # the device, regions and IRQs
     ("device_info.pci", "warning", "DEVICE_GET_INFO reply that is not a PCI device with at least the 9 PCI regions", f"{SPEC} § VFIO_USER_DEVICE_GET_INFO; § Device-Specific Regions"),
     ("device_reset.unsupported", "warning", "DEVICE_RESET to a device whose GET_INFO reply lacked RESET", f"{SPEC} § VFIO_USER_DEVICE_GET_INFO"),
@@ -105,18 +88,6 @@ _CHECKS: list[tuple[str, ...]] = [
     ("irq.out_of_range", "warning", "SET_IRQS beyond the index's count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
     ("irq.action_unsupported", "warning", "SET_IRQS MASK/UNMASK on an index without MASKABLE, or eventfds for one without EVENTFD", f"{SPEC} § VFIO_USER_DEVICE_GET_IRQ_INFO; § VFIO_USER_DEVICE_SET_IRQS"),
     # server commands and interop
-    ("dma_read.count", "error", "DMA_READ count disagrees with the data", f"{SPEC} § VFIO_USER_DMA_READ"),
-    ("dma_write.count", "error", "DMA_WRITE count disagrees with the data", f"{SPEC} § VFIO_USER_DMA_WRITE"),
-    ("dma_read.count_mismatch", "note", "DMA_READ reply count differs from the request's", f"{LVU} (the spec allows it)",
-     "libvfio-user fails the transfer (\"bad reply to DMA transfer\")"),
-    ("dma_write.count_mismatch", "note", "DMA_WRITE reply count differs from the request's", f"{LVU} (the spec allows it)",
-     "libvfio-user fails the transfer (\"bad reply to DMA transfer\")"),
-    ("interop.dma_qemu_layout", "warning", "DMA_READ reply in QEMU's layout (u32 count, data at 12)", f"{SPEC} § VFIO_USER_DMA_READ; {FACTS} § 11/12",
-     "QEMU 10.2.2 reads and writes u32 count, data at offset 12; libvfio-user and the spec: u64 count, data at 16"),
-    ("interop.dma_write_bare_reply", "error", "DMA_WRITE reply that is the bare header", f"{SPEC} § VFIO_USER_DMA_WRITE; {FACTS} § 11/12",
-     "QEMU 10.2.2 replies with the header alone; libvfio-user fails the transfer (\"bad reply to DMA transfer\")"),
-    ("interop.dma_write_spec_reply", "note", "DMA_WRITE reply with the spec table's u32 count (12 bytes)", f"{SPEC} § VFIO_USER_DMA_WRITE (Reply); {FACTS} § 11/12",
-     "the spec's reply table gives count 4 bytes, its request 8; libvfio-user sends and expects 8 and fails a 12-byte reply (\"bad reply to DMA transfer\"); QEMU 10.2.2 sends the bare header"),
     ("interop.region_caps_offset", "note", "REGION_INFO CAPS with cap_offset outside [32, argsz] in a truncated reply", f"{FACTS} peers: QEMU 10.2.2",
      "Linux VFIO keeps CAPS with cap_offset 0 when it truncates; QEMU 10.2.2 fails (\"failed to get region N info: Invalid argument\"); libvfio-user sets CAPS only when the capabilities fit"),
     ("interop.io_fds_48", "note", "48-byte IO_FDS entries (libvfio-user's shadow ioeventfd)", f"{FACTS} § 6 IO_FDS",
@@ -141,36 +112,6 @@ _CHECKS: list[tuple[str, ...]] = [
 # --- layers -------------------------------------------------------------------
 
 _FIELDS = Fields()
-
-@_FIELDS.layer("dma_map")
-class DmaMap(Packet):
-    name = "DMA_MAP"
-    fields_desc = [
-        u32("argsz", 32),
-        bits32("flags", DMA_MAP_FLAGS),
-        u64("offset", base="hex", label="File offset"),
-        u64("address", base="hex", label="IOVA"),
-        u64("size", base="hex"),
-    ]
-
-
-@_FIELDS.layer("dma_unmap")
-class DmaUnmap(Packet):
-    name = "DMA_UNMAP"
-    fields_desc = [
-        u32("argsz", 24),
-        bits32("flags", DMA_UNMAP_FLAGS),
-        u64("address", base="hex", label="IOVA"),
-        u64("size", base="hex"),
-    ]
-
-
-@_FIELDS.layer("dma_unmap.bitmap")
-class DirtyBitmap(Packet):
-    name = "Dirty bitmap"
-    fields_desc = [u64("pgsize", base="hex", label="Page size"),
-                   u64("size", label="Bitmap size"), StrField("data", b"")]
-
 
 @_FIELDS.layer("device_info")
 class DeviceInfo(Packet):
@@ -301,40 +242,6 @@ class WriteMultiEntry(Packet):
                    u32("count"), raw("data", 8)]
 
 
-class DmaAccess(Packet):
-    """Spec layout of DMA_READ/DMA_WRITE: address u64, count u64, data."""
-
-    fields_desc = [u64("address", base="hex"), u64("count"),
-                   StrField("data", b"")]
-
-
-class QemuDmaAccess(Packet):
-    """QEMU 10.2's layout: address u64, count u32, data at 12."""
-
-    fields_desc = [u64("address", base="hex"), u32("count"),
-                   StrField("data", b"")]
-
-
-@_FIELDS.layer("dma_read")
-class DmaRead(DmaAccess):
-    name = "DMA_READ"
-
-
-@_FIELDS.layer("dma_write")
-class DmaWrite(DmaAccess):
-    name = "DMA_WRITE"
-
-
-@_FIELDS.layer("dma_read")
-class QemuDmaRead(QemuDmaAccess):
-    name = "DMA_READ"
-
-
-@_FIELDS.layer("dma_write")
-class QemuDmaWrite(QemuDmaAccess):
-    name = "DMA_WRITE"
-
-
 @_FIELDS.layer("device_feature")
 class DeviceFeature(Packet):
     name = "DEVICE_FEATURE"
@@ -395,13 +302,10 @@ class MigDataWrite(MigData):
 
 # Fields that are not a fixed part of a layer.
 for _name, _label, _type in [
-    ("dma_unmap.bitmap.data", "Dirty bitmap", BYTES),
     ("set_irqs.data", "Data", BYTES),
     ("set_irqs.bool", "Bool", UINT),
     ("region_read.data", "Data", BYTES),
     ("region_write.data", "Data", BYTES),
-    ("dma_read.data", "Data", BYTES),
-    ("dma_write.data", "Data", BYTES),
     ("device_feature.data", "Feature data", BYTES),
     ("dma_logging_report.bitmap", "Dirty bitmap", BYTES),
     ("mig_data_read.data", "Data", BYTES),
@@ -413,75 +317,6 @@ for _name, _label, _type in [
 # --- per-command dissectors ------------------------------------------------------
 
 DISSECTORS = Dissectors()
-
-
-@DISSECTORS.request("DMA_MAP")
-def _dma_map(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, DmaMap, msg, off)
-    expect_end(tree, msg, off + DmaMap.vfu_compiled.size, "DMA_MAP request")
-    if "size" not in v:
-        return ""
-    if v["argsz"] != DmaMap.vfu_compiled.size:
-        tree.expert("argsz.mismatch",
-                    f"DMA_MAP argsz {v['argsz']}, the request struct is 32 bytes")
-    if v["flags"] & ~sum(DMA_MAP_FLAGS.values()):
-        tree.expert("dma_map.flags_unknown", f"DMA_MAP flags {v['flags']:#x} has bits neither "
-                    "the spec nor libvfio-user defines (libvfio-user refuses them)")
-    elif v["flags"] & ~SPEC_DMA_MAP_FLAGS:
-        tree.expert("dma_map.flags_extension",
-                    f"DMA_MAP flags {v['flags']:#x}: MMAP/FILE_IO are libvfio-user extensions")
-    check_range(tree, v["address"], v["size"], 64, "DMA_MAP")
-    if not ctx.fds and v["offset"]:
-        tree.expert("dma_map.offset_no_fd", f"DMA_MAP offset {v['offset']:#x} without an fd: "
-                    "the offset is zero when the region is not mappable")
-    end = v["address"] + v["size"]
-    ctx.purpose(0, f"DMA memory for iova {v['address']:#x}-{end:#x} "
-                   f"(file offset {v['offset']:#x})")
-    if len(ctx.fds) > 1:
-        tree.expert("fd.count", f"DMA_MAP carries {len(ctx.fds)} fds, at most 1 expected")
-    prot = ("R" if v["flags"] & 1 else "") + ("W" if v["flags"] & 2 else "")
-    return (f"iova={v['address']:#x} size={hex_size(v['size'])} prot={prot or '-'} "
-            f"fd={fd_text(ctx)}" + (f" offset={v['offset']:#x}" if ctx.fds else ""))
-
-
-DISSECTORS.bare("DMA_MAP", "reply")
-
-
-@DISSECTORS.request("DMA_UNMAP")
-@DISSECTORS.reply("DMA_UNMAP")
-def _dma_unmap(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    node, v = add_layer(tree, DmaUnmap, msg, off)
-    if "size" not in v:
-        return ""
-    end = off + DmaUnmap.vfu_compiled.size
-    info = f"iova={v['address']:#x} size={hex_size(v['size'])}"
-    if ctx.direction == "c2s":
-        _unmap_request_checks(tree, v)
-    if v["flags"] & DMA_UNMAP_FLAGS["all"]:
-        info += " ALL"
-    if v["flags"] & DMA_UNMAP_FLAGS["get_dirty_bitmap"]:
-        _, bm = add_layer(tree, DirtyBitmap, msg, end, node)
-        end += DirtyBitmap.vfu_compiled.size
-        if "size" in bm and len(msg) > end:
-            add_bytes(tree, "dma_unmap.bitmap.data", msg, end, len(msg), node)
-            if len(msg) - end != bm["size"]:
-                tree.expert("dma_unmap.bitmap_size",
-                            f"dirty bitmap has {len(msg) - end} bytes, header says {bm['size']}")
-            end = len(msg)
-        info += " +dirty bitmap"
-    expect_end(tree, msg, end, "DMA_UNMAP")
-    return info
-
-
-def _unmap_request_checks(tree: Tree, v: dict[str, int]) -> None:
-    check_request_argsz(tree, v["argsz"], DmaUnmap.vfu_compiled.size, "DMA_UNMAP")
-    if v["flags"] & ~sum(DMA_UNMAP_FLAGS.values()):
-        tree.expert("dma_unmap.flags", f"DMA_UNMAP flags {v['flags']:#x}: bits libvfio-user "
-                    "does not define (it refuses them); the spec leaves flags unused")
-    elif v["flags"] & DMA_UNMAP_FLAGS["all"] and (v["address"] or v["size"]):
-        tree.expert("dma_unmap.flags", f"DMA_UNMAP ALL with iova {v['address']:#x} size "
-                    f"{v['size']:#x}: libvfio-user refuses ALL unless both are 0")
-    check_range(tree, v["address"], v["size"], 64, "DMA_UNMAP")
 
 
 @DISSECTORS.request("DEVICE_GET_INFO")
@@ -807,91 +642,6 @@ def _write_multi_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return f"{v['wr_cnt']} completed" if "wr_cnt" in v else ""
 
 
-def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
-                data_in_reply: bool) -> tuple[Dissector, Dissector]:
-    """DMA_READ/DMA_WRITE, decoding QEMU's layout where the bytes show it."""
-    prefix = spec.vfu_field.name
-
-    def body(tree: Tree, msg: bytes, off: int, layout: type[Packet],
-             with_data: bool) -> dict[str, int]:
-        node, v = add_layer(tree, layout, msg, off)
-        data = off + layout.vfu_compiled.size
-        if with_data and "count" in v:
-            add_bytes(tree, f"{prefix}.data", msg, data, len(msg), node)
-        else:
-            expect_end(tree, msg, data, spec.vfu_name)
-        return v
-
-    def on_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-        v = body(tree, msg, off, spec, data_in_request)
-        if data_in_request and "count" in v and len(msg) - off - 16 != v["count"]:
-            tree.expert(f"{prefix}.count",
-                        f"count is {v['count']} but {len(msg) - off - 16} data bytes follow")
-        if "count" in v:
-            check_range(tree, v["address"], v["count"], 64, f"{spec.vfu_name} address+count")
-        return f"addr={v.get('address', 0):#x} count={v.get('count', '?')}"
-
-    def on_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-        asked = _request_count(ctx.request)
-        if not data_in_reply and len(msg) == off:
-            tree.expert("interop.dma_write_bare_reply",
-                        f"{spec.vfu_name} reply is the bare header (QEMU's layout); "
-                        "the spec and libvfio-user expect address and count")
-            return "bare reply (QEMU layout)"
-        layout = spec
-        why = _qemu_layout(msg, off, asked, ctx.qemu_dma) if data_in_reply else None
-        if not data_in_reply and len(msg) - off == qemu.vfu_compiled.size:
-            layout = qemu
-            tree.expert("interop.dma_write_spec_reply", f"{spec.vfu_name} reply as the spec's "
-                        "table has it, a u32 count (12 bytes): libvfio-user expects a u64 count "
-                        "and fails the transfer")
-        elif why:
-            layout = qemu
-            tree.expert("interop.dma_qemu_layout",
-                        f"{spec.vfu_name} reply in QEMU's layout (u32 count, data at offset 12), "
-                        f"not the spec's (u64 count, data at 16): {why}")
-        v = body(tree, msg, off, layout, data_in_reply)
-        if data_in_reply and "count" in v:
-            got = len(msg) - off - layout.vfu_compiled.size
-            if layout is qemu:
-                got -= 4  # QEMU pads 4 zero bytes after the data
-            if got != v["count"]:
-                tree.expert(f"{prefix}.count",
-                            f"count is {v['count']} but {got} data bytes follow")
-        if asked is not None and v.get("count") not in (None, asked):
-            tree.expert(f"{prefix}.count_mismatch",
-                        f"reply count {v['count']} differs from the request's {asked}")
-        return f"addr={v.get('address', 0):#x} count={v.get('count', '?')}"
-
-    return on_request, on_reply
-
-
-def _request_count(req: bytes | None) -> int | None:
-    if req is None or len(req) < HEADER_SIZE + 16:
-        return None
-    return struct.unpack_from("<Q", req, HEADER_SIZE + 8)[0]
-
-
-def _qemu_layout(msg: bytes, off: int, asked: int | None, known: str | None) -> str | None:
-    """Why a DMA_READ reply is in QEMU's layout, or None for the spec's.  Both
-    layouts give `count` bytes the same message size; QEMU's u32 count is
-    followed by data and ends with 4 zero bytes, the spec's count is a u64."""
-    if asked is None or len(msg) < off + 16:
-        return None
-    spec_count = struct.unpack_from("<Q", msg, off + 8)[0]
-    qemu_count = spec_count & 0xFFFFFFFF
-    if spec_count != asked and qemu_count == asked:
-        return "its u32 count matches the request and the u64 does not"
-    if known and spec_count == asked and not any(msg[-4:]):
-        return f"the bytes fit both (data starts with 4 zero bytes), and {known}"
-    return None
-
-
-DISSECTORS.requests[CMD["DMA_READ"]], DISSECTORS.replies[CMD["DMA_READ"]] = _dma_access(
-    DmaRead, QemuDmaRead, data_in_request=False, data_in_reply=True)
-DISSECTORS.requests[CMD["DMA_WRITE"]], DISSECTORS.replies[CMD["DMA_WRITE"]] = _dma_access(
-    DmaWrite, QemuDmaWrite, data_in_request=True, data_in_reply=False)
-
 DISSECTORS.bare("DEVICE_RESET", "request")
 DISSECTORS.bare("DEVICE_RESET", "reply")
 
@@ -1058,12 +808,6 @@ def _check_report_bitmap(tree: Tree, bitmap: bytes, length: int, page: int) -> N
                     "requested range; the spec says they must be zero")
 
 
-def bitmap_bytes(length: int, page: int) -> int:
-    """Size of a dirty bitmap: one bit per page, in whole u64 words."""
-    pages = -(-length // page)
-    return -(-pages // 64) * 8
-
-
 def _mig_data(cls: type[Packet], with_data: bool, is_reply: bool) -> Dissector:
     prefix = cls.vfu_field.name
 
@@ -1119,8 +863,8 @@ DISSECTORS.bare("MIG_DATA_WRITE", "reply")
 # --- the families together --------------------------------------------------------
 
 # The families, in the order their fields and checks are registered.
-FAMILIES: tuple[ModuleType, ...] = (header, version,)
-COMMAND_FAMILIES: tuple[ModuleType, ...] = (version,)
+FAMILIES: tuple[ModuleType, ...] = (header, version, dma,)
+COMMAND_FAMILIES: tuple[ModuleType, ...] = (version, dma,)
 FIELDS = Fields(*(family.FIELDS for family in FAMILIES), _FIELDS)
 CHECKS = [row for family in FAMILIES for row in family.CHECKS] + _CHECKS
 DISSECTORS_ALL = Dissectors.merged([*(family.DISSECTORS for family in COMMAND_FAMILIES), DISSECTORS])
