@@ -180,7 +180,7 @@ _RULES = SessionRules(
     must_refuse={"region.unknown", "region.out_of_bounds", "region.access_flags",
                  "irq.unknown", "irq.out_of_range", "migration.transition",
                  "migration.data_state", "dma_logging.page_size"},
-    argsz_bounded=("DEVICE_GET_INFO", "DEVICE_GET_REGION_INFO", "DEVICE_GET_REGION_IO_FDS",
+    argsz_bounded=("DEVICE_GET_REGION_INFO", "DEVICE_GET_REGION_IO_FDS",
                    "DEVICE_GET_IRQ_INFO", "DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE"),
     echoes={"DEVICE_GET_REGION_INFO": echoed_fields("region_info", ("index",)),
             "DEVICE_GET_IRQ_INFO": echoed_fields("irq_info", ("index",)),
@@ -286,14 +286,6 @@ def _device_access(state: ConnState, p: Dissected, prefix: str, write: bool) -> 
         node = p.tree.add(registers.vfu_field, None, offset, length,
                           text=f"{device.name}, {proto.region_name(v['region'])}")
         add_registers(p.tree, node, registers, 0, v["offset"], value, offset)
-
-
-@on_command("DEVICE_RESET")
-def _reset_request(state: ConnState, p: Dissected) -> dict[str, Any]:
-    if state.device is not None and not state.device["flags"] & proto.DEVICE_INFO_FLAGS["reset"]:
-        p.tree.expert("device_reset.unsupported", f"the device's GET_INFO reply had flags "
-                      f"{state.device['flags']:#x}, without RESET")
-    return {}
 
 
 @on_command("DEVICE_GET_IRQ_INFO", "DEVICE_GET_REGION_INFO", "DEVICE_GET_REGION_IO_FDS")
@@ -480,13 +472,6 @@ def _retract(state: ConnState, tree: Tree, failed: Pending) -> None:
             pending.must_refuse.append(tree.experts[-1])
 
 
-@on_reply("DEVICE_GET_INFO")
-def _device_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = p.tree.prefixed("device_info")
-    if "num_irqs" in v:
-        state.device = v
-
-
 @on_reply("DEVICE_FEATURE")
 def _feature_reply(state: ConnState, p: Dissected, request: Pending) -> None:
     flags = request.values.get("flags", 0)
@@ -611,21 +596,9 @@ def _feature_text(v: dict[str, Any]) -> str:
     return proto.FEATURES.get(v.get("flags", 0) & 0xFFFF, "feature")
 
 
-def _reset_apply(state: ConnState, e: Effect) -> int:
-    saved = state.mig_state
-    if state.mig_state == ERROR_STATE:
-        state.mig_state = RUNNING
-    return saved
-
-
-def _reset_undo(state: ConnState, e: Effect) -> None:
-    state.mig_state = e.saved
-
-
 _RULES.effect("DEVICE_SET_IRQS", EffectKind(_irqs_apply, _irqs_undo, _irqs_text))
 _RULES.effect("DEVICE_FEATURE", EffectKind(_feature_apply, _feature_undo, _feature_text,
                                            _transition_conflict))
-_RULES.effect("DEVICE_RESET", EffectKind(_reset_apply, _reset_undo, lambda v: "device reset"))
 _RULES.echoes[CMD["DEVICE_FEATURE"]] = _feature_echo
 # What the tracker runs: every family's rules, and those still here.
 RULES = SessionRules.merged([proto.SESSION, _RULES])

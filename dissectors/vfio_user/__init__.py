@@ -29,6 +29,8 @@ from .core import (
     fitting, flag_letters, hex_size)
 from .protocol import *  # noqa: F401,F403  (moved there; split next)
 from . import header
+from . import device
+from .device import DeviceInfo
 from . import dma
 from .dma import (
     QEMU_DMA_SIGNS, DirtyBitmap, DmaMap, DmaRead, DmaUnmap, DmaWrite, QemuDmaRead, QemuDmaWrite,
@@ -59,8 +61,6 @@ _CHECKS: list[tuple[str, ...]] = [
     ("dma_logging.unmapped", "note", "DMA_LOGGING_REPORT of a range no live DMA map with an fd holds", f"{LVU} (the spec sets no such rule)",
      "libvfio-user logs only the memory it maps, and refuses other ranges (EINVAL, ENOENT)"),
     # the device, regions and IRQs
-    ("device_info.pci", "warning", "DEVICE_GET_INFO reply that is not a PCI device with at least the 9 PCI regions", f"{SPEC} § VFIO_USER_DEVICE_GET_INFO; § Device-Specific Regions"),
-    ("device_reset.unsupported", "warning", "DEVICE_RESET to a device whose GET_INFO reply lacked RESET", f"{SPEC} § VFIO_USER_DEVICE_GET_INFO"),
     ("region_info.caps_missing", "warning", "CAPS flag with no capability chain", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
     ("region_info.mmap_no_fd", "warning", "MMAP region whose reply carries no fd", f"{SPEC} § VFIO_USER_DEVICE_GET_REGION_INFO"),
     ("region_info.fd_per_area", "note", "one fd per sparse area instead of one per region", f"{FACTS} § 3"),
@@ -112,13 +112,6 @@ _CHECKS: list[tuple[str, ...]] = [
 # --- layers -------------------------------------------------------------------
 
 _FIELDS = Fields()
-
-@_FIELDS.layer("device_info")
-class DeviceInfo(Packet):
-    name = "DEVICE_GET_INFO"
-    fields_desc = [u32("argsz", 16), bits32("flags", DEVICE_INFO_FLAGS),
-                   u32("num_regions"), u32("num_irqs")]
-
 
 @_FIELDS.layer("region_info")
 class RegionInfo(Packet):
@@ -317,29 +310,6 @@ for _name, _label, _type in [
 # --- per-command dissectors ------------------------------------------------------
 
 DISSECTORS = Dissectors()
-
-
-@DISSECTORS.request("DEVICE_GET_INFO")
-def _device_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, DeviceInfo, msg, off)
-    expect_end(tree, msg, off + DeviceInfo.vfu_compiled.size, "DEVICE_GET_INFO request")
-    if "argsz" in v:
-        check_request_argsz(tree, v["argsz"], DeviceInfo.vfu_compiled.size, "DEVICE_GET_INFO")
-        check_zero(tree, v, ("flags", "num_regions", "num_irqs"), "DEVICE_GET_INFO request")
-    return ""
-
-
-@DISSECTORS.reply("DEVICE_GET_INFO")
-def _device_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, DeviceInfo, msg, off)
-    expect_end(tree, msg, off + DeviceInfo.vfu_compiled.size, "DEVICE_GET_INFO reply")
-    if "num_irqs" not in v:
-        return ""
-    check_reply_argsz(tree, v["argsz"], len(msg) - off, "DEVICE_GET_INFO")
-    if not v["flags"] & DEVICE_INFO_FLAGS["pci"] or v["num_regions"] < PCI_NUM_REGIONS:
-        tree.expert("device_info.pci", f"flags {v['flags']:#x}, {v['num_regions']} regions: "
-                    f"the spec supports only PCI devices, with at least {PCI_NUM_REGIONS} regions")
-    return f"regions={v['num_regions']} irqs={v['num_irqs']} flags={v['flags']:#x}"
 
 
 @DISSECTORS.request("DEVICE_GET_REGION_INFO")
@@ -642,10 +612,6 @@ def _write_multi_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return f"{v['wr_cnt']} completed" if "wr_cnt" in v else ""
 
 
-DISSECTORS.bare("DEVICE_RESET", "request")
-DISSECTORS.bare("DEVICE_RESET", "reply")
-
-
 # The operations each feature defines, and the layout of its data.
 FEATURE_OPS = {1: FEATURE_GET, 2: FEATURE_GET | FEATURE_SET, 6: FEATURE_SET, 7: FEATURE_SET,
                8: FEATURE_GET}
@@ -863,8 +829,8 @@ DISSECTORS.bare("MIG_DATA_WRITE", "reply")
 # --- the families together --------------------------------------------------------
 
 # The families, in the order their fields and checks are registered.
-FAMILIES: tuple[ModuleType, ...] = (header, version, dma,)
-COMMAND_FAMILIES: tuple[ModuleType, ...] = (version, dma,)
+FAMILIES: tuple[ModuleType, ...] = (header, version, dma, device,)
+COMMAND_FAMILIES: tuple[ModuleType, ...] = (version, dma, device,)
 FIELDS = Fields(*(family.FIELDS for family in FAMILIES), _FIELDS)
 CHECKS = [row for family in FAMILIES for row in family.CHECKS] + _CHECKS
 DISSECTORS_ALL = Dissectors.merged([*(family.DISSECTORS for family in COMMAND_FAMILIES), DISSECTORS])
