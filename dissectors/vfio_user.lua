@@ -128,6 +128,23 @@ F["region_io_fds.sub.padding"] = ProtoField.uint32("region_io_fds.sub.padding", 
 F["region_io_fds.sub.datamatch"] = ProtoField.uint64("region_io_fds.sub.datamatch", "Datamatch / user data", base.HEX, nil)
 F["region_io_fds.sub.shadow_fd_index"] = ProtoField.uint32("region_io_fds.sub.shadow_fd_index", "Shadow memory fd index", base.DEC, nil)
 F["region_io_fds.sub.shadow_offset"] = ProtoField.uint64("region_io_fds.sub.shadow_offset", "Shadow offset", base.HEX, nil)
+F["region_read"] = ProtoField.none("region_read", "REGION_READ")
+F["region_read.offset"] = ProtoField.uint64("region_read.offset", "Offset", base.HEX, nil)
+F["region_read.region"] = ProtoField.uint32("region_read.region", "Region", base.DEC, VALUES[4])
+F["region_read.count"] = ProtoField.uint32("region_read.count", "Count", base.DEC, nil)
+F["region_write"] = ProtoField.none("region_write", "REGION_WRITE")
+F["region_write.offset"] = ProtoField.uint64("region_write.offset", "Offset", base.HEX, nil)
+F["region_write.region"] = ProtoField.uint32("region_write.region", "Region", base.DEC, VALUES[4])
+F["region_write.count"] = ProtoField.uint32("region_write.count", "Count", base.DEC, nil)
+F["write_multi"] = ProtoField.none("write_multi", "REGION_WRITE_MULTI")
+F["write_multi.wr_cnt"] = ProtoField.uint64("write_multi.wr_cnt", "Write count", base.DEC, nil)
+F["write_multi.entry"] = ProtoField.none("write_multi.entry", "Write")
+F["write_multi.entry.offset"] = ProtoField.uint64("write_multi.entry.offset", "Offset", base.HEX, nil)
+F["write_multi.entry.region"] = ProtoField.uint32("write_multi.entry.region", "Region", base.DEC, VALUES[4])
+F["write_multi.entry.count"] = ProtoField.uint32("write_multi.entry.count", "Count", base.DEC, nil)
+F["write_multi.entry.data"] = ProtoField.bytes("write_multi.entry.data", "Data")
+F["region_read.data"] = ProtoField.bytes("region_read.data", "Data")
+F["region_write.data"] = ProtoField.bytes("region_write.data", "Data")
 F["irq_info"] = ProtoField.none("irq_info", "DEVICE_GET_IRQ_INFO")
 F["irq_info.argsz"] = ProtoField.uint32("irq_info.argsz", "Argsz", base.DEC, nil)
 F["irq_info.flags"] = ProtoField.uint32("irq_info.flags", "Flags", base.HEX, nil)
@@ -149,21 +166,6 @@ F["set_irqs.flags.trigger"] = ProtoField.bool("set_irqs.flags.trigger", "Trigger
 F["set_irqs.index"] = ProtoField.uint32("set_irqs.index", "IRQ index", base.DEC, VALUES[7])
 F["set_irqs.start"] = ProtoField.uint32("set_irqs.start", "Start", base.DEC, nil)
 F["set_irqs.count"] = ProtoField.uint32("set_irqs.count", "Count", base.DEC, nil)
-F["region_read"] = ProtoField.none("region_read", "REGION_READ")
-F["region_read.offset"] = ProtoField.uint64("region_read.offset", "Offset", base.HEX, nil)
-F["region_read.region"] = ProtoField.uint32("region_read.region", "Region", base.DEC, VALUES[4])
-F["region_read.count"] = ProtoField.uint32("region_read.count", "Count", base.DEC, nil)
-F["region_write"] = ProtoField.none("region_write", "REGION_WRITE")
-F["region_write.offset"] = ProtoField.uint64("region_write.offset", "Offset", base.HEX, nil)
-F["region_write.region"] = ProtoField.uint32("region_write.region", "Region", base.DEC, VALUES[4])
-F["region_write.count"] = ProtoField.uint32("region_write.count", "Count", base.DEC, nil)
-F["write_multi"] = ProtoField.none("write_multi", "REGION_WRITE_MULTI")
-F["write_multi.wr_cnt"] = ProtoField.uint64("write_multi.wr_cnt", "Write count", base.DEC, nil)
-F["write_multi.entry"] = ProtoField.none("write_multi.entry", "Write")
-F["write_multi.entry.offset"] = ProtoField.uint64("write_multi.entry.offset", "Offset", base.HEX, nil)
-F["write_multi.entry.region"] = ProtoField.uint32("write_multi.entry.region", "Region", base.DEC, VALUES[4])
-F["write_multi.entry.count"] = ProtoField.uint32("write_multi.entry.count", "Count", base.DEC, nil)
-F["write_multi.entry.data"] = ProtoField.bytes("write_multi.entry.data", "Data")
 F["device_feature"] = ProtoField.none("device_feature", "DEVICE_FEATURE")
 F["device_feature.argsz"] = ProtoField.uint32("device_feature.argsz", "Argsz", base.DEC, nil)
 F["device_feature.flags"] = ProtoField.uint32("device_feature.flags", "Flags", base.HEX, nil)
@@ -198,8 +200,6 @@ F["mig_data_write.argsz"] = ProtoField.uint32("mig_data_write.argsz", "Argsz", b
 F["mig_data_write.size"] = ProtoField.uint32("mig_data_write.size", "Size", base.DEC, nil)
 F["set_irqs.data"] = ProtoField.bytes("set_irqs.data", "Data")
 F["set_irqs.bool"] = ProtoField.uint64("set_irqs.bool", "Bool", base.DEC, nil)
-F["region_read.data"] = ProtoField.bytes("region_read.data", "Data")
-F["region_write.data"] = ProtoField.bytes("region_write.data", "Data")
 F["device_feature.data"] = ProtoField.bytes("device_feature.data", "Feature data")
 F["dma_logging_report.bitmap"] = ProtoField.bytes("dma_logging_report.bitmap", "Dirty bitmap")
 F["mig_data_read.data"] = ProtoField.bytes("mig_data_read.data", "Data")
@@ -281,12 +281,12 @@ local LAYERS = {
     RegionIoFds = {field = "region_io_fds", label = "DEVICE_GET_REGION_IO_FDS", size = 16, {"region_io_fds.argsz", 0, 4}, {"region_io_fds.flags", 4, 4}, {"region_io_fds.index", 8, 4}, {"region_io_fds.count", 12, 4}},
     SubRegion = {field = "region_io_fds.sub", label = "Sub-region", size = 40, {"region_io_fds.sub.offset", 0, 8}, {"region_io_fds.sub.size", 8, 8}, {"region_io_fds.sub.fd_index", 16, 4}, {"region_io_fds.sub.type", 20, 4}, {"region_io_fds.sub.flags", 24, 4}, {"region_io_fds.sub.padding", 28, 4}, {"region_io_fds.sub.datamatch", 32, 8}},
     ShadowSubRegion = {field = "region_io_fds.sub", label = "Sub-region", size = 48, {"region_io_fds.sub.offset", 0, 8}, {"region_io_fds.sub.size", 8, 8}, {"region_io_fds.sub.fd_index", 16, 4}, {"region_io_fds.sub.type", 20, 4}, {"region_io_fds.sub.flags", 24, 4}, {"region_io_fds.sub.shadow_fd_index", 28, 4}, {"region_io_fds.sub.shadow_offset", 32, 8}, {"region_io_fds.sub.datamatch", 40, 8}},
-    IrqInfo = {field = "irq_info", label = "DEVICE_GET_IRQ_INFO", size = 16, {"irq_info.argsz", 0, 4}, {"irq_info.flags", 4, 4}, {"irq_info.index", 8, 4}, {"irq_info.count", 12, 4}},
-    SetIrqs = {field = "set_irqs", label = "DEVICE_SET_IRQS", size = 20, {"set_irqs.argsz", 0, 4}, {"set_irqs.flags", 4, 4}, {"set_irqs.index", 8, 4}, {"set_irqs.start", 12, 4}, {"set_irqs.count", 16, 4}},
     RegionRead = {field = "region_read", label = "REGION_READ", size = 16, {"region_read.offset", 0, 8}, {"region_read.region", 8, 4}, {"region_read.count", 12, 4}},
     RegionWrite = {field = "region_write", label = "REGION_WRITE", size = 16, {"region_write.offset", 0, 8}, {"region_write.region", 8, 4}, {"region_write.count", 12, 4}},
     WriteMulti = {field = "write_multi", label = "REGION_WRITE_MULTI", size = 8, {"write_multi.wr_cnt", 0, 8}},
     WriteMultiEntry = {field = "write_multi.entry", label = "Write", size = 24, {"write_multi.entry.offset", 0, 8}, {"write_multi.entry.region", 8, 4}, {"write_multi.entry.count", 12, 4}, {"write_multi.entry.data", 16, 8}},
+    IrqInfo = {field = "irq_info", label = "DEVICE_GET_IRQ_INFO", size = 16, {"irq_info.argsz", 0, 4}, {"irq_info.flags", 4, 4}, {"irq_info.index", 8, 4}, {"irq_info.count", 12, 4}},
+    SetIrqs = {field = "set_irqs", label = "DEVICE_SET_IRQS", size = 20, {"set_irqs.argsz", 0, 4}, {"set_irqs.flags", 4, 4}, {"set_irqs.index", 8, 4}, {"set_irqs.start", 12, 4}, {"set_irqs.count", 16, 4}},
     DeviceFeature = {field = "device_feature", label = "DEVICE_FEATURE", size = 8, {"device_feature.argsz", 0, 4}, {"device_feature.flags", 4, 4}},
     MigrationFeature = {field = "migration", label = "Migration feature", size = 8, {"migration.flags", 0, 8}},
     MigDeviceState = {field = "mig_state", label = "Device state", size = 8, {"mig_state.device_state", 0, 4}, {"mig_state.data_fd", 4, 4}},
@@ -405,12 +405,6 @@ E["interop.dma_write_bare_reply"] = ProtoExpert.new("vfio_user.expert.interop.dm
 E["interop.dma_write_spec_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_spec_reply", "DMA_WRITE reply with the spec table's u32 count (12 bytes)", expert.group.PROTOCOL, expert.severity.NOTE)
 E["device_info.pci"] = ProtoExpert.new("vfio_user.expert.device_info.pci", "DEVICE_GET_INFO reply that is not a PCI device with at least the 9 PCI regions", expert.group.PROTOCOL, expert.severity.WARN)
 E["device_reset.unsupported"] = ProtoExpert.new("vfio_user.expert.device_reset.unsupported", "DEVICE_RESET to a device whose GET_INFO reply lacked RESET", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma_logging.bitmap_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.bitmap_size", "DMA_LOGGING_REPORT bitmap size disagrees with range and page size", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma_logging.bitmap_bits"] = ProtoExpert.new("vfio_user.expert.dma_logging.bitmap_bits", "DMA_LOGGING_REPORT bitmap sets bits beyond the requested range", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma_logging.ranges_short"] = ProtoExpert.new("vfio_user.expert.dma_logging.ranges_short", "num_ranges exceeds the ranges sent", expert.group.PROTOCOL, expert.severity.ERROR)
-E["dma_logging.page_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.page_size", "DMA logging page size zero, or a REPORT page size not a power of two", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma_logging.unaligned"] = ProtoExpert.new("vfio_user.expert.dma_logging.unaligned", "DMA logging range or report not aligned to its page size", expert.group.PROTOCOL, expert.severity.NOTE)
-E["dma_logging.unmapped"] = ProtoExpert.new("vfio_user.expert.dma_logging.unmapped", "DMA_LOGGING_REPORT of a range no live DMA map with an fd holds", expert.group.PROTOCOL, expert.severity.NOTE)
 E["region_info.caps_missing"] = ProtoExpert.new("vfio_user.expert.region_info.caps_missing", "CAPS flag with no capability chain", expert.group.PROTOCOL, expert.severity.WARN)
 E["region_info.mmap_no_fd"] = ProtoExpert.new("vfio_user.expert.region_info.mmap_no_fd", "MMAP region whose reply carries no fd", expert.group.PROTOCOL, expert.severity.WARN)
 E["region_info.fd_per_area"] = ProtoExpert.new("vfio_user.expert.region_info.fd_per_area", "one fd per sparse area instead of one per region", expert.group.PROTOCOL, expert.severity.NOTE)
@@ -421,6 +415,8 @@ E["region_info.areas_short"] = ProtoExpert.new("vfio_user.expert.region_info.are
 E["region_io_fds.entry_size"] = ProtoExpert.new("vfio_user.expert.region_io_fds.entry_size", "IO_FDS sub-regions do not divide into count entries of at least 40 bytes", expert.group.PROTOCOL, expert.severity.ERROR)
 E["region_io_fds.fd_index"] = ProtoExpert.new("vfio_user.expert.region_io_fds.fd_index", "sub-region names an fd that was not passed", expert.group.PROTOCOL, expert.severity.ERROR)
 E["region_io_fds.posted_writes"] = ProtoExpert.new("vfio_user.expert.region_io_fds.posted_writes", "zero-size ioregionfd sub-region without KVM_IOREGION_POSTED_WRITES", expert.group.PROTOCOL, expert.severity.WARN)
+E["interop.region_caps_offset"] = ProtoExpert.new("vfio_user.expert.interop.region_caps_offset", "REGION_INFO CAPS with cap_offset outside [32, argsz] in a truncated reply", expert.group.PROTOCOL, expert.severity.NOTE)
+E["interop.io_fds_48"] = ProtoExpert.new("vfio_user.expert.interop.io_fds_48", "48-byte IO_FDS entries (libvfio-user's shadow ioeventfd)", expert.group.PROTOCOL, expert.severity.NOTE)
 E["region.unknown"] = ProtoExpert.new("vfio_user.expert.region.unknown", "access to a region index the device did not report", expert.group.PROTOCOL, expert.severity.WARN)
 E["region.out_of_bounds"] = ProtoExpert.new("vfio_user.expert.region.out_of_bounds", "region access beyond the region's size", expert.group.PROTOCOL, expert.severity.WARN)
 E["region.access_flags"] = ProtoExpert.new("vfio_user.expert.region.access_flags", "region access against its READ/WRITE flags", expert.group.PROTOCOL, expert.severity.WARN)
@@ -429,6 +425,12 @@ E["region_write.count"] = ProtoExpert.new("vfio_user.expert.region_write.count",
 E["write_multi.count"] = ProtoExpert.new("vfio_user.expert.write_multi.count", "wr_cnt exceeds the entries sent", expert.group.PROTOCOL, expert.severity.ERROR)
 E["write_multi.entry_count"] = ProtoExpert.new("vfio_user.expert.write_multi.entry_count", "write entry count over 8 bytes", expert.group.PROTOCOL, expert.severity.ERROR)
 E["write_multi.not_negotiated"] = ProtoExpert.new("vfio_user.expert.write_multi.not_negotiated", "REGION_WRITE_MULTI to a server that did not state write_multiple", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_logging.bitmap_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.bitmap_size", "DMA_LOGGING_REPORT bitmap size disagrees with range and page size", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_logging.bitmap_bits"] = ProtoExpert.new("vfio_user.expert.dma_logging.bitmap_bits", "DMA_LOGGING_REPORT bitmap sets bits beyond the requested range", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_logging.ranges_short"] = ProtoExpert.new("vfio_user.expert.dma_logging.ranges_short", "num_ranges exceeds the ranges sent", expert.group.PROTOCOL, expert.severity.ERROR)
+E["dma_logging.page_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.page_size", "DMA logging page size zero, or a REPORT page size not a power of two", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_logging.unaligned"] = ProtoExpert.new("vfio_user.expert.dma_logging.unaligned", "DMA logging range or report not aligned to its page size", expert.group.PROTOCOL, expert.severity.NOTE)
+E["dma_logging.unmapped"] = ProtoExpert.new("vfio_user.expert.dma_logging.unmapped", "DMA_LOGGING_REPORT of a range no live DMA map with an fd holds", expert.group.PROTOCOL, expert.severity.NOTE)
 E["set_irqs.flags"] = ProtoExpert.new("vfio_user.expert.set_irqs.flags", "SET_IRQS needs exactly one data type and one action", expert.group.PROTOCOL, expert.severity.ERROR)
 E["set_irqs.bool_count"] = ProtoExpert.new("vfio_user.expert.set_irqs.bool_count", "DATA_BOOL bytes disagree with count", expert.group.PROTOCOL, expert.severity.ERROR)
 E["set_irqs.fd_count"] = ProtoExpert.new("vfio_user.expert.set_irqs.fd_count", "eventfd count disagrees with count", expert.group.PROTOCOL, expert.severity.WARN)
@@ -436,8 +438,6 @@ E["set_irqs.count_zero"] = ProtoExpert.new("vfio_user.expert.set_irqs.count_zero
 E["irq.unknown"] = ProtoExpert.new("vfio_user.expert.irq.unknown", "SET_IRQS or GET_IRQ_INFO of an index beyond the device's num_irqs", expert.group.PROTOCOL, expert.severity.WARN)
 E["irq.out_of_range"] = ProtoExpert.new("vfio_user.expert.irq.out_of_range", "SET_IRQS beyond the index's count", expert.group.PROTOCOL, expert.severity.WARN)
 E["irq.action_unsupported"] = ProtoExpert.new("vfio_user.expert.irq.action_unsupported", "SET_IRQS MASK/UNMASK on an index without MASKABLE, or eventfds for one without EVENTFD", expert.group.PROTOCOL, expert.severity.WARN)
-E["interop.region_caps_offset"] = ProtoExpert.new("vfio_user.expert.interop.region_caps_offset", "REGION_INFO CAPS with cap_offset outside [32, argsz] in a truncated reply", expert.group.PROTOCOL, expert.severity.NOTE)
-E["interop.io_fds_48"] = ProtoExpert.new("vfio_user.expert.interop.io_fds_48", "48-byte IO_FDS entries (libvfio-user's shadow ioeventfd)", expert.group.PROTOCOL, expert.severity.NOTE)
 E["interop.mig_data_padding"] = ProtoExpert.new("vfio_user.expert.interop.mig_data_padding", "short MIG_DATA_READ reply padded to the buffer", expert.group.PROTOCOL, expert.severity.NOTE)
 E["interop.irq_mask_eventfd"] = ProtoExpert.new("vfio_user.expert.interop.irq_mask_eventfd", "SET_IRQS MASK/UNMASK with eventfds", expert.group.PROTOCOL, expert.severity.NOTE)
 E["device_feature.get_and_set"] = ProtoExpert.new("vfio_user.expert.device_feature.get_and_set", "GET and SET together without PROBE", expert.group.PROTOCOL, expert.severity.ERROR)

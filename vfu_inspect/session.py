@@ -22,15 +22,13 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .devices import add_registers, device_for
 from .dissectors import vfio_user as proto
-from .dissectors.pci_config import CONFIG_REGION, dissect_config_access
 from .dissectors.vfio_user.dma import check_bitmap_limit, check_logging_on
 from .dissectors.vfio_user.protocol import (
     ERROR_STATE, PRE_COPY, RESUMING, RUNNING, STOP, STOP_COPY)
 from .dissectors.vfio_user.state import (
-    Conflict, ConnState, Effect, EffectKind, IrqState, Pending, RegionState,
-    SessionRules, check_xfer, describe_fd, echoed_fields, raise_conflict, region_flags)
+    Conflict, ConnState, Effect, EffectKind, IrqState, Pending, SessionRules, check_xfer,
+    echoed_fields, raise_conflict)
 from .packet import Dissected
 from .records import C2S, MAIN, S2C, TWIN, Message
 from .tree import Tree
@@ -42,7 +40,6 @@ MIG_ARCS = {(RUNNING, STOP), (STOP_COPY, STOP), (RESUMING, STOP), (PRE_COPY, RUN
             (STOP, RUNNING), (RUNNING, PRE_COPY), (STOP, STOP_COPY), (PRE_COPY, STOP_COPY),
             (STOP, RESUMING)}
 MIG_READ_STATES, MIG_WRITE_STATES = {STOP_COPY, PRE_COPY, 7}, {RESUMING}
-REGION_READ_FLAG, REGION_WRITE_FLAG = proto.REGION_FLAGS["read"], proto.REGION_FLAGS["write"]
 SET_IRQS, IRQ_INFO = proto.SET_IRQS_FLAGS, proto.IRQ_INFO_FLAGS
 FEATURE = {name: number for number, name in proto.FEATURES.items()}
 # Requests a connection may have in flight before the oldest are forgotten:
@@ -177,16 +174,10 @@ def _check_message(state: ConnState, p: Dissected, timeout_ns: int) -> None:
 # --- commands -------------------------------------------------------------------------
 
 _RULES = SessionRules(
-    must_refuse={"region.unknown", "region.out_of_bounds", "region.access_flags",
-                 "irq.unknown", "irq.out_of_range", "migration.transition",
+    must_refuse={"irq.unknown", "irq.out_of_range", "migration.transition",
                  "migration.data_state", "dma_logging.page_size"},
-    argsz_bounded=("DEVICE_GET_REGION_INFO", "DEVICE_GET_REGION_IO_FDS",
-                   "DEVICE_GET_IRQ_INFO", "DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE"),
-    echoes={"DEVICE_GET_REGION_INFO": echoed_fields("region_info", ("index",)),
-            "DEVICE_GET_IRQ_INFO": echoed_fields("irq_info", ("index",)),
-            "DEVICE_GET_REGION_IO_FDS": echoed_fields("region_io_fds", ("index",)),
-            "REGION_READ": echoed_fields("region_read", ("offset", "region")),
-            "REGION_WRITE": echoed_fields("region_write", ("offset", "region"))})
+    argsz_bounded=("DEVICE_GET_IRQ_INFO", "DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE"),
+    echoes={"DEVICE_GET_IRQ_INFO": echoed_fields("irq_info", ("index",))})
 on_command, on_reply = _RULES.on_command, _RULES.on_reply
 
 
@@ -227,75 +218,12 @@ def _apply_effect(state: ConnState, number: int, cmd: int, values: dict[str, Any
     return effect
 
 
-@on_command("REGION_READ", "REGION_WRITE")
-def _region_access_request(state: ConnState, p: Dissected) -> dict[str, Any]:
-    write = p.header.cmd == CMD["REGION_WRITE"]
-    prefix = "region_write" if write else "region_read"
-    v = p.tree.prefixed(prefix)
-    if "count" in v:
-        _check_region_access(state, p, v["region"], v["offset"], v["count"], write)
-        if write:
-            _device_access(state, p, prefix, write=True)
-    return v                                    # what the reply echoes
-
-
-@on_command("REGION_WRITE_MULTI")
-def _write_multi_request(state: ConnState, p: Dissected) -> None:
-    if state.server_version is not None and not state.cap(state.server_caps, "write_multiple"):
-        p.tree.expert("write_multi.not_negotiated",
-                      "the server's VERSION reply did not state write_multiple: true")
-    for entry in p.tree.children_of("write_multi.entry"):
-        if "count" in entry:
-            _check_region_access(state, p, entry["region"], entry["offset"], entry["count"],
-                                 write=True)
-
-
-def _check_region_access(state: ConnState, p: Dissected, index: int, offset: int,
-                         count: int, write: bool) -> None:
-    tree, name = p.tree, proto.region_name(index)
-    if state.device and index >= state.device["num_regions"]:
-        tree.expert("region.unknown", f"{name}: the device reported "
-                    f"{state.device['num_regions']} regions")
-    region = state.regions.get(index)
-    if region is not None:
-        if offset + count > region.size:
-            tree.expert("region.out_of_bounds", f"{name} {offset:#x}+{count:#x} is beyond "
-                        f"its size {region.size:#x}")
-        needed = REGION_WRITE_FLAG if write else REGION_READ_FLAG
-        if not region.flags & needed:
-            tree.expert("region.access_flags", f"{'write to' if write else 'read of'} {name}, "
-                        f"whose flags {region_flags(region.flags)} forbid it")
-    check_xfer(state, tree, C2S, count)
-
-
-def _device_access(state: ConnState, p: Dissected, prefix: str, write: bool) -> None:
-    """Hand the data of a region access to the device layer that knows it."""
-    v = p.tree.prefixed(prefix)
-    data = p.tree.find(f"{prefix}.data")
-    if data is None or "region" not in v:
-        return
-    _, value, offset, length, _ = data
-    if v["region"] == CONFIG_REGION:
-        note = dissect_config_access(p.tree, state.config, v["offset"], value, offset, write)
-        if note:
-            p.tree.info += f"  {note}"
-        return
-    device = device_for(state.config.identity)
-    registers = device.regions.get(v["region"]) if device else None
-    if registers is not None:
-        node = p.tree.add(registers.vfu_field, None, offset, length,
-                          text=f"{device.name}, {proto.region_name(v['region'])}")
-        add_registers(p.tree, node, registers, 0, v["offset"], value, offset)
-
-
-@on_command("DEVICE_GET_IRQ_INFO", "DEVICE_GET_REGION_INFO", "DEVICE_GET_REGION_IO_FDS")
-def _indexed_request(state: ConnState, p: Dissected) -> dict[str, Any]:
-    prefix = {CMD["DEVICE_GET_IRQ_INFO"]: "irq_info", CMD["DEVICE_GET_REGION_INFO"]: "region_info",
-              CMD["DEVICE_GET_REGION_IO_FDS"]: "region_io_fds"}[p.header.cmd]
-    v = p.tree.prefixed(prefix)
-    if prefix == "irq_info" and "index" in v:
+@on_command("DEVICE_GET_IRQ_INFO")
+def _irq_info_request(state: ConnState, p: Dissected) -> dict[str, Any]:
+    v = p.tree.prefixed("irq_info")
+    if "index" in v:
         _check_irq_index(state, p.tree, v["index"])
-    return v
+    return v                                    # what the reply echoes
 
 
 def _check_irq_index(state: ConnState, tree: Tree, index: int) -> None:
@@ -479,43 +407,12 @@ def _feature_reply(state: ConnState, p: Dissected, request: Pending) -> None:
         state.mig_flags = p.tree.prefixed("migration").get("flags", state.mig_flags)
 
 
-@on_reply("DEVICE_GET_REGION_INFO")
-def _region_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = p.tree.prefixed("region_info")
-    if "offset" not in v or any(e.id == "argsz.truncated" for e in p.tree.experts):
-        return                      # truncated: the client asks again with a larger argsz
-    region = RegionState(v["index"], v["size"], v["flags"], v["offset"], describe_fd(p.msg.fds))
-    region.areas = [(a["offset"], a["size"]) for a in p.tree.children_of("region_info.area")]
-    region.caps = [proto.REGION_CAPS.get(c["id"], str(c["id"]))
-                   for c in p.tree.children_of("region_info.cap") if "id" in c]
-    old = state.regions.get(region.index)
-    if old is not None:
-        region.io_fds = old.io_fds
-    state.regions[region.index] = region
-
-
-@on_reply("DEVICE_GET_REGION_IO_FDS")
-def _io_fds_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    index = request.values.get("index")
-    region = state.regions.get(index)
-    if region is None:
-        region = state.regions[index] = RegionState(index, 0, 0, 0, "none")
-    region.io_fds = [f"{s['offset']:#x}+{s['size']:#x} {proto.IO_FD_TYPES.get(s['type'], s['type'])}"
-                     f" fd {describe_fd(p.msg.fds, s['fd_index'])} datamatch {s['datamatch']:#x}"
-                     for s in p.tree.children_of("region_io_fds.sub") if "datamatch" in s]
-
-
 @on_reply("DEVICE_GET_IRQ_INFO")
 def _irq_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
     v = p.tree.prefixed("irq_info")
     if "count" in v:
         irq = state.irqs.setdefault(v["index"], IrqState(v["index"]))
         irq.count, irq.flags = v["count"], v["flags"]
-
-
-@on_reply("REGION_READ")
-def _region_read_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    _device_access(state, p, "region_read", write=False)
 
 
 def _irqs_apply(state: ConnState, e: Effect) -> IrqState | None:
