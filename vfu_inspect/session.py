@@ -27,8 +27,7 @@ from .dissectors.vfio_user.dma import check_bitmap_limit, check_logging_on
 from .dissectors.vfio_user.protocol import (
     ERROR_STATE, PRE_COPY, RESUMING, RUNNING, STOP, STOP_COPY)
 from .dissectors.vfio_user.state import (
-    Conflict, ConnState, Effect, EffectKind, IrqState, Pending, SessionRules, check_xfer,
-    echoed_fields, raise_conflict)
+    Conflict, ConnState, Effect, EffectKind, Pending, SessionRules, check_xfer, raise_conflict)
 from .packet import Dissected
 from .records import C2S, MAIN, S2C, TWIN, Message
 from .tree import Tree
@@ -40,13 +39,11 @@ MIG_ARCS = {(RUNNING, STOP), (STOP_COPY, STOP), (RESUMING, STOP), (PRE_COPY, RUN
             (STOP, RUNNING), (RUNNING, PRE_COPY), (STOP, STOP_COPY), (PRE_COPY, STOP_COPY),
             (STOP, RESUMING)}
 MIG_READ_STATES, MIG_WRITE_STATES = {STOP_COPY, PRE_COPY, 7}, {RESUMING}
-SET_IRQS, IRQ_INFO = proto.SET_IRQS_FLAGS, proto.IRQ_INFO_FLAGS
 FEATURE = {name: number for number, name in proto.FEATURES.items()}
 # Requests a connection may have in flight before the oldest are forgotten:
 # a peer that never answers must not grow memory without bound.
 MAX_INFLIGHT = 1 << 16
 REQUEST_KEPT = 64
-MAX_IRQ_VECTORS = 2048      # PCI's MSI-X table limit
 
 
 def _send(state: ConnState, p: Pending) -> None:
@@ -174,10 +171,9 @@ def _check_message(state: ConnState, p: Dissected, timeout_ns: int) -> None:
 # --- commands -------------------------------------------------------------------------
 
 _RULES = SessionRules(
-    must_refuse={"irq.unknown", "irq.out_of_range", "migration.transition",
+    must_refuse={"migration.transition",
                  "migration.data_state", "dma_logging.page_size"},
-    argsz_bounded=("DEVICE_GET_IRQ_INFO", "DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE"),
-    echoes={"DEVICE_GET_IRQ_INFO": echoed_fields("irq_info", ("index",))})
+    argsz_bounded=("DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE"))
 on_command, on_reply = _RULES.on_command, _RULES.on_reply
 
 
@@ -216,48 +212,6 @@ def _apply_effect(state: ConnState, number: int, cmd: int, values: dict[str, Any
     effect = Effect(number, cmd, values, fds, kind)
     state.apply(effect)
     return effect
-
-
-@on_command("DEVICE_GET_IRQ_INFO")
-def _irq_info_request(state: ConnState, p: Dissected) -> dict[str, Any]:
-    v = p.tree.prefixed("irq_info")
-    if "index" in v:
-        _check_irq_index(state, p.tree, v["index"])
-    return v                                    # what the reply echoes
-
-
-def _check_irq_index(state: ConnState, tree: Tree, index: int) -> None:
-    if state.device is not None and index >= state.device["num_irqs"]:
-        tree.expert("irq.unknown", f"IRQ index {index}: the device reported "
-                    f"{state.device['num_irqs']} IRQ types")
-
-
-@on_command("DEVICE_SET_IRQS")
-def _set_irqs_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
-    v = p.tree.prefixed("set_irqs")
-    if "count" not in v:
-        return None
-    _check_irq_index(state, p.tree, v["index"])
-    irq = state.irqs.get(v["index"])
-    if irq is not None and irq.count is not None and v["start"] + v["count"] > irq.count:
-        p.tree.expert("irq.out_of_range", f"{proto.IRQS.get(irq.index, irq.index)} "
-                      f"{v['start']}+{v['count']} beyond its {irq.count} vectors")
-    if irq is not None and irq.count is not None:
-        _check_irq_action(p.tree, irq, v["flags"], bool(p.msg.fds))
-    data = p.tree.find("set_irqs.data")
-    v["bools"] = data[1] if data is not None else b""
-    return v
-
-
-def _check_irq_action(tree: Tree, irq: IrqState, flags: int, with_fds: bool) -> None:
-    """What GET_IRQ_INFO said the index supports."""
-    name = proto.IRQS.get(irq.index, irq.index)
-    if flags & (SET_IRQS["mask"] | SET_IRQS["unmask"]) and not irq.flags & IRQ_INFO["maskable"]:
-        tree.expert("irq.action_unsupported", f"{'MASK' if flags & SET_IRQS['mask'] else 'UNMASK'}"
-                    f" of {name}, whose GET_IRQ_INFO flags {irq.flags:#x} lack MASKABLE")
-    elif flags & SET_IRQS["data_eventfd"] and with_fds and not irq.flags & IRQ_INFO["eventfd"]:
-        tree.expert("irq.action_unsupported", f"eventfds for {name}, whose GET_IRQ_INFO flags "
-                    f"{irq.flags:#x} lack EVENTFD")
 
 
 @on_command("DEVICE_FEATURE")
@@ -407,55 +361,6 @@ def _feature_reply(state: ConnState, p: Dissected, request: Pending) -> None:
         state.mig_flags = p.tree.prefixed("migration").get("flags", state.mig_flags)
 
 
-@on_reply("DEVICE_GET_IRQ_INFO")
-def _irq_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = p.tree.prefixed("irq_info")
-    if "count" in v:
-        irq = state.irqs.setdefault(v["index"], IrqState(v["index"]))
-        irq.count, irq.flags = v["count"], v["flags"]
-
-
-def _irqs_apply(state: ConnState, e: Effect) -> IrqState | None:
-    v = e.values
-    old = state.irqs.get(v["index"])
-    irq = state.irqs[v["index"]] = (IrqState(v["index"]) if old is None else IrqState(
-        old.index, old.count, old.flags, set(old.eventfds), set(old.masked), old.triggers))
-    # Vectors beyond the index's count (or PCI's MSI-X limit while it is not
-    # known) do not exist: a count of 0xffffffff must not build a set of them.
-    limit = irq.count if irq.count is not None else MAX_IRQ_VECTORS
-    flags, vectors = v["flags"], range(v["start"], min(v["start"] + v["count"], limit))
-    if flags & SET_IRQS["data_bool"]:
-        vectors = [vector for vector, b in zip(vectors, v["bools"]) if b]
-    if flags & SET_IRQS["trigger"]:
-        if flags & SET_IRQS["data_eventfd"]:
-            # count eventfds assign vectors; no fds (all -1) de-assign them
-            (irq.eventfds.update if e.fds else irq.eventfds.difference_update)(vectors)
-        elif flags & SET_IRQS["data_none"] and v["count"] == 0:
-            irq.eventfds.clear()             # count 0: disable the whole index
-        else:
-            irq.triggers += len(vectors)
-    elif flags & SET_IRQS["mask"]:
-        irq.masked.update(vectors)
-    elif flags & SET_IRQS["unmask"] and not flags & SET_IRQS["data_eventfd"]:
-        irq.masked.difference_update(vectors)
-    return old
-
-
-def _irqs_undo(state: ConnState, e: Effect) -> None:
-    if e.saved is None:
-        del state.irqs[e.values["index"]]
-    else:
-        state.irqs[e.values["index"]] = e.saved
-
-
-def _irqs_text(v: dict[str, Any]) -> str:
-    actions = [name for name in ("mask", "unmask", "trigger") if v["flags"] & SET_IRQS[name]]
-    data = [name[5:] for name in ("data_none", "data_bool", "data_eventfd")
-            if v["flags"] & SET_IRQS[name]]
-    return (f"{proto.IRQS.get(v['index'], v['index'])} {v['start']}+{v['count']} "
-            f"{'|'.join(actions + data)}")
-
-
 def _transition_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
     new = v.get("device_state")
     pre_copy = state.mig_flags is None or bool(state.mig_flags & proto.MIGRATION_FLAGS["pre_copy"])
@@ -493,7 +398,6 @@ def _feature_text(v: dict[str, Any]) -> str:
     return proto.FEATURES.get(v.get("flags", 0) & 0xFFFF, "feature")
 
 
-_RULES.effect("DEVICE_SET_IRQS", EffectKind(_irqs_apply, _irqs_undo, _irqs_text))
 _RULES.effect("DEVICE_FEATURE", EffectKind(_feature_apply, _feature_undo, _feature_text,
                                            _transition_conflict))
 _RULES.echoes[CMD["DEVICE_FEATURE"]] = _feature_echo

@@ -29,6 +29,8 @@ from .core import (
     fitting, flag_letters, hex_size)
 from .protocol import *  # noqa: F401,F403  (moved there; split next)
 from . import header
+from . import irq
+from .irq import DISABLE_ALL, IrqInfo, SetIrqs
 from . import region
 from .region import (
     KVM_IOREGION_POSTED_WRITES, IO_FD_TYPE, RegionCap, RegionInfo, RegionIoFds, RegionRead,
@@ -66,19 +68,9 @@ _CHECKS: list[tuple[str, ...]] = [
     ("dma_logging.unmapped", "note", "DMA_LOGGING_REPORT of a range no live DMA map with an fd holds", f"{LVU} (the spec sets no such rule)",
      "libvfio-user logs only the memory it maps, and refuses other ranges (EINVAL, ENOENT)"),
     # the device, regions and IRQs
-    ("set_irqs.flags", "error", "SET_IRQS needs exactly one data type and one action", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
-    ("set_irqs.bool_count", "error", "DATA_BOOL bytes disagree with count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
-    ("set_irqs.fd_count", "warning", "eventfd count disagrees with count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
-    ("set_irqs.count_zero", "note", "SET_IRQS count 0 other than start 0 with DATA_NONE|TRIGGER", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS",
-     "the spec's disable-all case names DATA_NONE and no action; libvfio-user and Linux VFIO accept it only with TRIGGER and refuse the others (EINVAL)"),
-    ("irq.unknown", "warning", "SET_IRQS or GET_IRQ_INFO of an index beyond the device's num_irqs", f"{SPEC} § VFIO_USER_DEVICE_GET_INFO"),
-    ("irq.out_of_range", "warning", "SET_IRQS beyond the index's count", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS"),
-    ("irq.action_unsupported", "warning", "SET_IRQS MASK/UNMASK on an index without MASKABLE, or eventfds for one without EVENTFD", f"{SPEC} § VFIO_USER_DEVICE_GET_IRQ_INFO; § VFIO_USER_DEVICE_SET_IRQS"),
     # server commands and interop
     ("interop.mig_data_padding", "note", "short MIG_DATA_READ reply padded to the buffer", f"{FACTS} § 17/18",
      "libvfio-user sends its whole buffer with the last, short chunk"),
-    ("interop.irq_mask_eventfd", "note", "SET_IRQS MASK/UNMASK with eventfds", f"{SPEC} § VFIO_USER_DEVICE_SET_IRQS; {FACTS} § 8",
-     "libvfio-user closes them (\"closing unexpected fd\") and replies success: no mask event is ever signalled; QEMU 10.2.2 sends its INTx resample fd so"),
     # features and migration
     ("device_feature.get_and_set", "error", "GET and SET together without PROBE", f"{SPEC} § VFIO_USER_DEVICE_FEATURE"),
     ("device_feature.unknown", "note", "device feature the spec does not list", f"{SPEC} § VFIO_USER_DEVICE_FEATURE (Device Features)"),
@@ -95,21 +87,6 @@ _CHECKS: list[tuple[str, ...]] = [
 # --- layers -------------------------------------------------------------------
 
 _FIELDS = Fields()
-
-@_FIELDS.layer("irq_info")
-class IrqInfo(Packet):
-    name = "DEVICE_GET_IRQ_INFO"
-    fields_desc = [u32("argsz", 16), bits32("flags", IRQ_INFO_FLAGS),
-                   u32("index", values=IRQS, label="IRQ index"), u32("count")]
-
-
-@_FIELDS.layer("set_irqs")
-class SetIrqs(Packet):
-    name = "DEVICE_SET_IRQS"
-    fields_desc = [u32("argsz", 20), bits32("flags", SET_IRQS_FLAGS),
-                   u32("index", values=IRQS, label="IRQ index"),
-                   u32("start"), u32("count"), StrField("data", b"")]
-
 
 @_FIELDS.layer("device_feature")
 class DeviceFeature(Packet):
@@ -171,8 +148,6 @@ class MigDataWrite(MigData):
 
 # Fields that are not a fixed part of a layer.
 for _name, _label, _type in [
-    ("set_irqs.data", "Data", BYTES),
-    ("set_irqs.bool", "Bool", UINT),
     ("device_feature.data", "Feature data", BYTES),
     ("dma_logging_report.bitmap", "Dirty bitmap", BYTES),
     ("mig_data_read.data", "Data", BYTES),
@@ -184,81 +159,6 @@ for _name, _label, _type in [
 # --- per-command dissectors ------------------------------------------------------
 
 DISSECTORS = Dissectors()
-
-
-@DISSECTORS.request("DEVICE_GET_IRQ_INFO")
-def _irq_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, IrqInfo, msg, off)
-    expect_end(tree, msg, off + IrqInfo.vfu_compiled.size, "DEVICE_GET_IRQ_INFO request")
-    if "index" not in v:
-        return ""
-    check_request_argsz(tree, v["argsz"], IrqInfo.vfu_compiled.size, "DEVICE_GET_IRQ_INFO")
-    check_zero(tree, v, ("flags", "count"), "DEVICE_GET_IRQ_INFO request")
-    return IRQS.get(v["index"], f"index {v['index']}")
-
-
-@DISSECTORS.reply("DEVICE_GET_IRQ_INFO")
-def _irq_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, IrqInfo, msg, off)
-    expect_end(tree, msg, off + IrqInfo.vfu_compiled.size, "DEVICE_GET_IRQ_INFO reply")
-    if "count" not in v:
-        return ""
-    check_reply_argsz(tree, v["argsz"], len(msg) - off, "DEVICE_GET_IRQ_INFO")
-    return (f"{IRQS.get(v['index'], v['index'])} count={v['count']} "
-            f"flags={flag_letters(v['flags'], IRQ_INFO_FLAGS)}")
-
-
-@DISSECTORS.request("DEVICE_SET_IRQS")
-def _set_irqs(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    node, v = add_layer(tree, SetIrqs, msg, off)
-    if "count" not in v:
-        return ""
-    data = off + SetIrqs.vfu_compiled.size
-    flags, count, start = v["flags"], v["count"], v["start"]
-    kind, action = flags & SET_IRQS_DATA, flags & SET_IRQS_ACTION
-    if kind not in (0x1, 0x2, 0x4) or action not in (0x8, 0x10, 0x20):
-        tree.expert("set_irqs.flags",
-                    f"flags {flags:#x}: exactly one data type and one action must be set")
-    irq = IRQS.get(v["index"], f"index {v['index']}")
-    if kind == SET_IRQS_FLAGS["data_bool"]:
-        add_bytes(tree, "set_irqs.data", msg, data, len(msg), node)
-        for i, b in enumerate(msg[data:data + count]):
-            tree.add("set_irqs.bool", b, data + i, 1, node, text=f"vector {start + i}: {b}")
-        if len(msg) - data != count:
-            tree.expert("set_irqs.bool_count",
-                        f"DATA_BOOL with count {count} carries {len(msg) - data} bytes")
-    else:
-        expect_end(tree, msg, data, "DEVICE_SET_IRQS request")
-    action_name = {0x8: "MASK", 0x10: "UNMASK", 0x20: "TRIGGER"}.get(action, "?")
-    if kind == SET_IRQS_FLAGS["data_eventfd"]:
-        for i in range(len(ctx.fds)):
-            ctx.purpose(i, f"eventfd of {irq} vector {start + i}")
-        if ctx.fds and len(ctx.fds) != count:
-            tree.expert("set_irqs.fd_count",
-                        f"{len(ctx.fds)} eventfds for count {count}")
-        if ctx.fds and action != SET_IRQS_FLAGS["trigger"]:
-            tree.expert("interop.irq_mask_eventfd", f"{action_name} with eventfds "
-                        f"({len(ctx.fds)}): libvfio-user closes them and replies success")
-    elif ctx.fds:
-        tree.expert("fd.count", f"{len(ctx.fds)} fds without DATA_EVENTFD")
-    if v["argsz"] != len(msg) - off:
-        tree.expert("argsz.mismatch", f"SET_IRQS argsz {v['argsz']}, the request payload "
-                    f"(data included) is {len(msg) - off} bytes")
-    check_range(tree, start, count, 32, "SET_IRQS start+count")
-    if count == 0 and (start or flags & (SET_IRQS_DATA | SET_IRQS_ACTION) != DISABLE_ALL):
-        tree.expert("set_irqs.count_zero", f"count 0 with start {start}, {kind_name(kind)} "
-                    f"{action_name}: libvfio-user and Linux VFIO take count 0 only as start 0 "
-                    "DATA_NONE|TRIGGER (disable the index) and refuse the rest")
-    return f"{irq} {action_name} start={start} count={count} data={kind_name(kind)}" + (
-        f" fds={len(ctx.fds)}" if ctx.fds else "")
-
-
-def kind_name(kind: int) -> str:
-    return {0x1: "none", 0x2: "bool", 0x4: "eventfd"}.get(kind, "?")
-
-
-DISABLE_ALL = SET_IRQS_FLAGS["data_none"] | SET_IRQS_FLAGS["trigger"]
-DISSECTORS.bare("DEVICE_SET_IRQS", "reply")
 
 
 # The operations each feature defines, and the layout of its data.
@@ -478,8 +378,8 @@ DISSECTORS.bare("MIG_DATA_WRITE", "reply")
 # --- the families together --------------------------------------------------------
 
 # The families, in the order their fields and checks are registered.
-FAMILIES: tuple[ModuleType, ...] = (header, version, dma, device, region,)
-COMMAND_FAMILIES: tuple[ModuleType, ...] = (version, dma, device, region,)
+FAMILIES: tuple[ModuleType, ...] = (header, version, dma, device, region, irq,)
+COMMAND_FAMILIES: tuple[ModuleType, ...] = (version, dma, device, region, irq,)
 FIELDS = Fields(*(family.FIELDS for family in FAMILIES), _FIELDS)
 CHECKS = [row for family in FAMILIES for row in family.CHECKS] + _CHECKS
 DISSECTORS_ALL = Dissectors.merged([*(family.DISSECTORS for family in COMMAND_FAMILIES), DISSECTORS])
