@@ -12,6 +12,12 @@ tells (capabilities, regions, IRQ counts) is applied with the reply.  It keeps
 a copy of every connection's state each `checkpoint_every` messages, so that
 "the state as of message N" costs at most that many messages of replay, even
 at the end of a huge capture.
+
+What each command checks and changes is its family's (dissectors/vfio_user/,
+one module per command family, gathered in `vfio_user.SESSION`), and the
+state they change is vfio_user/state.py's ConnState; this module runs them:
+the checks every message gets, pairing, effects ahead of replies and their
+retraction, the in-flight bound, checkpoints.
 """
 
 from __future__ import annotations
@@ -23,23 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .dissectors import vfio_user as proto
-from .dissectors.vfio_user.dma import check_bitmap_limit, check_logging_on
-from .dissectors.vfio_user.protocol import (
-    ERROR_STATE, PRE_COPY, RESUMING, RUNNING, STOP, STOP_COPY)
-from .dissectors.vfio_user.state import (
-    Conflict, ConnState, Effect, EffectKind, Pending, SessionRules, check_xfer, raise_conflict)
+from .dissectors.vfio_user.state import ConnState, Effect, Pending
 from .packet import Dissected
 from .records import C2S, MAIN, S2C, TWIN, Message
 from .tree import Tree
 
-CMD = proto.CMD
 DEFAULT_TIMEOUT = 5.0                # QEMU's x-msg-timeout
-SAVING = {STOP_COPY, PRE_COPY}
-MIG_ARCS = {(RUNNING, STOP), (STOP_COPY, STOP), (RESUMING, STOP), (PRE_COPY, RUNNING),
-            (STOP, RUNNING), (RUNNING, PRE_COPY), (STOP, STOP_COPY), (PRE_COPY, STOP_COPY),
-            (STOP, RESUMING)}
-MIG_READ_STATES, MIG_WRITE_STATES = {STOP_COPY, PRE_COPY, 7}, {RESUMING}
-FEATURE = {name: number for number, name in proto.FEATURES.items()}
 # Requests a connection may have in flight before the oldest are forgotten:
 # a peer that never answers must not grow memory without bound.
 MAX_INFLIGHT = 1 << 16
@@ -169,17 +164,12 @@ def _check_message(state: ConnState, p: Dissected, timeout_ns: int) -> None:
 
 
 # --- commands -------------------------------------------------------------------------
-
-_RULES = SessionRules(
-    must_refuse={"migration.transition",
-                 "migration.data_state", "dma_logging.page_size"},
-    argsz_bounded=("DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE"))
-on_command, on_reply = _RULES.on_command, _RULES.on_reply
-
+# A command gets the checks every request gets, then its family's check, whose
+# findings say whether its effect applies ahead of the reply.
 
 def _on_command(state: ConnState, p: Dissected) -> None:
     h, msg = p.header, p.msg
-    if h.cmd == CMD["VERSION"]:
+    if h.cmd == proto.CMD["VERSION"]:
         state.version_sent = True
     elif msg.direction == C2S and not state.version_sent:
         p.tree.expert("version.not_first", f"{h.command_name} before VERSION")
@@ -190,9 +180,9 @@ def _on_command(state: ConnState, p: Dissected) -> None:
         p.tree.expert("request.duplicate_id",
                       f"msg_id {h.msg_id:#06x} is also in flight in frame "
                       f"{state.by_key[key][0]}; replies are matched in order")
-    check = RULES.command_checks.get(h.cmd)
+    check = proto.SESSION.command_checks.get(h.cmd)
     values = check(state, p) if check else None
-    refused = [e for e in p.tree.experts if e.id in RULES.must_refuse]
+    refused = [e for e in p.tree.experts if e.id in proto.SESSION.must_refuse]
     # What the receiver must refuse changes nothing, unless its reply says it did.
     effect = None if refused else _apply_effect(state, p.number, h.cmd, values, msg.fds)
     if not h.no_reply:
@@ -206,7 +196,7 @@ def _on_command(state: ConnState, p: Dissected) -> None:
 
 def _apply_effect(state: ConnState, number: int, cmd: int, values: dict[str, Any] | None,
                   fds: list[dict[str, Any]]) -> Effect | None:
-    kind = RULES.effects.get(cmd)
+    kind = proto.SESSION.effects.get(cmd)
     if values is None or kind is None:
         return None
     effect = Effect(number, cmd, values, fds, kind)
@@ -214,62 +204,7 @@ def _apply_effect(state: ConnState, number: int, cmd: int, values: dict[str, Any
     return effect
 
 
-@on_command("DEVICE_FEATURE")
-def _feature_request(state: ConnState, p: Dissected) -> dict[str, Any]:
-    v = p.tree.prefixed("device_feature")
-    flags = v.get("flags", 0)
-    new = p.tree.prefixed("mig_state").get("device_state")
-    if new is not None and flags & proto.FEATURE_SET and not flags & proto.FEATURE_PROBE:
-        v["device_state"] = new
-        raise_conflict(p.tree, _transition_conflict(state, v))
-    report = p.tree.prefixed("dma_logging_report")
-    if flags & proto.FEATURE_GET and report.get("page_size"):
-        check_bitmap_limit(state, p.tree, report["length"], report["page_size"])
-        check_logging_on(state, p.tree, "DMA_LOGGING_REPORT")
-        mapped = state.containing(report["iova"], report["length"])
-        if mapped is None or mapped.fd == "none":
-            p.tree.expert("dma_logging.unmapped", f"{report['iova']:#x}+{report['length']:#x} "
-                          "is in no live DMA map with an fd: libvfio-user logs only the memory "
-                          "it maps, and refuses this")
-    v["logging"] = p.tree.prefixed("dma_logging")
-    return v
-
-
-@on_command("MIG_DATA_READ", "MIG_DATA_WRITE")
-def _mig_data_request(state: ConnState, p: Dissected) -> None:
-    reading = p.header.cmd == CMD["MIG_DATA_READ"]
-    if state.mig_state not in (MIG_READ_STATES if reading else MIG_WRITE_STATES):
-        p.tree.expert("migration.data_state", f"{p.header.command_name} in state "
-                      f"{proto.MIG_STATES.get(state.mig_state, state.mig_state)}")
-    v = p.tree.prefixed("mig_data_read" if reading else "mig_data_write")
-    if "size" in v:
-        check_xfer(state, p.tree, C2S, v["size"])
-
-
-def migration_path(current: int, new: int, pre_copy: bool = True) -> list[int] | None:
-    """The states a transition passes through (spec: shortest path of direct
-    arcs with no saving state inside it); None when the spec forbids it.
-    Without PRE_COPY support, the arcs touching it are removed."""
-    if current == ERROR_STATE or new not in (STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY) \
-            or (current, new) == (STOP_COPY, PRE_COPY) \
-            or not pre_copy and PRE_COPY in (current, new):
-        return None
-    paths, frontier = {current: []}, [current]
-    while frontier:
-        state = frontier.pop(0)
-        if state == new:
-            return paths[state]
-        if state != current and state in SAVING:
-            continue
-        for a, b in sorted(MIG_ARCS):
-            if a == state and b not in paths and (pre_copy or b != PRE_COPY):
-                paths[b] = paths[state] + [b]
-                frontier.append(b)
-    return None
-
-
 # --- replies ----------------------------------------------------------------------------
-
 
 def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
     h, msg, tree = p.header, p.msg, p.tree
@@ -300,15 +235,15 @@ def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
                     f"{e.message} ({e.id})")
     if request.must_refuse:         # it did change the receiver's state
         _apply_effect(state, request.number, h.cmd, request.values, request.fds)
-    apply = RULES.reply_applies.get(h.cmd)
+    apply = proto.SESSION.reply_applies.get(h.cmd)
     if apply:
         apply(state, p, request)
 
 
 def _refusal_errno(tree: Tree, request: Pending, error: int) -> None:
     for e in request.must_refuse:
-        if e.id in RULES.refusal_errno and error != RULES.refusal_errno[e.id][1]:
-            expert_id, wanted = RULES.refusal_errno[e.id]
+        if e.id in proto.SESSION.refusal_errno and error != proto.SESSION.refusal_errno[e.id][1]:
+            expert_id, wanted = proto.SESSION.refusal_errno[e.id]
             tree.expert(expert_id, f"frame {request.number} ({e.id}) refused with "
                         f"{proto.ERRNO_NAMES.get(error, error)}; the spec says "
                         f"{proto.ERRNO_NAMES[wanted]}")
@@ -317,30 +252,14 @@ def _refusal_errno(tree: Tree, request: Pending, error: int) -> None:
 def _reply_fits(p: Dissected, request: Pending) -> None:
     """A reply's payload fits its request's argsz, and repeats what it echoes."""
     payload = p.msg.wire_size - proto.HEADER_SIZE
-    if request.cmd in RULES.argsz_bounded and len(request.data) >= proto.HEADER_SIZE + 4:
+    if request.cmd in proto.SESSION.argsz_bounded and len(request.data) >= proto.HEADER_SIZE + 4:
         argsz = struct.unpack_from("<I", request.data, proto.HEADER_SIZE)[0]
         if payload > argsz:
             p.tree.expert("argsz.reply_exceeds", f"{payload}-byte reply payload, frame "
                           f"{request.number}'s argsz allowed {argsz}")
-    echo = RULES.echoes.get(request.cmd)
+    echo = proto.SESSION.echoes.get(request.cmd)
     if echo is not None:
         echo(p, request)
-
-
-def _feature_echo(p: Dissected, request: Pending) -> None:
-    """A SET or PROBE reply is the request's payload (argsz aside: it says the
-    size needed; DMA_LOGGING_START may change page_size)."""
-    flags = request.values.get("flags", 0)
-    if flags & proto.FEATURE_GET and not flags & proto.FEATURE_PROBE:
-        return
-    skip = 8 if flags & 0xFFFF == FEATURE["DMA_LOGGING_START"] else 0
-    kept = min(len(request.data), len(p.msg.data))
-    asked, got = request.data[proto.HEADER_SIZE + 4:kept], p.msg.data[proto.HEADER_SIZE + 4:kept]
-    size = struct.unpack_from("<I", request.data, 4)[0]
-    if size != p.msg.wire_size or asked[:4] + asked[4 + skip:] != got[:4] + got[4 + skip:]:
-        p.tree.expert("reply.echo_mismatch", f"{'PROBE' if flags & proto.FEATURE_PROBE else 'SET'}"
-                      f" reply differs from its request (frame {request.number}): the spec "
-                      "says it is the same payload")
 
 
 def _retract(state: ConnState, tree: Tree, failed: Pending) -> None:
@@ -354,52 +273,3 @@ def _retract(state: ConnState, tree: Tree, failed: Pending) -> None:
             pending.must_refuse.append(tree.experts[-1])
 
 
-@on_reply("DEVICE_FEATURE")
-def _feature_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    flags = request.values.get("flags", 0)
-    if flags & proto.FEATURE_GET and flags & 0xFFFF == FEATURE["MIGRATION"]:
-        state.mig_flags = p.tree.prefixed("migration").get("flags", state.mig_flags)
-
-
-def _transition_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
-    new = v.get("device_state")
-    pre_copy = state.mig_flags is None or bool(state.mig_flags & proto.MIGRATION_FLAGS["pre_copy"])
-    if new is None or migration_path(state.mig_state, new, pre_copy) is not None:
-        return None
-    return ("migration.transition", f"{proto.MIG_STATES.get(state.mig_state)} → "
-                                    f"{proto.MIG_STATES.get(new, new)} is not a transition "
-                                    "the spec allows" + ("" if pre_copy else
-                                                         " (the device has no PRE_COPY)"))
-
-
-def _feature_apply(state: ConnState, e: Effect) -> tuple[int, str | None]:
-    saved = state.mig_state, state.logging
-    v, flags = e.values, e.values.get("flags", 0)
-    if "device_state" in v:
-        state.mig_state = v["device_state"]
-    if flags & proto.FEATURE_SET and not flags & proto.FEATURE_PROBE:
-        feature = flags & 0xFFFF
-        if feature == FEATURE["DMA_LOGGING_START"]:
-            logging = v.get("logging", {})
-            ranges = logging.get("num_ranges") or "all"
-            state.logging = f"page {logging.get('page_size', 0):#x}, ranges {ranges}"
-        elif feature == FEATURE["DMA_LOGGING_STOP"]:
-            state.logging = None
-    return saved
-
-
-def _feature_undo(state: ConnState, e: Effect) -> None:
-    state.mig_state, state.logging = e.saved
-
-
-def _feature_text(v: dict[str, Any]) -> str:
-    if "device_state" in v:
-        return f"device state → {proto.MIG_STATES.get(v['device_state'], v['device_state'])}"
-    return proto.FEATURES.get(v.get("flags", 0) & 0xFFFF, "feature")
-
-
-_RULES.effect("DEVICE_FEATURE", EffectKind(_feature_apply, _feature_undo, _feature_text,
-                                           _transition_conflict))
-_RULES.echoes[CMD["DEVICE_FEATURE"]] = _feature_echo
-# What the tracker runs: every family's rules, and those still here.
-RULES = SessionRules.merged([proto.SESSION, _RULES])

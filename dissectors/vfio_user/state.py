@@ -385,6 +385,10 @@ class SessionRules:
     def effect(self, name: str, kind: EffectKind) -> None:
         self.effects[CMD[name]] = kind
 
+    def echo(self, *names: str) -> Callable[[EchoCheck], EchoCheck]:
+        """Files an echo check of its own, where `echoed_fields` will not do."""
+        return _filer(self.echoes, names)
+
 
 def _filer(table: dict[int, Any], names: tuple[str, ...]) -> Callable[[Any], Any]:
     """A decorator that files a function under these commands."""
