@@ -157,6 +157,7 @@ def fitting(tree: Tree, count: int, msg: bytes, offset: int, cls: type[Packet],
         tree.expert(expert_id, f"{what} is {count} but only {room} fit in the message")
     return min(count, room)
 
+
 # --- per-command dissectors ------------------------------------------------------
 # Each gets (tree, msg, ctx, off) with off = start of the payload, and returns
 # the info string.
@@ -182,16 +183,10 @@ class Dissectors:
         return out
 
     def request(self, cmd: str) -> Callable[[Dissector], Dissector]:
-        def wrap(fn: Dissector) -> Dissector:
-            self.requests[CMD[cmd]] = fn
-            return fn
-        return wrap
+        return file_under(self.requests, (cmd,))
 
     def reply(self, cmd: str) -> Callable[[Dissector], Dissector]:
-        def wrap(fn: Dissector) -> Dissector:
-            self.replies[CMD[cmd]] = fn
-            return fn
-        return wrap
+        return file_under(self.replies, (cmd,))
 
     def bare(self, cmd: str, kind: str) -> None:
         """A command or reply that has no payload."""
@@ -199,6 +194,15 @@ class Dissectors:
             expect_empty(tree, msg, f"{cmd} {kind}")
             return ""
         (self.requests if kind == "request" else self.replies)[CMD[cmd]] = fn
+
+
+def file_under(table: dict[int, Any], names: Iterable[str]) -> Callable[[Any], Any]:
+    """A decorator that files a function in `table` under these commands."""
+    def wrap(fn: Any) -> Any:
+        for name in names:
+            table[CMD[name]] = fn
+        return fn
+    return wrap
 
 
 def merge_by_command(into: dict[int, Any], table: dict[int, Any]) -> None:

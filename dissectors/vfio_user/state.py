@@ -16,7 +16,7 @@ from vfu_inspect.records import C2S
 from vfu_inspect.tree import Expert, Tree
 
 from ..pci_config import ConfigShadow
-from .core import merge_by_command
+from .core import file_under, merge_by_command
 from .protocol import CAPABILITIES, CMD, COMMANDS, IRQS, MIG_STATES, PAGE_4K, RUNNING, region_name
 
 if TYPE_CHECKING:
@@ -377,26 +377,17 @@ class SessionRules:
         return out
 
     def on_command(self, *names: str) -> Callable[[CommandCheck], CommandCheck]:
-        return _filer(self.command_checks, names)
+        return file_under(self.command_checks, names)
 
     def on_reply(self, *names: str) -> Callable[[ReplyApply], ReplyApply]:
-        return _filer(self.reply_applies, names)
+        return file_under(self.reply_applies, names)
 
     def effect(self, name: str, kind: EffectKind) -> None:
         self.effects[CMD[name]] = kind
 
     def echo(self, *names: str) -> Callable[[EchoCheck], EchoCheck]:
         """Files an echo check of its own, where `echoed_fields` will not do."""
-        return _filer(self.echoes, names)
-
-
-def _filer(table: dict[int, Any], names: tuple[str, ...]) -> Callable[[Any], Any]:
-    """A decorator that files a function under these commands."""
-    def wrap(fn: Any) -> Any:
-        for name in names:
-            table[CMD[name]] = fn
-        return fn
-    return wrap
+        return file_under(self.echoes, names)
 
 
 def echoed_fields(prefix: str, names: tuple[str, ...]) -> EchoCheck:
