@@ -45,7 +45,7 @@ from .dma import (
     QEMU_DMA_SIGNS, DirtyBitmap, DmaMap, DmaRead, DmaUnmap, DmaWrite, QemuDmaRead, QemuDmaWrite,
     bitmap_bytes)
 from .header import (
-    CLIENT_COMMANDS, FD_CARRIERS, RESERVED, Header, HeaderInfo, fd_items, header_checks,
+    CLIENT_COMMANDS, RESERVED, Header, HeaderInfo, fd_items, header_checks,
     parse_header)
 from .irq import DISABLE_ALL, IrqInfo, SetIrqs
 from .migration import (
@@ -138,7 +138,7 @@ def dissect_message(msg: bytes, ctx: Context, header: HeaderInfo | None = None
             # A dissector bug must not stop the capture: flag it and go on.
             tree.expert("dissector.bug",
                         f"dissector failed: {type(exc).__name__}: {exc}")
-    if ctx.fds and (header.cmd, header.kind) not in FD_CARRIERS:
+    if ctx.fds and (header.cmd, header.kind) not in _DISSECTORS.fd_carriers:
         tree.expert("fd.count", f"{len(ctx.fds)} fds with a {header.command_name} "
                     f"{header.kind}, which carries none")
     fd_items(tree, ctx)

@@ -166,12 +166,14 @@ Dissector = Callable[[Tree, bytes, Context, int], str]
 
 
 class Dissectors:
-    """One family's request and reply dissectors, by command number; the
-    package gathers every family's into the tables `dissect_message` reads."""
+    """One family's request and reply dissectors, by command number, and which
+    of its messages may carry fds, as (command, HeaderInfo.kind); the package
+    gathers every family's into the tables `dissect_message` reads."""
 
     def __init__(self) -> None:
         self.requests: dict[int, Dissector] = {}
         self.replies: dict[int, Dissector] = {}
+        self.fd_carriers: set[tuple[int, str]] = set()
 
     @classmethod
     def merged(cls, families: Iterable[Dissectors]) -> Dissectors:
@@ -180,12 +182,19 @@ class Dissectors:
         for dissectors in families:
             merge_by_command(out.requests, dissectors.requests)
             merge_by_command(out.replies, dissectors.replies)
+            out.fd_carriers |= dissectors.fd_carriers
         return out
 
-    def request(self, cmd: str) -> Callable[[Dissector], Dissector]:
+    def request(self, cmd: str, fds: bool = False) -> Callable[[Dissector], Dissector]:
+        """Files a request dissector; `fds`: the request may carry fds."""
+        if fds:
+            self.fd_carriers.add((CMD[cmd], "command"))
         return file_under(self.requests, (cmd,))
 
-    def reply(self, cmd: str) -> Callable[[Dissector], Dissector]:
+    def reply(self, cmd: str, fds: bool = False) -> Callable[[Dissector], Dissector]:
+        """Files a reply dissector; `fds`: the reply may carry fds."""
+        if fds:
+            self.fd_carriers.add((CMD[cmd], "reply"))
         return file_under(self.replies, (cmd,))
 
     def bare(self, cmd: str, kind: str) -> None:

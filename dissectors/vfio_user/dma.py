@@ -144,7 +144,7 @@ FIELDS.field("dma_write.data", "Data", BYTES)
 DISSECTORS = Dissectors()
 
 
-@DISSECTORS.request("DMA_MAP")
+@DISSECTORS.request("DMA_MAP", fds=True)
 def _dma_map(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, DmaMap, msg, off)
     expect_end(tree, msg, off + DmaMap.vfu_compiled.size, "DMA_MAP request")

@@ -1,9 +1,9 @@
 """The header and framing: what every message has, whatever its command.
 
 The header layer and what its flags say (HeaderInfo, parse_header), the
-checks of the header itself and of which messages may carry fds, the fd
-items of the detail tree, and the checks no one command owns (framing,
-request/reply pairing, argsz, ranges, the tool's own) with their fields.
+checks of the header itself, the fd items of the detail tree, and the checks
+no one command owns (framing, request/reply pairing, fds where a message
+carries none, argsz, ranges, the tool's own) with their fields.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from vfu_inspect.tree import Tree
 
 from .core import SPEC, Context
 from .protocol import (
-    CMD, COMMANDS, ERRNO_NAMES, FLAG_ERROR, FLAG_NO_REPLY, FLAG_TYPE_MASK, HEADER_SIZE, MSG_TYPES,
+    COMMANDS, ERRNO_NAMES, FLAG_ERROR, FLAG_NO_REPLY, FLAG_TYPE_MASK, HEADER_SIZE, MSG_TYPES,
     OBSOLETE_COMMANDS, SERVER_COMMANDS, TYPE_COMMAND, TYPE_REPLY)
 
 # The checks of the header and framing, of request/reply pairing, and those
@@ -151,10 +151,6 @@ def parse_header(msg: bytes) -> HeaderInfo | None:
     return HeaderInfo(*_HEADER.unpack_from(msg))
 
 
-# The messages that may carry fds, as (command, HeaderInfo.kind).
-FD_CARRIERS = {(CMD["VERSION"], "reply"), (CMD["DMA_MAP"], "command"),
-               (CMD["DEVICE_GET_REGION_INFO"], "reply"),
-               (CMD["DEVICE_GET_REGION_IO_FDS"], "reply"), (CMD["DEVICE_SET_IRQS"], "command")}
 CLIENT_COMMANDS = set(COMMANDS) - SERVER_COMMANDS - OBSOLETE_COMMANDS
 
 

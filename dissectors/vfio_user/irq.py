@@ -87,7 +87,7 @@ def _irq_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
             f"flags={flag_letters(v['flags'], IRQ_INFO_FLAGS)}")
 
 
-@DISSECTORS.request("DEVICE_SET_IRQS")
+@DISSECTORS.request("DEVICE_SET_IRQS", fds=True)
 def _set_irqs(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, SetIrqs, msg, off)
     if "count" not in v:

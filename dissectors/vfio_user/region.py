@@ -190,7 +190,7 @@ def _region_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return f"{region_name(v['index'])} argsz={v['argsz']}"
 
 
-@DISSECTORS.reply("DEVICE_GET_REGION_INFO")
+@DISSECTORS.reply("DEVICE_GET_REGION_INFO", fds=True)
 def _region_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, RegionInfo, msg, off)
     if "offset" not in v:
@@ -281,7 +281,7 @@ def _io_fds_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return region_name(v["index"])
 
 
-@DISSECTORS.reply("DEVICE_GET_REGION_IO_FDS")
+@DISSECTORS.reply("DEVICE_GET_REGION_IO_FDS", fds=True)
 def _io_fds_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, RegionIoFds, msg, off)
     if "count" not in v:

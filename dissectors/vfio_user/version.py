@@ -72,7 +72,7 @@ DISSECTORS = Dissectors()
 
 
 @DISSECTORS.request("VERSION")
-@DISSECTORS.reply("VERSION")
+@DISSECTORS.reply("VERSION", fds=True)
 def _version(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, Version, msg, off)
     start = off + Version.vfu_compiled.size
