@@ -21,8 +21,9 @@ from read_bench import bench_capture
 from vfu_inspect import registry
 from vfu_inspect.capture import CaptureReader
 from vfu_inspect.dissect import Analyzer, find_responses
+from vfu_inspect.dissectors.vfio_user.state import Pending
 from vfu_inspect.output import json_packet
-from vfu_inspect.session import REQUEST_KEPT, Pending, SessionTracker
+from vfu_inspect.session import REQUEST_KEPT, SessionTracker
 
 
 class PairingOnly(SessionTracker):

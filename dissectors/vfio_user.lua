@@ -32,9 +32,26 @@ F["vfio_user.flags.type"] = ProtoField.uint32("vfio_user.flags.type", "Type", ba
 F["vfio_user.flags.no_reply"] = ProtoField.bool("vfio_user.flags.no_reply", "No reply", 32, nil, 0x10)
 F["vfio_user.flags.error"] = ProtoField.bool("vfio_user.flags.error", "Error", 32, nil, 0x20)
 F["vfio_user.error"] = ProtoField.uint32("vfio_user.error", "Error", base.DEC, VALUES[3])
+F["vfio_user.reserved"] = ProtoField.uint64("vfio_user.reserved", "Error field (reserved: no ERROR flag)", base.DEC, nil)
+F["vfio_user.payload"] = ProtoField.bytes("vfio_user.payload", "Undecoded payload")
+F["vfio_user.trailing"] = ProtoField.bytes("vfio_user.trailing", "Trailing bytes")
+F["vfio_user.response_in"] = ProtoField.framenum("vfio_user.response_in", "Response in frame", base.NONE, frametype.RESPONSE)
+F["vfio_user.response_to"] = ProtoField.framenum("vfio_user.response_to", "Request in frame", base.NONE, frametype.REQUEST)
+F["vfio_user.time"] = ProtoField.double("vfio_user.time", "Response time (s)")
 F["version"] = ProtoField.none("version", "VERSION")
 F["version.major"] = ProtoField.uint16("version.major", "Major", base.DEC, nil)
 F["version.minor"] = ProtoField.uint16("version.minor", "Minor", base.DEC, nil)
+F["version.json"] = ProtoField.string("version.json", "Capabilities JSON")
+F["version.unknown_capability"] = ProtoField.string("version.unknown_capability", "Unknown capability")
+F["version.max_msg_fds"] = ProtoField.uint64("version.max_msg_fds", "Max fds per message", base.DEC, nil)
+F["version.max_data_xfer_size"] = ProtoField.uint64("version.max_data_xfer_size", "Max data transfer size", base.DEC, nil)
+F["version.max_dma_maps"] = ProtoField.uint64("version.max_dma_maps", "Max DMA maps", base.DEC, nil)
+F["version.pgsizes"] = ProtoField.uint64("version.pgsizes", "Supported page sizes", base.HEX, nil)
+F["version.migration.pgsize"] = ProtoField.uint64("version.migration.pgsize", "Migration page size", base.DEC, nil)
+F["version.migration.max_bitmap_size"] = ProtoField.uint64("version.migration.max_bitmap_size", "Migration max bitmap size", base.DEC, nil)
+F["version.twin_socket.supported"] = ProtoField.bool("version.twin_socket.supported", "Twin socket supported", base.NONE)
+F["version.twin_socket.fd_index"] = ProtoField.uint64("version.twin_socket.fd_index", "Twin socket fd index", base.DEC, nil)
+F["version.write_multiple"] = ProtoField.bool("version.write_multiple", "REGION_WRITE_MULTI supported", base.NONE)
 F["dma_map"] = ProtoField.none("dma_map", "DMA_MAP")
 F["dma_map.argsz"] = ProtoField.uint32("dma_map.argsz", "Argsz", base.DEC, nil)
 F["dma_map.flags"] = ProtoField.uint32("dma_map.flags", "Flags", base.HEX, nil)
@@ -55,6 +72,15 @@ F["dma_unmap.size"] = ProtoField.uint64("dma_unmap.size", "Size", base.HEX, nil)
 F["dma_unmap.bitmap"] = ProtoField.none("dma_unmap.bitmap", "Dirty bitmap")
 F["dma_unmap.bitmap.pgsize"] = ProtoField.uint64("dma_unmap.bitmap.pgsize", "Page size", base.HEX, nil)
 F["dma_unmap.bitmap.size"] = ProtoField.uint64("dma_unmap.bitmap.size", "Bitmap size", base.DEC, nil)
+F["dma_read"] = ProtoField.none("dma_read", "DMA_READ")
+F["dma_read.address"] = ProtoField.uint64("dma_read.address", "Address", base.HEX, nil)
+F["dma_read.count"] = ProtoField.uint64("dma_read.count", "Count", base.DEC, nil)
+F["dma_write"] = ProtoField.none("dma_write", "DMA_WRITE")
+F["dma_write.address"] = ProtoField.uint64("dma_write.address", "Address", base.HEX, nil)
+F["dma_write.count"] = ProtoField.uint64("dma_write.count", "Count", base.DEC, nil)
+F["dma_unmap.bitmap.data"] = ProtoField.bytes("dma_unmap.bitmap.data", "Dirty bitmap")
+F["dma_read.data"] = ProtoField.bytes("dma_read.data", "Data")
+F["dma_write.data"] = ProtoField.bytes("dma_write.data", "Data")
 F["device_info"] = ProtoField.none("device_info", "DEVICE_GET_INFO")
 F["device_info.argsz"] = ProtoField.uint32("device_info.argsz", "Argsz", base.DEC, nil)
 F["device_info.flags"] = ProtoField.uint32("device_info.flags", "Flags", base.HEX, nil)
@@ -102,6 +128,23 @@ F["region_io_fds.sub.padding"] = ProtoField.uint32("region_io_fds.sub.padding", 
 F["region_io_fds.sub.datamatch"] = ProtoField.uint64("region_io_fds.sub.datamatch", "Datamatch / user data", base.HEX, nil)
 F["region_io_fds.sub.shadow_fd_index"] = ProtoField.uint32("region_io_fds.sub.shadow_fd_index", "Shadow memory fd index", base.DEC, nil)
 F["region_io_fds.sub.shadow_offset"] = ProtoField.uint64("region_io_fds.sub.shadow_offset", "Shadow offset", base.HEX, nil)
+F["region_read"] = ProtoField.none("region_read", "REGION_READ")
+F["region_read.offset"] = ProtoField.uint64("region_read.offset", "Offset", base.HEX, nil)
+F["region_read.region"] = ProtoField.uint32("region_read.region", "Region", base.DEC, VALUES[4])
+F["region_read.count"] = ProtoField.uint32("region_read.count", "Count", base.DEC, nil)
+F["region_write"] = ProtoField.none("region_write", "REGION_WRITE")
+F["region_write.offset"] = ProtoField.uint64("region_write.offset", "Offset", base.HEX, nil)
+F["region_write.region"] = ProtoField.uint32("region_write.region", "Region", base.DEC, VALUES[4])
+F["region_write.count"] = ProtoField.uint32("region_write.count", "Count", base.DEC, nil)
+F["write_multi"] = ProtoField.none("write_multi", "REGION_WRITE_MULTI")
+F["write_multi.wr_cnt"] = ProtoField.uint64("write_multi.wr_cnt", "Write count", base.DEC, nil)
+F["write_multi.entry"] = ProtoField.none("write_multi.entry", "Write")
+F["write_multi.entry.offset"] = ProtoField.uint64("write_multi.entry.offset", "Offset", base.HEX, nil)
+F["write_multi.entry.region"] = ProtoField.uint32("write_multi.entry.region", "Region", base.DEC, VALUES[4])
+F["write_multi.entry.count"] = ProtoField.uint32("write_multi.entry.count", "Count", base.DEC, nil)
+F["write_multi.entry.data"] = ProtoField.bytes("write_multi.entry.data", "Data")
+F["region_read.data"] = ProtoField.bytes("region_read.data", "Data")
+F["region_write.data"] = ProtoField.bytes("region_write.data", "Data")
 F["irq_info"] = ProtoField.none("irq_info", "DEVICE_GET_IRQ_INFO")
 F["irq_info.argsz"] = ProtoField.uint32("irq_info.argsz", "Argsz", base.DEC, nil)
 F["irq_info.flags"] = ProtoField.uint32("irq_info.flags", "Flags", base.HEX, nil)
@@ -123,27 +166,8 @@ F["set_irqs.flags.trigger"] = ProtoField.bool("set_irqs.flags.trigger", "Trigger
 F["set_irqs.index"] = ProtoField.uint32("set_irqs.index", "IRQ index", base.DEC, VALUES[7])
 F["set_irqs.start"] = ProtoField.uint32("set_irqs.start", "Start", base.DEC, nil)
 F["set_irqs.count"] = ProtoField.uint32("set_irqs.count", "Count", base.DEC, nil)
-F["region_read"] = ProtoField.none("region_read", "REGION_READ")
-F["region_read.offset"] = ProtoField.uint64("region_read.offset", "Offset", base.HEX, nil)
-F["region_read.region"] = ProtoField.uint32("region_read.region", "Region", base.DEC, VALUES[4])
-F["region_read.count"] = ProtoField.uint32("region_read.count", "Count", base.DEC, nil)
-F["region_write"] = ProtoField.none("region_write", "REGION_WRITE")
-F["region_write.offset"] = ProtoField.uint64("region_write.offset", "Offset", base.HEX, nil)
-F["region_write.region"] = ProtoField.uint32("region_write.region", "Region", base.DEC, VALUES[4])
-F["region_write.count"] = ProtoField.uint32("region_write.count", "Count", base.DEC, nil)
-F["write_multi"] = ProtoField.none("write_multi", "REGION_WRITE_MULTI")
-F["write_multi.wr_cnt"] = ProtoField.uint64("write_multi.wr_cnt", "Write count", base.DEC, nil)
-F["write_multi.entry"] = ProtoField.none("write_multi.entry", "Write")
-F["write_multi.entry.offset"] = ProtoField.uint64("write_multi.entry.offset", "Offset", base.HEX, nil)
-F["write_multi.entry.region"] = ProtoField.uint32("write_multi.entry.region", "Region", base.DEC, VALUES[4])
-F["write_multi.entry.count"] = ProtoField.uint32("write_multi.entry.count", "Count", base.DEC, nil)
-F["write_multi.entry.data"] = ProtoField.bytes("write_multi.entry.data", "Data")
-F["dma_read"] = ProtoField.none("dma_read", "DMA_READ")
-F["dma_read.address"] = ProtoField.uint64("dma_read.address", "Address", base.HEX, nil)
-F["dma_read.count"] = ProtoField.uint64("dma_read.count", "Count", base.DEC, nil)
-F["dma_write"] = ProtoField.none("dma_write", "DMA_WRITE")
-F["dma_write.address"] = ProtoField.uint64("dma_write.address", "Address", base.HEX, nil)
-F["dma_write.count"] = ProtoField.uint64("dma_write.count", "Count", base.DEC, nil)
+F["set_irqs.data"] = ProtoField.bytes("set_irqs.data", "Data")
+F["set_irqs.bool"] = ProtoField.uint64("set_irqs.bool", "Bool", base.DEC, nil)
 F["device_feature"] = ProtoField.none("device_feature", "DEVICE_FEATURE")
 F["device_feature.argsz"] = ProtoField.uint32("device_feature.argsz", "Argsz", base.DEC, nil)
 F["device_feature.flags"] = ProtoField.uint32("device_feature.flags", "Flags", base.HEX, nil)
@@ -176,30 +200,6 @@ F["mig_data_read.size"] = ProtoField.uint32("mig_data_read.size", "Size", base.D
 F["mig_data_write"] = ProtoField.none("mig_data_write", "MIG_DATA_WRITE")
 F["mig_data_write.argsz"] = ProtoField.uint32("mig_data_write.argsz", "Argsz", base.DEC, nil)
 F["mig_data_write.size"] = ProtoField.uint32("mig_data_write.size", "Size", base.DEC, nil)
-F["vfio_user.reserved"] = ProtoField.uint64("vfio_user.reserved", "Error field (reserved: no ERROR flag)", base.DEC, nil)
-F["vfio_user.payload"] = ProtoField.bytes("vfio_user.payload", "Undecoded payload")
-F["vfio_user.trailing"] = ProtoField.bytes("vfio_user.trailing", "Trailing bytes")
-F["vfio_user.response_in"] = ProtoField.framenum("vfio_user.response_in", "Response in frame", base.NONE, frametype.RESPONSE)
-F["vfio_user.response_to"] = ProtoField.framenum("vfio_user.response_to", "Request in frame", base.NONE, frametype.REQUEST)
-F["vfio_user.time"] = ProtoField.double("vfio_user.time", "Response time (s)")
-F["version.json"] = ProtoField.string("version.json", "Capabilities JSON")
-F["version.unknown_capability"] = ProtoField.string("version.unknown_capability", "Unknown capability")
-F["version.max_msg_fds"] = ProtoField.uint64("version.max_msg_fds", "Max fds per message", base.DEC, nil)
-F["version.max_data_xfer_size"] = ProtoField.uint64("version.max_data_xfer_size", "Max data transfer size", base.DEC, nil)
-F["version.max_dma_maps"] = ProtoField.uint64("version.max_dma_maps", "Max DMA maps", base.DEC, nil)
-F["version.pgsizes"] = ProtoField.uint64("version.pgsizes", "Supported page sizes", base.HEX, nil)
-F["version.migration.pgsize"] = ProtoField.uint64("version.migration.pgsize", "Migration page size", base.DEC, nil)
-F["version.migration.max_bitmap_size"] = ProtoField.uint64("version.migration.max_bitmap_size", "Migration max bitmap size", base.DEC, nil)
-F["version.twin_socket.supported"] = ProtoField.bool("version.twin_socket.supported", "Twin socket supported", base.NONE)
-F["version.twin_socket.fd_index"] = ProtoField.uint64("version.twin_socket.fd_index", "Twin socket fd index", base.DEC, nil)
-F["version.write_multiple"] = ProtoField.bool("version.write_multiple", "REGION_WRITE_MULTI supported", base.NONE)
-F["dma_unmap.bitmap.data"] = ProtoField.bytes("dma_unmap.bitmap.data", "Dirty bitmap")
-F["set_irqs.data"] = ProtoField.bytes("set_irqs.data", "Data")
-F["set_irqs.bool"] = ProtoField.uint64("set_irqs.bool", "Bool", base.DEC, nil)
-F["region_read.data"] = ProtoField.bytes("region_read.data", "Data")
-F["region_write.data"] = ProtoField.bytes("region_write.data", "Data")
-F["dma_read.data"] = ProtoField.bytes("dma_read.data", "Data")
-F["dma_write.data"] = ProtoField.bytes("dma_write.data", "Data")
 F["device_feature.data"] = ProtoField.bytes("device_feature.data", "Feature data")
 F["dma_logging_report.bitmap"] = ProtoField.bytes("dma_logging_report.bitmap", "Dirty bitmap")
 F["mig_data_read.data"] = ProtoField.bytes("mig_data_read.data", "Data")
@@ -207,6 +207,14 @@ F["mig_data_write.data"] = ProtoField.bytes("mig_data_write.data", "Data")
 
 -- 64-bit fields take UInt64 values
 local U64 = {
+    ["vfio_user.reserved"] = true,
+    ["version.max_msg_fds"] = true,
+    ["version.max_data_xfer_size"] = true,
+    ["version.max_dma_maps"] = true,
+    ["version.pgsizes"] = true,
+    ["version.migration.pgsize"] = true,
+    ["version.migration.max_bitmap_size"] = true,
+    ["version.twin_socket.fd_index"] = true,
     ["dma_map.offset"] = true,
     ["dma_map.address"] = true,
     ["dma_map.size"] = true,
@@ -214,6 +222,10 @@ local U64 = {
     ["dma_unmap.size"] = true,
     ["dma_unmap.bitmap.pgsize"] = true,
     ["dma_unmap.bitmap.size"] = true,
+    ["dma_read.address"] = true,
+    ["dma_read.count"] = true,
+    ["dma_write.address"] = true,
+    ["dma_write.count"] = true,
     ["region_info.size"] = true,
     ["region_info.offset"] = true,
     ["region_info.area.offset"] = true,
@@ -226,10 +238,7 @@ local U64 = {
     ["region_write.offset"] = true,
     ["write_multi.wr_cnt"] = true,
     ["write_multi.entry.offset"] = true,
-    ["dma_read.address"] = true,
-    ["dma_read.count"] = true,
-    ["dma_write.address"] = true,
-    ["dma_write.count"] = true,
+    ["set_irqs.bool"] = true,
     ["migration.flags"] = true,
     ["dma_logging.page_size"] = true,
     ["dma_logging.range.iova"] = true,
@@ -237,15 +246,6 @@ local U64 = {
     ["dma_logging_report.iova"] = true,
     ["dma_logging_report.length"] = true,
     ["dma_logging_report.page_size"] = true,
-    ["vfio_user.reserved"] = true,
-    ["version.max_msg_fds"] = true,
-    ["version.max_data_xfer_size"] = true,
-    ["version.max_dma_maps"] = true,
-    ["version.pgsizes"] = true,
-    ["version.migration.pgsize"] = true,
-    ["version.migration.max_bitmap_size"] = true,
-    ["version.twin_socket.fd_index"] = true,
-    ["set_irqs.bool"] = true,
 }
 
 -- bit sub-fields shown under their integer
@@ -268,6 +268,10 @@ local LAYERS = {
     DmaMap = {field = "dma_map", label = "DMA_MAP", size = 32, {"dma_map.argsz", 0, 4}, {"dma_map.flags", 4, 4}, {"dma_map.offset", 8, 8}, {"dma_map.address", 16, 8}, {"dma_map.size", 24, 8}},
     DmaUnmap = {field = "dma_unmap", label = "DMA_UNMAP", size = 24, {"dma_unmap.argsz", 0, 4}, {"dma_unmap.flags", 4, 4}, {"dma_unmap.address", 8, 8}, {"dma_unmap.size", 16, 8}},
     DirtyBitmap = {field = "dma_unmap.bitmap", label = "Dirty bitmap", size = 16, {"dma_unmap.bitmap.pgsize", 0, 8}, {"dma_unmap.bitmap.size", 8, 8}},
+    DmaRead = {field = "dma_read", label = "DMA_READ", size = 16, {"dma_read.address", 0, 8}, {"dma_read.count", 8, 8}},
+    DmaWrite = {field = "dma_write", label = "DMA_WRITE", size = 16, {"dma_write.address", 0, 8}, {"dma_write.count", 8, 8}},
+    QemuDmaRead = {field = "dma_read", label = "DMA_READ", size = 12, {"dma_read.address", 0, 8}, {"dma_read.count", 8, 4}},
+    QemuDmaWrite = {field = "dma_write", label = "DMA_WRITE", size = 12, {"dma_write.address", 0, 8}, {"dma_write.count", 8, 4}},
     DeviceInfo = {field = "device_info", label = "DEVICE_GET_INFO", size = 16, {"device_info.argsz", 0, 4}, {"device_info.flags", 4, 4}, {"device_info.num_regions", 8, 4}, {"device_info.num_irqs", 12, 4}},
     RegionInfo = {field = "region_info", label = "DEVICE_GET_REGION_INFO", size = 32, {"region_info.argsz", 0, 4}, {"region_info.flags", 4, 4}, {"region_info.index", 8, 4}, {"region_info.cap_offset", 12, 4}, {"region_info.size", 16, 8}, {"region_info.offset", 24, 8}},
     RegionCap = {field = "region_info.cap", label = "Region capability", size = 8, {"region_info.cap.id", 0, 2}, {"region_info.cap.version", 2, 2}, {"region_info.cap.next", 4, 4}},
@@ -277,16 +281,12 @@ local LAYERS = {
     RegionIoFds = {field = "region_io_fds", label = "DEVICE_GET_REGION_IO_FDS", size = 16, {"region_io_fds.argsz", 0, 4}, {"region_io_fds.flags", 4, 4}, {"region_io_fds.index", 8, 4}, {"region_io_fds.count", 12, 4}},
     SubRegion = {field = "region_io_fds.sub", label = "Sub-region", size = 40, {"region_io_fds.sub.offset", 0, 8}, {"region_io_fds.sub.size", 8, 8}, {"region_io_fds.sub.fd_index", 16, 4}, {"region_io_fds.sub.type", 20, 4}, {"region_io_fds.sub.flags", 24, 4}, {"region_io_fds.sub.padding", 28, 4}, {"region_io_fds.sub.datamatch", 32, 8}},
     ShadowSubRegion = {field = "region_io_fds.sub", label = "Sub-region", size = 48, {"region_io_fds.sub.offset", 0, 8}, {"region_io_fds.sub.size", 8, 8}, {"region_io_fds.sub.fd_index", 16, 4}, {"region_io_fds.sub.type", 20, 4}, {"region_io_fds.sub.flags", 24, 4}, {"region_io_fds.sub.shadow_fd_index", 28, 4}, {"region_io_fds.sub.shadow_offset", 32, 8}, {"region_io_fds.sub.datamatch", 40, 8}},
-    IrqInfo = {field = "irq_info", label = "DEVICE_GET_IRQ_INFO", size = 16, {"irq_info.argsz", 0, 4}, {"irq_info.flags", 4, 4}, {"irq_info.index", 8, 4}, {"irq_info.count", 12, 4}},
-    SetIrqs = {field = "set_irqs", label = "DEVICE_SET_IRQS", size = 20, {"set_irqs.argsz", 0, 4}, {"set_irqs.flags", 4, 4}, {"set_irqs.index", 8, 4}, {"set_irqs.start", 12, 4}, {"set_irqs.count", 16, 4}},
     RegionRead = {field = "region_read", label = "REGION_READ", size = 16, {"region_read.offset", 0, 8}, {"region_read.region", 8, 4}, {"region_read.count", 12, 4}},
     RegionWrite = {field = "region_write", label = "REGION_WRITE", size = 16, {"region_write.offset", 0, 8}, {"region_write.region", 8, 4}, {"region_write.count", 12, 4}},
     WriteMulti = {field = "write_multi", label = "REGION_WRITE_MULTI", size = 8, {"write_multi.wr_cnt", 0, 8}},
     WriteMultiEntry = {field = "write_multi.entry", label = "Write", size = 24, {"write_multi.entry.offset", 0, 8}, {"write_multi.entry.region", 8, 4}, {"write_multi.entry.count", 12, 4}, {"write_multi.entry.data", 16, 8}},
-    DmaRead = {field = "dma_read", label = "DMA_READ", size = 16, {"dma_read.address", 0, 8}, {"dma_read.count", 8, 8}},
-    DmaWrite = {field = "dma_write", label = "DMA_WRITE", size = 16, {"dma_write.address", 0, 8}, {"dma_write.count", 8, 8}},
-    QemuDmaRead = {field = "dma_read", label = "DMA_READ", size = 12, {"dma_read.address", 0, 8}, {"dma_read.count", 8, 4}},
-    QemuDmaWrite = {field = "dma_write", label = "DMA_WRITE", size = 12, {"dma_write.address", 0, 8}, {"dma_write.count", 8, 4}},
+    IrqInfo = {field = "irq_info", label = "DEVICE_GET_IRQ_INFO", size = 16, {"irq_info.argsz", 0, 4}, {"irq_info.flags", 4, 4}, {"irq_info.index", 8, 4}, {"irq_info.count", 12, 4}},
+    SetIrqs = {field = "set_irqs", label = "DEVICE_SET_IRQS", size = 20, {"set_irqs.argsz", 0, 4}, {"set_irqs.flags", 4, 4}, {"set_irqs.index", 8, 4}, {"set_irqs.start", 12, 4}, {"set_irqs.count", 16, 4}},
     DeviceFeature = {field = "device_feature", label = "DEVICE_FEATURE", size = 8, {"device_feature.argsz", 0, 4}, {"device_feature.flags", 4, 4}},
     MigrationFeature = {field = "migration", label = "Migration feature", size = 8, {"migration.flags", 0, 8}},
     MigDeviceState = {field = "mig_state", label = "Device state", size = 8, {"mig_state.device_state", 0, 4}, {"mig_state.data_fd", 4, 4}},
@@ -309,7 +309,7 @@ local CAPABILITIES = {
     ["write_multiple"] = "bool",
 }
 
--- protocol constants, named as in dissectors/vfio_user.py
+-- protocol constants, named as in dissectors/vfio_user/
 local P = {HEADER_SIZE = 16, TYPE_COMMAND = 0, TYPE_REPLY = 1, FLAG_TYPE_MASK = 15, FLAG_NO_REPLY = 16, FLAG_ERROR = 32, SPEC_DMA_MAP_FLAGS = 3, SET_IRQS_DATA = 7, SET_IRQS_ACTION = 56, FEATURE_GET = 65536, FEATURE_SET = 131072, FEATURE_PROBE = 262144, PCI_NUM_REGIONS = 9, PAGE_4K = 4096, DISABLE_ALL = 33, KVM_IOREGION_POSTED_WRITES = 2}
 local CMD = {VERSION = 1, DMA_MAP = 2, DMA_UNMAP = 3, DEVICE_GET_INFO = 4, DEVICE_GET_REGION_INFO = 5, DEVICE_GET_REGION_IO_FDS = 6, DEVICE_GET_IRQ_INFO = 7, DEVICE_SET_IRQS = 8, REGION_READ = 9, REGION_WRITE = 10, DMA_READ = 11, DMA_WRITE = 12, DEVICE_RESET = 13, DIRTY_PAGES = 14, REGION_WRITE_MULTI = 15, DEVICE_FEATURE = 16, MIG_DATA_READ = 17, MIG_DATA_WRITE = 18}
 local FEATURE = {MIGRATION = 1, MIG_DEVICE_STATE = 2, DMA_LOGGING_START = 6, DMA_LOGGING_STOP = 7, DMA_LOGGING_REPORT = 8}
@@ -365,6 +365,10 @@ E["argsz.small"] = ProtoExpert.new("vfio_user.expert.argsz.small", "request args
 E["argsz.reply_exceeds"] = ProtoExpert.new("vfio_user.expert.argsz.reply_exceeds", "reply payload larger than its request's argsz allowed", expert.group.PROTOCOL, expert.severity.WARN)
 E["field.not_zero"] = ProtoExpert.new("vfio_user.expert.field.not_zero", "a field the spec says must be zero is not", expert.group.PROTOCOL, expert.severity.WARN)
 E["range.overflow"] = ProtoExpert.new("vfio_user.expert.range.overflow", "start + count (or address + size) does not fit the field's width: it wraps", expert.group.PROTOCOL, expert.severity.WARN)
+E["deadlock.server_command"] = ProtoExpert.new("vfio_user.expert.deadlock.server_command", "server command on the main socket while a client request is in flight, no twin socket", expert.group.PROTOCOL, expert.severity.NOTE)
+E["dissector.bug"] = ProtoExpert.new("vfio_user.expert.dissector.bug", "the dissector failed on this message", expert.group.UNDECODED, expert.severity.ERROR)
+E["capture.truncated"] = ProtoExpert.new("vfio_user.expert.capture.truncated", "the capture holds only part of the message", expert.group.UNDECODED, expert.severity.WARN)
+E["fault.injected"] = ProtoExpert.new("vfio_user.expert.fault.injected", "the proxy injected a fault here (proxy --fault)", expert.group.PROTOCOL, expert.severity.NOTE)
 E["version.not_first"] = ProtoExpert.new("vfio_user.expert.version.not_first", "a command before VERSION", expert.group.PROTOCOL, expert.severity.ERROR)
 E["version.major"] = ProtoExpert.new("vfio_user.expert.version.major", "server's major version differs from the client's", expert.group.PROTOCOL, expert.severity.ERROR)
 E["version.minor"] = ProtoExpert.new("vfio_user.expert.version.minor", "server's minor version above the client's", expert.group.PROTOCOL, expert.severity.WARN)
@@ -388,16 +392,17 @@ E["dma.unmap_unknown"] = ProtoExpert.new("vfio_user.expert.dma.unmap_unknown", "
 E["dma_unmap.flags"] = ProtoExpert.new("vfio_user.expert.dma_unmap.flags", "DMA_UNMAP flags (unused in the spec) set as libvfio-user refuses: unknown bits, ALL with an address or size", expert.group.PROTOCOL, expert.severity.NOTE)
 E["dma.misaligned"] = ProtoExpert.new("vfio_user.expert.dma.misaligned", "DMA map not aligned to the smallest page size of pgsizes", expert.group.PROTOCOL, expert.severity.WARN)
 E["dma.too_many"] = ProtoExpert.new("vfio_user.expert.dma.too_many", "more live DMA maps than max_dma_maps", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma.access_unmapped"] = ProtoExpert.new("vfio_user.expert.dma.access_unmapped", "DMA_READ/WRITE outside every live map", expert.group.PROTOCOL, expert.severity.WARN)
 E["dma_unmap.bitmap_size"] = ProtoExpert.new("vfio_user.expert.dma_unmap.bitmap_size", "DMA_UNMAP dirty bitmap size disagrees with its header, range or page size", expert.group.PROTOCOL, expert.severity.ERROR)
-E["dma_logging.bitmap_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.bitmap_size", "DMA_LOGGING_REPORT bitmap size disagrees with range and page size", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma_logging.bitmap_bits"] = ProtoExpert.new("vfio_user.expert.dma_logging.bitmap_bits", "DMA_LOGGING_REPORT bitmap sets bits beyond the requested range", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma_logging.ranges_short"] = ProtoExpert.new("vfio_user.expert.dma_logging.ranges_short", "num_ranges exceeds the ranges sent", expert.group.PROTOCOL, expert.severity.ERROR)
-E["dma_logging.page_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.page_size", "DMA logging page size zero, or a REPORT page size not a power of two", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma_logging.unaligned"] = ProtoExpert.new("vfio_user.expert.dma_logging.unaligned", "DMA logging range or report not aligned to its page size", expert.group.PROTOCOL, expert.severity.NOTE)
-E["dma_logging.unmapped"] = ProtoExpert.new("vfio_user.expert.dma_logging.unmapped", "DMA_LOGGING_REPORT of a range no live DMA map with an fd holds", expert.group.PROTOCOL, expert.severity.NOTE)
 E["dma_logging.not_started"] = ProtoExpert.new("vfio_user.expert.dma_logging.not_started", "DMA_LOGGING_REPORT, or a DMA_UNMAP dirty bitmap, while dirty logging is off", expert.group.PROTOCOL, expert.severity.WARN)
 E["dirty.bitmap_too_big"] = ProtoExpert.new("vfio_user.expert.dirty.bitmap_too_big", "dirty bitmap over the client's migration.max_bitmap_size", expert.group.PROTOCOL, expert.severity.NOTE)
+E["dma.access_unmapped"] = ProtoExpert.new("vfio_user.expert.dma.access_unmapped", "DMA_READ/WRITE outside every live map", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_read.count"] = ProtoExpert.new("vfio_user.expert.dma_read.count", "DMA_READ count disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
+E["dma_write.count"] = ProtoExpert.new("vfio_user.expert.dma_write.count", "DMA_WRITE count disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
+E["dma_read.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_read.count_mismatch", "DMA_READ reply count differs from the request's", expert.group.PROTOCOL, expert.severity.NOTE)
+E["dma_write.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_write.count_mismatch", "DMA_WRITE reply count differs from the request's", expert.group.PROTOCOL, expert.severity.NOTE)
+E["interop.dma_qemu_layout"] = ProtoExpert.new("vfio_user.expert.interop.dma_qemu_layout", "DMA_READ reply in QEMU's layout (u32 count, data at 12)", expert.group.PROTOCOL, expert.severity.WARN)
+E["interop.dma_write_bare_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_bare_reply", "DMA_WRITE reply that is the bare header", expert.group.PROTOCOL, expert.severity.ERROR)
+E["interop.dma_write_spec_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_spec_reply", "DMA_WRITE reply with the spec table's u32 count (12 bytes)", expert.group.PROTOCOL, expert.severity.NOTE)
 E["device_info.pci"] = ProtoExpert.new("vfio_user.expert.device_info.pci", "DEVICE_GET_INFO reply that is not a PCI device with at least the 9 PCI regions", expert.group.PROTOCOL, expert.severity.WARN)
 E["device_reset.unsupported"] = ProtoExpert.new("vfio_user.expert.device_reset.unsupported", "DEVICE_RESET to a device whose GET_INFO reply lacked RESET", expert.group.PROTOCOL, expert.severity.WARN)
 E["region_info.caps_missing"] = ProtoExpert.new("vfio_user.expert.region_info.caps_missing", "CAPS flag with no capability chain", expert.group.PROTOCOL, expert.severity.WARN)
@@ -410,6 +415,8 @@ E["region_info.areas_short"] = ProtoExpert.new("vfio_user.expert.region_info.are
 E["region_io_fds.entry_size"] = ProtoExpert.new("vfio_user.expert.region_io_fds.entry_size", "IO_FDS sub-regions do not divide into count entries of at least 40 bytes", expert.group.PROTOCOL, expert.severity.ERROR)
 E["region_io_fds.fd_index"] = ProtoExpert.new("vfio_user.expert.region_io_fds.fd_index", "sub-region names an fd that was not passed", expert.group.PROTOCOL, expert.severity.ERROR)
 E["region_io_fds.posted_writes"] = ProtoExpert.new("vfio_user.expert.region_io_fds.posted_writes", "zero-size ioregionfd sub-region without KVM_IOREGION_POSTED_WRITES", expert.group.PROTOCOL, expert.severity.WARN)
+E["interop.region_caps_offset"] = ProtoExpert.new("vfio_user.expert.interop.region_caps_offset", "REGION_INFO CAPS with cap_offset outside [32, argsz] in a truncated reply", expert.group.PROTOCOL, expert.severity.NOTE)
+E["interop.io_fds_48"] = ProtoExpert.new("vfio_user.expert.interop.io_fds_48", "48-byte IO_FDS entries (libvfio-user's shadow ioeventfd)", expert.group.PROTOCOL, expert.severity.NOTE)
 E["region.unknown"] = ProtoExpert.new("vfio_user.expert.region.unknown", "access to a region index the device did not report", expert.group.PROTOCOL, expert.severity.WARN)
 E["region.out_of_bounds"] = ProtoExpert.new("vfio_user.expert.region.out_of_bounds", "region access beyond the region's size", expert.group.PROTOCOL, expert.severity.WARN)
 E["region.access_flags"] = ProtoExpert.new("vfio_user.expert.region.access_flags", "region access against its READ/WRITE flags", expert.group.PROTOCOL, expert.severity.WARN)
@@ -425,18 +432,7 @@ E["set_irqs.count_zero"] = ProtoExpert.new("vfio_user.expert.set_irqs.count_zero
 E["irq.unknown"] = ProtoExpert.new("vfio_user.expert.irq.unknown", "SET_IRQS or GET_IRQ_INFO of an index beyond the device's num_irqs", expert.group.PROTOCOL, expert.severity.WARN)
 E["irq.out_of_range"] = ProtoExpert.new("vfio_user.expert.irq.out_of_range", "SET_IRQS beyond the index's count", expert.group.PROTOCOL, expert.severity.WARN)
 E["irq.action_unsupported"] = ProtoExpert.new("vfio_user.expert.irq.action_unsupported", "SET_IRQS MASK/UNMASK on an index without MASKABLE, or eventfds for one without EVENTFD", expert.group.PROTOCOL, expert.severity.WARN)
-E["dma_read.count"] = ProtoExpert.new("vfio_user.expert.dma_read.count", "DMA_READ count disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
-E["dma_write.count"] = ProtoExpert.new("vfio_user.expert.dma_write.count", "DMA_WRITE count disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
-E["dma_read.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_read.count_mismatch", "DMA_READ reply count differs from the request's", expert.group.PROTOCOL, expert.severity.NOTE)
-E["dma_write.count_mismatch"] = ProtoExpert.new("vfio_user.expert.dma_write.count_mismatch", "DMA_WRITE reply count differs from the request's", expert.group.PROTOCOL, expert.severity.NOTE)
-E["interop.dma_qemu_layout"] = ProtoExpert.new("vfio_user.expert.interop.dma_qemu_layout", "DMA_READ reply in QEMU's layout (u32 count, data at 12)", expert.group.PROTOCOL, expert.severity.WARN)
-E["interop.dma_write_bare_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_bare_reply", "DMA_WRITE reply that is the bare header", expert.group.PROTOCOL, expert.severity.ERROR)
-E["interop.dma_write_spec_reply"] = ProtoExpert.new("vfio_user.expert.interop.dma_write_spec_reply", "DMA_WRITE reply with the spec table's u32 count (12 bytes)", expert.group.PROTOCOL, expert.severity.NOTE)
-E["interop.region_caps_offset"] = ProtoExpert.new("vfio_user.expert.interop.region_caps_offset", "REGION_INFO CAPS with cap_offset outside [32, argsz] in a truncated reply", expert.group.PROTOCOL, expert.severity.NOTE)
-E["interop.io_fds_48"] = ProtoExpert.new("vfio_user.expert.interop.io_fds_48", "48-byte IO_FDS entries (libvfio-user's shadow ioeventfd)", expert.group.PROTOCOL, expert.severity.NOTE)
-E["interop.mig_data_padding"] = ProtoExpert.new("vfio_user.expert.interop.mig_data_padding", "short MIG_DATA_READ reply padded to the buffer", expert.group.PROTOCOL, expert.severity.NOTE)
 E["interop.irq_mask_eventfd"] = ProtoExpert.new("vfio_user.expert.interop.irq_mask_eventfd", "SET_IRQS MASK/UNMASK with eventfds", expert.group.PROTOCOL, expert.severity.NOTE)
-E["deadlock.server_command"] = ProtoExpert.new("vfio_user.expert.deadlock.server_command", "server command on the main socket while a client request is in flight, no twin socket", expert.group.PROTOCOL, expert.severity.NOTE)
 E["device_feature.get_and_set"] = ProtoExpert.new("vfio_user.expert.device_feature.get_and_set", "GET and SET together without PROBE", expert.group.PROTOCOL, expert.severity.ERROR)
 E["device_feature.unknown"] = ProtoExpert.new("vfio_user.expert.device_feature.unknown", "device feature the spec does not list", expert.group.PROTOCOL, expert.severity.NOTE)
 E["device_feature.op_undefined"] = ProtoExpert.new("vfio_user.expert.device_feature.op_undefined", "GET or SET of a feature that defines no such operation (SET MIGRATION, GET DMA_LOGGING_START ...)", expert.group.PROTOCOL, expert.severity.WARN)
@@ -444,11 +440,15 @@ E["device_feature.probe_undefined"] = ProtoExpert.new("vfio_user.expert.device_f
 E["migration.flags"] = ProtoExpert.new("vfio_user.expert.migration.flags", "MIGRATION feature without VFIO_MIGRATION_STOP_COPY", expert.group.PROTOCOL, expert.severity.WARN)
 E["migration.transition"] = ProtoExpert.new("vfio_user.expert.migration.transition", "device-state transition the state machine forbids", expert.group.PROTOCOL, expert.severity.WARN)
 E["migration.data_state"] = ProtoExpert.new("vfio_user.expert.migration.data_state", "MIG_DATA_READ/WRITE in a state that allows none", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_logging.bitmap_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.bitmap_size", "DMA_LOGGING_REPORT bitmap size disagrees with range and page size", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_logging.bitmap_bits"] = ProtoExpert.new("vfio_user.expert.dma_logging.bitmap_bits", "DMA_LOGGING_REPORT bitmap sets bits beyond the requested range", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_logging.ranges_short"] = ProtoExpert.new("vfio_user.expert.dma_logging.ranges_short", "num_ranges exceeds the ranges sent", expert.group.PROTOCOL, expert.severity.ERROR)
+E["dma_logging.page_size"] = ProtoExpert.new("vfio_user.expert.dma_logging.page_size", "DMA logging page size zero, or a REPORT page size not a power of two", expert.group.PROTOCOL, expert.severity.WARN)
+E["dma_logging.unaligned"] = ProtoExpert.new("vfio_user.expert.dma_logging.unaligned", "DMA logging range or report not aligned to its page size", expert.group.PROTOCOL, expert.severity.NOTE)
+E["dma_logging.unmapped"] = ProtoExpert.new("vfio_user.expert.dma_logging.unmapped", "DMA_LOGGING_REPORT of a range no live DMA map with an fd holds", expert.group.PROTOCOL, expert.severity.NOTE)
 E["mig_data_read.size"] = ProtoExpert.new("vfio_user.expert.mig_data_read.size", "MIG_DATA_READ size disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
 E["mig_data_write.size"] = ProtoExpert.new("vfio_user.expert.mig_data_write.size", "MIG_DATA_WRITE size disagrees with the data", expert.group.PROTOCOL, expert.severity.ERROR)
-E["dissector.bug"] = ProtoExpert.new("vfio_user.expert.dissector.bug", "the dissector failed on this message", expert.group.UNDECODED, expert.severity.ERROR)
-E["capture.truncated"] = ProtoExpert.new("vfio_user.expert.capture.truncated", "the capture holds only part of the message", expert.group.UNDECODED, expert.severity.WARN)
-E["fault.injected"] = ProtoExpert.new("vfio_user.expert.fault.injected", "the proxy injected a fault here (proxy --fault)", expert.group.PROTOCOL, expert.severity.NOTE)
+E["interop.mig_data_padding"] = ProtoExpert.new("vfio_user.expert.interop.mig_data_padding", "short MIG_DATA_READ reply padded to the buffer", expert.group.PROTOCOL, expert.severity.NOTE)
 
 local all_fields, all_experts = {}, {}
 for _, f in pairs(F) do all_fields[#all_fields + 1] = f end

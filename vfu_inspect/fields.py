@@ -240,8 +240,13 @@ class Fields:
     """The fields one module declares, in declaration order (a parent before
     its bit sub-fields): data until `registry.load()` registers them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *parts: Fields) -> None:
+        """Empty, or the fields of `parts` one after the other (a protocol's
+        families); a name must be declared once in them all."""
         self._by_name: dict[str, FieldDef] = {}
+        for part in parts:
+            for fd in part:             # children included: they come after their parent
+                self._declare(fd)
 
     def __getitem__(self, name: str) -> FieldDef:
         return self._by_name[name]
@@ -250,12 +255,15 @@ class Fields:
         return iter(self._by_name.values())
 
     def add(self, fd: FieldDef) -> FieldDef:
-        if fd.name in self._by_name:
-            raise ValueError(f"field {fd.name} declared twice")
-        self._by_name[fd.name] = fd
+        self._declare(fd)
         for child in fd.children:
             self.add(child)
         return fd
+
+    def _declare(self, fd: FieldDef) -> None:
+        if fd.name in self._by_name:
+            raise ValueError(f"field {fd.name} declared twice")
+        self._by_name[fd.name] = fd
 
     def field(self, name: str, label: str, type: str = UINT, **kw: Any) -> FieldDef:
         """A field that no fixed layer carries (JSON keys, derived values)."""

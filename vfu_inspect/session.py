@@ -12,356 +12,52 @@ tells (capabilities, regions, IRQ counts) is applied with the reply.  It keeps
 a copy of every connection's state each `checkpoint_every` messages, so that
 "the state as of message N" costs at most that many messages of replay, even
 at the end of a huge capture.
+
+What each command checks and changes is its family's (dissectors/vfio_user/,
+one module per command family, gathered in `vfio_user.SESSION`), and the
+state they change is vfio_user/state.py's ConnState; this module runs them:
+the checks every message gets, pairing, effects ahead of replies and their
+retraction, the in-flight bound, checkpoints.
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
-import errno
 import struct
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
-from .devices import add_registers, device_for
 from .dissectors import vfio_user as proto
-from .dissectors.pci_config import CONFIG_REGION, ConfigShadow, dissect_config_access
+from .dissectors.vfio_user.state import ConnState, Effect, Pending
 from .packet import Dissected
 from .records import C2S, MAIN, S2C, TWIN, Message
-from .tree import Expert, Tree
+from .tree import Tree
 
-CMD = proto.CMD
 DEFAULT_TIMEOUT = 5.0                # QEMU's x-msg-timeout
-STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY = 1, 2, 3, 4, 6
-ERROR_STATE = 0
-SAVING = {STOP_COPY, PRE_COPY}
-MIG_ARCS = {(RUNNING, STOP), (STOP_COPY, STOP), (RESUMING, STOP), (PRE_COPY, RUNNING),
-            (STOP, RUNNING), (RUNNING, PRE_COPY), (STOP, STOP_COPY), (PRE_COPY, STOP_COPY),
-            (STOP, RESUMING)}
-MIG_READ_STATES, MIG_WRITE_STATES = {STOP_COPY, PRE_COPY, 7}, {RESUMING}
-REGION_READ_FLAG, REGION_WRITE_FLAG = proto.REGION_FLAGS["read"], proto.REGION_FLAGS["write"]
-SET_IRQS, IRQ_INFO = proto.SET_IRQS_FLAGS, proto.IRQ_INFO_FLAGS
-FEATURE = {name: number for number, name in proto.FEATURES.items()}
 # Requests a connection may have in flight before the oldest are forgotten:
 # a peer that never answers must not grow memory without bound.
 MAX_INFLIGHT = 1 << 16
-# Requests the receiver must refuse; a success reply to one is an error.
-MUST_REFUSE = {"dma.overlap", "dma.unmap_unknown", "dma.too_many", "dma.access_unmapped",
-               "region.unknown", "region.out_of_bounds", "region.access_flags", "xfer.too_big",
-               "irq.unknown", "irq.out_of_range", "migration.transition", "migration.data_state",
-               "range.overflow", "dma_logging.not_started", "dma_logging.page_size"}
-# The errno a refusal must carry, where the spec names one.
-REFUSAL_ERRNO = {"dma.overlap": ("dma.overlap_errno", errno.EEXIST)}
-# Commands whose request argsz bounds the reply payload.
-ARGSZ_BOUNDED = {CMD[name] for name in (
-    "DMA_UNMAP", "DEVICE_GET_INFO", "DEVICE_GET_REGION_INFO", "DEVICE_GET_REGION_IO_FDS",
-    "DEVICE_GET_IRQ_INFO", "DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE")}
-# Request fields a reply repeats, by command: (layer prefix, fields).
-ECHOED = {CMD["DEVICE_GET_REGION_INFO"]: ("region_info", ("index",)),
-          CMD["DEVICE_GET_IRQ_INFO"]: ("irq_info", ("index",)),
-          CMD["DEVICE_GET_REGION_IO_FDS"]: ("region_io_fds", ("index",)),
-          CMD["REGION_READ"]: ("region_read", ("offset", "region")),
-          CMD["REGION_WRITE"]: ("region_write", ("offset", "region")),
-          CMD["DMA_UNMAP"]: ("dma_unmap", ("address", "size"))}
 REQUEST_KEPT = 64
-MAX_IRQ_VECTORS = 2048      # PCI's MSI-X table limit
 
 
-@dataclass(slots=True)
-class Pending:
-    """A request in flight."""
-
-    number: int
-    cmd: int
-    msg_id: int
-    direction: int
-    channel: int
-    ts_ns: int
-    data: bytes           # its first REQUEST_KEPT bytes: what reply dissectors read
-    fds: list[dict[str, Any]]
-    values: dict[str, Any] = field(default_factory=dict)   # its layer's fields
-    must_refuse: list[Expert] = field(default_factory=list)
-    timed_out: bool = False
-    effect: Effect | None = None    # applied ahead of the reply
+def _send(state: ConnState, p: Pending) -> None:
+    """Put a request in flight; past MAX_INFLIGHT the oldest is forgotten."""
+    if len(state.inflight) >= MAX_INFLIGHT:
+        oldest = next(iter(state.inflight.values()))
+        state.answer(oldest.channel, 1 - oldest.direction, oldest.msg_id)
+        if oldest.effect is not None:
+            state.settle(oldest.effect)
+    state.inflight[p.number] = p
+    state.by_key.setdefault((p.channel, p.direction, p.msg_id), []).append(p.number)
 
 
-@dataclass(slots=True)
-class Effect:
-    """A request's change to the receiver's state, applied in stream order
-    before its reply arrives; `saved` is what undoing it needs."""
-
-    number: int
-    cmd: int
-    values: dict[str, Any]
-    fds: list[dict[str, Any]]
-    saved: Any = None
-    answered: bool = False
-
-
-@dataclass(slots=True)
-class DmaMapping:
-    iova: int
-    size: int
-    offset: int
-    flags: int
-    fd: str               # what was passed: "memfd 0x10000 inode 12", or "none"
-    number: int           # the DMA_MAP request that made it
-
-    @property
-    def end(self) -> int:
-        return self.iova + self.size
-
-
-@dataclass(slots=True)
-class RegionState:
-    index: int
-    size: int
-    flags: int
-    offset: int
-    fd: str
-    areas: list[tuple[int, int]] = field(default_factory=list)
-    caps: list[str] = field(default_factory=list)
-    io_fds: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class IrqState:
-    index: int
-    count: int | None = None
-    flags: int = 0
-    eventfds: set[int] = field(default_factory=set)
-    masked: set[int] = field(default_factory=set)
-    triggers: int = 0
-
-
-class ConnState:
-    """One connection: negotiation, DMA maps, regions, IRQs, migration, in flight."""
-
-    def __init__(self, conn: int) -> None:
-        self.conn = conn
-        self.version_sent = False
-        self.client_version: tuple[int, int] | None = None
-        self.server_version: tuple[int, int] | None = None
-        self.client_caps: dict[str, Any] = {}
-        self.server_caps: dict[str, Any] = {}
-        self.twin = False
-        self.device: dict[str, int] | None = None
-        self.maps: dict[int, DmaMapping] = {}
-        self.map_starts: list[int] = []          # sorted iovas of `maps`
-        self.regions: dict[int, RegionState] = {}
-        self.irqs: dict[int, IrqState] = {}
-        self.mig_state = RUNNING
-        self.mig_flags: int | None = None        # the MIGRATION feature's, once read
-        self.logging: str | None = None          # dirty logging: None when off
-        self.qemu_dma: str | None = None         # why the client uses QEMU's DMA layout
-        self.config = ConfigShadow()
-        self.inflight: dict[int, Pending] = {}   # by request number, oldest first
-        self.by_key: dict[tuple[int, int, int], list[int]] = {}
-        self.posted: dict[tuple[int, int, int], int] = {}   # NO_REPLY requests
-        self.effects: list[Effect] = []          # applied ahead of replies, stream order
-        self.closed = False
-
-    # --- negotiated values ------------------------------------------------------
-
-    def cap(self, caps: dict[str, Any], name: str) -> Any:
-        return caps.get(name, proto.CAPABILITIES[name][1])
-
-    def receiver_caps(self, direction: int) -> dict[str, Any] | None:
-        """The capabilities of whoever receives a message sent in `direction`."""
-        if self.server_version is None:
-            return None
-        return self.server_caps if direction == C2S else self.client_caps
-
-    @property
-    def page_size(self) -> int:
-        pgsizes = self.cap(self.server_caps, "pgsizes")
-        return pgsizes & -pgsizes if pgsizes else proto.PAGE_4K
-
-    # --- DMA map table ----------------------------------------------------------
-
-    def overlapping(self, iova: int, size: int) -> DmaMapping | None:
-        i = bisect.bisect_left(self.map_starts, iova + size)
-        if i and self.maps[self.map_starts[i - 1]].end > iova:
-            return self.maps[self.map_starts[i - 1]]
-        return None
-
-    def containing(self, addr: int, count: int) -> DmaMapping | None:
-        i = bisect.bisect_right(self.map_starts, addr)
-        if i:
-            m = self.maps[self.map_starts[i - 1]]
-            if addr + count <= m.end:
-                return m
-        return None
-
-    def add_map(self, m: DmaMapping) -> None:
-        if m.iova not in self.maps:
-            bisect.insort(self.map_starts, m.iova)
-        self.maps[m.iova] = m
-
-    def remove_map(self, iova: int) -> None:
-        del self.maps[iova]
-        self.map_starts.remove(iova)
-
-    # --- in flight --------------------------------------------------------------
-
-    def send(self, p: Pending) -> None:
-        if len(self.inflight) >= MAX_INFLIGHT:
-            oldest = next(iter(self.inflight.values()))
-            self.answer(oldest.channel, 1 - oldest.direction, oldest.msg_id)
-            if oldest.effect is not None:
-                self.settle(oldest.effect)
-        self.inflight[p.number] = p
-        self.by_key.setdefault((p.channel, p.direction, p.msg_id), []).append(p.number)
-
-    def answer(self, channel: int, direction: int, msg_id: int) -> Pending | None:
-        """The oldest request that a reply sent in `direction` answers."""
-        key = (channel, 1 - direction, msg_id)
-        numbers = self.by_key.get(key)
-        if not numbers:
-            return None
-        number = numbers.pop(0)
-        if not numbers:
-            del self.by_key[key]
-        return self.inflight.pop(number)
-
-    # --- effects ahead of replies -------------------------------------------------
-
-    def apply(self, effect: Effect) -> None:
-        effect.saved = EFFECTS[effect.cmd].apply(self, effect)
-
-    def push(self, effect: Effect) -> None:
-        """Keep an applied effect until its reply; a request never answered
-        must not keep every later one (and memory) waiting."""
-        self.effects.append(effect)
-        if len(self.effects) > MAX_INFLIGHT:
-            self.settle(self.effects[0])
-
-    def settle(self, effect: Effect) -> None:
-        """Its reply was a success: the effect stays."""
-        effect.answered = True
-        while self.effects and self.effects[0].answered:
-            self.effects.pop(0)
-
-    def retract(self, effect: Effect) -> list[tuple[Effect, str, str]]:
-        """Its reply was an error: undo it and what was applied on top of it,
-        then apply the later effects again.  Returns what the later requests
-        now break (effect, expert id, message): the receiver must refuse them."""
-        i = self.effects.index(effect)
-        for later in reversed(self.effects[i:]):
-            EFFECTS[later.cmd].undo(self, later)
-        del self.effects[i]
-        broken = []
-        for later in self.effects[i:]:
-            kind = EFFECTS[later.cmd]
-            problem = kind.conflict(self, later.values) if kind.conflict else None
-            if problem:
-                broken.append((later, *problem))
-            self.apply(later)
-        return broken
-
-    def in_flight_effect(self, *cmds: str) -> Effect | None:
-        """The newest unanswered effect of these commands, for the views."""
-        wanted = {CMD[name] for name in cmds}
-        return next((e for e in reversed(self.effects)
-                     if e.cmd in wanted and not e.answered), None)
-
-    def sections(self, at_ns: int | None = None) -> list[tuple[str, list[str]]]:
-        """The state as titled sections of text lines, for the views."""
-        return [("Negotiation", self._negotiation_lines()),
-                ("DMA maps", self._map_lines()),
-                ("Regions", self._region_lines()),
-                ("IRQs", self._irq_lines()),
-                ("Migration", self._migration_lines()),
-                ("In flight", self._inflight_lines(at_ns))]
-
-    def _negotiation_lines(self) -> list[str]:
-        if self.server_version is None:
-            return ["VERSION not answered yet" if self.version_sent else "no VERSION yet"]
-        lines = [f"client {self.client_version[0]}.{self.client_version[1]}, "
-                 f"server {self.server_version[0]}.{self.server_version[1]}"]
-        for name, (_, default, label) in proto.CAPABILITIES.items():
-            client, server = self.client_caps.get(name), self.server_caps.get(name)
-            if client is not None or server is not None:
-                lines.append(f"{label}: client {_shown(client, default)}, "
-                             f"server {_shown(server, default)}")
-        lines.append(f"twin socket: {'yes' if self.twin else 'no'}")
-        if self.device:
-            lines.append(f"device: {self.device['num_regions']} regions, "
-                         f"{self.device['num_irqs']} IRQ indexes, flags {self.device['flags']:#x}")
-        return lines
-
-    def _map_lines(self) -> list[str]:
-        awaiting = {e.number for e in self.effects if not e.answered}
-        return [f"{m.iova:#014x}-{m.end - 1:#014x} size {m.size:#x} "
-                f"{_prot(m.flags)} fd {m.fd} offset {m.offset:#x} (frame {m.number}"
-                + (", in flight: no reply yet)" if m.number in awaiting else ")")
-                for m in (self.maps[i] for i in self.map_starts)] or ["none"]
-
-    def _region_lines(self) -> list[str]:
-        lines = []
-        for r in sorted(self.regions.values(), key=lambda r: r.index):
-            line = (f"{proto.region_name(r.index)}: size {r.size:#x} "
-                    f"flags {_region_flags(r.flags)} fd {r.fd}")
-            if r.areas:
-                line += " mmap " + ", ".join(f"{o:#x}+{s:#x}" for o, s in r.areas)
-            if r.caps:
-                line += " caps " + ",".join(r.caps)
-            lines.append(line)
-            lines.extend(f"    io fd: {text}" for text in r.io_fds)
-        return lines or ["none described"]
-
-    def _irq_lines(self) -> list[str]:
-        lines = []
-        for irq in sorted(self.irqs.values(), key=lambda i: i.index):
-            count = "?" if irq.count is None else irq.count
-            lines.append(f"{proto.IRQS.get(irq.index, irq.index)}: count {count}, "
-                         f"eventfds {_ranges(irq.eventfds)}, masked {_ranges(irq.masked)}, "
-                         f"{irq.triggers} triggers")
-        return lines or ["none described"]
-
-    def _migration_lines(self) -> list[str]:
-        pending = self.in_flight_effect("DEVICE_FEATURE", "DEVICE_RESET")
-        return [f"device state {proto.MIG_STATES.get(self.mig_state, self.mig_state)}"
-                + (f" (in flight: frame {pending.number} has no reply yet)" if pending else ""),
-                f"dirty logging {self.logging or 'off'}"]
-
-    def _inflight_lines(self, at_ns: int | None) -> list[str]:
-        lines = []
-        for p in self.inflight.values():
-            age = f", {(at_ns - p.ts_ns) / 1e6:.3f} ms" if at_ns is not None else ""
-            arrow = "C→S" if p.direction == C2S else "C←S"
-            effect = (f"; applied ahead of its reply: {EFFECTS[p.cmd].describe(p.effect.values)}"
-                      if p.effect else "")
-            lines.append(f"{arrow} frame {p.number} {proto.COMMANDS.get(p.cmd, p.cmd)} "
-                         f"msg_id {p.msg_id:#06x}{age}{effect}")
-        return lines or ["none"]
-
-
-def _shown(value: Any, default: Any) -> str:
-    return f"{default} (default)" if value is None else str(value)
-
-
-def _prot(flags: int) -> str:
-    return ("R" if flags & 1 else "-") + ("W" if flags & 2 else "-")
-
-
-def _region_flags(flags: int) -> str:
-    return "".join(c if flags & bit else "-" for c, bit in zip("RWMC", (1, 2, 4, 8)))
-
-
-def _ranges(numbers: set[int]) -> str:
-    """{0, 1, 2, 5} -> '0-2,5'."""
-    if not numbers:
-        return "none"
-    out, start, prev = [], None, None
-    for n in sorted(numbers) + [None]:
-        if start is not None and n != prev + 1:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = None
-        if start is None:
-            start = n
-        prev = n
-    return ",".join(out)
+def _push(state: ConnState, effect: Effect) -> None:
+    """Keep an applied effect until its reply; a request never answered
+    must not keep every later one (and memory) waiting."""
+    state.effects.append(effect)
+    if len(state.effects) > MAX_INFLIGHT:
+        state.settle(state.effects[0])
 
 
 @dataclass
@@ -468,29 +164,12 @@ def _check_message(state: ConnState, p: Dissected, timeout_ns: int) -> None:
 
 
 # --- commands -------------------------------------------------------------------------
-
-# A command check returns the values its reply will need (or None).
-CommandCheck = Callable[[ConnState, "Dissected"], "dict[str, Any] | None"]
-COMMAND_CHECKS: dict[int, CommandCheck] = {}
-
-
-def handles(table: dict[int, Any]) -> Callable[..., Callable[[Any], Any]]:
-    """A decorator factory: @handles(table)("DMA_MAP", …) files a function by command."""
-    def by_names(*names: str) -> Callable[[Any], Any]:
-        def wrap(fn: Any) -> Any:
-            for name in names:
-                table[CMD[name]] = fn
-            return fn
-        return wrap
-    return by_names
-
-
-on_command = handles(COMMAND_CHECKS)
-
+# A command gets the checks every request gets, then its family's check, whose
+# findings say whether its effect applies ahead of the reply.
 
 def _on_command(state: ConnState, p: Dissected) -> None:
     h, msg = p.header, p.msg
-    if h.cmd == CMD["VERSION"]:
+    if h.cmd == proto.CMD["VERSION"]:
         state.version_sent = True
     elif msg.direction == C2S and not state.version_sent:
         p.tree.expert("version.not_first", f"{h.command_name} before VERSION")
@@ -501,296 +180,31 @@ def _on_command(state: ConnState, p: Dissected) -> None:
         p.tree.expert("request.duplicate_id",
                       f"msg_id {h.msg_id:#06x} is also in flight in frame "
                       f"{state.by_key[key][0]}; replies are matched in order")
-    check = COMMAND_CHECKS.get(h.cmd)
+    check = proto.SESSION.command_checks.get(h.cmd)
     values = check(state, p) if check else None
-    refused = [e for e in p.tree.experts if e.id in MUST_REFUSE]
+    refused = [e for e in p.tree.experts if e.id in proto.SESSION.must_refuse]
     # What the receiver must refuse changes nothing, unless its reply says it did.
     effect = None if refused else _apply_effect(state, p.number, h.cmd, values, msg.fds)
     if not h.no_reply:
         pending = Pending(p.number, h.cmd, h.msg_id, msg.direction, msg.channel, msg.ts_ns,
                           msg.data[:REQUEST_KEPT], msg.fds, values or {}, refused)
-        state.send(pending)
+        _send(state, pending)
         if effect is not None:
             pending.effect = effect
-            state.push(effect)
+            _push(state, effect)
 
 
 def _apply_effect(state: ConnState, number: int, cmd: int, values: dict[str, Any] | None,
                   fds: list[dict[str, Any]]) -> Effect | None:
-    if values is None or cmd not in EFFECTS:
+    kind = proto.SESSION.effects.get(cmd)
+    if values is None or kind is None:
         return None
-    effect = Effect(number, cmd, values, fds)
+    effect = Effect(number, cmd, values, fds, kind)
     state.apply(effect)
     return effect
 
 
-@on_command("VERSION")
-def _version_request(state: ConnState, p: Dissected) -> None:
-    v = p.tree.prefixed("version")
-    state.client_version = (v.get("major", 0), v.get("minor", 0))
-    state.client_caps = _caps(v)
-    if state.qemu_dma is None and state.client_version == (0, 0) \
-            and set(state.client_caps) == proto.QEMU_CLIENT_CAPABILITIES:
-        state.qemu_dma = (f"the client's VERSION (frame {p.number}) is QEMU's: 0.0 proposing "
-                          "exactly QEMU 10.2.2's capabilities")
-
-
-def _caps(values: dict[str, Any]) -> dict[str, Any]:
-    return {name: values[name] for name in proto.CAPABILITIES if name in values}
-
-
-@on_command("DMA_MAP")
-def _dma_map_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
-    v = p.tree.prefixed("dma_map")
-    if "size" not in v:
-        return None
-    _raise(p.tree, _map_conflict(state, v))
-    page = state.page_size
-    bad = [name for name in ("address", "size", "offset") if v[name] % page]
-    if bad:
-        p.tree.expert("dma.misaligned", f"{', '.join(bad)} not a multiple of the "
-                      f"{page:#x}-byte page size")
-    if state.server_version is not None:
-        limit = state.cap(state.server_caps, "max_dma_maps")
-        if len(state.maps) >= limit:
-            p.tree.expert("dma.too_many", f"{len(state.maps)} maps live, max_dma_maps is {limit}")
-    return v
-
-
-@on_command("DMA_UNMAP")
-def _dma_unmap_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
-    v = p.tree.prefixed("dma_unmap")
-    if "size" not in v:
-        return None
-    _raise(p.tree, _unmap_conflict(state, v))
-    bitmap = p.tree.prefixed("dma_unmap.bitmap")
-    if "size" in bitmap and bitmap.get("pgsize"):
-        _check_bitmap(state, p.tree, v["size"], bitmap["pgsize"], bitmap["size"],
-                      "dma_unmap.bitmap_size")
-        _check_logging_on(state, p.tree, "DMA_UNMAP with GET_DIRTY_BITMAP")
-    return v
-
-
-def _check_bitmap(state: ConnState, tree: Tree, length: int, page: int, size: int,
-                  mismatch_id: str) -> None:
-    want = proto.bitmap_bytes(length, page)
-    if size != want:
-        tree.expert(mismatch_id, f"bitmap of {size} bytes for {length:#x} bytes of "
-                    f"{page:#x}-byte pages: {want} expected")
-    _check_bitmap_limit(state, tree, length, page)
-
-
-def _check_bitmap_limit(state: ConnState, tree: Tree, length: int, page: int) -> None:
-    want = proto.bitmap_bytes(length, page)
-    limit = state.cap(state.client_caps, "migration.max_bitmap_size") or proto.MAX_BITMAP_SIZE
-    if want > limit:
-        tree.expert("dirty.bitmap_too_big", f"{length:#x} bytes of {page:#x}-byte pages need "
-                    f"a {want}-byte bitmap, max_bitmap_size is {limit}")
-
-
-@on_command("REGION_READ", "REGION_WRITE")
-def _region_access_request(state: ConnState, p: Dissected) -> dict[str, Any]:
-    write = p.header.cmd == CMD["REGION_WRITE"]
-    prefix = "region_write" if write else "region_read"
-    v = p.tree.prefixed(prefix)
-    if "count" in v:
-        _check_region_access(state, p, v["region"], v["offset"], v["count"], write)
-        if write:
-            _device_access(state, p, prefix, write=True)
-    return v                                    # what the reply echoes
-
-
-@on_command("REGION_WRITE_MULTI")
-def _write_multi_request(state: ConnState, p: Dissected) -> None:
-    if state.server_version is not None and not state.cap(state.server_caps, "write_multiple"):
-        p.tree.expert("write_multi.not_negotiated",
-                      "the server's VERSION reply did not state write_multiple: true")
-    for entry in p.tree.children_of("write_multi.entry"):
-        if "count" in entry:
-            _check_region_access(state, p, entry["region"], entry["offset"], entry["count"],
-                                 write=True)
-
-
-
-
-def _check_region_access(state: ConnState, p: Dissected, index: int, offset: int,
-                         count: int, write: bool) -> None:
-    tree, name = p.tree, proto.region_name(index)
-    if state.device and index >= state.device["num_regions"]:
-        tree.expert("region.unknown", f"{name}: the device reported "
-                    f"{state.device['num_regions']} regions")
-    region = state.regions.get(index)
-    if region is not None:
-        if offset + count > region.size:
-            tree.expert("region.out_of_bounds", f"{name} {offset:#x}+{count:#x} is beyond "
-                        f"its size {region.size:#x}")
-        needed = REGION_WRITE_FLAG if write else REGION_READ_FLAG
-        if not region.flags & needed:
-            tree.expert("region.access_flags", f"{'write to' if write else 'read of'} {name}, "
-                        f"whose flags {_region_flags(region.flags)} forbid it")
-    _check_xfer(state, tree, C2S, count)
-
-
-def _check_xfer(state: ConnState, tree: Tree, direction: int, count: int) -> None:
-    caps = state.receiver_caps(direction)
-    if caps is not None:
-        limit = state.cap(caps, "max_data_xfer_size")
-        if count > limit:
-            tree.expert("xfer.too_big", f"{count} bytes, max_data_xfer_size is {limit}")
-
-
-def _device_access(state: ConnState, p: Dissected, prefix: str, write: bool) -> None:
-    """Hand the data of a region access to the device layer that knows it."""
-    v = p.tree.prefixed(prefix)
-    data = p.tree.find(f"{prefix}.data")
-    if data is None or "region" not in v:
-        return
-    _, value, offset, length, _ = data
-    if v["region"] == CONFIG_REGION:
-        note = dissect_config_access(p.tree, state.config, v["offset"], value, offset, write)
-        if note:
-            p.tree.info += f"  {note}"
-        return
-    device = device_for(state.config.identity)
-    registers = device.regions.get(v["region"]) if device else None
-    if registers is not None:
-        node = p.tree.add(registers.vfu_field, None, offset, length,
-                          text=f"{device.name}, {proto.region_name(v['region'])}")
-        add_registers(p.tree, node, registers, 0, v["offset"], value, offset)
-
-
-
-
-@on_command("DEVICE_RESET")
-def _reset_request(state: ConnState, p: Dissected) -> dict[str, Any]:
-    if state.device is not None and not state.device["flags"] & proto.DEVICE_INFO_FLAGS["reset"]:
-        p.tree.expert("device_reset.unsupported", f"the device's GET_INFO reply had flags "
-                      f"{state.device['flags']:#x}, without RESET")
-    return {}
-
-
-@on_command("DEVICE_GET_IRQ_INFO", "DEVICE_GET_REGION_INFO", "DEVICE_GET_REGION_IO_FDS")
-def _indexed_request(state: ConnState, p: Dissected) -> dict[str, Any]:
-    prefix = {CMD["DEVICE_GET_IRQ_INFO"]: "irq_info", CMD["DEVICE_GET_REGION_INFO"]: "region_info",
-              CMD["DEVICE_GET_REGION_IO_FDS"]: "region_io_fds"}[p.header.cmd]
-    v = p.tree.prefixed(prefix)
-    if prefix == "irq_info" and "index" in v:
-        _check_irq_index(state, p.tree, v["index"])
-    return v
-
-
-def _check_irq_index(state: ConnState, tree: Tree, index: int) -> None:
-    if state.device is not None and index >= state.device["num_irqs"]:
-        tree.expert("irq.unknown", f"IRQ index {index}: the device reported "
-                    f"{state.device['num_irqs']} IRQ types")
-
-
-@on_command("DEVICE_SET_IRQS")
-def _set_irqs_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
-    v = p.tree.prefixed("set_irqs")
-    if "count" not in v:
-        return None
-    _check_irq_index(state, p.tree, v["index"])
-    irq = state.irqs.get(v["index"])
-    if irq is not None and irq.count is not None and v["start"] + v["count"] > irq.count:
-        p.tree.expert("irq.out_of_range", f"{proto.IRQS.get(irq.index, irq.index)} "
-                      f"{v['start']}+{v['count']} beyond its {irq.count} vectors")
-    if irq is not None and irq.count is not None:
-        _check_irq_action(p.tree, irq, v["flags"], bool(p.msg.fds))
-    data = p.tree.find("set_irqs.data")
-    v["bools"] = data[1] if data is not None else b""
-    return v
-
-
-def _check_irq_action(tree: Tree, irq: IrqState, flags: int, with_fds: bool) -> None:
-    """What GET_IRQ_INFO said the index supports."""
-    name = proto.IRQS.get(irq.index, irq.index)
-    if flags & (SET_IRQS["mask"] | SET_IRQS["unmask"]) and not irq.flags & IRQ_INFO["maskable"]:
-        tree.expert("irq.action_unsupported", f"{'MASK' if flags & SET_IRQS['mask'] else 'UNMASK'}"
-                    f" of {name}, whose GET_IRQ_INFO flags {irq.flags:#x} lack MASKABLE")
-    elif flags & SET_IRQS["data_eventfd"] and with_fds and not irq.flags & IRQ_INFO["eventfd"]:
-        tree.expert("irq.action_unsupported", f"eventfds for {name}, whose GET_IRQ_INFO flags "
-                    f"{irq.flags:#x} lack EVENTFD")
-
-
-@on_command("DMA_READ", "DMA_WRITE")
-def _server_dma_request(state: ConnState, p: Dissected) -> None:
-    prefix = "dma_read" if p.header.cmd == CMD["DMA_READ"] else "dma_write"
-    v = p.tree.prefixed(prefix)
-    if "count" not in v or p.msg.direction != S2C:
-        return
-    if state.containing(v["address"], v["count"]) is None:
-        p.tree.expert("dma.access_unmapped",
-                      f"{v['address']:#x}+{v['count']:#x} is outside every live DMA map")
-    _check_xfer(state, p.tree, S2C, v["count"])
-
-
-@on_command("DEVICE_FEATURE")
-def _feature_request(state: ConnState, p: Dissected) -> dict[str, Any]:
-    v = p.tree.prefixed("device_feature")
-    flags = v.get("flags", 0)
-    new = p.tree.prefixed("mig_state").get("device_state")
-    if new is not None and flags & proto.FEATURE_SET and not flags & proto.FEATURE_PROBE:
-        v["device_state"] = new
-        _raise(p.tree, _transition_conflict(state, v))
-    report = p.tree.prefixed("dma_logging_report")
-    if flags & proto.FEATURE_GET and report.get("page_size"):
-        _check_bitmap_limit(state, p.tree, report["length"], report["page_size"])
-        _check_logging_on(state, p.tree, "DMA_LOGGING_REPORT")
-        mapped = state.containing(report["iova"], report["length"])
-        if mapped is None or mapped.fd == "none":
-            p.tree.expert("dma_logging.unmapped", f"{report['iova']:#x}+{report['length']:#x} "
-                          "is in no live DMA map with an fd: libvfio-user logs only the memory "
-                          "it maps, and refuses this")
-    v["logging"] = p.tree.prefixed("dma_logging")
-    return v
-
-
-def _check_logging_on(state: ConnState, tree: Tree, what: str) -> None:
-    if state.logging is None:
-        tree.expert("dma_logging.not_started", f"{what} while dirty logging is off "
-                    "(no DMA_LOGGING_START is in effect)")
-
-
-@on_command("MIG_DATA_READ", "MIG_DATA_WRITE")
-def _mig_data_request(state: ConnState, p: Dissected) -> None:
-    reading = p.header.cmd == CMD["MIG_DATA_READ"]
-    if state.mig_state not in (MIG_READ_STATES if reading else MIG_WRITE_STATES):
-        p.tree.expert("migration.data_state", f"{p.header.command_name} in state "
-                      f"{proto.MIG_STATES.get(state.mig_state, state.mig_state)}")
-    v = p.tree.prefixed("mig_data_read" if reading else "mig_data_write")
-    if "size" in v:
-        _check_xfer(state, p.tree, C2S, v["size"])
-
-
-def migration_path(current: int, new: int, pre_copy: bool = True) -> list[int] | None:
-    """The states a transition passes through (spec: shortest path of direct
-    arcs with no saving state inside it); None when the spec forbids it.
-    Without PRE_COPY support, the arcs touching it are removed."""
-    if current == ERROR_STATE or new not in (STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY) \
-            or (current, new) == (STOP_COPY, PRE_COPY) \
-            or not pre_copy and PRE_COPY in (current, new):
-        return None
-    paths, frontier = {current: []}, [current]
-    while frontier:
-        state = frontier.pop(0)
-        if state == new:
-            return paths[state]
-        if state != current and state in SAVING:
-            continue
-        for a, b in sorted(MIG_ARCS):
-            if a == state and b not in paths and (pre_copy or b != PRE_COPY):
-                paths[b] = paths[state] + [b]
-                frontier.append(b)
-    return None
-
-
 # --- replies ----------------------------------------------------------------------------
-
-ReplyApply = Callable[[ConnState, "Dissected", Pending], None]
-REPLY_APPLIES: dict[int, ReplyApply] = {}
-on_reply = handles(REPLY_APPLIES)
-
 
 def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
     h, msg, tree = p.header, p.msg, p.tree
@@ -821,15 +235,15 @@ def _on_reply(state: ConnState, p: Dissected, request: Pending | None) -> None:
                     f"{e.message} ({e.id})")
     if request.must_refuse:         # it did change the receiver's state
         _apply_effect(state, request.number, h.cmd, request.values, request.fds)
-    apply = REPLY_APPLIES.get(h.cmd)
+    apply = proto.SESSION.reply_applies.get(h.cmd)
     if apply:
         apply(state, p, request)
 
 
 def _refusal_errno(tree: Tree, request: Pending, error: int) -> None:
     for e in request.must_refuse:
-        if e.id in REFUSAL_ERRNO and error != REFUSAL_ERRNO[e.id][1]:
-            expert_id, wanted = REFUSAL_ERRNO[e.id]
+        if e.id in proto.SESSION.refusal_errno and error != proto.SESSION.refusal_errno[e.id][1]:
+            expert_id, wanted = proto.SESSION.refusal_errno[e.id]
             tree.expert(expert_id, f"frame {request.number} ({e.id}) refused with "
                         f"{proto.ERRNO_NAMES.get(error, error)}; the spec says "
                         f"{proto.ERRNO_NAMES[wanted]}")
@@ -838,37 +252,14 @@ def _refusal_errno(tree: Tree, request: Pending, error: int) -> None:
 def _reply_fits(p: Dissected, request: Pending) -> None:
     """A reply's payload fits its request's argsz, and repeats what it echoes."""
     payload = p.msg.wire_size - proto.HEADER_SIZE
-    if request.cmd in ARGSZ_BOUNDED and len(request.data) >= proto.HEADER_SIZE + 4:
+    if request.cmd in proto.SESSION.argsz_bounded and len(request.data) >= proto.HEADER_SIZE + 4:
         argsz = struct.unpack_from("<I", request.data, proto.HEADER_SIZE)[0]
         if payload > argsz:
             p.tree.expert("argsz.reply_exceeds", f"{payload}-byte reply payload, frame "
                           f"{request.number}'s argsz allowed {argsz}")
-    echoed = ECHOED.get(request.cmd)
-    if echoed is not None:
-        got = p.tree.prefixed(echoed[0])
-        differ = [f"{name} {got[name]:#x} (asked {request.values[name]:#x})"
-                  for name in echoed[1] if name in got and name in request.values
-                  and got[name] != request.values[name]]
-        if differ:
-            p.tree.expert("reply.echo_mismatch", f"reply gives {', '.join(differ)}")
-    elif request.cmd == CMD["DEVICE_FEATURE"]:
-        _feature_echo(p, request)
-
-
-def _feature_echo(p: Dissected, request: Pending) -> None:
-    """A SET or PROBE reply is the request's payload (argsz aside: it says the
-    size needed; DMA_LOGGING_START may change page_size)."""
-    flags = request.values.get("flags", 0)
-    if flags & proto.FEATURE_GET and not flags & proto.FEATURE_PROBE:
-        return
-    skip = 8 if flags & 0xFFFF == FEATURE["DMA_LOGGING_START"] else 0
-    kept = min(len(request.data), len(p.msg.data))
-    asked, got = request.data[proto.HEADER_SIZE + 4:kept], p.msg.data[proto.HEADER_SIZE + 4:kept]
-    size = struct.unpack_from("<I", request.data, 4)[0]
-    if size != p.msg.wire_size or asked[:4] + asked[4 + skip:] != got[:4] + got[4 + skip:]:
-        p.tree.expert("reply.echo_mismatch", f"{'PROBE' if flags & proto.FEATURE_PROBE else 'SET'}"
-                      f" reply differs from its request (frame {request.number}): the spec "
-                      "says it is the same payload")
+    echo = proto.SESSION.echoes.get(request.cmd)
+    if echo is not None:
+        echo(p, request)
 
 
 def _retract(state: ConnState, tree: Tree, failed: Pending) -> None:
@@ -882,270 +273,3 @@ def _retract(state: ConnState, tree: Tree, failed: Pending) -> None:
             pending.must_refuse.append(tree.experts[-1])
 
 
-@on_reply("VERSION")
-def _version_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = p.tree.prefixed("version")
-    state.server_version = (v.get("major", 0), v.get("minor", 0))
-    state.server_caps = _caps(v)
-    client = state.client_version or state.server_version
-    if state.server_version[0] != client[0]:
-        p.tree.expert("version.major", f"server {state.server_version[0]}, client {client[0]}")
-    elif state.server_version[1] > client[1]:
-        p.tree.expert("version.minor", f"server {state.server_version[1]} above the client's "
-                      f"{client[1]}: it must answer with the lower of the two")
-    offered = bool(state.server_caps.get("twin_socket.supported") and p.msg.fds)
-    if offered and not state.client_caps.get("twin_socket.supported"):
-        p.tree.expert("twin.not_negotiated", "server passes a twin socket the client did not offer")
-    state.twin = offered
-    proposed = {name.split(".")[0] for name in state.client_caps}
-    unasked = sorted({name.split(".")[0] for name in state.server_caps} - proposed
-                     - proto.EXTENSION_CAPABILITIES)
-    if unasked:
-        p.tree.expert("version.capability_not_offered", f"{', '.join(unasked)} not proposed by "
-                      "the client: the spec has the reply state a subset of what it proposed")
-
-
-def describe_fd(fds: list[dict[str, Any]], index: int = 0) -> str:
-    if index >= len(fds):
-        return "none"
-    meta = fds[index]
-    text = meta.get("kind", "fd")
-    if meta.get("size") is not None:
-        text += f" {meta['size']:#x}"
-    return text + (f" inode {meta['inode']}" if meta.get("inode") else "")
-
-
-@on_reply("DEVICE_GET_INFO")
-def _device_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = p.tree.prefixed("device_info")
-    if "num_irqs" in v:
-        state.device = v
-
-
-@on_reply("DEVICE_FEATURE")
-def _feature_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    flags = request.values.get("flags", 0)
-    if flags & proto.FEATURE_GET and flags & 0xFFFF == FEATURE["MIGRATION"]:
-        state.mig_flags = p.tree.prefixed("migration").get("flags", state.mig_flags)
-
-
-@on_reply("DMA_READ", "DMA_WRITE")
-def _server_dma_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    """Remember a reply in QEMU's layout: the client's next ones are too."""
-    shown = next((e.id for e in p.tree.experts if e.id in proto.QEMU_DMA_SIGNS), None)
-    if shown and state.qemu_dma is None:
-        state.qemu_dma = f"frame {p.number}, {proto.QEMU_DMA_SIGNS[shown]}, was QEMU's"
-
-
-@on_reply("DEVICE_GET_REGION_INFO")
-def _region_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = p.tree.prefixed("region_info")
-    if "offset" not in v or any(e.id == "argsz.truncated" for e in p.tree.experts):
-        return                      # truncated: the client asks again with a larger argsz
-    region = RegionState(v["index"], v["size"], v["flags"], v["offset"], describe_fd(p.msg.fds))
-    region.areas = [(a["offset"], a["size"]) for a in p.tree.children_of("region_info.area")]
-    region.caps = [proto.REGION_CAPS.get(c["id"], str(c["id"]))
-                   for c in p.tree.children_of("region_info.cap") if "id" in c]
-    old = state.regions.get(region.index)
-    if old is not None:
-        region.io_fds = old.io_fds
-    state.regions[region.index] = region
-
-
-@on_reply("DEVICE_GET_REGION_IO_FDS")
-def _io_fds_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    index = request.values.get("index")
-    region = state.regions.get(index)
-    if region is None:
-        region = state.regions[index] = RegionState(index, 0, 0, 0, "none")
-    region.io_fds = [f"{s['offset']:#x}+{s['size']:#x} {proto.IO_FD_TYPES.get(s['type'], s['type'])}"
-                     f" fd {describe_fd(p.msg.fds, s['fd_index'])} datamatch {s['datamatch']:#x}"
-                     for s in p.tree.children_of("region_io_fds.sub") if "datamatch" in s]
-
-
-@on_reply("DEVICE_GET_IRQ_INFO")
-def _irq_info_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    v = p.tree.prefixed("irq_info")
-    if "count" in v:
-        irq = state.irqs.setdefault(v["index"], IrqState(v["index"]))
-        irq.count, irq.flags = v["count"], v["flags"]
-
-
-@on_reply("REGION_READ")
-def _region_read_reply(state: ConnState, p: Dissected, request: Pending) -> None:
-    _device_access(state, p, "region_read", write=False)
-
-
-# --- effects: what a request changes, applied ahead of its reply ----------------------------
-# Each kind applies an effect (returning what undoing it needs) and undoes it;
-# undoing runs newest first, so an undo only has to restore what its apply saw.
-# `conflict` says what a request breaks in a given state (an expert id and
-# message), for the request check and when an earlier request is retracted.
-
-Conflict = tuple[str, str] | None
-
-
-@dataclass(frozen=True)
-class EffectKind:
-    apply: Callable[[ConnState, Effect], Any]
-    undo: Callable[[ConnState, Effect], None]
-    describe: Callable[[dict[str, Any]], str]
-    conflict: Callable[[ConnState, dict[str, Any]], Conflict] | None = None
-
-
-def _raise(tree: Tree, problem: Conflict) -> None:
-    if problem:
-        tree.expert(*problem)
-
-
-def _map_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
-    old = state.overlapping(v["address"], v["size"])
-    if old is None:
-        return None
-    return ("dma.overlap", f"{v['address']:#x}+{v['size']:#x} overlaps the map "
-                           f"{old.iova:#x}+{old.size:#x} of frame {old.number}")
-
-
-def _map_apply(state: ConnState, e: Effect) -> DmaMapping | None:
-    v = e.values
-    replaced = state.maps.get(v["address"])
-    state.add_map(DmaMapping(v["address"], v["size"], v["offset"], v["flags"],
-                             describe_fd(e.fds), e.number))
-    return replaced
-
-
-def _map_undo(state: ConnState, e: Effect) -> None:
-    state.remove_map(e.values["address"])
-    if e.saved is not None:
-        state.add_map(e.saved)
-
-
-def _unmap_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
-    if v["flags"] & proto.DMA_UNMAP_FLAGS["all"]:
-        return None
-    m = state.maps.get(v["address"])
-    if m is not None and m.size == v["size"]:
-        return None
-    return ("dma.unmap_unknown", f"{v['address']:#x}+{v['size']:#x} is not a live map"
-                                 + (f" (the map there is {m.size:#x} bytes)" if m else ""))
-
-
-def _unmap_apply(state: ConnState, e: Effect) -> list[DmaMapping]:
-    if e.values["flags"] & proto.DMA_UNMAP_FLAGS["all"]:
-        removed = [state.maps[i] for i in state.map_starts]
-        state.maps.clear()
-        state.map_starts.clear()
-        return removed
-    m = state.maps.get(e.values["address"])
-    if m is None:
-        return []
-    state.remove_map(m.iova)
-    return [m]
-
-
-def _unmap_undo(state: ConnState, e: Effect) -> None:
-    for m in e.saved:
-        state.add_map(m)
-
-
-def _irqs_apply(state: ConnState, e: Effect) -> IrqState | None:
-    v = e.values
-    old = state.irqs.get(v["index"])
-    irq = state.irqs[v["index"]] = (IrqState(v["index"]) if old is None else IrqState(
-        old.index, old.count, old.flags, set(old.eventfds), set(old.masked), old.triggers))
-    # Vectors beyond the index's count (or PCI's MSI-X limit while it is not
-    # known) do not exist: a count of 0xffffffff must not build a set of them.
-    limit = irq.count if irq.count is not None else MAX_IRQ_VECTORS
-    flags, vectors = v["flags"], range(v["start"], min(v["start"] + v["count"], limit))
-    if flags & SET_IRQS["data_bool"]:
-        vectors = [vector for vector, b in zip(vectors, v["bools"]) if b]
-    if flags & SET_IRQS["trigger"]:
-        if flags & SET_IRQS["data_eventfd"]:
-            # count eventfds assign vectors; no fds (all -1) de-assign them
-            (irq.eventfds.update if e.fds else irq.eventfds.difference_update)(vectors)
-        elif flags & SET_IRQS["data_none"] and v["count"] == 0:
-            irq.eventfds.clear()             # count 0: disable the whole index
-        else:
-            irq.triggers += len(vectors)
-    elif flags & SET_IRQS["mask"]:
-        irq.masked.update(vectors)
-    elif flags & SET_IRQS["unmask"] and not flags & SET_IRQS["data_eventfd"]:
-        irq.masked.difference_update(vectors)
-    return old
-
-
-def _irqs_undo(state: ConnState, e: Effect) -> None:
-    if e.saved is None:
-        del state.irqs[e.values["index"]]
-    else:
-        state.irqs[e.values["index"]] = e.saved
-
-
-def _irqs_text(v: dict[str, Any]) -> str:
-    actions = [name for name in ("mask", "unmask", "trigger") if v["flags"] & SET_IRQS[name]]
-    data = [name[5:] for name in ("data_none", "data_bool", "data_eventfd")
-            if v["flags"] & SET_IRQS[name]]
-    return (f"{proto.IRQS.get(v['index'], v['index'])} {v['start']}+{v['count']} "
-            f"{'|'.join(actions + data)}")
-
-
-def _transition_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
-    new = v.get("device_state")
-    pre_copy = state.mig_flags is None or bool(state.mig_flags & proto.MIGRATION_FLAGS["pre_copy"])
-    if new is None or migration_path(state.mig_state, new, pre_copy) is not None:
-        return None
-    return ("migration.transition", f"{proto.MIG_STATES.get(state.mig_state)} → "
-                                    f"{proto.MIG_STATES.get(new, new)} is not a transition "
-                                    "the spec allows" + ("" if pre_copy else
-                                                         " (the device has no PRE_COPY)"))
-
-
-def _feature_apply(state: ConnState, e: Effect) -> tuple[int, str | None]:
-    saved = state.mig_state, state.logging
-    v, flags = e.values, e.values.get("flags", 0)
-    if "device_state" in v:
-        state.mig_state = v["device_state"]
-    if flags & proto.FEATURE_SET and not flags & proto.FEATURE_PROBE:
-        feature = flags & 0xFFFF
-        if feature == FEATURE["DMA_LOGGING_START"]:
-            logging = v.get("logging", {})
-            ranges = logging.get("num_ranges") or "all"
-            state.logging = f"page {logging.get('page_size', 0):#x}, ranges {ranges}"
-        elif feature == FEATURE["DMA_LOGGING_STOP"]:
-            state.logging = None
-    return saved
-
-
-def _feature_undo(state: ConnState, e: Effect) -> None:
-    state.mig_state, state.logging = e.saved
-
-
-def _feature_text(v: dict[str, Any]) -> str:
-    if "device_state" in v:
-        return f"device state → {proto.MIG_STATES.get(v['device_state'], v['device_state'])}"
-    return proto.FEATURES.get(v.get("flags", 0) & 0xFFFF, "feature")
-
-
-def _reset_apply(state: ConnState, e: Effect) -> int:
-    saved = state.mig_state
-    if state.mig_state == ERROR_STATE:
-        state.mig_state = RUNNING
-    return saved
-
-
-def _reset_undo(state: ConnState, e: Effect) -> None:
-    state.mig_state = e.saved
-
-
-EFFECTS: dict[int, EffectKind] = {
-    CMD["DMA_MAP"]: EffectKind(_map_apply, _map_undo,
-                               lambda v: f"map {v['address']:#x}+{v['size']:#x}", _map_conflict),
-    CMD["DMA_UNMAP"]: EffectKind(
-        _unmap_apply, _unmap_undo,
-        lambda v: "unmap all" if v["flags"] & proto.DMA_UNMAP_FLAGS["all"]
-        else f"unmap {v['address']:#x}+{v['size']:#x}", _unmap_conflict),
-    CMD["DEVICE_SET_IRQS"]: EffectKind(_irqs_apply, _irqs_undo, _irqs_text),
-    CMD["DEVICE_FEATURE"]: EffectKind(_feature_apply, _feature_undo, _feature_text,
-                                      _transition_conflict),
-    CMD["DEVICE_RESET"]: EffectKind(_reset_apply, _reset_undo, lambda v: "device reset"),
-}

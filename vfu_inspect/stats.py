@@ -14,11 +14,11 @@ from typing import TextIO
 
 from .dissect import Analyzer
 from .dissectors import vfio_user as proto
+from .dissectors.vfio_user.state import ConnState
 from .events import describe, irq_name
 from .fields import EXPERTS, SEVERITIES
 from .packet import Dissected
 from .records import C2S, DOORBELL, IRQ, Event
-from .session import ConnState
 
 MMIO_WRITES = {proto.CMD["REGION_WRITE"]: "region_write", proto.CMD["REGION_WRITE_MULTI"]:
                "write_multi.entry"}

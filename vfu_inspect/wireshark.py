@@ -16,10 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import fields
+from . import dissectors, fields
 from .dissectors import vfio_user as proto
 
-DISSECTORS = Path(proto.__file__).resolve().parent
+DISSECTORS = Path(dissectors.__file__).resolve().parent
 TEMPLATE = DISSECTORS / "vfio_user.lua.in"
 PLUGIN = DISSECTORS / "vfio_user.lua"
 MARKER = "--@GENERATED@"
@@ -97,7 +97,7 @@ def generate() -> str:
             "local BITS = {", *_bits_lines(), "}",
             "", "local LAYERS = {", *_layer_lines(), "}",
             "", "local CAPABILITIES = {", *_capability_lines(), "}",
-            "", "-- protocol constants, named as in dissectors/vfio_user.py",
+            "", "-- protocol constants, named as in dissectors/vfio_user/",
             *_constant_lines(),
             "", "local COMMANDS, ERRNOS, REGIONS, IRQS, FEATURES, MIG_STATES = "
             f"{values.name(proto.COMMANDS)}, {values.name(proto.ERRNO_NAMES)}, "
@@ -107,7 +107,7 @@ def generate() -> str:
     return TEMPLATE.read_text().replace(MARKER, "\n".join(body))
 
 
-# Named numbers of dissectors/vfio_user.py that the hand-written part tests.
+# Named numbers of dissectors/vfio_user/ that the hand-written part tests.
 CONSTANTS = ("HEADER_SIZE", "TYPE_COMMAND", "TYPE_REPLY", "FLAG_TYPE_MASK", "FLAG_NO_REPLY",
              "FLAG_ERROR", "SPEC_DMA_MAP_FLAGS", "SET_IRQS_DATA", "SET_IRQS_ACTION",
              "FEATURE_GET", "FEATURE_SET", "FEATURE_PROBE", "PCI_NUM_REGIONS", "PAGE_4K",

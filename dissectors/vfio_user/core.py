@@ -1,0 +1,222 @@
+"""What every command family's dissectors share: the Context a dissector
+gets, `add_layer` and the byte helpers, the checks many commands make
+(argsz, must-be-zero fields, ranges that wrap), where a check's rule comes
+from, and `Dissectors`, the table a family files its request and reply
+dissectors in.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field as dc_field
+from typing import Any, Callable, Iterable
+
+from scapy.packet import Packet
+
+from vfu_inspect.fields import Compiled
+from vfu_inspect.tree import Packed, Tree
+
+from .protocol import CMD, HEADER_SIZE
+
+# Where a check's rule comes from (the CHECKS rows): "spec" is QEMU's
+# docs/interop/vfio-user.rst, by section; a rule that is not the spec's says
+# whose it is, and is a note unless the message also breaks the spec.
+SPEC, FACTS, LVU, QEMU = "spec", "facts", "libvfio-user", "QEMU 10.2.2"
+
+
+@dataclass
+class Context:
+    """What a dissector may know beyond the message's own bytes."""
+
+    direction: str                       # "c2s" or "s2c"
+    fds: list[dict[str, Any]]            # metadata of the passed fds
+    request: bytes | None = None         # the matched request, for a reply
+    fd_purposes: dict[int, str] = dc_field(default_factory=dict)
+    # Why this connection's client is known to use QEMU's DMA layout (what it
+    # has shown earlier), or None: decides replies whose bytes fit both.
+    qemu_dma: str | None = None
+
+    def purpose(self, index: int, text: str) -> None:
+        if 0 <= index < len(self.fds):
+            self.fd_purposes.setdefault(index, text)
+
+
+def add_layer(tree: Tree, cls: type[Packet], msg: bytes, offset: int,
+              parent: int = -1, compiled: Compiled | None = None) -> tuple[int, dict[str, int]]:
+    """Add a layer's fixed fields; decode as many as fit and flag the rest."""
+    compiled = compiled or cls.vfu_compiled
+    available = len(msg) - offset
+    if available >= compiled.size:
+        raw_values = compiled.struct.unpack_from(msg, offset)
+        length = compiled.size
+    else:
+        raw_values = _unpack_partial(compiled, msg, offset)
+        length = sum(size for _, _, size in compiled.fields[:len(raw_values)])
+        tree.expert("malformed.short",
+                    f"{cls.vfu_name}: {max(available, 0)} bytes, "
+                    f"{compiled.size} expected", offset, max(available, 0))
+    values = dict(zip(compiled.names, raw_values))
+    node = tree.add_packed(Packed(compiled, raw_values, values), offset, length, parent)
+    return node, values
+
+
+def _unpack_partial(compiled: Any, msg: bytes, offset: int) -> tuple:
+    values = []
+    for fd, rel, size in compiled.fields:
+        if offset + rel + size > len(msg):
+            break
+        fmt = compiled.struct.format[1:]
+        values.append(struct.unpack_from(
+            "<" + _member_format(fmt, len(values)), msg, offset + rel)[0])
+    return tuple(values)
+
+
+def _member_format(fmt: str, index: int) -> str:
+    """The struct code of member `index` in a compiled format like 'IIQ8s'."""
+    members, number = [], ""
+    for ch in fmt:
+        if ch.isdigit():
+            number += ch
+        else:
+            members.append(number + ch)
+            number = ""
+    return members[index]
+
+
+def add_bytes(tree: Tree, name: str, msg: bytes, offset: int, end: int,
+              parent: int = -1) -> int:
+    return tree.add(name, bytes(msg[offset:end]), offset, max(end - offset, 0), parent)
+
+
+def expect_end(tree: Tree, msg: bytes, end: int, what: str,
+               parent: int = -1) -> None:
+    """Flag bytes beyond what the layout accounts for."""
+    extra = len(msg) - end
+    if extra > 0:
+        add_bytes(tree, "vfio_user.trailing", msg, end, len(msg), parent)
+        tree.expert("malformed.trailing",
+                    f"{what}: {extra} unexpected trailing bytes", end, extra)
+
+
+def expect_empty(tree: Tree, msg: bytes, what: str) -> None:
+    expect_end(tree, msg, HEADER_SIZE, what)
+
+
+def check_reply_argsz(tree: Tree, argsz: int, payload_len: int, what: str) -> None:
+    """In a reply, argsz is the size the full payload needs."""
+    if argsz > payload_len:
+        tree.expert("argsz.truncated",
+                    f"{what} reply truncated: argsz asks for {argsz} bytes, "
+                    f"{payload_len} sent; the client should retry with a larger buffer")
+    elif argsz < payload_len:
+        tree.expert("argsz.mismatch",
+                    f"{what} reply argsz {argsz} is smaller than its payload ({payload_len})")
+
+
+def check_request_argsz(tree: Tree, argsz: int, minimum: int, what: str) -> None:
+    """In most requests argsz is the largest reply the client accepts."""
+    if argsz < minimum:
+        tree.expert("argsz.small",
+                    f"{what} argsz {argsz} is below the {minimum}-byte reply struct")
+
+
+def check_zero(tree: Tree, values: dict[str, int], names: tuple[str, ...], what: str) -> None:
+    """Fields the spec says must be zero."""
+    set_ = [f"{name}={values[name]:#x}" for name in names if values.get(name)]
+    if set_:
+        tree.expert("field.not_zero", f"{what}: {', '.join(set_)}; the spec says must be zero")
+
+
+def check_range(tree: Tree, start: int, count: int, bits: int, what: str) -> None:
+    """start + count must fit a `bits`-wide field: where it does not, the end
+    a receiver computes in that width wraps (to 0 for an end of 2^bits)."""
+    if start + count >= 1 << bits:
+        tree.expert("range.overflow", f"{what} {start:#x}+{count:#x} does not fit in {bits} "
+                    "bits: it wraps")
+
+
+def hex_size(n: int) -> str:
+    return f"{n:#x}"
+
+
+def fd_text(ctx: Context, index: int = 0) -> str:
+    return ctx.fds[index].get("kind", "fd") if index < len(ctx.fds) else "none"
+
+
+
+def flag_letters(flags: int, names: dict[str, int]) -> str:
+    return "|".join(n.upper() for n, m in names.items() if flags & m) or "0"
+
+
+def fitting(tree: Tree, count: int, msg: bytes, offset: int, cls: type[Packet],
+            expert_id: str, what: str) -> int:
+    """How many of `count` entries of layout `cls` fit from `offset`; the rest
+    are flagged with `expert_id`."""
+    room = max(len(msg) - offset, 0) // cls.vfu_compiled.size
+    if count > room:
+        tree.expert(expert_id, f"{what} is {count} but only {room} fit in the message")
+    return min(count, room)
+
+
+# --- per-command dissectors ------------------------------------------------------
+# Each gets (tree, msg, ctx, off) with off = start of the payload, and returns
+# the info string.
+
+Dissector = Callable[[Tree, bytes, Context, int], str]
+
+
+class Dissectors:
+    """One family's request and reply dissectors, by command number, and which
+    of its messages may carry fds, as (command, HeaderInfo.kind); the package
+    gathers every family's into the tables `dissect_message` reads."""
+
+    def __init__(self) -> None:
+        self.requests: dict[int, Dissector] = {}
+        self.replies: dict[int, Dissector] = {}
+        self.fd_carriers: set[tuple[int, str]] = set()
+
+    @classmethod
+    def merged(cls, families: Iterable[Dissectors]) -> Dissectors:
+        """Every family's dissectors in one table; a command is one family's."""
+        out = cls()
+        for dissectors in families:
+            merge_by_command(out.requests, dissectors.requests)
+            merge_by_command(out.replies, dissectors.replies)
+            out.fd_carriers |= dissectors.fd_carriers
+        return out
+
+    def request(self, cmd: str, fds: bool = False) -> Callable[[Dissector], Dissector]:
+        """Files a request dissector; `fds`: the request may carry fds."""
+        if fds:
+            self.fd_carriers.add((CMD[cmd], "command"))
+        return file_under(self.requests, (cmd,))
+
+    def reply(self, cmd: str, fds: bool = False) -> Callable[[Dissector], Dissector]:
+        """Files a reply dissector; `fds`: the reply may carry fds."""
+        if fds:
+            self.fd_carriers.add((CMD[cmd], "reply"))
+        return file_under(self.replies, (cmd,))
+
+    def bare(self, cmd: str, kind: str) -> None:
+        """A command or reply that has no payload."""
+        def fn(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
+            expect_empty(tree, msg, f"{cmd} {kind}")
+            return ""
+        (self.requests if kind == "request" else self.replies)[CMD[cmd]] = fn
+
+
+def file_under(table: dict[int, Any], names: Iterable[str]) -> Callable[[Any], Any]:
+    """A decorator that files a function in `table` under these commands."""
+    def wrap(fn: Any) -> Any:
+        for name in names:
+            table[CMD[name]] = fn
+        return fn
+    return wrap
+
+
+def merge_by_command(into: dict[int, Any], table: dict[int, Any]) -> None:
+    """Add a family's table to the merged one: a command is one family's."""
+    twice = into.keys() & table.keys()
+    if twice:
+        raise ValueError(f"commands {sorted(twice)} handled by two families")
+    into.update(table)

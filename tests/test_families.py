@@ -1,0 +1,48 @@
+"""One place per command: each command of the spec's table has its request and
+reply dissector in one family module, and its layers and session code sit
+in that same module."""
+
+from __future__ import annotations
+
+import pytest
+
+from vfu_inspect.dissectors import vfio_user as proto
+
+SPEC_COMMANDS = sorted(set(proto.COMMANDS) - proto.OBSOLETE_COMMANDS)
+
+
+def _family_of(cmd: int):
+    """The families that dissect `cmd`'s requests or replies."""
+    return [family for family in proto.COMMAND_FAMILIES
+            if cmd in family.DISSECTORS.requests or cmd in family.DISSECTORS.replies]
+
+
+@pytest.mark.parametrize("cmd", SPEC_COMMANDS, ids=[proto.COMMANDS[c] for c in SPEC_COMMANDS])
+def test_every_command_has_both_dissectors_in_one_family(cmd):
+    families = _family_of(cmd)
+    assert len(families) == 1, [f.__name__ for f in families]
+    assert cmd in families[0].DISSECTORS.requests and cmd in families[0].DISSECTORS.replies
+    assert proto.REQUESTS[cmd] is families[0].DISSECTORS.requests[cmd]
+    assert proto.REPLIES[cmd] is families[0].DISSECTORS.replies[cmd]
+
+
+@pytest.mark.parametrize("family", proto.COMMAND_FAMILIES, ids=lambda f: f.__name__)
+def test_a_familys_layers_and_session_code_are_for_its_own_commands(family):
+    own = set(family.DISSECTORS.requests) | set(family.DISSECTORS.replies)
+    layer_commands = {proto.CMD[getattr(cls, "vfu_command", cls.vfu_name)]
+                      for cls in proto.layers() if cls.__module__ == family.__name__
+                      and getattr(cls, "vfu_command", cls.vfu_name) in proto.CMD}
+    rules = family.SESSION
+    handled = (set(rules.command_checks) | set(rules.reply_applies) | set(rules.effects)
+               | set(rules.echoes) | rules.argsz_bounded)
+    assert layer_commands <= own
+    assert handled <= own
+
+
+def test_the_package_gathers_every_familys_checks_and_fields_once():
+    ids = [row[0] for row in proto.CHECKS]
+    assert len(ids) == len(set(ids)) == sum(len(f.CHECKS) for f in proto.FAMILIES)
+    assert len(list(proto.FIELDS)) == sum(len(list(f.FIELDS)) for f in proto.FAMILIES)
+    refused = set().union(*(f.SESSION.must_refuse for f in proto.COMMAND_FAMILIES),
+                          proto.header.MUST_REFUSE)
+    assert proto.SESSION.must_refuse == refused <= set(ids)
