@@ -117,7 +117,9 @@ class SlowPrinter:
 
 
 def test_a_stuck_dissecting_addon_neither_stalls_nor_alters_the_relay(tmp_path, monkeypatch):
-    monkeypatch.setattr(Dissection, "QUEUE_BATCHES", 2)
+    # at most about 10 KiB wait for the child, of the session's ~56 KiB of records
+    monkeypatch.setattr(Dissection, "BATCH_BYTES", 1024)
+    monkeypatch.setattr(Dissection, "QUEUE_BATCHES", 1)
     monkeypatch.setattr(Dissection, "PIPE_BYTES", 4096)
     printer = SlowPrinter(tmp_path / "release", tmp_path / "printed")
     capture = tmp_path / "proxy.vfucap"

@@ -94,18 +94,22 @@ class Dissection:
     """Stands in the proxy for an addon with `wants_dissection`: forks the
     process that runs it, and sends it every event's record.
 
-    The relay packs the events of a loop turn and queues them as one batch at
-    `flush`; a writer thread writes the batches down the pipe.  The addon's
-    output comes from the child (it shares the proxy's stdout and stderr).
+    The relay packs the events and queues them in batches of BATCH_BYTES, and
+    what a loop turn leaves at `flush`; a writer thread writes the batches
+    down the pipe.  What waits is bounded in bytes: QUEUE_BATCHES batches, the
+    pipe's PIPE_BYTES.  The addon's output comes from the child (it shares the
+    proxy's stdout and stderr).
     """
 
-    QUEUE_BATCHES = 200                 # of a loop turn each (<= 5 ms): about a second
+    BATCH_BYTES = 1 << 16
+    QUEUE_BATCHES = 256
     PIPE_BYTES = 1 << 20
     STOP_SECONDS = 30.0
 
     def __init__(self, addon: Any) -> None:
         self.addon = addon
         self._batch: list[bytes] = []
+        self._batch_bytes = 0
         read_end, write_end = os.pipe()
         sys.stdout.flush()              # else the child would print what is buffered again
         sys.stderr.flush()
@@ -131,12 +135,16 @@ class Dissection:
         return self.worker.dropped
 
     def event(self, event: ProxyEvent) -> None:
-        self._batch.append(msgpack.packb(event.record().to_record(), use_bin_type=True))
+        packed = msgpack.packb(event.record().to_record(), use_bin_type=True)
+        self._batch.append(packed)
+        self._batch_bytes += len(packed)
+        if self._batch_bytes >= self.BATCH_BYTES:
+            self.flush()
 
     def flush(self) -> None:
         if self._batch:
             self.worker.offer(b"".join(self._batch), len(self._batch))
-            self._batch = []
+            self._batch, self._batch_bytes = [], 0
 
     def done(self) -> None:
         """Send what is left, close the pipe and wait for the child to finish
