@@ -130,11 +130,7 @@ class ShadowSubRegion(Packet):
 
     name = "Sub-region"
     fields_desc = [
-        u64("offset", base="hex"),
-        u64("size", base="hex"),
-        u32("fd_index", label="fd index"),
-        u32("type", values=IO_FD_TYPES),
-        bits32("flags", IO_FD_FLAGS),
+        *SubRegion.fields_desc[:5],           # offset to flags, as the spec's
         u32("shadow_fd_index", label="Shadow memory fd index"),
         u64("shadow_offset", base="hex"),
         u64("datamatch", base="hex", label="Datamatch / user data"),
