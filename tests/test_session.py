@@ -12,7 +12,7 @@ import pytest
 from helpers import run_vfu
 from test_expert import Script
 from vfu_inspect.capture import CaptureWriter, read_all
-from vfu_inspect.dissect import Analyzer, find_responses, state_at
+from vfu_inspect.dissect import Analyzer, Matcher, find_responses, state_at
 from vfu_inspect.records import Message
 from vfu_inspect.session import SessionTracker
 
@@ -177,3 +177,18 @@ def test_timeout_option_sets_when_a_request_is_late(tmp_path, timeout, flagged):
             writer.write(msg)
     result = run_vfu("check", str(path), "--timeout", timeout)
     assert ("request.timeout" in result.stdout) == flagged
+
+
+def test_requests_sharing_a_msg_id_are_answered_in_order_and_only_from_the_other_side():
+    matcher = Matcher()
+    for number in (1, 2, 3):                      # three in flight with id 7, client to server
+        matcher.request(0, 0, 0, 7, number, f"r{number}")
+    matcher.request(0, 0, 1, 7, 4, "server's")    # the server's own command, same id
+    matcher.request(1, 0, 0, 7, 5, "conn 1")
+    assert matcher.outstanding() == ["r1", "r2", "r3", "server's", "conn 1"]
+    assert matcher.reply(0, 0, 1, 7) == (1, "r1")      # a reply from the server: the oldest
+    assert matcher.reply(0, 0, 0, 7) == (4, "server's")
+    assert matcher.reply(0, 0, 0, 7) is None
+    assert matcher.waiting(0, 0, 0, 7) and not matcher.waiting(0, 0, 1, 7)
+    assert [matcher.reply(0, 0, 1, 7) for _ in range(3)] == [(2, "r2"), (3, "r3"), None]
+    assert not matcher.waiting(0, 0, 0, 7) and matcher.outstanding() == ["conn 1"]

@@ -40,41 +40,49 @@ class Matcher:
     """Pairs replies with requests by (connection, channel, direction, msg_id).
 
     msg_id alone is not enough: both peers send commands, and ids may be reused
-    while in flight, so each key holds a FIFO of outstanding requests.
+    while in flight, so each key holds a FIFO of outstanding requests.  The
+    usual key has one: it holds that request itself, and a deque only once a
+    second one shares its id (a deque for every request costs the relay).
     """
 
     def __init__(self) -> None:
-        self._pending: dict[tuple[int, int, int, int], deque[tuple[int, Any]]] = {}
+        self._pending: dict[tuple[int, int, int, int], tuple[int, Any] | deque] = {}
 
     def request(self, conn: int, channel: int, direction: int, msg_id: int, number: int,
                 payload: Any) -> None:
         """A command sent in `direction` that expects a reply."""
-        queue = self._pending.get((conn, channel, direction, msg_id))
-        if queue is None:
-            queue = self._pending[(conn, channel, direction, msg_id)] = deque(
-                maxlen=MAX_PENDING_PER_KEY)
-        queue.append((number, payload))
+        key = (conn, channel, direction, msg_id)
+        held = self._pending.get(key)
+        if held is None:
+            self._pending[key] = (number, payload)
+        elif type(held) is tuple:
+            self._pending[key] = deque((held, (number, payload)), maxlen=MAX_PENDING_PER_KEY)
+        else:
+            held.append((number, payload))
 
     def reply(self, conn: int, channel: int, direction: int, msg_id: int
               ) -> tuple[int, Any] | None:
         """The oldest request answered by a reply sent in `direction`."""
         key = (conn, channel, 1 - direction, msg_id)
-        queue = self._pending.get(key)
-        if not queue:
+        held = self._pending.get(key)
+        if held is None:
             return None
-        entry = queue.popleft()
-        if not queue:
+        if type(held) is tuple:
+            del self._pending[key]
+            return held
+        entry = held.popleft()
+        if not held:
             del self._pending[key]
         return entry
 
     def waiting(self, conn: int, channel: int, direction: int, msg_id: int) -> bool:
         """Whether a request sent in `direction` with `msg_id` awaits its reply."""
-        return bool(self._pending.get((conn, channel, direction, msg_id)))
+        return (conn, channel, direction, msg_id) in self._pending
 
     def outstanding(self) -> list[Any]:
         """Payloads of the requests still unanswered, oldest first."""
-        entries = sorted((n, i, payload) for i, q in enumerate(self._pending.values())
-                         for n, payload in q)
+        entries = sorted((n, i, payload) for i, held in enumerate(self._pending.values())
+                         for n, payload in ([held] if type(held) is tuple else held))
         return [payload for _, _, payload in entries]
 
 
