@@ -197,3 +197,24 @@ def test_proxy_help_keeps_the_addon_options():
     for flag in ("-w FILE", "--print", "--monitor PATH", "--color {auto,always,never}",
                  "--mode MODE", "--tui", "--trace-irqs", "--fault"):
         assert flag in result.stdout, flag
+
+
+class CrashingPrinter:
+    """Dissects, and raises on the third message (in the proxy's child process)."""
+
+    wants_dissection = True
+
+    def message_dissected(self, event: MessageDissected) -> None:
+        if event.packet.number == 3:
+            raise RuntimeError("addon bug")
+
+
+def test_a_crashing_dissecting_addon_leaves_the_relay_and_the_capture_whole(tmp_path, capfd):
+    capture = tmp_path / "proxy.vfucap"
+    with proxy_in_process(tmp_path, [CrashingPrinter(), SaveAddon(str(capture), "test")]) \
+            as (listen, log):
+        sample_client(listen)           # every round trip answered, after the child died
+    records, damage = read_all(capture)
+    assert damage is None and sum(isinstance(r, Message) for r in records) == 220
+    assert "RuntimeError: addon bug" in capfd.readouterr().err     # the child's traceback
+    assert any(line.startswith("CrashingPrinter: its process ended with status 1") for line in log)

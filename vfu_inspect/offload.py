@@ -50,6 +50,9 @@ class Worker:
 
     def offer(self, item: Any, count: int = 1) -> None:
         """Queue `item`, which stands for `count` of what the consumer counts."""
+        if not self.alive:              # the consumer failed: nothing will take it
+            self.dropped += count
+            return
         try:
             if self.skipped:
                 self.queue.put_nowait(self.skipped)
@@ -123,6 +126,7 @@ class Dissection:
         except OSError:
             pass                        # a smaller pipe only makes drops likelier
         self._pipe = write_end
+        self.exit_code: int | None = None      # the child's, once done
         self.worker = Worker(self._write, self.QUEUE_BATCHES, on_exit=self._close_pipe)
 
     @property
@@ -154,10 +158,11 @@ class Dissection:
         if self.worker.alive:           # still writing: the child is stuck
             os.kill(self.pid, signal.SIGKILL)
         deadline = time.monotonic() + self.STOP_SECONDS
-        while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+        while (waited := os.waitpid(self.pid, os.WNOHANG)) == (0, 0):
             if time.monotonic() > deadline:
                 os.kill(self.pid, signal.SIGKILL)
             time.sleep(0.01)
+        self.exit_code = os.waitstatus_to_exitcode(waited[1])
 
     def _write(self, item: bytes | int) -> None:
         data = memoryview(msgpack.packb(item) if isinstance(item, int) else item)

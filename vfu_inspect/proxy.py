@@ -191,7 +191,10 @@ class Proxy:
         for addon in self.addons:
             if hasattr(addon, "done"):
                 addon.done()
-            if isinstance(addon, Dissection) and addon.dropped:
+            if isinstance(addon, Dissection) and addon.exit_code:
+                self.log(f"{addon.name}: its process ended with status {addon.exit_code}: "
+                         "the events after that were not dissected")
+            elif isinstance(addon, Dissection) and addon.dropped:
                 self.log(f"{addon.name}: {addon.dropped} events not dissected: "
                          "it fell behind the relay")
 
