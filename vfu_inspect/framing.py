@@ -110,7 +110,10 @@ class Framer:
             self._fds.extend(fds)
         frames: list[Frame] = []
         if not self._buf and not self._skip:
-            data = self._cut_whole(data, frames)
+            # the usual chunk, whole messages from a boundary: cut straight from
+            # it, without the buffer's copies (a chunk that is one message is its frame)
+            cut = self._cut_whole(data, frames)
+            data = data[cut:] if cut else data
         view = memoryview(data)
         while view:
             if self._skip:
@@ -121,11 +124,9 @@ class Framer:
             self._cut(frames)
         return frames
 
-    def _cut_whole(self, data: bytes, frames: list[Frame]) -> bytes:
-        """The usual chunk, one or more whole messages from a boundary: cut
-        straight from it, without the buffer's copies (a chunk that is one
-        message is its frame).  Returns what _cut must see: from the first
-        message that is incomplete or that it must flag."""
+    def _cut_whole(self, data: bytes | bytearray, frames: list[Frame]) -> int:
+        """Cut the whole messages `data` begins with; returns where the rest
+        starts: a message still incomplete, or one whose size _cut must flag."""
         pos, end = 0, len(data)
         while end - pos >= HEADER_SIZE:
             size = _SIZE.unpack_from(data, pos + 4)[0]
@@ -134,7 +135,7 @@ class Framer:
             frames.append(Frame(bytes(data[pos:pos + size]) if size < end else bytes(data),
                                 size, self._take_fds()))
             pos += size
-        return data[pos:] if pos else data
+        return pos
 
     def close(self) -> Frame | None:
         """End of stream: return what is left of an incomplete message."""
@@ -188,22 +189,18 @@ class Framer:
         return len(self._buf)
 
     def _cut(self, frames: list[Frame]) -> None:
-        while len(self._buf) >= HEADER_SIZE:
-            size = _SIZE.unpack_from(self._buf, 4)[0]
-            if size < HEADER_SIZE:
-                frames.append(Frame(bytes(self._buf), len(self._buf), self._take_fds(),
-                                    error=f"msg_size {size} is smaller than the header: "
-                                          "framing lost"))
-                self._buf = bytearray()
-                self.lost = True
-                return
-            if size > self.max_message:
-                self._start_oversized(size, frames)
-                return
-            if len(self._buf) < size:
-                return
-            frames.append(Frame(bytes(self._buf[:size]), size, self._take_fds()))
-            del self._buf[:size]
+        del self._buf[:self._cut_whole(self._buf, frames)]
+        if len(self._buf) < HEADER_SIZE:
+            return
+        size = _SIZE.unpack_from(self._buf, 4)[0]
+        if size < HEADER_SIZE:
+            frames.append(Frame(bytes(self._buf), len(self._buf), self._take_fds(),
+                                error=f"msg_size {size} is smaller than the header: "
+                                      "framing lost"))
+            self._buf = bytearray()
+            self.lost = True
+        elif size > self.max_message:
+            self._start_oversized(size, frames)
 
     def _start_oversized(self, size: int, frames: list[Frame]) -> None:
         kept = bytes(self._buf[:self.keep])
