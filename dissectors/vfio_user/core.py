@@ -21,7 +21,7 @@ from .protocol import CMD, HEADER_SIZE
 # Where a check's rule comes from (the CHECKS rows): "spec" is QEMU's
 # docs/interop/vfio-user.rst, by section; a rule that is not the spec's says
 # whose it is, and is a note unless the message also breaks the spec.
-SPEC, FACTS, LVU, QEMU = "spec", "facts", "libvfio-user", "QEMU 10.2.2"
+SPEC, FACTS, LVU = "spec", "facts", "libvfio-user"
 
 
 @dataclass
