@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from .records import (CHANNELS, CLOSE, DIRECTIONS, DOORBELL, FAULT, IRQ, NOTE, OPEN, Event,
-                      Message, Record)
+from .records import (CHANNEL_NUMBERS, CHANNELS, CLOSE, DIRECTION_NUMBERS, DIRECTIONS, DOORBELL,
+                      FAULT, IRQ, NOTE, OPEN, Event, Message, Record)
 
 if TYPE_CHECKING:
     from .packet import Dissected
@@ -99,8 +99,8 @@ class Note:
         info = record.info
         if "channel" not in info:
             return cls(record.ts_ns, record.conn, info["text"])
-        return cls(record.ts_ns, record.conn, info["text"], _CHANNEL[info["channel"]],
-                   _DIRECTION[info["dir"]])
+        return cls(record.ts_ns, record.conn, info["text"], CHANNEL_NUMBERS[info["channel"]],
+                   DIRECTION_NUMBERS[info["dir"]])
 
 
 @dataclass(slots=True)
@@ -159,8 +159,6 @@ PROXY_EVENTS = (MessageRelayed, ConnectionOpened, ConnectionClosed, Note, Interr
            FaultInjected)
 _EVENT_KINDS = {OPEN: ConnectionOpened, CLOSE: ConnectionClosed, NOTE: Note, IRQ: Interrupt,
                 DOORBELL: Doorbell, FAULT: FaultInjected}
-_CHANNEL = {name: number for number, name in CHANNELS.items()}
-_DIRECTION = {name: number for number, name in DIRECTIONS.items()}
 
 
 def event_from_record(record: Event) -> ProxyEvent:

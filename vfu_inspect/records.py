@@ -15,8 +15,10 @@ EVENT_NAMES = {OPEN: "open", CLOSE: "close", NOTE: "note", IRQ: "irq",
                DOORBELL: "doorbell", FAULT: "fault"}
 C2S, S2C = 0, 1
 DIRECTIONS = {C2S: "c2s", S2C: "s2c"}
+DIRECTION_NUMBERS = {name: number for number, name in DIRECTIONS.items()}
 MAIN, TWIN = 0, 1
 CHANNELS = {MAIN: "main", TWIN: "twin"}
+CHANNEL_NUMBERS = {name: number for number, name in CHANNELS.items()}
 FD_KINDS = ("memfd", "file", "eventfd", "socket", "other")
 
 

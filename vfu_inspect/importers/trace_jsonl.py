@@ -11,10 +11,9 @@ import json
 from typing import Any
 
 from . import ImportResult
-from ..records import C2S, MAIN, S2C, Message
+from ..records import DIRECTION_NUMBERS, MAIN, Message
 
 SYNTHETIC_STEP_NS = 1000
-_DIRECTIONS = {"c2s": C2S, "s2c": S2C}
 
 
 def import_trace(path: str) -> ImportResult:
@@ -35,7 +34,7 @@ def import_trace(path: str) -> ImportResult:
 def _message(row: Any, index: int) -> Message:
     if not isinstance(row, dict):
         raise ValueError("not a JSON object")
-    direction = _DIRECTIONS.get(row["dir"])
+    direction = DIRECTION_NUMBERS.get(row["dir"])
     if direction is None:
         raise ValueError(f"dir must be c2s or s2c, not {row['dir']!r}")
     data = bytes.fromhex(row["hex"])
