@@ -35,12 +35,15 @@ class CaptureWriter:
                  autoflush: bool = True) -> None:
         self.path = os.fspath(path)
         self._file: BinaryIO = open(self.path, "wb")
-        self._packer = msgpack.Packer(use_bin_type=True)
+        self._pack = msgpack.Packer(use_bin_type=True).pack
         self.autoflush = autoflush
-        self._write(header_record(source))
+        self._file.write(self._pack(header_record(source)))
+        self._file.flush()
 
     def write(self, record: Record) -> None:
-        self._write(record.to_record())
+        self._file.write(self._pack(record.to_record()))
+        if self.autoflush:
+            self._file.flush()
 
     def message(self, ts_ns: int, conn: int, channel: int, direction: int,
                 data: bytes, fds: list[dict[str, Any]] | None = None,
@@ -62,11 +65,6 @@ class CaptureWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _write(self, obj: Any) -> None:
-        self._file.write(self._packer.pack(obj))
-        if self.autoflush:
-            self._file.flush()
 
 
 def header_record(source: str) -> dict[str, Any]:

@@ -127,13 +127,13 @@ class Framer:
     def _cut_whole(self, data: bytes | bytearray, frames: list[Frame]) -> int:
         """Cut the whole messages `data` begins with; returns where the rest
         starts: a message still incomplete, or one whose size _cut must flag."""
-        pos, end = 0, len(data)
+        pos, end, size_at, largest = 0, len(data), _SIZE.unpack_from, self.max_message
         while end - pos >= HEADER_SIZE:
-            size = _SIZE.unpack_from(data, pos + 4)[0]
-            if size < HEADER_SIZE or size > self.max_message or end - pos < size:
+            size = size_at(data, pos + 4)[0]
+            if size < HEADER_SIZE or size > largest or end - pos < size:
                 break
             frames.append(Frame(bytes(data[pos:pos + size]) if size < end else bytes(data),
-                                size, self._take_fds()))
+                                size, self._take_fds() if self._fds else []))
             pos += size
         return pos
 

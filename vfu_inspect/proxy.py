@@ -29,11 +29,12 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .dissect import Matcher, expects_reply
+from .dissect import Matcher
 from .dissectors import vfio_user as proto
 from .faults import FaultInjector, Gate, Verdict
 from .framing import Frame, Framer, answered_early
@@ -48,6 +49,7 @@ from .sockio import fd_info, listen_unix, recv_chunk, unlink_socket
 # Addons flush at most this long after a record: a write per message would be
 # a syscall on the relay's hot path; a crash loses at most this much capture.
 FLUSH_INTERVAL = 0.005
+_HEAD = struct.Struct("<HHII")        # msg_id, cmd, msg_size, flags
 
 
 class Addon(Protocol):
@@ -115,6 +117,10 @@ class Proxy:
                        else addon for addon in addons]
         found = [hooks(addon) for addon in self.addons]
         self._hooks = {cls: [h[cls] for h in found if cls in h] for cls in PROXY_EVENTS}
+        # every message goes there: straight to the one addon, when there is one
+        message_hooks = self._hooks[MessageRelayed]
+        self._message_hook = (message_hooks[0] if len(message_hooks) == 1
+                              else lambda event: self._emit(event))
         self._flushes = [a.flush for a in self.addons if hasattr(a, "flush")]
         self.mode = mode
         self.log = log or (lambda text: None)
@@ -305,17 +311,12 @@ class Proxy:
         else:
             closing = self._gated(src, dst, view, fds, owner)
         self._send_queued(dst)
-        for frame in frames:
-            for early in answered_early(frame, dst.framer, lambda msg_id: conn.matcher.waiting(
-                    conn.id, src.channel, dst.direction, msg_id)):
-                self._track(dst, early.data, now)
-                self._emit_frame(dst, early, now)
+        if dst.framer.assembling:       # rare: a reply may answer what it assembles
+            self._answered_early(src, dst, frames, now)
         if src.gate is not None and src.gate.faults:
             self._emit_faulted(src, frames, now)
         else:
-            for frame in frames:
-                self._track(src, frame.data, now, bool(frame.fds))
-                self._emit_frame(src, frame, now)
+            self._pass_on(src, frames, now)
         if closing:
             self._close_connection(conn, "proxy", f"fault: {closing}")
 
@@ -329,11 +330,28 @@ class Proxy:
             fds = self.tracer.interpose(conn.id, src.direction, frames[-1], fds)
         return fds
 
-    def _emit_frame(self, src: Side, frame: Frame, now: int) -> None:
-        self._emit(MessageRelayed(now, src.conn.id, src.channel, src.direction, frame.data,
-                                  frame.fds, frame.size if frame.truncated else None))
-        if frame.error:
-            self._emit(Note(now, src.conn.id, frame.error, src.channel, src.direction))
+    def _answered_early(self, src: Side, dst: Side, frames: list[Frame], now: int) -> None:
+        """Before a reply, the request `dst` is assembling that it answers (framing)."""
+        conn = src.conn
+        for frame in frames:
+            early = answered_early(frame, dst.framer, lambda msg_id: conn.matcher.waiting(
+                conn.id, src.channel, dst.direction, msg_id))
+            self._pass_on(dst, early, now)
+
+    def _pass_on(self, src: Side, frames: list[Frame], now: int) -> None:
+        """Whole messages: into the matcher, then to the addons."""
+        self._track(src, frames, now)
+        self._emit_frames(src, frames, now)
+
+    def _emit_frames(self, src: Side, frames: list[Frame], now: int) -> None:
+        # the relay's work for each message: kept to this loop and _track's
+        conn, channel, direction, to_addons = (src.conn.id, src.channel, src.direction,
+                                               self._message_hook)
+        for frame in frames:
+            to_addons(MessageRelayed(now, conn, channel, direction, frame.data, frame.fds,
+                                     frame.size if frame.truncated else None))
+            if frame.error:
+                self._emit(Note(now, conn, frame.error, channel, direction))
 
     def _send_queued(self, side: Side) -> None:
         if side.wait_until:
@@ -364,18 +382,25 @@ class Proxy:
         if side.peer is not None:
             self._watch(side.peer)
 
-    def _track(self, src: Side, data: bytes, now: int, had_fds: bool = False) -> None:
-        """Keep the requests still unanswered, for the close record."""
-        header = proto.parse_header(data)
-        if header is None:
-            return
-        if self.tracer is not None and header.cmd == SET_IRQS and src.channel == MAIN:
-            self.tracer.message(src.conn.id, src.direction, header, data, had_fds)
-        key = (src.conn.id, src.channel, src.direction, header.msg_id)
-        if header.is_reply:
-            src.conn.matcher.reply(*key)
-        elif expects_reply(header):     # what the close record says of it, if unanswered
-            src.conn.matcher.request(*key, now, (header, src.channel, src.direction))
+    def _track(self, src: Side, frames: list[Frame], now: int) -> None:
+        """Keep the requests still unanswered, for the close record (and
+        answered_early); with --trace-irqs, show the tracer each SET_IRQS."""
+        conn, channel, direction, matcher = (src.conn.id, src.channel, src.direction,
+                                             src.conn.matcher)
+        tracer = self.tracer if channel == MAIN else None
+        for frame in frames:
+            data = frame.data
+            if len(data) < proto.HEADER_SIZE:
+                continue
+            msg_id, cmd, _, flags = _HEAD.unpack_from(data)
+            kind = flags & proto.FLAG_TYPE_MASK
+            if kind == proto.TYPE_REPLY:
+                matcher.reply(conn, channel, direction, msg_id)
+            elif kind == proto.TYPE_COMMAND and not flags & proto.FLAG_NO_REPLY:
+                matcher.request(conn, channel, direction, msg_id, now,
+                                (msg_id, cmd, channel, direction))
+            if tracer is not None and cmd == SET_IRQS:
+                tracer.message(conn, direction, proto.parse_header(data), data, bool(frame.fds))
 
     # --- faults --------------------------------------------------------------------
 
@@ -433,9 +458,9 @@ class Proxy:
             fault = src.gate.faults.pop(number, None)
             # a reply the client never got leaves its request unanswered
             if fault is None or fault.delivered or not _is_reply(frame.data):
-                self._track(src, frame.data, now, bool(frame.fds))
+                self._track(src, [frame], now)
             if fault is None:
-                self._emit_frame(src, frame, now)
+                self._emit_frames(src, [frame], now)
                 continue
             conn = src.conn.id
             self._emit(FaultInjected(now, conn, fault.info))
@@ -447,7 +472,7 @@ class Proxy:
             if name == "errno":
                 self._emit(MessageRelayed(now, conn, src.channel, 1 - src.direction,
                                           fault.answer, []))
-                self._track(src.peer, fault.answer, now)
+                self._track(src.peer, [Frame(fault.answer, len(fault.answer))], now)
 
     # --- twin socket -----------------------------------------------------------------
 
@@ -484,7 +509,7 @@ class Proxy:
         for side in conn.sides:
             leftover = side.framer.close()
             if leftover is not None:
-                self._emit_frame(side, leftover, now)
+                self._emit_frames(side, [leftover], now)
             if side.gate is not None:
                 _close_all(side.gate.close())
         if self.tracer is not None:
@@ -537,9 +562,9 @@ class Proxy:
             flush()
 
 
-def _unanswered(header: proto.HeaderInfo, channel: int, direction: int) -> dict[str, Any]:
+def _unanswered(msg_id: int, cmd: int, channel: int, direction: int) -> dict[str, Any]:
     """A request still unanswered, as the close record lists it."""
-    return {"msg_id": header.msg_id, "cmd": header.command_name,
+    return {"msg_id": msg_id, "cmd": proto.COMMANDS.get(cmd, f"CMD_{cmd}"),
             "channel": CHANNELS[channel], "dir": DIRECTIONS[direction]}
 
 
