@@ -305,12 +305,16 @@ class Proxy:
             frames = src.framer.feed(data)
         closing = None
         if src.gate is None or src.gate.all_pass(view, len(fds), owner):
-            if owner:
-                dst.queue.append((view[:owner], []))
-            dst.queue.append((view[owner:], fds))
+            if fds or dst.queue or dst.wait_until or dst.closing:
+                if owner:
+                    dst.queue.append((view[:owner], []))
+                dst.queue.append((view[owner:], fds))
+                self._send_queued(dst)
+            else:
+                self._send_now(dst, data)
         else:
             closing = self._gated(src, dst, view, fds, owner)
-        self._send_queued(dst)
+            self._send_queued(dst)
         if dst.framer.assembling:       # rare: a reply may answer what it assembles
             self._answered_early(src, dst, frames, now)
         if src.gate is not None and src.gate.faults:
@@ -352,6 +356,17 @@ class Proxy:
                                      frame.size if frame.truncated else None))
             if frame.error:
                 self._emit(Note(now, conn, frame.error, channel, direction))
+
+    def _send_now(self, side: Side, data: bytes) -> None:
+        """The usual chunk, without fds, with nothing queued before it: one
+        send, and the queue's bookkeeping only for what the socket did not take."""
+        try:
+            sent = side.sock.send(data)
+        except OSError:
+            sent = 0            # _send_queued retries it, and reports an error
+        if sent < len(data):
+            side.queue.append((memoryview(data)[sent:], []))
+            self._send_queued(side)
 
     def _send_queued(self, side: Side) -> None:
         if side.wait_until:
