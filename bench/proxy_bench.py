@@ -47,11 +47,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from vfu_inspect import registry
+from vfu_inspect.addons import SaveAddon
 from vfu_inspect.capture import CaptureReader
 from vfu_inspect.dissectors.vfio_user import CMD, Header, RegionRead, Version
 from vfu_inspect.faults import FaultInjector, Gate, load_rules
-from vfu_inspect.records import Message
-from vfu_inspect.sockio import MessageSocket
+from vfu_inspect.proxy import Connection, Proxy, Side
+from vfu_inspect.records import MAIN, Message
+from vfu_inspect.sockio import RECV_CHUNK, MessageSocket, recv_chunk
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -133,6 +135,52 @@ def gate_cost(capture: Path, depth: int, rounds: int = 100_000) -> dict[str, flo
     return cost
 
 
+def relay_cost(capture: Path, depth: int, tmp: Path, rounds: int = 2000
+               ) -> dict[str, tuple[float, float]]:
+    """CPU microseconds per round trip, in-process, least of 5 runs, of the
+    proxy's relay (recvmsg, send, framing, pairing, the -w record) and of a
+    blind one (recvmsg, sendmsg), over socketpairs: the capture's first
+    REGION_READ request and reply, `window` of them per chunk.  Both sides'
+    syscalls are in both figures; what the peers and the scheduler add is not."""
+    with CaptureReader(capture) as reader:
+        request, reply = [r.data for r in reader if isinstance(r, Message)][2:4]
+    proxy = Proxy(str(tmp / "unused.sock"), str(tmp / "unused.sock"),
+                  [SaveAddon(str(tmp / "relay-cost.vfucap"), "bench")])
+    conn = proxy.connections[0] = Connection(0)
+    client, client_end = socket.socketpair()
+    server, server_end = socket.socketpair()
+    proxy._add_channel(conn, client_end, server_end, MAIN)
+    from_client, from_server = conn.sides
+
+    def blind(src: socket.socket, dst: socket.socket) -> None:
+        dst.sendmsg([recv_chunk(src)[0]])
+
+    def through_proxy(side: Side, _: None) -> None:
+        proxy._relay(side)
+
+    cost = {}
+    for mode, window in modes(depth).items():
+        requests, replies = request * window, reply * window
+
+        def rounds_through(relay: Callable, there: tuple, back: tuple) -> float:
+            start = time.process_time()
+            for _ in range(rounds):
+                client.send(requests)
+                relay(*there)
+                server.recv(RECV_CHUNK)
+                server.send(replies)
+                relay(*back)
+                client.recv(RECV_CHUNK)
+            return (time.process_time() - start) / rounds / window * 1e6
+
+        runs = [(rounds_through(through_proxy, (from_client, None), (from_server, None)),
+                 rounds_through(blind, (client_end, server_end), (server_end, client_end)))
+                for _ in range(5)]
+        proxy._emit_flush()
+        cost[mode] = (min(r[0] for r in runs), min(r[1] for r in runs))
+    return cost
+
+
 def modes(depth: int) -> dict[str, int]:
     return {"lock-step": 1, "pipelined": depth}
 
@@ -210,6 +258,7 @@ def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, P
     for i in range(len(proxies)):
         check_capture(tmp / f"gpio{i}.vfucap", runs=args.passes * 2, ops=args.ops)
     gate = gate_cost(tmp / "gpio0.vfucap", args.depth)
+    relay = relay_cost(tmp / "gpio0.vfucap", args.depth, tmp)
     print(f"libvfio-user gpio-pci-idio-16 + vfu_rtbench: {args.ops:,} REGION_READs per run, "
           f"median of {args.passes} interleaved passes (min-max us/op); proxy --fault: "
           f"{len(NOT_MATCHING)} rules no message matches by its header; proxy --fault*: a "
@@ -239,6 +288,10 @@ def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, P
         print(f"  {label(mode, args.depth)}: the --fault gate itself, in-process: "
               f"{gate[mode]:.2f} us of CPU per round trip = "
               f"{gate[mode] / least['proxy -w'] * 100:.1f}% of the proxy's least")
+        proxy_cpu, blind_cpu = relay[mode]
+        print(f"  {label(mode, args.depth)}: the relay itself, in-process over socketpairs: "
+              f"proxy -w {proxy_cpu:.2f} us, blind {blind_cpu:.2f} us of CPU per round trip "
+              f"= {proxy_cpu / blind_cpu:.2f}x")
 
 
 # --- sample server + Python client --------------------------------------------
