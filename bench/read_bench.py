@@ -3,9 +3,12 @@
 Builds the capture by repeating the sample session (each repetition on its
 own connection id, timestamps continuing), then prints: file size per
 message, time to open the file and print the first screenful, and the
-throughput of `read` (summary), `read -T json` and `read -Y`.
+throughput of `read` (summary), `read -T json`, `read -V` and `read -Y` on a
+header field and on a command field; with --against, each also with an
+earlier checkout, right after, and the ratio (the issue's "against today's
+figures, in one run": this machine's speed drifts too much between runs).
 
-    python bench/read_bench.py [--messages N] [--keep FILE]
+    python bench/read_bench.py [--messages N] [--keep FILE] [--against TREE]
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from vfu_inspect.records import Message
 
 SAMPLE = Path(__file__).resolve().parent.parent / "captures" / "libvfio-user-samples.vfucap"
 FILTER = "vfio_user.cmd == DMA_MAP && dma_map.size >= 0x1000"
+HEADER_FILTER = "vfio_user.cmd == DMA_MAP"
+MODES = (("read (summary)", []), ("read -T json", ["-T", "json"]), ("read -V", ["-V"]),
+         (f"read -Y '{HEADER_FILTER}'", ["-Y", HEADER_FILTER]),
+         (f"read -Y '{FILTER}'", ["-Y", FILTER]))
 
 
 def build(path: Path, count: int) -> int:
@@ -57,10 +64,13 @@ def bench_capture(doc: str) -> Iterator[tuple[Path, int]]:
         yield path, build(path, args.messages)
 
 
-def timed(args: list[str]) -> float:
+def timed(args: list[str], tree: str | None = None) -> float:
+    """Seconds `vfu-inspect ARGS` takes; with `tree`, the vfu_inspect of that
+    checkout (a git worktree of an earlier commit) instead of this one."""
+    env = dict(os.environ, PYTHONPATH=tree) if tree else None
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "vfu_inspect", *args], check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - start
 
 
@@ -69,6 +79,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--keep", help="write the capture here and keep it")
+    parser.add_argument("--against", metavar="TREE",
+                        help="also time a checkout of an earlier commit, each mode right "
+                             "after this one's, and print this tree's speed-up")
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.keep or Path(tmp.name) / "bench.vfucap")
@@ -78,10 +91,14 @@ def main() -> None:
     print(f"file size per message: {os.path.getsize(path) / n:.1f} bytes")
     first = timed(["read", str(path), "-c", "50"])
     print(f"open + first screenful (50 lines): {first:.3f} s")
-    for label, extra in (("read (summary)", []), ("read -T json", ["-T", "json"]),
-                         (f"read -Y '{FILTER}'", ["-Y", FILTER])):
+    for label, extra in MODES:
         seconds = timed(["read", str(path), *extra])
-        print(f"{label}: {seconds:.1f} s, {n / seconds:,.0f} messages/s")
+        line = f"{label}: {seconds:.1f} s, {n / seconds:,.0f} messages/s"
+        if args.against:
+            before = timed(["read", str(path), *extra], args.against)
+            line += f"; {args.against}: {before:.1f} s, {n / before:,.0f} messages/s: " \
+                    f"{before / seconds:.2f}x faster now"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
