@@ -89,3 +89,29 @@ def test_random_text_raises_only_filter_errors(text):
         compile_filter(text).matches(DMA_MAP)
     except FilterError:
         pass
+
+
+@pytest.mark.parametrize("capture", ["libvfio-user-samples.vfucap", "sample-endpoints.vfucap"])
+def test_a_filters_own_values_select_what_every_value_selects(capture):
+    """`Tree.values(only)` skips the layers a filter does not name: for
+    every registered field, presence and a value test select the same
+    messages from it as from all the values."""
+    from pathlib import Path
+
+    from vfu_inspect.capture import read_all
+    from vfu_inspect.dissect import Analyzer, find_responses
+    from vfu_inspect.fields import REGISTRY
+    records, _ = read_all(Path(__file__).parent.parent / "captures" / capture)
+    packets = list(Analyzer(find_responses(records)).run(records))
+    checked = 0
+    for name in [*REGISTRY, "expert.id"]:
+        for text in (name, f"{name} == 1"):
+            try:
+                display = compile_filter(text)
+            except FilterError:
+                continue
+            every = [p.number for p in packets if display.matches(p.tree.values())]
+            own = [p.number for p in packets if display.matches(p.tree.values(display.fields))]
+            assert own == every, text
+            checked += bool(every)
+    assert checked > 100          # the captures reach a good part of the registry

@@ -303,7 +303,7 @@ def _select(packets: Iterator[Dissected], display, count: int | None,
             values = event_values(p) if display is not None else None
             if events and (display is None or values is not None and display.matches(values)):
                 yield p
-        elif display is None or display.matches(p.tree.values()):
+        elif display is None or display.matches(p.tree.values(display.fields)):
             shown += 1
             yield p
 

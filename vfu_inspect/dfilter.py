@@ -24,14 +24,13 @@ from typing import Any, Callable
 
 from .fields import (BOOL, BYTES, FLOAT, FRAME, INT, PROTOCOL, STRING, UINT, FieldDef,
                      lookup)
+from .tree import EXPERT_FIELDS
 
 Values = dict[str, list[Any]]
 Test = Callable[[Values], bool]
 
-# Fields a Tree adds for its expert items (see tree.Tree.values).
-_BUILTIN = {name: FieldDef(name, name, kind) for name, kind in (
-    ("expert", PROTOCOL), ("expert.id", STRING), ("expert.severity", STRING),
-    ("expert.message", STRING))}
+# Fields a Tree adds for its expert items.
+_BUILTIN = {name: FieldDef(name, name, kind) for name, kind in EXPERT_FIELDS.items()}
 
 _NUMERIC = {UINT, INT, FRAME, FLOAT, BOOL}
 _ORDERED = {UINT, INT, FRAME, FLOAT}

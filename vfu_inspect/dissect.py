@@ -202,6 +202,7 @@ class FrameItem(Item):
     """The frame node; its text and fields are built only when a view asks."""
 
     __slots__ = ("packet",)
+    field_names = frozenset(fd.name for fd in FIELDS)
 
     def __init__(self, p: Dissected) -> None:
         super().__init__(FRAME_FIELD, None)

@@ -221,9 +221,12 @@ class Compiled:
     struct: struct.Struct
     fields: list[tuple[FieldDef, int, int]]   # (def, offset in layer, size)
     names: tuple[str, ...] = ()               # members' short names, in order
+    member_names: frozenset[str] = frozenset()  # their filter names, bits included
 
     def __post_init__(self) -> None:
         self.names = tuple(fd.name.rsplit(".", 1)[1] for fd, _, _ in self.fields)
+        self.member_names = frozenset(name for fd, _, _ in self.fields
+                                      for name in (fd.name, *(sub.name for sub in fd.children)))
 
     @property
     def size(self) -> int:

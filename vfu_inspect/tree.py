@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .fields import (BOOL, BYTES, EXPERTS, FLOAT, SEVERITIES, Compiled, FieldDef, describe_bits,
-                     lookup)
+from .fields import (BOOL, BYTES, EXPERTS, FLOAT, PROTOCOL, SEVERITIES, STRING, Compiled,
+                     FieldDef, describe_bits, lookup)
 
 
 class Item:
@@ -41,6 +41,11 @@ class Item:
         """Children known from the value alone: the bits of a flags word."""
         return [Item(sub, value, self.offset, self.length)
                 for sub, value in bit_values(self.field, self.value)]
+
+    @property
+    def field_names(self) -> frozenset[str]:
+        """The fields this item and the children built from its value may have."""
+        return frozenset((self.field.name, *(sub.name for sub in self.field.children)))
 
     def value_text(self) -> str:
         if self.text is not None:
@@ -202,8 +207,12 @@ class Tree:
         for item in self.items:
             yield from item.walk()
 
-    def values(self) -> dict[str, list[Any]]:
-        """Every field's values, keyed by filter name (a field may repeat)."""
+    def values(self, only: frozenset[str] | None = None) -> dict[str, list[Any]]:
+        """Every field's values, keyed by filter name (a field may repeat);
+        with `only` (a filter's fields), those fields' values and no others':
+        a filter of two fields need not collect forty."""
+        if only is not None:
+            return self._values_of(only)
         out: dict[str, list[Any]] = {}
         _collect(self.leading, out)
         for fd, value, _, _, _ in self.rows:
@@ -213,17 +222,50 @@ class Tree:
                     _add_value(out, member[0], member_value)
             else:
                 _add_value(out, fd, value)
+        self._add_experts(out)
+        return out
+
+    def _values_of(self, only: frozenset[str]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        for item in self.leading:
+            if not only.isdisjoint(item.field_names):
+                _collect([item], out)
+        for fd, value, _, _, _ in self.rows:
+            if type(value) is Packed:
+                if fd.name in only:
+                    out.setdefault(fd.name, []).append(None)
+                if only.isdisjoint(value.compiled.member_names):
+                    continue
+                for member, member_value in zip(value.compiled.fields, value.raw):
+                    if _wanted(member[0], only):
+                        _add_value(out, member[0], member_value)
+            elif _wanted(fd, only):
+                _add_value(out, fd, value)
+        if not only.isdisjoint(EXPERT_FIELDS.keys()):
+            self._add_experts(out)
+        return out
+
+    def _add_experts(self, out: dict[str, list[Any]]) -> None:
         if self.experts:
             out["expert"] = [True]
             out["expert.id"] = [e.id for e in self.experts]
             out["expert.severity"] = [e.severity for e in self.experts]
             out["expert.message"] = [e.message for e in self.experts]
-        return out
 
     @property
     def worst_severity(self) -> str | None:
         ranks = [SEVERITIES.index(e.severity) for e in self.experts]
         return SEVERITIES[min(ranks)] if ranks else None
+
+
+# The fields a message's expert items give it, and their kinds (the filter's).
+EXPERT_FIELDS = {"expert": PROTOCOL, "expert.id": STRING, "expert.severity": STRING,
+                 "expert.message": STRING}
+
+
+def _wanted(fd: FieldDef, only: frozenset[str]) -> bool:
+    """Whether `fd` or one of its bits is in `only`."""
+    return fd.name in only or bool(fd.children) and any(sub.name in only for sub in fd.children)
 
 
 def _add_value(out: dict[str, list[Any]], fd: FieldDef, value: Any) -> None:

@@ -36,7 +36,7 @@ from ..packet import Dissected
 from ..records import DIRECTIONS, OPEN, Event, Message, Record
 from ..session import SessionTracker, Snapshot
 from ..stats import ExpertStats
-from ..tree import bit_values
+from ..tree import EXPERT_FIELDS, bit_values
 
 CHECKPOINT_EVERY = 1024
 CACHE_PACKETS = 4096
@@ -48,7 +48,6 @@ HEADER_FIELDS = {"frame.number", "frame.conn", "frame.channel", "frame.dir", "fr
                  "vfio_user.reserved", "vfio_user.response_in", "vfio_user.response_to",
                  "vfio_user.time", "expert", "expert.id", "expert.severity"}
 LINK_FIELDS = {"vfio_user.response_in", "vfio_user.response_to", "vfio_user.time"}
-EXPERT_FIELDS = {"expert", "expert.id", "expert.severity", "expert.message"}
 # Fields dissection without session state gives exactly (the fds' items too).
 STATELESS_FIELDS = HEADER_FIELDS | {fd.name for fd in proto.protocol_fields()} | {
     "fd", "fd.index", "fd.kind", "fd.size", "fd.inode", "fd.purpose"}
@@ -409,7 +408,7 @@ class CaptureModel:
             values[error_field] = [c["error"][i]]
         if names & LINK_FIELDS:
             self._link_values(i, values)
-        if names & EXPERT_FIELDS:
+        if not names.isdisjoint(EXPERT_FIELDS):
             self._expert_values(number, values)
         return values
 
@@ -466,7 +465,7 @@ class CaptureModel:
             return ((n, self.header_values(n, names)) for n in range(first, last + 1))
         if set(names) <= STATELESS_FIELDS:
             return self._stateless_pass(names, first, last)
-        return ((p.number, p.tree.values()) for p in self.analysis(first, last))
+        return ((p.number, p.tree.values(names)) for p in self.analysis(first, last))
 
     def _stateless_pass(self, names: frozenset[str], first: int, last: int
                         ) -> Iterator[tuple[int, dict[str, list[Any]]]]:
