@@ -62,9 +62,9 @@ from .protocol import (
     REGION_FLAGS, REGIONS, SERVER_COMMANDS, SET_IRQS_ACTION, SET_IRQS_DATA, SET_IRQS_FLAGS,
     SPEC_DMA_MAP_FLAGS, TYPE_COMMAND, TYPE_REPLY, region_name)
 from .region import (
-    IO_FD_TYPE, KVM_IOREGION_POSTED_WRITES, RegionCap, RegionInfo, RegionIoFds, RegionRead,
-    RegionType, RegionWrite, ShadowSubRegion, SparseArea, SparseMmap, SubRegion, WriteMulti,
-    WriteMultiEntry)
+    IO_FD_TYPE, KVM_IOREGION_POSTED_WRITES, MMIO_WRITES, RegionCap, RegionInfo, RegionIoFds,
+    RegionRead, RegionType, RegionWrite, ShadowSubRegion, SparseArea, SparseMmap, SubRegion,
+    WriteMulti, WriteMultiEntry)
 from .state import SessionRules
 from .version import Version
 
@@ -75,7 +75,7 @@ __all__ = [
     "DISABLE_ALL", "DMA_MAP_FLAGS", "DMA_UNMAP_FLAGS", "ERRNO_NAMES", "FEATURE_GET",
     "FEATURE_OPS", "FEATURE_PROBE", "FEATURE_SET", "FEATURES", "FLAG_ERROR", "FLAG_NO_REPLY",
     "FLAG_TYPE_MASK", "HEADER_SIZE", "IO_FD_FLAGS", "IO_FD_TYPE", "IRQS",
-    "KVM_IOREGION_POSTED_WRITES", "MIG_STATES", "MIGRATION_FLAGS", "OBJECT_CAPABILITIES",
+    "KVM_IOREGION_POSTED_WRITES", "MIG_STATES", "MMIO_WRITES", "MIGRATION_FLAGS", "OBJECT_CAPABILITIES",
     "OBSOLETE_COMMANDS", "PAGE_4K", "PCI_NUM_REGIONS", "QEMU_CAPABILITY_MAXIMUM",
     "QEMU_CLIENT_CAPABILITIES", "QEMU_DMA_SIGNS", "QEMU_PAGE_CAPABILITIES", "REGION_CAPS",
     "REGION_FLAGS", "REGIONS", "SERVER_COMMANDS", "SET_IRQS_ACTION", "SET_IRQS_DATA",

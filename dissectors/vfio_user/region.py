@@ -509,3 +509,10 @@ def _apply_io_fds_reply(state: ConnState, p: Dissected, request: Pending) -> Non
 @SESSION.on_reply("REGION_READ")
 def _region_read_reply(state: ConnState, p: Dissected, request: Pending) -> None:
     _device_access(state, p, "region_read", write=False)
+
+
+# --- for the statistics ---------------------------------------------------------------
+
+# The requests that write device memory, by the layer whose region and offset
+# say where (`-z irq` times a write to a BAR until the next interrupt).
+MMIO_WRITES = {CMD["REGION_WRITE"]: "region_write", CMD["REGION_WRITE_MULTI"]: "write_multi.entry"}
