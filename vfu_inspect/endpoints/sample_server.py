@@ -47,8 +47,9 @@ MIG_SAVING = {3, 6}
 
 
 # The server's answer to each command a client sends, filed by `answers`
-# under the command's name: a Session method given the request and its fds,
-# returning the reply's payload and fds, or an errno for an error reply.
+# under the command's name: a Session method given the request and its fds
+# (none unless its family says the request carries some), returning the
+# reply's payload and fds, or an errno for an error reply.
 Answer = Callable[["Session", bytes, list[int]], "tuple[bytes, list[int]] | int"]
 ANSWERS: dict[int, Answer] = {}
 
@@ -157,23 +158,25 @@ class Session:
         if h is None or h.is_reply:
             close_fds(frame.fds)
             return                               # nothing of ours is waiting: drop it
-        answer = ANSWERS.get(h.cmd)
+        answer, fds = ANSWERS.get(h.cmd), frame.fds
+        if answer is None or h.cmd in self.options.errno_for \
+                or (h.cmd, "command") not in proto.FD_CARRIERS:
+            close_fds(fds)                       # none the answer keeps
+            fds = []
         if h.cmd in self.options.errno_for:
-            close_fds(frame.fds)
             result: tuple | int = self.options.errno_for[h.cmd]
         elif answer is None:
-            close_fds(frame.fds)
             result = errno.ENOSYS
         else:
             with self.device.lock:
-                result = answer(self, msg, frame.fds)
+                result = answer(self, msg, fds)
         if not h.no_reply:
             if isinstance(result, int):
                 self.main.send(error_to(msg, result))
             else:
-                payload, fds = result
-                self.main.send(reply_to(msg, payload), fds)
-                close_fds(fds)
+                payload, reply_fds = result
+                self.main.send(reply_to(msg, payload), reply_fds)
+                close_fds(reply_fds)
         while self.after_reply:
             self.after_reply.pop(0)()
 
@@ -194,7 +197,6 @@ class Session:
 
     @answers("VERSION")
     def version(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         major, minor = unpack(proto.Version, msg)
         if major != 0:
             raise ProtocolError(f"client proposed major {major}")
@@ -229,7 +231,6 @@ class Session:
 
     @answers("DMA_UNMAP")
     def dma_unmap(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         argsz, flags, iova, size = unpack(proto.DmaUnmap, msg)
         if flags & proto.DMA_UNMAP_FLAGS["all"]:
             doomed = list(self.maps)
@@ -244,12 +245,10 @@ class Session:
 
     @answers("DEVICE_GET_INFO")
     def device_info(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         return pack(proto.DeviceInfo, 16, 0x3, 9, len(IRQ_COUNTS)), []
 
     @answers("DEVICE_GET_REGION_INFO")
     def region_info(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         argsz, _, index, _, _, _ = unpack(proto.RegionInfo, msg)
         if index > 8:
             return errno.EINVAL
@@ -273,7 +272,6 @@ class Session:
 
     @answers("DEVICE_GET_REGION_IO_FDS")
     def region_io_fds(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         argsz, _, index, _ = unpack(proto.RegionIoFds, msg)
         if index != 0:
             return pack(proto.RegionIoFds, 16, 0, index, 0), []
@@ -294,7 +292,6 @@ class Session:
 
     @answers("DEVICE_GET_IRQ_INFO")
     def irq_info(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         _, _, index, _ = unpack(proto.IrqInfo, msg)
         if index not in IRQ_COUNTS:
             return errno.EINVAL
@@ -346,7 +343,6 @@ class Session:
 
     @answers("REGION_READ")
     def region_read(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         offset, index, count = unpack(proto.RegionRead, msg)
         view = self._region(index, offset, count)
         if view is None:
@@ -355,7 +351,6 @@ class Session:
 
     @answers("REGION_WRITE")
     def region_write(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         offset, index, count = unpack(proto.RegionWrite, msg)
         data = msg[proto.HEADER_SIZE + 16:]
         view = self._region(index, offset, count)
@@ -451,13 +446,11 @@ class Session:
 
     @answers("DEVICE_RESET")
     def reset(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         self.device.reset()
         return b"", []
 
     @answers("REGION_WRITE_MULTI")
     def write_multi(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         (count,) = unpack(proto.WriteMulti, msg)
         entry = proto.WriteMultiEntry.vfu_compiled.size
         for i in range(count):
@@ -471,7 +464,6 @@ class Session:
 
     @answers("DEVICE_FEATURE")
     def feature(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         argsz, flags = unpack(proto.DeviceFeature, msg)
         feature, body = flags & 0xFFFF, msg[proto.HEADER_SIZE + 8:]
 
@@ -532,7 +524,6 @@ class Session:
 
     @answers("MIG_DATA_READ")
     def mig_data_read(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         _, size = unpack(proto.MigDataRead, msg)
         if self.device.mig_state not in MIG_SAVING:
             return errno.EINVAL
@@ -541,7 +532,6 @@ class Session:
 
     @answers("MIG_DATA_WRITE")
     def mig_data_write(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         _, size = unpack(proto.MigDataWrite, msg)
         data = msg[proto.HEADER_SIZE + 8:]
         if self.device.mig_state != MIG_RESUMING or len(data) != size:
