@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from vfu_inspect.dissectors.vfio_user import (
-    CMD, COMMANDS, OBSOLETE_COMMANDS, Context, DeviceFeature, DeviceInfo, DirtyBitmap, DmaLogging, DmaLoggingRange,
-    DmaLoggingReport, DmaMap, DmaRead, DmaUnmap, DmaWrite, Header, IrqInfo,
+    CMD, COMMANDS, OBSOLETE_COMMANDS, Context, DeviceFeature, DeviceInfo, DirtyBitmap, DmaLogging,
+    DmaLoggingRange, DmaLoggingReport, DmaMap, DmaRead, DmaUnmap, DmaWrite, Header, IrqInfo,
     MigDataRead, MigDataWrite, MigDeviceState, MigrationFeature, QemuDmaRead, RegionCap,
     RegionInfo, RegionIoFds, RegionRead, RegionType, RegionWrite, SetIrqs, ShadowSubRegion,
     SERVER_COMMANDS, SparseArea, SparseMmap, SubRegion, Version, WriteMulti, WriteMultiEntry,

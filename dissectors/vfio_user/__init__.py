@@ -75,7 +75,7 @@ __all__ = [
     "DISABLE_ALL", "DMA_MAP_FLAGS", "DMA_UNMAP_FLAGS", "ERRNO_NAMES", "FEATURE_GET",
     "FEATURE_OPS", "FEATURE_PROBE", "FEATURE_SET", "FEATURES", "FLAG_ERROR", "FLAG_NO_REPLY",
     "FLAG_TYPE_MASK", "HEADER_SIZE", "IO_FD_FLAGS", "IO_FD_TYPE", "IRQS",
-    "KVM_IOREGION_POSTED_WRITES", "MIG_STATES", "MMIO_WRITES", "MIGRATION_FLAGS", "OBJECT_CAPABILITIES",
+    "KVM_IOREGION_POSTED_WRITES", "MIG_STATES", "MIGRATION_FLAGS", "OBJECT_CAPABILITIES",
     "OBSOLETE_COMMANDS", "PAGE_4K", "PCI_NUM_REGIONS", "QEMU_CAPABILITY_MAXIMUM",
     "QEMU_CLIENT_CAPABILITIES", "QEMU_DMA_SIGNS", "QEMU_PAGE_CAPABILITIES", "REGION_CAPS",
     "REGION_FLAGS", "REGIONS", "SERVER_COMMANDS", "SET_IRQS_ACTION", "SET_IRQS_DATA",
@@ -87,9 +87,8 @@ __all__ = [
     "RegionWrite", "SetIrqs", "ShadowSubRegion", "SparseArea", "SparseMmap", "SubRegion",
     "Version", "WriteMulti", "WriteMultiEntry",
     "bitmap_bytes", "parse_header", "region_name",
-    "DMA_MEMORY", "IOEVENTFDS", "IRQ_EVENTFDS", "TWIN_SOCKET",
-    "CHECKS", "FD_CARRIERS", "FIELDS", "REQUESTS", "SESSION", "dissect_message",
-    "field_commands",
+    "DMA_MEMORY", "IOEVENTFDS", "IRQ_EVENTFDS", "MMIO_WRITES", "TWIN_SOCKET",
+    "CHECKS", "FD_CARRIERS", "FIELDS", "REQUESTS", "SESSION", "dissect_message", "field_commands",
     "layers", "member_widths", "protocol_fields",
 ]
 

@@ -17,8 +17,8 @@ from vfu_inspect.fields import BYTES, UINT, Fields, bits32, u32
 from vfu_inspect.tree import Tree
 
 from .core import (
-    FACTS, IRQ_EVENTFDS, SPEC, Context, Dissectors, add_bytes, add_layer, check_range, check_reply_argsz,
-    check_request_argsz, check_zero, expect_end, flag_letters)
+    FACTS, IRQ_EVENTFDS, SPEC, Context, Dissectors, add_bytes, add_layer, check_range,
+    check_reply_argsz, check_request_argsz, check_zero, expect_end, flag_letters)
 from .protocol import IRQ_INFO_FLAGS, IRQS, SET_IRQS_ACTION, SET_IRQS_DATA, SET_IRQS_FLAGS
 from .state import ConnState, Effect, EffectKind, IrqState, Pending, SessionRules, echoed_fields
 

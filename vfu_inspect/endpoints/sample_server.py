@@ -161,7 +161,7 @@ class Session:
         answer, fds = ANSWERS.get(h.cmd), frame.fds
         if answer is None or h.cmd in self.options.errno_for \
                 or (h.cmd, "command") not in proto.FD_CARRIERS:
-            close_fds(fds)                       # none the answer keeps
+            close_fds(fds)           # an errno answers it, or its family says it carries none
             fds = []
         if h.cmd in self.options.errno_for:
             result: tuple | int = self.options.errno_for[h.cmd]
