@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from vfu_inspect.dissectors.vfio_user import (
-    CMD, Context, DeviceFeature, DeviceInfo, DirtyBitmap, DmaLogging, DmaLoggingRange,
-    DmaLoggingReport, DmaMap, DmaRead, DmaUnmap, DmaWrite, Header, IrqInfo,
+    CMD, COMMANDS, OBSOLETE_COMMANDS, Context, DeviceFeature, DeviceInfo, DirtyBitmap, DmaLogging,
+    DmaLoggingRange, DmaLoggingReport, DmaMap, DmaRead, DmaUnmap, DmaWrite, Header, IrqInfo,
     MigDataRead, MigDataWrite, MigDeviceState, MigrationFeature, QemuDmaRead, RegionCap,
     RegionInfo, RegionIoFds, RegionRead, RegionType, RegionWrite, SetIrqs, ShadowSubRegion,
     SERVER_COMMANDS, SparseArea, SparseMmap, SubRegion, Version, WriteMulti, WriteMultiEntry,
@@ -89,6 +89,8 @@ CASES = {
         [{"kind": "eventfd"}], None,
         {"region_io_fds.sub.offset": [0x28], "fd.purpose": [
             "ioeventfd for BAR0 offset 0x28 (sub-region 0)"]}, ["1 sub-regions"]),
+    "irq_info request": (msg("DEVICE_GET_IRQ_INFO", REQ, IrqInfo(index=2)), [], None,
+        {"irq_info.index": [2]}, []),
     "irq_info": (msg("DEVICE_GET_IRQ_INFO", REPLY, IrqInfo(flags=1, index=2, count=4)), [],
         None, {"irq_info.index": [2], "irq_info.count": [4]}, ["MSI-X", "count=4"]),
     "set_irqs eventfd": (msg("DEVICE_SET_IRQS", REQ, SetIrqs(flags=0x24, index=2, start=1,
@@ -99,6 +101,7 @@ CASES = {
     "set_irqs bool": (msg("DEVICE_SET_IRQS", REQ, SetIrqs(argsz=23, flags=0x22, index=2,
                                                           count=3, data=b"\1\0\1")), [], None,
         {"set_irqs.bool": [1, 0, 1]}, ["data=bool"]),
+    "set_irqs reply": (msg("DEVICE_SET_IRQS", REPLY), [], None, {"vfio_user.cmd": [8]}, []),
     "region_read": (msg("REGION_READ", REQ, RegionRead(offset=0x10, region=0, count=4)), [],
         None, {"region_read.offset": [0x10], "region_read.count": [4]}, ["BAR0"]),
     "region_read reply": (msg("REGION_READ", REPLY, RegionRead(offset=0, region=7, count=4,
@@ -108,6 +111,8 @@ CASES = {
                                                                   data=b"\x01\x02")),
         [], None, {"vfio_user.flags.no_reply": [True], "region_write.data": [b"\x01\x02"]},
         ["data=0x0201"]),
+    "region_write reply": (msg("REGION_WRITE", REPLY, RegionWrite(offset=8, region=0, count=2)),
+        [], None, {"region_write.count": [2]}, []),
     "write_multi": (msg("REGION_WRITE_MULTI", 0x10, WriteMulti(wr_cnt=2),
                         WriteMultiEntry(offset=8, region=0, count=4, data=b"abcd" + bytes(4)),
                         WriteMultiEntry(offset=16, region=2, count=8, data=b"12345678")),
@@ -173,9 +178,11 @@ def test_valid_message_dissects_back_to_its_fields(name):
         assert word in tree.info
 
 
-def test_every_command_is_covered():
-    covered = {struct.unpack_from("<H", case[0], 2)[0] for case in CASES.values()}
-    assert covered == set(range(1, 14)) | {15, 16, 17, 18}
+def test_every_command_of_the_spec_is_covered_request_and_reply():
+    covered = {(struct.unpack_from("<H", case[0], 2)[0], case[0][8] & 0xF == REPLY)
+               for case in CASES.values()}
+    assert covered >= {(cmd, is_reply) for cmd in set(COMMANDS) - OBSOLETE_COMMANDS
+                       for is_reply in (False, True)}
 
 
 def test_truncated_region_info_reply_is_a_note():

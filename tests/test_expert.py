@@ -1006,6 +1006,21 @@ def test_session_view_shows_effects_still_in_flight():
         "0x000000010000-0x00000001ffff", "0x000000020000-0x000000020fff"]
 
 
+@pytest.mark.parametrize("request_", ["DEVICE_FEATURE", "DEVICE_RESET", "DMA_MAP"])
+def test_migration_view_shows_a_device_state_change_still_in_flight(request_):
+    s = Script()
+    s.negotiate()
+    layers = {"DEVICE_FEATURE": _state_layer(1), "DEVICE_RESET": (),
+              "DMA_MAP": (_map_layer(0x10000, 0x1000),)}[request_]
+    s.command(request_, *layers)                                        # frame 3
+    tracker = SessionTracker()
+    for _ in Analyzer(sessions=tracker).run(s.messages):
+        pass
+    state_line = dict(tracker.conns[0].sections())["Migration"][0]
+    changes_state = request_ != "DMA_MAP"
+    assert state_line.endswith("(in flight: frame 3 has no reply yet)") == changes_state
+
+
 def test_set_irqs_of_four_billion_vectors_is_bounded():
     """No IRQ_INFO told the count: the state holds at most MSI-X's 2048 vectors."""
     s = Script()

@@ -224,12 +224,17 @@ class Replayer:
         return fault
 
     def recreate_fds(self, msg: Message) -> list[int]:
+        """Fresh fds for a recorded request, made as what its family says they are for."""
         h = proto.parse_header(msg.data)
-        if h.cmd == proto.CMD["DMA_MAP"]:
-            return self.dma_memory(msg)
-        fds = [fresh_fd(meta) for meta in msg.fds]
-        assignment = set_irqs_assignment(msg.data) if h.cmd == proto.CMD["DEVICE_SET_IRQS"] \
-            else None
+        make = REQUEST_FDS.get(proto.FD_CARRIERS.get((h.cmd, "command")), Replayer.fresh_fds)
+        return make(self, msg)
+
+    def fresh_fds(self, msg: Message) -> list[int]:
+        return [fresh_fd(meta) for meta in msg.fds]
+
+    def irq_eventfds(self, msg: Message) -> list[int]:
+        fds = self.fresh_fds(msg)
+        assignment = set_irqs_assignment(msg.data)
         if assignment is not None:                   # keep them, to count the interrupts
             index, start, _ = assignment
             for vector, fd in enumerate(fds, start):
@@ -254,6 +259,8 @@ class Replayer:
             self.rung += 1
 
     def keep_doorbells(self, frame: Frame) -> None:
+        if not self.recording.doorbells:
+            return                                   # none to ring
         for i, info in doorbells(frame.data, [fd_info(fd) for fd in frame.fds]).items():
             old = self.doorbell_fds.pop((info["region"], info["offset"]), None)
             if old is not None:
@@ -327,11 +334,9 @@ class Replayer:
             number, rec = self.recorded[reply_index]
             self.compare(number, f"{h.command_name} reply", rec.data, rec.fds, frame, request,
                          self.recorded[index][1].data)
-        if h.cmd == proto.CMD["VERSION"]:
-            self.adopt_twin(frame)
-            return
-        if h.cmd == proto.CMD["DEVICE_GET_REGION_IO_FDS"] and self.recording.doorbells:
-            self.keep_doorbells(frame)
+        keep = REPLY_FDS.get(proto.FD_CARRIERS.get((h.cmd, "reply")))
+        if keep is not None:
+            keep(self, frame)
         for fd in frame.fds:
             os.close(fd)
 
@@ -359,8 +364,6 @@ class Replayer:
         if isinstance(index, int) and 0 <= index < len(frame.fds):
             sock = socket.socket(fileno=os.dup(frame.fds[index]))
             self.twin = Peer(MessageSocket(sock), "client", TWIN, self.recorder)
-        for fd in frame.fds:
-            os.close(fd)
 
     def server_command(self, peer: Peer, frame: Frame) -> None:
         """Answer as recorded when it is the recorded command, else from our memory
@@ -421,6 +424,13 @@ class Replayer:
         for name, recorded, live in fields:
             print(f"  {name:<{width}}  recorded {show_values(recorded)}  live {show_values(live)}",
                   file=self.out)
+
+
+# What the replay makes for a recorded request's fds, and keeps of a live
+# reply's, by what the command's family says they are for; a request's other
+# fds are fresh ones of the recorded kinds, a reply's other fds are closed.
+REQUEST_FDS = {proto.DMA_MEMORY: Replayer.dma_memory, proto.IRQ_EVENTFDS: Replayer.irq_eventfds}
+REPLY_FDS = {proto.TWIN_SOCKET: Replayer.adopt_twin, proto.IOEVENTFDS: Replayer.keep_doorbells}
 
 
 class Progress:

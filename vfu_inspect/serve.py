@@ -111,7 +111,7 @@ class RecordedServer:
             data = message(proto.parse_header(request).msg_id, h.cmd, payload, h.flags, h.error)
         else:
             data = reply_to(request, payload)
-        if h.cmd == proto.CMD["VERSION"] and fds:
+        if fds and proto.FD_CARRIERS.get((h.cmd, "reply")) == proto.TWIN_SOCKET:
             fds = self.make_twin(recorded, fds)
         self.main.send(data, fds)
         for fd in fds:

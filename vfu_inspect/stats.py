@@ -20,9 +20,6 @@ from .fields import EXPERTS, SEVERITIES
 from .packet import Dissected
 from .records import C2S, DOORBELL, IRQ, Event
 
-MMIO_WRITES = {proto.CMD["REGION_WRITE"]: "region_write", proto.CMD["REGION_WRITE_MULTI"]:
-               "write_multi.entry"}
-
 
 class ExpertStats:
     """tshark's `-z expert`: items by severity, group and kind."""
@@ -121,7 +118,7 @@ class IrqStats:
 
     def packet(self, p: Dissected) -> None:
         self.first_ns = self.first_ns or p.msg.ts_ns
-        h, prefix = p.header, MMIO_WRITES.get(p.header.cmd) if p.header else None
+        h, prefix = p.header, proto.MMIO_WRITES.get(p.header.cmd) if p.header else None
         if prefix is None or h.is_reply or p.msg.direction != C2S:
             return
         region = p.tree.first(f"{prefix}.region")

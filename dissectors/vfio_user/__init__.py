@@ -39,7 +39,9 @@ from vfu_inspect.fields import FieldDef, Fields
 from vfu_inspect.tree import Tree
 
 from . import device, dma, header, irq, migration, region, version
-from .core import Context, Dissectors, add_bytes, add_layer
+from .core import (
+    DMA_MEMORY, IOEVENTFDS, IRQ_EVENTFDS, TWIN_SOCKET, Context, Dissectors, add_bytes,
+    add_layer)
 from .device import DeviceInfo
 from .dma import (
     QEMU_DMA_SIGNS, DirtyBitmap, DmaMap, DmaRead, DmaUnmap, DmaWrite, QemuDmaRead, QemuDmaWrite,
@@ -60,9 +62,9 @@ from .protocol import (
     REGION_FLAGS, REGIONS, SERVER_COMMANDS, SET_IRQS_ACTION, SET_IRQS_DATA, SET_IRQS_FLAGS,
     SPEC_DMA_MAP_FLAGS, TYPE_COMMAND, TYPE_REPLY, region_name)
 from .region import (
-    IO_FD_TYPE, KVM_IOREGION_POSTED_WRITES, RegionCap, RegionInfo, RegionIoFds, RegionRead,
-    RegionType, RegionWrite, ShadowSubRegion, SparseArea, SparseMmap, SubRegion, WriteMulti,
-    WriteMultiEntry)
+    IO_FD_TYPE, KVM_IOREGION_POSTED_WRITES, MMIO_WRITES, RegionCap, RegionInfo, RegionIoFds,
+    RegionRead, RegionType, RegionWrite, ShadowSubRegion, SparseArea, SparseMmap, SubRegion,
+    WriteMulti, WriteMultiEntry)
 from .state import SessionRules
 from .version import Version
 
@@ -85,7 +87,8 @@ __all__ = [
     "RegionWrite", "SetIrqs", "ShadowSubRegion", "SparseArea", "SparseMmap", "SubRegion",
     "Version", "WriteMulti", "WriteMultiEntry",
     "bitmap_bytes", "parse_header", "region_name",
-    "CHECKS", "FIELDS", "REQUESTS", "SESSION", "dissect_message", "field_commands",
+    "DMA_MEMORY", "IOEVENTFDS", "IRQ_EVENTFDS", "MMIO_WRITES", "TWIN_SOCKET",
+    "CHECKS", "FD_CARRIERS", "FIELDS", "REQUESTS", "SESSION", "dissect_message", "field_commands",
     "layers", "member_widths", "protocol_fields",
 ]
 
@@ -98,6 +101,7 @@ FIELDS = Fields(*(family.FIELDS for family in FAMILIES))
 CHECKS = [row for family in FAMILIES for row in family.CHECKS]
 _DISSECTORS = Dissectors.merged(family.DISSECTORS for family in COMMAND_FAMILIES)
 REQUESTS, REPLIES = _DISSECTORS.requests, _DISSECTORS.replies
+FD_CARRIERS = _DISSECTORS.fd_carriers
 SESSION = SessionRules.merged([SessionRules(must_refuse=header.MUST_REFUSE),
                                *(family.SESSION for family in COMMAND_FAMILIES)])
 
@@ -138,7 +142,7 @@ def dissect_message(msg: bytes, ctx: Context, header: HeaderInfo | None = None
             # A dissector bug must not stop the capture: flag it and go on.
             tree.expert("dissector.bug",
                         f"dissector failed: {type(exc).__name__}: {exc}")
-    if ctx.fds and (header.cmd, header.kind) not in _DISSECTORS.fd_carriers:
+    if ctx.fds and (header.cmd, header.kind) not in FD_CARRIERS:
         tree.expert("fd.count", f"{len(ctx.fds)} fds with a {header.command_name} "
                     f"{header.kind}, which carries none")
     fd_items(tree, ctx)

@@ -158,6 +158,19 @@ def fitting(tree: Tree, count: int, msg: bytes, offset: int, cls: type[Packet],
     return min(count, room)
 
 
+# --- the fds a message carries --------------------------------------------------
+# What a carrier's fds are for, as its family files it: what a replay makes
+# for a recorded request and keeps of a live reply goes by it (replay.py).
+
+DMA_MEMORY = "DMA memory"          # DMA_MAP: the client's memory, or none (messaged DMA)
+IRQ_EVENTFDS = "IRQ eventfds"      # interrupts the server signals
+TWIN_SOCKET = "twin socket"        # the server's end of the twin socket
+REGION_MMAP = "region mmap"        # a region's memory, for the client to map
+IOEVENTFDS = "ioeventfds"          # doorbells the client signals
+
+FdRole = str
+
+
 # --- per-command dissectors ------------------------------------------------------
 # Each gets (tree, msg, ctx, off) with off = start of the payload, and returns
 # the info string.
@@ -167,13 +180,14 @@ Dissector = Callable[[Tree, bytes, Context, int], str]
 
 class Dissectors:
     """One family's request and reply dissectors, by command number, and which
-    of its messages may carry fds, as (command, HeaderInfo.kind); the package
-    gathers every family's into the tables `dissect_message` reads."""
+    of its messages may carry fds, as (command, HeaderInfo.kind) -> what the
+    fds are for; the package gathers every family's into the tables
+    `dissect_message` reads."""
 
     def __init__(self) -> None:
         self.requests: dict[int, Dissector] = {}
         self.replies: dict[int, Dissector] = {}
-        self.fd_carriers: set[tuple[int, str]] = set()
+        self.fd_carriers: dict[tuple[int, str], FdRole] = {}
 
     @classmethod
     def merged(cls, families: Iterable[Dissectors]) -> Dissectors:
@@ -185,16 +199,16 @@ class Dissectors:
             out.fd_carriers |= dissectors.fd_carriers
         return out
 
-    def request(self, cmd: str, fds: bool = False) -> Callable[[Dissector], Dissector]:
-        """Files a request dissector; `fds`: the request may carry fds."""
+    def request(self, cmd: str, fds: FdRole | None = None) -> Callable[[Dissector], Dissector]:
+        """Files a request dissector; `fds`: what the fds it may carry are for."""
         if fds:
-            self.fd_carriers.add((CMD[cmd], "command"))
+            self.fd_carriers[CMD[cmd], "command"] = fds
         return file_under(self.requests, (cmd,))
 
-    def reply(self, cmd: str, fds: bool = False) -> Callable[[Dissector], Dissector]:
-        """Files a reply dissector; `fds`: the reply may carry fds."""
+    def reply(self, cmd: str, fds: FdRole | None = None) -> Callable[[Dissector], Dissector]:
+        """Files a reply dissector; `fds`: what the fds it may carry are for."""
         if fds:
-            self.fd_carriers.add((CMD[cmd], "reply"))
+            self.fd_carriers[CMD[cmd], "reply"] = fds
         return file_under(self.replies, (cmd,))
 
     def bare(self, cmd: str, kind: str) -> None:

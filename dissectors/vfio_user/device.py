@@ -101,4 +101,5 @@ def _reset_undo(state: ConnState, e: Effect) -> None:
     state.mig_state = e.saved
 
 
-SESSION.effect("DEVICE_RESET", EffectKind(_reset_apply, _reset_undo, lambda v: "device reset"))
+SESSION.effect("DEVICE_RESET", EffectKind(_reset_apply, _reset_undo, lambda v: "device reset",
+                                          migration=True))

@@ -21,7 +21,7 @@ from vfu_inspect.records import S2C
 from vfu_inspect.tree import Tree
 
 from .core import (
-    FACTS, LVU, SPEC, Context, Dissector, Dissectors, add_bytes, add_layer, check_range,
+    DMA_MEMORY, FACTS, LVU, SPEC, Context, Dissector, Dissectors, add_bytes, add_layer, check_range,
     check_request_argsz, expect_end, fd_text, hex_size)
 from .protocol import (
     CMD, DMA_MAP_FLAGS, DMA_UNMAP_FLAGS, HEADER_SIZE, MAX_BITMAP_SIZE, SPEC_DMA_MAP_FLAGS)
@@ -144,7 +144,7 @@ FIELDS.field("dma_write.data", "Data", BYTES)
 DISSECTORS = Dissectors()
 
 
-@DISSECTORS.request("DMA_MAP", fds=True)
+@DISSECTORS.request("DMA_MAP", fds=DMA_MEMORY)
 def _dma_map(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     _, v = add_layer(tree, DmaMap, msg, off)
     expect_end(tree, msg, off + DmaMap.vfu_compiled.size, "DMA_MAP request")

@@ -17,8 +17,8 @@ from vfu_inspect.fields import BYTES, UINT, Fields, bits32, u32
 from vfu_inspect.tree import Tree
 
 from .core import (
-    FACTS, SPEC, Context, Dissectors, add_bytes, add_layer, check_range, check_reply_argsz,
-    check_request_argsz, check_zero, expect_end, flag_letters)
+    FACTS, IRQ_EVENTFDS, SPEC, Context, Dissectors, add_bytes, add_layer, check_range,
+    check_reply_argsz, check_request_argsz, check_zero, expect_end, flag_letters)
 from .protocol import IRQ_INFO_FLAGS, IRQS, SET_IRQS_ACTION, SET_IRQS_DATA, SET_IRQS_FLAGS
 from .state import ConnState, Effect, EffectKind, IrqState, Pending, SessionRules, echoed_fields
 
@@ -87,7 +87,7 @@ def _irq_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
             f"flags={flag_letters(v['flags'], IRQ_INFO_FLAGS)}")
 
 
-@DISSECTORS.request("DEVICE_SET_IRQS", fds=True)
+@DISSECTORS.request("DEVICE_SET_IRQS", fds=IRQ_EVENTFDS)
 def _set_irqs(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, SetIrqs, msg, off)
     if "count" not in v:

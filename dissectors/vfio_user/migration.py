@@ -472,4 +472,4 @@ def _feature_text(v: dict[str, Any]) -> str:
 
 
 SESSION.effect("DEVICE_FEATURE", EffectKind(_feature_apply, _feature_undo, _feature_text,
-                                            _transition_conflict))
+                                            _transition_conflict, migration=True))

@@ -21,9 +21,9 @@ from vfu_inspect.tree import Tree
 
 from ..pci_config import CONFIG_REGION, dissect_config_access
 from .core import (
-    FACTS, SPEC, Context, Dissector, Dissectors, add_bytes, add_layer, check_range,
-    check_reply_argsz, check_request_argsz, check_zero, expect_end, fitting, flag_letters,
-    hex_size)
+    FACTS, IOEVENTFDS, REGION_MMAP, SPEC, Context, Dissector, Dissectors, add_bytes,
+    add_layer, check_range, check_reply_argsz, check_request_argsz, check_zero, expect_end,
+    fitting, flag_letters, hex_size)
 from .protocol import (
     CMD, IO_FD_FLAGS, IO_FD_TYPES, REGION_CAPS, REGION_FLAGS, REGIONS, region_name)
 from .state import (
@@ -186,7 +186,7 @@ def _region_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return f"{region_name(v['index'])} argsz={v['argsz']}"
 
 
-@DISSECTORS.reply("DEVICE_GET_REGION_INFO", fds=True)
+@DISSECTORS.reply("DEVICE_GET_REGION_INFO", fds=REGION_MMAP)
 def _region_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, RegionInfo, msg, off)
     if "offset" not in v:
@@ -277,7 +277,7 @@ def _io_fds_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     return region_name(v["index"])
 
 
-@DISSECTORS.reply("DEVICE_GET_REGION_IO_FDS", fds=True)
+@DISSECTORS.reply("DEVICE_GET_REGION_IO_FDS", fds=IOEVENTFDS)
 def _io_fds_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, RegionIoFds, msg, off)
     if "count" not in v:
@@ -509,3 +509,10 @@ def _apply_io_fds_reply(state: ConnState, p: Dissected, request: Pending) -> Non
 @SESSION.on_reply("REGION_READ")
 def _region_read_reply(state: ConnState, p: Dissected, request: Pending) -> None:
     _device_access(state, p, "region_read", write=False)
+
+
+# --- for the statistics ---------------------------------------------------------------
+
+# The requests that write device memory, by the layer whose region and offset
+# say where (`-z irq` times a write to a BAR until the next interrupt).
+MMIO_WRITES = {CMD["REGION_WRITE"]: "region_write", CMD["REGION_WRITE_MULTI"]: "write_multi.entry"}

@@ -201,12 +201,6 @@ class ConnState:
             self.apply(later)
         return broken
 
-    def in_flight_effect(self, *cmds: str) -> Effect | None:
-        """The newest unanswered effect of these commands, for the views."""
-        wanted = {CMD[name] for name in cmds}
-        return next((e for e in reversed(self.effects)
-                     if e.cmd in wanted and not e.answered), None)
-
     def sections(self, at_ns: int | None = None) -> list[tuple[str, list[str]]]:
         """The state as titled sections of text lines, for the views."""
         return [("Negotiation", self._negotiation_lines()),
@@ -262,7 +256,8 @@ class ConnState:
         return lines or ["none described"]
 
     def _migration_lines(self) -> list[str]:
-        pending = self.in_flight_effect("DEVICE_FEATURE", "DEVICE_RESET")
+        pending = next((e for e in reversed(self.effects)
+                        if e.kind.migration and not e.answered), None)
         return [f"device state {MIG_STATES.get(self.mig_state, self.mig_state)}"
                 + (f" (in flight: frame {pending.number} has no reply yet)" if pending else ""),
                 f"dirty logging {self.logging or 'off'}"]
@@ -311,7 +306,9 @@ def _ranges(numbers: set[int]) -> str:
 # Each kind applies an effect (returning what undoing it needs) and undoes it;
 # undoing runs newest first, so an undo only has to restore what its apply saw.
 # `conflict` says what a request breaks in a given state (an expert id and
-# message), for the request check and when an earlier request is retracted.
+# message), for the request check and when an earlier request is retracted;
+# `migration`: it may change the device state, which the Migration view
+# shows as in flight until its reply.
 
 Conflict = tuple[str, str] | None
 
@@ -322,6 +319,7 @@ class EffectKind:
     undo: Callable[[ConnState, Effect], None]
     describe: Callable[[dict[str, Any]], str]
     conflict: Callable[[ConnState, dict[str, Any]], Conflict] | None = None
+    migration: bool = False
 
 
     def __deepcopy__(self, memo: dict[int, Any]) -> EffectKind:

@@ -17,7 +17,7 @@ from scapy.packet import Packet
 from vfu_inspect.fields import BOOL, STRING, UINT, Fields, u16
 from vfu_inspect.tree import Tree
 
-from .core import FACTS, SPEC, Context, Dissectors, add_layer
+from .core import FACTS, SPEC, TWIN_SOCKET, Context, Dissectors, add_layer
 from .protocol import (
     CAPABILITIES, CAPABILITY_MINIMUM, EXTENSION_CAPABILITIES, OBJECT_CAPABILITIES, PAGE_4K,
     QEMU_CAPABILITY_MAXIMUM, QEMU_CLIENT_CAPABILITIES, QEMU_PAGE_CAPABILITIES)
@@ -72,7 +72,7 @@ DISSECTORS = Dissectors()
 
 
 @DISSECTORS.request("VERSION")
-@DISSECTORS.reply("VERSION", fds=True)
+@DISSECTORS.reply("VERSION", fds=TWIN_SOCKET)
 def _version(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     node, v = add_layer(tree, Version, msg, off)
     start = off + Version.vfu_compiled.size

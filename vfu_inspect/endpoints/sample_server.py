@@ -30,6 +30,7 @@ from .common import (BAR0_SIZE, BAR2_AREAS, BAR2_SIZE, CONFIG_SIZE, DEFAULT_ID_V
                      Recorder, close_fds, error_to, message, pack, parse_caps, reply_to, unpack,
                      version_payload)
 from ..dissectors import vfio_user as proto
+from ..dissectors.vfio_user.core import file_under
 from ..errors import ListenError
 from ..records import TWIN
 from ..sockio import MessageSocket, PeerClosed, listen_unix, unlink_socket
@@ -43,6 +44,18 @@ REGION_FLAGS_RW = proto.REGION_FLAGS["read"] | proto.REGION_FLAGS["write"]
 MIG_ARCS = {(2, 1), (3, 1), (4, 1), (6, 2), (1, 2), (2, 6), (1, 3), (6, 3), (1, 4)}
 MIG_RUNNING, MIG_STOP, MIG_RESUMING = 2, 1, 4
 MIG_SAVING = {3, 6}
+
+
+# The server's answer to each command a client sends, filed by `answers`
+# under the command's name: a Session method given the request and its fds
+# (none unless its family says the request carries some), returning the
+# reply's payload and fds, or an errno for an error reply.
+Answer = Callable[["Session", bytes, list[int]], "tuple[bytes, list[int]] | int"]
+ANSWERS: dict[int, Answer] = {}
+
+
+def answers(*names: str) -> Callable[[Answer], Answer]:
+    return file_under(ANSWERS, names)
 
 
 @dataclass
@@ -126,17 +139,6 @@ class Session:
         self.dirty: set[int] = set()
         self.doorbells: list[int] = []          # our ioeventfds, each read by its thread
         self.closed = False
-        self.handlers: dict[int, Callable] = {
-            CMD["VERSION"]: self.version, CMD["DMA_MAP"]: self.dma_map,
-            CMD["DMA_UNMAP"]: self.dma_unmap, CMD["DEVICE_GET_INFO"]: self.device_info,
-            CMD["DEVICE_GET_REGION_INFO"]: self.region_info,
-            CMD["DEVICE_GET_REGION_IO_FDS"]: self.region_io_fds,
-            CMD["DEVICE_GET_IRQ_INFO"]: self.irq_info, CMD["DEVICE_SET_IRQS"]: self.set_irqs,
-            CMD["REGION_READ"]: self.region_read, CMD["REGION_WRITE"]: self.region_write,
-            CMD["DEVICE_RESET"]: self.reset, CMD["REGION_WRITE_MULTI"]: self.write_multi,
-            CMD["DEVICE_FEATURE"]: self.feature, CMD["MIG_DATA_READ"]: self.mig_data_read,
-            CMD["MIG_DATA_WRITE"]: self.mig_data_write,
-        }
 
     # --- the loop ---------------------------------------------------------------
 
@@ -156,23 +158,25 @@ class Session:
         if h is None or h.is_reply:
             close_fds(frame.fds)
             return                               # nothing of ours is waiting: drop it
-        handler = self.handlers.get(h.cmd)
+        answer, fds = ANSWERS.get(h.cmd), frame.fds
+        if answer is None or h.cmd in self.options.errno_for \
+                or (h.cmd, "command") not in proto.FD_CARRIERS:
+            close_fds(fds)           # an errno answers it, or its family says it carries none
+            fds = []
         if h.cmd in self.options.errno_for:
-            close_fds(frame.fds)
             result: tuple | int = self.options.errno_for[h.cmd]
-        elif handler is None:
-            close_fds(frame.fds)
+        elif answer is None:
             result = errno.ENOSYS
         else:
             with self.device.lock:
-                result = handler(msg, frame.fds)
+                result = answer(self, msg, fds)
         if not h.no_reply:
             if isinstance(result, int):
                 self.main.send(error_to(msg, result))
             else:
-                payload, fds = result
-                self.main.send(reply_to(msg, payload), fds)
-                close_fds(fds)
+                payload, reply_fds = result
+                self.main.send(reply_to(msg, payload), reply_fds)
+                close_fds(reply_fds)
         while self.after_reply:
             self.after_reply.pop(0)()
 
@@ -191,8 +195,8 @@ class Session:
 
     # --- commands ------------------------------------------------------------
 
+    @answers("VERSION")
     def version(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         major, minor = unpack(proto.Version, msg)
         if major != 0:
             raise ProtocolError(f"client proposed major {major}")
@@ -210,6 +214,7 @@ class Session:
             out_fds = [theirs.detach()]
         return version_payload(min(minor, OUR_MINOR), caps), out_fds
 
+    @answers("DMA_MAP")
     def dma_map(self, msg: bytes, fds: list[int]):
         argsz, flags, offset, iova, size = unpack(proto.DmaMap, msg)
         if flags & ~0x3 or len(fds) > 1 or size == 0:
@@ -224,8 +229,8 @@ class Session:
         self.maps.append(DmaMapping(iova, size, offset, fd))
         return b"", []
 
+    @answers("DMA_UNMAP")
     def dma_unmap(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         argsz, flags, iova, size = unpack(proto.DmaUnmap, msg)
         if flags & proto.DMA_UNMAP_FLAGS["all"]:
             doomed = list(self.maps)
@@ -238,12 +243,12 @@ class Session:
             self.maps.remove(mapping)
         return msg[proto.HEADER_SIZE:proto.HEADER_SIZE + 24], []
 
+    @answers("DEVICE_GET_INFO")
     def device_info(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         return pack(proto.DeviceInfo, 16, 0x3, 9, len(IRQ_COUNTS)), []
 
+    @answers("DEVICE_GET_REGION_INFO")
     def region_info(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         argsz, _, index, _, _, _ = unpack(proto.RegionInfo, msg)
         if index > 8:
             return errno.EINVAL
@@ -265,8 +270,8 @@ class Session:
         return pack(proto.RegionInfo, full, flags | proto.REGION_FLAGS["caps"], index, 32,
                     size, 0) + caps, [os.dup(self.device.bar2_fd)]
 
+    @answers("DEVICE_GET_REGION_IO_FDS")
     def region_io_fds(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         argsz, _, index, _ = unpack(proto.RegionIoFds, msg)
         if index != 0:
             return pack(proto.RegionIoFds, 16, 0, index, 0), []
@@ -285,14 +290,15 @@ class Session:
                 self.raise_irq(DOORBELL_VECTOR)
         os.close(doorbell)
 
+    @answers("DEVICE_GET_IRQ_INFO")
     def irq_info(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         _, _, index, _ = unpack(proto.IrqInfo, msg)
         if index not in IRQ_COUNTS:
             return errno.EINVAL
         flags = 0x1 | (0x2 if index == 0 else 0x8)
         return pack(proto.IrqInfo, 16, flags, index, IRQ_COUNTS[index]), []
 
+    @answers("DEVICE_SET_IRQS")
     def set_irqs(self, msg: bytes, fds: list[int]):
         argsz, flags, index, start, count = unpack(proto.SetIrqs, msg)
         vectors = self.irqs.get(index)
@@ -335,16 +341,16 @@ class Session:
             return None
         return memoryview(backing)[offset:offset + count]
 
+    @answers("REGION_READ")
     def region_read(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         offset, index, count = unpack(proto.RegionRead, msg)
         view = self._region(index, offset, count)
         if view is None:
             return errno.EINVAL
         return msg[proto.HEADER_SIZE:proto.HEADER_SIZE + 16] + bytes(view), []
 
+    @answers("REGION_WRITE")
     def region_write(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         offset, index, count = unpack(proto.RegionWrite, msg)
         data = msg[proto.HEADER_SIZE + 16:]
         view = self._region(index, offset, count)
@@ -438,13 +444,13 @@ class Session:
 
     # --- reset, write-multi, features, migration ----------------------------------
 
+    @answers("DEVICE_RESET")
     def reset(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         self.device.reset()
         return b"", []
 
+    @answers("REGION_WRITE_MULTI")
     def write_multi(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         (count,) = unpack(proto.WriteMulti, msg)
         entry = proto.WriteMultiEntry.vfu_compiled.size
         for i in range(count):
@@ -456,8 +462,8 @@ class Session:
             view[:] = data[:size]
         return pack(proto.WriteMulti, count), []
 
+    @answers("DEVICE_FEATURE")
     def feature(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         argsz, flags = unpack(proto.DeviceFeature, msg)
         feature, body = flags & 0xFFFF, msg[proto.HEADER_SIZE + 8:]
 
@@ -516,16 +522,16 @@ class Session:
         self.dirty -= set(range(iova // PAGE, iova // PAGE + pages))
         return head(body[:24] + bytes(bitmap))
 
+    @answers("MIG_DATA_READ")
     def mig_data_read(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         _, size = unpack(proto.MigDataRead, msg)
         if self.device.mig_state not in MIG_SAVING:
             return errno.EINVAL
         chunk, self.mig_out = self.mig_out[:size], self.mig_out[size:]
         return pack(proto.MigDataRead, 8 + len(chunk), len(chunk)) + chunk, []
 
+    @answers("MIG_DATA_WRITE")
     def mig_data_write(self, msg: bytes, fds: list[int]):
-        close_fds(fds)
         _, size = unpack(proto.MigDataWrite, msg)
         data = msg[proto.HEADER_SIZE + 8:]
         if self.device.mig_state != MIG_RESUMING or len(data) != size:
