@@ -85,7 +85,7 @@ __all__ = [
     "RegionWrite", "SetIrqs", "ShadowSubRegion", "SparseArea", "SparseMmap", "SubRegion",
     "Version", "WriteMulti", "WriteMultiEntry",
     "bitmap_bytes", "parse_header", "region_name",
-    "CHECKS", "FIELDS", "REQUESTS", "SESSION", "dissect_message", "field_commands",
+    "CHECKS", "FIELDS", "PARTS", "PAYLOADS", "REQUESTS", "SESSION", "dissect_message", "field_commands",
     "layers", "member_widths", "protocol_fields",
 ]
 
@@ -98,6 +98,7 @@ FIELDS = Fields(*(family.FIELDS for family in FAMILIES))
 CHECKS = [row for family in FAMILIES for row in family.CHECKS]
 _DISSECTORS = Dissectors.merged(family.DISSECTORS for family in COMMAND_FAMILIES)
 REQUESTS, REPLIES = _DISSECTORS.requests, _DISSECTORS.replies
+PAYLOADS, PARTS = _DISSECTORS.payloads, _DISSECTORS.parts
 SESSION = SessionRules.merged([SessionRules(must_refuse=header.MUST_REFUSE),
                                *(family.SESSION for family in COMMAND_FAMILIES)])
 
