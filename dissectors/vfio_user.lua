@@ -300,17 +300,17 @@ local LAYERS = {
 -- each command's declared request and reply payload, by command number
 local MESSAGES = {
     [1] = {request = {layer = "Version", what = "VERSION request", command = "VERSION"}, reply = {layer = "Version", what = "VERSION reply", command = "VERSION"}},
-    [2] = {request = {layer = "DmaMap", what = "DMA_MAP request", command = "DMA_MAP", ends = true}, reply = {what = "DMA_MAP reply", command = "DMA_MAP", ends = true}},
+    [2] = {request = {layer = "DmaMap", what = "DMA_MAP request", command = "DMA_MAP", ends = true, argsz = "exact"}, reply = {what = "DMA_MAP reply", command = "DMA_MAP", ends = true}},
     [3] = {request = {layer = "DmaUnmap", what = "DMA_UNMAP request", command = "DMA_UNMAP"}, reply = {layer = "DmaUnmap", what = "DMA_UNMAP reply", command = "DMA_UNMAP"}},
     [4] = {request = {layer = "DeviceInfo", what = "DEVICE_GET_INFO request", command = "DEVICE_GET_INFO", ends = true, argsz = "request", zero = {"flags", "num_regions", "num_irqs"}}, reply = {layer = "DeviceInfo", what = "DEVICE_GET_INFO reply", command = "DEVICE_GET_INFO", ends = true, argsz = "reply"}},
     [5] = {request = {layer = "RegionInfo", what = "DEVICE_GET_REGION_INFO request", command = "DEVICE_GET_REGION_INFO", argsz = "request", zero = {"flags", "cap_offset", "size", "offset"}}, reply = {layer = "RegionInfo", what = "DEVICE_GET_REGION_INFO reply", command = "DEVICE_GET_REGION_INFO", argsz = "reply"}},
     [6] = {request = {layer = "RegionIoFds", what = "DEVICE_GET_REGION_IO_FDS request", command = "DEVICE_GET_REGION_IO_FDS", ends = true, argsz = "request", zero = {"flags", "count"}}, reply = {layer = "RegionIoFds", what = "DEVICE_GET_REGION_IO_FDS reply", command = "DEVICE_GET_REGION_IO_FDS", argsz = "reply", zero = {"flags"}}},
     [7] = {request = {layer = "IrqInfo", what = "DEVICE_GET_IRQ_INFO request", command = "DEVICE_GET_IRQ_INFO", ends = true, argsz = "request", zero = {"flags", "count"}}, reply = {layer = "IrqInfo", what = "DEVICE_GET_IRQ_INFO reply", command = "DEVICE_GET_IRQ_INFO", ends = true, argsz = "reply"}},
     [8] = {request = {layer = "SetIrqs", what = "DEVICE_SET_IRQS request", command = "DEVICE_SET_IRQS"}, reply = {what = "DEVICE_SET_IRQS reply", command = "DEVICE_SET_IRQS", ends = true}},
-    [9] = {request = {layer = "RegionRead", what = "REGION_READ", command = "REGION_READ", ends = true}, reply = {layer = "RegionRead", what = "REGION_READ", command = "REGION_READ", ends = true, rest = "region_read.data", count = "count", expert = "region_read.count"}},
-    [10] = {request = {layer = "RegionWrite", what = "REGION_WRITE", command = "REGION_WRITE", ends = true, rest = "region_write.data", count = "count", expert = "region_write.count"}, reply = {layer = "RegionWrite", what = "REGION_WRITE", command = "REGION_WRITE", ends = true}},
-    [11] = {request = {layer = "DmaRead", what = "DMA_READ", command = "DMA_READ", ends = true}},
-    [12] = {request = {layer = "DmaWrite", what = "DMA_WRITE", command = "DMA_WRITE", ends = true, rest = "dma_write.data", count = "count", expert = "dma_write.count"}},
+    [9] = {request = {layer = "RegionRead", what = "REGION_READ", command = "REGION_READ", ends = true, wraps = {"offset", "count"}}, reply = {layer = "RegionRead", what = "REGION_READ", command = "REGION_READ", ends = true, rest = "region_read.data", count = "count", expert = "region_read.count"}},
+    [10] = {request = {layer = "RegionWrite", what = "REGION_WRITE", command = "REGION_WRITE", ends = true, rest = "region_write.data", count = "count", expert = "region_write.count", wraps = {"offset", "count"}}, reply = {layer = "RegionWrite", what = "REGION_WRITE", command = "REGION_WRITE", ends = true}},
+    [11] = {request = {layer = "DmaRead", what = "DMA_READ", command = "DMA_READ", ends = true, wraps = {"address", "count"}}},
+    [12] = {request = {layer = "DmaWrite", what = "DMA_WRITE", command = "DMA_WRITE", ends = true, rest = "dma_write.data", count = "count", expert = "dma_write.count", wraps = {"address", "count"}}},
     [13] = {request = {what = "DEVICE_RESET request", command = "DEVICE_RESET", ends = true}, reply = {what = "DEVICE_RESET reply", command = "DEVICE_RESET", ends = true}},
     [15] = {request = {layer = "WriteMulti", what = "REGION_WRITE_MULTI request", command = "REGION_WRITE_MULTI"}, reply = {layer = "WriteMulti", what = "REGION_WRITE_MULTI reply", command = "REGION_WRITE_MULTI", ends = true}},
     [16] = {request = {layer = "DeviceFeature", what = "DEVICE_FEATURE request", command = "DEVICE_FEATURE"}, reply = {layer = "DeviceFeature", what = "DEVICE_FEATURE reply", command = "DEVICE_FEATURE"}},
@@ -593,14 +593,18 @@ function Dissection:size(name)
     return LAYERS[name].size
 end
 
+-- A layer's member {field, offset in the layer, size}, by its short name.
+local function member_of(name, short)
+    for _, m in ipairs(LAYERS[name]) do
+        if m[1]:match("[^.]+$") == short then return m end
+    end
+end
+
 -- A layer member's value at `offset` (where the layer starts), or nil when
 -- the message is too short: for the few values read before the layer is.
-function Dissection:member(name, field, offset)
-    for _, m in ipairs(LAYERS[name]) do
-        if m[1] == field and offset + m[2] + m[3] <= self.len then
-            return self:number(offset + m[2], m[3])
-        end
-    end
+function Dissection:member(name, short, offset)
+    local m = member_of(name, short)
+    if offset + m[2] + m[3] <= self.len then return self:number(offset + m[2], m[3]) end
 end
 
 function Dissection:expect_end(stop, what, parent)
@@ -690,9 +694,20 @@ function Dissection:walk(spec, offset, parent)
         self:request_argsz(v.argsz, self:size(spec.layer), spec.command)
     elseif whole and spec.argsz == "reply" then
         self:reply_argsz(v.argsz, self.len - offset, spec.command)
+    elseif whole and spec.argsz == "exact" and v.argsz ~= self:size(spec.layer) then
+        self:expert("argsz.mismatch", string.format("%s argsz %d, the request struct is %d bytes",
+                    spec.command, v.argsz, self:size(spec.layer)))
     end
     if whole and spec.zero then self:zero(v, spec.zero, spec.what) end
+    if whole and spec.wraps then self:wraps(spec, offset) end
     return node, v, stop, whole
+end
+
+-- Whether the declared start + count reaches 2^64.
+function Dissection:wraps(spec, offset)
+    local start, count = member_of(spec.layer, spec.wraps[1]), member_of(spec.layer, spec.wraps[2])
+    self:range_check(offset + start[2], offset + count[2], count[3],
+                     spec.what .. " " .. table.concat(spec.wraps, "+"))
 end
 
 -- The bytes after the layer as one field, against the member counting them.
@@ -937,10 +952,6 @@ end
 REQUESTS[CMD.VERSION], REPLIES[CMD.VERSION] = version, version
 
 REQUESTS[CMD.DMA_MAP] = function(d, v)
-    if v.argsz ~= d:size("DmaMap") then
-        d:expert("argsz.mismatch", string.format(
-            "DMA_MAP argsz %d, the request struct is 32 bytes", v.argsz))
-    end
     local known = all_bits(DMA_MAP_FLAGS)
     if band(v.flags, U32 - known) ~= 0 then
         d:expert("dma_map.flags_unknown", string.format("DMA_MAP flags 0x%x has bits neither "
@@ -1161,8 +1172,7 @@ REQUESTS[CMD.DEVICE_SET_IRQS] = function(d, v, node, data)
     return string.format("%s start=%d count=%d", irq_name(v.index), v.start, v.count)
 end
 
-local function region_access(d, v, _, _, spec)
-    if d.c2s then d:range_check(HEADER_SIZE, HEADER_SIZE + 12, 4, spec.what .. " offset+count") end
+local function region_access(d, v)
     return string.format("%s offset=%s count=%d", region_name(v.region), hex(v.offset), v.count)
 end
 for _, cmd in ipairs({CMD.REGION_READ, CMD.REGION_WRITE}) do
@@ -1193,10 +1203,10 @@ REPLIES[CMD.REGION_WRITE_MULTI] = function(d, v) return dec(v.wr_cnt) .. " compl
 -- Why a DMA_READ reply is in QEMU's layout, or nil: both layouts give `count`
 -- bytes the same size; QEMU's u32 count is followed by data and ends with 4
 -- zero bytes, the spec's count is a u64.  d.qemu_dma: what the client showed.
-local function qemu_layout(d, spec, qemu, prefix, off, asked)
+local function qemu_layout(d, spec, qemu, off, asked)
     if asked == nil or d.len < off + d:size(spec) then return nil end
-    local spec_count = d:member(spec, prefix .. ".count", off)
-    if spec_count ~= asked and d:member(qemu, prefix .. ".count", off) == asked then
+    local spec_count = d:member(spec, "count", off)
+    if spec_count ~= asked and d:member(qemu, "count", off) == asked then
         return "its u32 count matches the request and the u64 does not"
     end
     if d.qemu_dma and spec_count == asked and d.buf(d.len - 4, 4):le_uint() == 0 then
@@ -1204,8 +1214,7 @@ local function qemu_layout(d, spec, qemu, prefix, off, asked)
     end
 end
 
-local function dma_request(d, v, _, _, spec)
-    d:range_check(HEADER_SIZE, HEADER_SIZE + 8, 8, spec.what)
+local function dma_request(d, v)
     return string.format("addr=%s count=%s", hex(v.address), dec(v.count))
 end
 
@@ -1221,7 +1230,7 @@ local function dma_reply(spec, qemu, prefix, with_data)
             return "bare reply (QEMU layout)"
         end
         local layout = spec
-        local why = with_data and qemu_layout(d, spec, qemu, prefix, off, asked)
+        local why = with_data and qemu_layout(d, spec, qemu, off, asked)
         if not with_data and d.len - off == d:size(qemu) then
             layout = qemu
             d:expert("interop.dma_write_spec_reply", LAYERS[spec].label .. " reply as the spec's "
@@ -1334,7 +1343,8 @@ end
 
 local function feature_data(d, offset, feature, parent)
     if feature == FEATURE.MIGRATION then
-        return "", select(2, d:walk(PARTS.MIGRATION_FEATURE, offset, parent))
+        local _, f = d:walk(PARTS.MIGRATION_FEATURE, offset, parent)
+        return "", f
     elseif feature == FEATURE.MIG_DEVICE_STATE then
         local _, f = d:walk(PARTS.MIG_DEVICE_STATE, offset, parent)
         return " state=" .. (MIG_STATES[f.device_state] or tostring(f.device_state)), f

@@ -182,8 +182,10 @@ def _payload(payload: core.Payload) -> str:
         entries.update(array=tail.layer.__name__, count=tail.count, expert=tail.expert,
                        beside=tail.beside or None)
     fields_ = [f"{key} = {_lua(value)}" for key, value in entries.items() if value is not None]
-    if payload.zero:
-        fields_.append("zero = {" + ", ".join(map(_lua, payload.zero)) + "}")
+    for key in ("zero", "wraps"):
+        names = getattr(payload, key)
+        if names:
+            fields_.append(f"{key} = {{" + ", ".join(map(_lua, names)) + "}")
     return "{" + ", ".join(fields_) + "}"
 
 

@@ -161,6 +161,7 @@ def fitting(tree: Tree, count: int, msg: bytes, offset: int, cls: type[Packet],
 # beyond these stay in code, on both sides.
 
 REQUEST, REPLY = "request", "reply"
+EXACT = "exact"         # argsz: the layer's size, no more and no less
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,14 +188,16 @@ class Array:
 @dataclass(frozen=True, slots=True)
 class Payload:
     """A layer and what follows it.  Once the layer is whole: the tail, then
-    argsz (REQUEST: at least the layer; REPLY: the payload's size) and the
-    members that must be zero.  `ends`: bytes past it all are trailing."""
+    argsz (REQUEST: at least the layer; REPLY: the payload's size; EXACT),
+    the members that must be zero, and the (start, count) members whose end
+    must fit in 64 bits.  `ends`: bytes past the tail are trailing."""
 
     layer: type[Packet] | None          # None: the header alone
     tail: Rest | Array | None = None
     ends: bool = True
     argsz: str | None = None
     zero: tuple[str, ...] = ()
+    wraps: tuple[str, str] | None = None
     label: str = ""                     # how messages name it; the command's by default
     command: str = ""                   # filed by Dissectors.declare
     kind: str = ""
@@ -234,8 +237,14 @@ def walk(tree: Tree, msg: bytes, off: int, payload: Payload, parent: int = -1) -
         check_request_argsz(tree, v["argsz"], compiled.size, payload.command)
     elif out.whole and payload.argsz == REPLY:
         check_reply_argsz(tree, v["argsz"], len(msg) - off, payload.command)
+    elif out.whole and payload.argsz == EXACT and v["argsz"] != compiled.size:
+        tree.expert("argsz.mismatch", f"{payload.command} argsz {v['argsz']}, the request "
+                    f"struct is {compiled.size} bytes")
     if out.whole and payload.zero:
         check_zero(tree, v, payload.zero, payload.what)
+    if out.whole and payload.wraps:
+        start, count = payload.wraps
+        check_range(tree, v[start], v[count], 64, f"{payload.what} {start}+{count}")
     return out
 
 

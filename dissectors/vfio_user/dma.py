@@ -21,7 +21,7 @@ from vfu_inspect.records import S2C
 from vfu_inspect.tree import Tree
 
 from .core import (
-    FACTS, LVU, REPLY, REQUEST, SPEC, Context, Dissector, Dissectors, Payload, Rest, add_bytes,
+    EXACT, FACTS, LVU, REPLY, REQUEST, SPEC, Context, Dissector, Dissectors, Payload, Rest, add_bytes,
     add_layer, check_range, check_request_argsz, expect_end, fd_text, hex_size, walk)
 from .protocol import (
     CMD, DMA_MAP_FLAGS, DMA_UNMAP_FLAGS, HEADER_SIZE, MAX_BITMAP_SIZE, SPEC_DMA_MAP_FLAGS)
@@ -142,7 +142,7 @@ FIELDS.field("dma_write.data", "Data", BYTES)
 # --- dissectors ---------------------------------------------------------------------
 
 DISSECTORS = Dissectors()
-DMA_MAP_REQUEST = DISSECTORS.declare("DMA_MAP", REQUEST, Payload(DmaMap))
+DMA_MAP_REQUEST = DISSECTORS.declare("DMA_MAP", REQUEST, Payload(DmaMap, argsz=EXACT))
 # the dirty bitmap that GET_DIRTY_BITMAP adds is walked by hand
 DMA_UNMAP = DISSECTORS.declare("DMA_UNMAP", REQUEST, Payload(DmaUnmap, ends=False))
 DISSECTORS.declare("DMA_UNMAP", REPLY, DMA_UNMAP)
@@ -153,9 +153,6 @@ def _dma_map(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     v = walk(tree, msg, off, DMA_MAP_REQUEST).values
     if "size" not in v:
         return ""
-    if v["argsz"] != DmaMap.vfu_compiled.size:
-        tree.expert("argsz.mismatch",
-                    f"DMA_MAP argsz {v['argsz']}, the request struct is 32 bytes")
     if v["flags"] & ~sum(DMA_MAP_FLAGS.values()):
         tree.expert("dma_map.flags_unknown", f"DMA_MAP flags {v['flags']:#x} has bits neither "
                     "the spec nor libvfio-user defines (libvfio-user refuses them)")
@@ -224,7 +221,7 @@ def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
     prefix = spec.vfu_field.name
     request = DISSECTORS.declare(spec.vfu_name, REQUEST, Payload(
         spec, Rest(f"{prefix}.data", "count", f"{prefix}.count") if data_in_request else None,
-        label=spec.vfu_name))
+        wraps=("address", "count"), label=spec.vfu_name))
 
     def body(tree: Tree, msg: bytes, off: int, layout: type[Packet],
              with_data: bool) -> dict[str, int]:
@@ -238,8 +235,6 @@ def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
 
     def on_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         v = walk(tree, msg, off, request).values
-        if "count" in v:
-            check_range(tree, v["address"], v["count"], 64, f"{spec.vfu_name} address+count")
         return f"addr={v.get('address', 0):#x} count={v.get('count', '?')}"
 
     def on_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:

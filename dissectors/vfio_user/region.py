@@ -329,15 +329,13 @@ def _region_access(cls: type[Packet], kind: str, with_data: bool) -> Dissector:
     prefix = cls.vfu_field.name
     payload = DISSECTORS.declare(cls.vfu_name, kind, Payload(
         cls, Rest(f"{prefix}.data", "count", f"{prefix}.count") if with_data else None,
-        label=cls.vfu_name))
+        wraps=("offset", "count") if kind == REQUEST else None, label=cls.vfu_name))
 
     def fn(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         v = walk(tree, msg, off, payload).values
         if "count" not in v:
             return ""
         data = off + cls.vfu_compiled.size
-        if ctx.direction == "c2s":
-            check_range(tree, v["offset"], v["count"], 64, f"{cls.vfu_name} offset+count")
         info = f"{region_name(v['region'])} offset={v['offset']:#x} count={v['count']}"
         if with_data and v["count"] <= 8 and len(msg) - data == v["count"]:
             info += f" data={_le_value(msg[data:])}"
