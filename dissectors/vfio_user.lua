@@ -1,8 +1,9 @@
 -- vfio-user dissector for Wireshark (QEMU docs/interop/vfio-user.rst).
 --
 -- Opens the pcapng files `vfu-inspect export` writes (Exported PDU packets
--- naming the "vfio_user" dissector).  Field names, labels, value names and
--- layouts come from vfu-inspect's field registry: this file is generated,
+-- naming the "vfio_user" dissector).  Field names, labels, value names,
+-- layouts and each command's declared payload come from vfu-inspect's field
+-- registry and dissector families: this file is generated,
 -- edit dissectors/vfio_user.lua.in and run `vfu-inspect wireshark-plugin
 -- --generate`.  Runs on Lua 5.2 (Wireshark 4.0) and 5.4 (Wireshark 4.4+).
 --

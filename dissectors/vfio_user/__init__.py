@@ -4,9 +4,11 @@ per command family.
 A family module holds all that is known of its commands, next to each other:
 their layers (scapy packets, the one declaration of the wire format; scapy
 builds messages from them, `FIELDS.layer` declares their fields under their
-filter names and compiles them for decoding), the request and reply
-dissector of each command, which walks its variable parts and flags what is
-wrong, its checks (CHECKS rows), and its session side: the checks that need
+filter names and compiles them for decoding), each command's request and
+reply payload as data (`Payload`: its layer and what may follow it, which
+the Python dissector walks and the generated Lua plugin interprets), the
+request and reply dissector of each command, which walks the rest and flags
+what is wrong, its checks (CHECKS rows), and its session side: the checks that need
 the connection's history and what the command changes in its state.
 
     header     the header and framing, and the checks no one command owns

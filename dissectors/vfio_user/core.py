@@ -1,8 +1,9 @@
 """What every command family's dissectors share: the Context a dissector
 gets, `add_layer` and the byte helpers, the checks many commands make
 (argsz, must-be-zero fields, ranges that wrap), where a check's rule comes
-from, and `Dissectors`, the table a family files its request and reply
-dissectors in.
+from, `Payload` (a request's or reply's layout declared as data, which
+`walk` dissects and the Lua plugin interprets), and `Dissectors`, the table
+a family files its request and reply dissectors and payloads in.
 """
 
 from __future__ import annotations
