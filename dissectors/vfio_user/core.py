@@ -203,6 +203,15 @@ class Payload:
     command: str = ""                   # filed by Dissectors.declare
     kind: str = ""
 
+    def __post_init__(self) -> None:
+        """Names the declaration gives must be the layer's members (or the tail's)."""
+        named = [*self.zero, *(self.wraps or ()), *([self.tail.count] if self.tail else [])]
+        members = self.layer.vfu_compiled.names if self.layer else ()
+        unknown = [name for name in named if name is not None and name not in members]
+        if unknown or (self.argsz and "argsz" not in members):
+            raise ValueError(f"{self.layer and self.layer.__name__} has no member "
+                             f"{', '.join(unknown) or 'argsz'}")
+
     @property
     def what(self) -> str:
         return self.label or f"{self.command} {self.kind}"
