@@ -691,17 +691,23 @@ function Dissection:walk(spec, offset, parent)
         end
     end
     if spec.ends then self:expect_end(stop, spec.what) end
-    if whole and spec.argsz == "request" then
-        self:request_argsz(v.argsz, self:size(spec.layer), spec.command)
-    elseif whole and spec.argsz == "reply" then
-        self:reply_argsz(v.argsz, self.len - offset, spec.command)
-    elseif whole and spec.argsz == "exact" and v.argsz ~= self:size(spec.layer) then
-        self:expert("argsz.mismatch", string.format("%s argsz %d, the request struct is %d bytes",
-                    spec.command, v.argsz, self:size(spec.layer)))
-    end
-    if whole and spec.zero then self:zero(v, spec.zero, spec.what) end
-    if whole and spec.wraps then self:wraps(spec, offset) end
+    if whole then self:declared_checks(spec, v, offset) end
     return node, v, stop, whole
+end
+
+-- A whole layer's argsz, must-be-zero members and start + count.
+function Dissection:declared_checks(spec, v, offset)
+    local size = self:size(spec.layer)
+    if spec.argsz == "request" then
+        self:request_argsz(v.argsz, size, spec.command)
+    elseif spec.argsz == "reply" then
+        self:reply_argsz(v.argsz, self.len - offset, spec.command)
+    elseif spec.argsz == "exact" and v.argsz ~= size then
+        self:expert("argsz.mismatch", string.format("%s argsz %d, the request struct is %d bytes",
+                    spec.command, v.argsz, size))
+    end
+    if spec.zero then self:zero(v, spec.zero, spec.what) end
+    if spec.wraps then self:wraps(spec, offset) end
 end
 
 -- Whether the declared start + count reaches 2^64.

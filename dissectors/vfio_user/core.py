@@ -243,19 +243,26 @@ def walk(tree: Tree, msg: bytes, off: int, payload: Payload, parent: int = -1) -
         _walk_array(tree, msg, out, payload.tail, parent)
     if payload.ends:
         expect_end(tree, msg, out.end, payload.what)
-    if out.whole and payload.argsz == REQUEST:
-        check_request_argsz(tree, v["argsz"], compiled.size, payload.command)
-    elif out.whole and payload.argsz == REPLY:
-        check_reply_argsz(tree, v["argsz"], len(msg) - off, payload.command)
-    elif out.whole and payload.argsz == EXACT and v["argsz"] != compiled.size:
+    if out.whole:
+        _declared_checks(tree, len(msg) - off, payload, v)
+    return out
+
+
+def _declared_checks(tree: Tree, payload_len: int, payload: Payload, v: dict[str, int]) -> None:
+    """A whole layer's argsz, must-be-zero members and start + count."""
+    size = payload.layer.vfu_compiled.size
+    if payload.argsz == REQUEST:
+        check_request_argsz(tree, v["argsz"], size, payload.command)
+    elif payload.argsz == REPLY:
+        check_reply_argsz(tree, v["argsz"], payload_len, payload.command)
+    elif payload.argsz == EXACT and v["argsz"] != size:
         tree.expert("argsz.mismatch", f"{payload.command} argsz {v['argsz']}, the request "
-                    f"struct is {compiled.size} bytes")
-    if out.whole and payload.zero:
+                    f"struct is {size} bytes")
+    if payload.zero:
         check_zero(tree, v, payload.zero, payload.what)
-    if out.whole and payload.wraps:
+    if payload.wraps:
         start, count = payload.wraps
         check_range(tree, v[start], v[count], 64, f"{payload.what} {start}+{count}")
-    return out
 
 
 def _walk_rest(tree: Tree, msg: bytes, out: Walked, rest: Rest) -> None:
