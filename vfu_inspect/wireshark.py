@@ -173,9 +173,10 @@ def _message_lines() -> Iterable[str]:
 def _payload(payload: core.Payload) -> str:
     """A Payload as a Lua table, its layer and tail's layer by class name."""
     tail = payload.tail
-    entries = {"layer": payload.layer and payload.layer.__name__, "what": payload.what if payload.command or payload.label else None,
-               "command": payload.command or None, "ends": payload.ends or None,
-               "argsz": payload.argsz}
+    named = payload.command or payload.label
+    entries = {"layer": payload.layer and payload.layer.__name__,
+               "what": payload.what if named else None, "command": payload.command or None,
+               "ends": payload.ends or None, "argsz": payload.argsz}
     if isinstance(tail, core.Rest):
         entries.update(rest=tail.field, count=tail.count, expert=tail.expert or None)
     elif isinstance(tail, core.Array):

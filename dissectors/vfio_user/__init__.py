@@ -8,8 +8,8 @@ filter names and compiles them for decoding), each command's request and
 reply payload as data (`Payload`: its layer and what may follow it, which
 the Python dissector walks and the generated Lua plugin interprets), the
 request and reply dissector of each command, which walks the rest and flags
-what is wrong, its checks (CHECKS rows), and its session side: the checks that need
-the connection's history and what the command changes in its state.
+what is wrong, its checks (CHECKS rows), and its session side: the checks
+that need the connection's history and what the command changes in its state.
 
     header     the header and framing, and the checks no one command owns
     version    VERSION and the capabilities
@@ -87,7 +87,8 @@ __all__ = [
     "RegionWrite", "SetIrqs", "ShadowSubRegion", "SparseArea", "SparseMmap", "SubRegion",
     "Version", "WriteMulti", "WriteMultiEntry",
     "bitmap_bytes", "parse_header", "region_name",
-    "CHECKS", "FIELDS", "PARTS", "PAYLOADS", "REQUESTS", "SESSION", "dissect_message", "field_commands",
+    "CHECKS", "FIELDS", "PARTS", "PAYLOADS", "REQUESTS", "SESSION", "dissect_message",
+    "field_commands",
     "layers", "member_widths", "protocol_fields",
 ]
 

@@ -21,8 +21,8 @@ from vfu_inspect.records import S2C
 from vfu_inspect.tree import Tree
 
 from .core import (
-    EXACT, FACTS, LVU, REPLY, REQUEST, SPEC, Context, Dissector, Dissectors, Payload, Rest, add_bytes,
-    add_layer, check_range, check_request_argsz, expect_end, fd_text, hex_size, walk)
+    EXACT, FACTS, LVU, REPLY, REQUEST, SPEC, Context, Dissector, Dissectors, Payload, Rest,
+    add_bytes, add_layer, check_range, check_request_argsz, expect_end, fd_text, hex_size, walk)
 from .protocol import (
     CMD, DMA_MAP_FLAGS, DMA_UNMAP_FLAGS, HEADER_SIZE, MAX_BITMAP_SIZE, SPEC_DMA_MAP_FLAGS)
 from .state import (
