@@ -1,8 +1,9 @@
 -- vfio-user dissector for Wireshark (QEMU docs/interop/vfio-user.rst).
 --
 -- Opens the pcapng files `vfu-inspect export` writes (Exported PDU packets
--- naming the "vfio_user" dissector).  Field names, labels, value names and
--- layouts come from vfu-inspect's field registry: this file is generated,
+-- naming the "vfio_user" dissector).  Field names, labels, value names,
+-- layouts and each command's declared payload come from vfu-inspect's field
+-- registry and dissector families: this file is generated,
 -- edit dissectors/vfio_user.lua.in and run `vfu-inspect wireshark-plugin
 -- --generate`.  Runs on Lua 5.2 (Wireshark 4.0) and 5.4 (Wireshark 4.4+).
 --
@@ -297,6 +298,36 @@ local LAYERS = {
     MigDataWrite = {field = "mig_data_write", label = "MIG_DATA_WRITE", size = 8, {"mig_data_write.argsz", 0, 4}, {"mig_data_write.size", 4, 4}},
 }
 
+-- each command's declared request and reply payload, by command number
+local MESSAGES = {
+    [1] = {request = {layer = "Version", what = "VERSION request", command = "VERSION"}, reply = {layer = "Version", what = "VERSION reply", command = "VERSION"}},
+    [2] = {request = {layer = "DmaMap", what = "DMA_MAP request", command = "DMA_MAP", ends = true, argsz = "exact"}, reply = {what = "DMA_MAP reply", command = "DMA_MAP", ends = true}},
+    [3] = {request = {layer = "DmaUnmap", what = "DMA_UNMAP request", command = "DMA_UNMAP"}, reply = {layer = "DmaUnmap", what = "DMA_UNMAP reply", command = "DMA_UNMAP"}},
+    [4] = {request = {layer = "DeviceInfo", what = "DEVICE_GET_INFO request", command = "DEVICE_GET_INFO", ends = true, argsz = "request", zero = {"flags", "num_regions", "num_irqs"}}, reply = {layer = "DeviceInfo", what = "DEVICE_GET_INFO reply", command = "DEVICE_GET_INFO", ends = true, argsz = "reply"}},
+    [5] = {request = {layer = "RegionInfo", what = "DEVICE_GET_REGION_INFO request", command = "DEVICE_GET_REGION_INFO", argsz = "request", zero = {"flags", "cap_offset", "size", "offset"}}, reply = {layer = "RegionInfo", what = "DEVICE_GET_REGION_INFO reply", command = "DEVICE_GET_REGION_INFO", argsz = "reply"}},
+    [6] = {request = {layer = "RegionIoFds", what = "DEVICE_GET_REGION_IO_FDS request", command = "DEVICE_GET_REGION_IO_FDS", ends = true, argsz = "request", zero = {"flags", "count"}}, reply = {layer = "RegionIoFds", what = "DEVICE_GET_REGION_IO_FDS reply", command = "DEVICE_GET_REGION_IO_FDS", argsz = "reply", zero = {"flags"}}},
+    [7] = {request = {layer = "IrqInfo", what = "DEVICE_GET_IRQ_INFO request", command = "DEVICE_GET_IRQ_INFO", ends = true, argsz = "request", zero = {"flags", "count"}}, reply = {layer = "IrqInfo", what = "DEVICE_GET_IRQ_INFO reply", command = "DEVICE_GET_IRQ_INFO", ends = true, argsz = "reply"}},
+    [8] = {request = {layer = "SetIrqs", what = "DEVICE_SET_IRQS request", command = "DEVICE_SET_IRQS"}, reply = {what = "DEVICE_SET_IRQS reply", command = "DEVICE_SET_IRQS", ends = true}},
+    [9] = {request = {layer = "RegionRead", what = "REGION_READ", command = "REGION_READ", ends = true, wraps = {"offset", "count"}}, reply = {layer = "RegionRead", what = "REGION_READ", command = "REGION_READ", ends = true, rest = "region_read.data", count = "count", expert = "region_read.count"}},
+    [10] = {request = {layer = "RegionWrite", what = "REGION_WRITE", command = "REGION_WRITE", ends = true, rest = "region_write.data", count = "count", expert = "region_write.count", wraps = {"offset", "count"}}, reply = {layer = "RegionWrite", what = "REGION_WRITE", command = "REGION_WRITE", ends = true}},
+    [11] = {request = {layer = "DmaRead", what = "DMA_READ", command = "DMA_READ", ends = true, wraps = {"address", "count"}}},
+    [12] = {request = {layer = "DmaWrite", what = "DMA_WRITE", command = "DMA_WRITE", ends = true, rest = "dma_write.data", count = "count", expert = "dma_write.count", wraps = {"address", "count"}}},
+    [13] = {request = {what = "DEVICE_RESET request", command = "DEVICE_RESET", ends = true}, reply = {what = "DEVICE_RESET reply", command = "DEVICE_RESET", ends = true}},
+    [15] = {request = {layer = "WriteMulti", what = "REGION_WRITE_MULTI request", command = "REGION_WRITE_MULTI"}, reply = {layer = "WriteMulti", what = "REGION_WRITE_MULTI reply", command = "REGION_WRITE_MULTI", ends = true}},
+    [16] = {request = {layer = "DeviceFeature", what = "DEVICE_FEATURE request", command = "DEVICE_FEATURE"}, reply = {layer = "DeviceFeature", what = "DEVICE_FEATURE reply", command = "DEVICE_FEATURE"}},
+    [17] = {request = {layer = "MigDataRead", what = "MIG_DATA_READ", command = "MIG_DATA_READ", ends = true}, reply = {layer = "MigDataRead", what = "MIG_DATA_READ", command = "MIG_DATA_READ"}},
+    [18] = {request = {layer = "MigDataWrite", what = "MIG_DATA_WRITE", command = "MIG_DATA_WRITE"}, reply = {what = "MIG_DATA_WRITE reply", command = "MIG_DATA_WRITE", ends = true}},
+}
+
+-- payloads that a command's code walks inside another, by name
+local PARTS = {
+    SPARSE_AREAS = {layer = "SparseMmap", array = "SparseArea", count = "nr_areas", expert = "region_info.areas_short", beside = true},
+    MIGRATION_FEATURE = {layer = "MigrationFeature", what = "MIGRATION feature", ends = true},
+    MIG_DEVICE_STATE = {layer = "MigDeviceState", what = "MIG_DEVICE_STATE", ends = true},
+    DMA_LOGGING = {layer = "DmaLogging", array = "DmaLoggingRange", count = "num_ranges", expert = "dma_logging.ranges_short"},
+    DMA_LOGGING_REPORT = {layer = "DmaLoggingReport"},
+}
+
 local CAPABILITIES = {
     ["max_msg_fds"] = "int",
     ["max_data_xfer_size"] = "int",
@@ -533,7 +564,8 @@ local function dec(v)
     return string.format("%.0f", v)
 end
 
--- A layer's fixed members, as many as fit; the node and the values by name.
+-- A layer's fixed members, as many as fit; the node, the values by name and
+-- whether all fit.
 function Dissection:layer(name, offset, parent, rename)
     local layer = LAYERS[name]
     local node = parent or self.root
@@ -547,7 +579,7 @@ function Dissection:layer(name, offset, parent, rename)
         if offset + rel + size > self.len then
             self:expert("malformed.short", string.format("%s: %d bytes, %d expected",
                 layer.label, math.max(self.len - offset, 0), layer.size))
-            return node, values
+            return node, values, false
         end
         local item = node:add_le(F[(rename and rename[field]) or field], self.buf(offset + rel, size))
         for _, child in ipairs(BITS[field] or {}) do
@@ -555,21 +587,25 @@ function Dissection:layer(name, offset, parent, rename)
         end
         values[field:match("[^.]+$")] = self:number(offset + rel, size)
     end
-    return node, values
+    return node, values, true
 end
 
 function Dissection:size(name)
     return LAYERS[name].size
 end
 
+-- A layer's member {field, offset in the layer, size}, by its short name.
+local function member_of(name, short)
+    for _, m in ipairs(LAYERS[name]) do
+        if m[1]:match("[^.]+$") == short then return m end
+    end
+end
+
 -- A layer member's value at `offset` (where the layer starts), or nil when
 -- the message is too short: for the few values read before the layer is.
-function Dissection:member(name, field, offset)
-    for _, m in ipairs(LAYERS[name]) do
-        if m[1] == field and offset + m[2] + m[3] <= self.len then
-            return self:number(offset + m[2], m[3])
-        end
-    end
+function Dissection:member(name, short, offset)
+    local m = member_of(name, short)
+    if offset + m[2] + m[3] <= self.len then return self:number(offset + m[2], m[3]) end
 end
 
 function Dissection:expect_end(stop, what, parent)
@@ -623,6 +659,72 @@ function Dissection:range_check(a, b, b_size, what)
     if self:wraps64(a, b, b_size) then
         self:expert("range.overflow", what .. " does not fit in 64 bits: it wraps")
     end
+end
+
+-- How many of `count` entries of layout `name` fit from `offset`; the rest
+-- are flagged with `id`.
+function Dissection:fitting(count, offset, name, id, what)
+    local room = math.floor(math.max(self.len - offset, 0) / self:size(name))
+    if count > room then
+        self:expert(id, string.format("%s is %d but only %d fit in the message", what, count, room))
+    end
+    return math.min(count, room)
+end
+
+-- --- the declared payloads (MESSAGES, PARTS), as dissectors/vfio_user/core.py walks them
+
+-- A payload's layer; once it is whole, its tail and argsz and must-be-zero
+-- checks.  Returns the node, the values, where it ends and whether whole.
+function Dissection:walk(spec, offset, parent)
+    if spec.layer == nil then          -- the header alone
+        self:expect_end(offset, spec.what)
+        return parent, {}, offset, true
+    end
+    local node, v, whole = self:layer(spec.layer, offset, parent)
+    local stop = offset + self:size(spec.layer)
+    if whole and spec.rest then
+        stop = self:rest(spec, node, v, stop)
+    elseif whole and spec.array then
+        for _ = 1, self:fitting(v[spec.count], stop, spec.array, spec.expert, spec.count) do
+            self:layer(spec.array, stop, spec.beside and parent or node)
+            stop = stop + self:size(spec.array)
+        end
+    end
+    if spec.ends then self:expect_end(stop, spec.what) end
+    if whole then self:declared_checks(spec, v, offset) end
+    return node, v, stop, whole
+end
+
+-- A whole layer's argsz, must-be-zero members and start + count.
+function Dissection:declared_checks(spec, v, offset)
+    local size = self:size(spec.layer)
+    if spec.argsz == "request" then
+        self:request_argsz(v.argsz, size, spec.command)
+    elseif spec.argsz == "reply" then
+        self:reply_argsz(v.argsz, self.len - offset, spec.command)
+    elseif spec.argsz == "exact" and v.argsz ~= size then
+        self:expert("argsz.mismatch", string.format("%s argsz %d, the request struct is %d bytes",
+                    spec.command, v.argsz, size))
+    end
+    if spec.zero then self:zero(v, spec.zero, spec.what) end
+    if spec.wraps then self:wraps(spec, offset) end
+end
+
+-- Whether the declared start + count reaches 2^64.
+function Dissection:wraps(spec, offset)
+    local start, count = member_of(spec.layer, spec.wraps[1]), member_of(spec.layer, spec.wraps[2])
+    self:range_check(offset + start[2], offset + count[2], count[3],
+                     spec.what .. " " .. table.concat(spec.wraps, "+"))
+end
+
+-- The bytes after the layer as one field, against the member counting them.
+function Dissection:rest(spec, node, v, from)
+    self:add_bytes(node, spec.rest, from, self.len)
+    if spec.count and self.len - from ~= v[spec.count] then
+        self:expert(spec.expert, string.format("count is %s but %d data bytes follow",
+                    dec(v[spec.count]), self.len - from))
+    end
+    return self.len
 end
 
 local function power_of_two(n)
@@ -762,18 +864,12 @@ function json.dumps(v)
     return open .. table.concat(parts, ", ") .. close
 end
 
--- --- per-command dissectors: (d, offset) -> info text ----------------------------
+-- --- each command's own code ---------------------------------------------------------
+-- REQUESTS and REPLIES: for a declared payload (MESSAGES), what the declaration
+-- cannot say, called once its layer is whole as (d, values, node, stop, spec);
+-- for one not declared, the whole walk, as (d, offset).  Each returns the info text.
 
 local REQUESTS, REPLIES = {}, {}
-
-local function bare(cmd, tables)
-    for _, t in ipairs(tables) do
-        t[cmd] = function(d, off)
-            d:expect_end(HEADER_SIZE, COMMANDS[cmd])
-            return ""
-        end
-    end
-end
 
 local function flatten(node, prefix, out)
     for _, key in ipairs(node.keys) do
@@ -841,10 +937,8 @@ local function capabilities(d, doc, parent, start, length)
     return given
 end
 
-local function version(d, off)
-    local node, v = d:layer("Version", off)
-    local start = off + d:size("Version")
-    if d.len <= start then return string.format("%s.%s", v.major or "?", v.minor or "?") end
+local function version(d, v, node, start)
+    if d.len <= start then return string.format("%d.%d", v.major, v.minor) end
     local text = d.buf(start, d.len - start):raw()
     if text:sub(-1) ~= "\0" then
         d:expert("version.json_unterminated",
@@ -864,14 +958,7 @@ local function version(d, off)
 end
 REQUESTS[CMD.VERSION], REPLIES[CMD.VERSION] = version, version
 
-REQUESTS[CMD.DMA_MAP] = function(d, off)
-    local _, v = d:layer("DmaMap", off)
-    d:expect_end(off + d:size("DmaMap"), "DMA_MAP request")
-    if v.size == nil then return "" end
-    if v.argsz ~= d:size("DmaMap") then
-        d:expert("argsz.mismatch", string.format(
-            "DMA_MAP argsz %d, the request struct is 32 bytes", v.argsz))
-    end
+REQUESTS[CMD.DMA_MAP] = function(d, v)
     local known = all_bits(DMA_MAP_FLAGS)
     if band(v.flags, U32 - known) ~= 0 then
         d:expert("dma_map.flags_unknown", string.format("DMA_MAP flags 0x%x has bits neither "
@@ -880,47 +967,53 @@ REQUESTS[CMD.DMA_MAP] = function(d, off)
         d:expert("dma_map.flags_extension", string.format(
             "DMA_MAP flags 0x%x: MMAP/FILE_IO are libvfio-user extensions", v.flags))
     end
-    d:range_check(off + 16, off + 24, 8, "DMA_MAP")
+    d:range_check(HEADER_SIZE + 16, HEADER_SIZE + 24, 8, "DMA_MAP")
     return string.format("iova=%s size=%s", hex(v.address), hex(v.size))
 end
-bare(CMD.DMA_MAP, {REPLIES})
 
-local function dma_unmap(d, off)
-    local node, v = d:layer("DmaUnmap", off)
-    if v.size == nil then return "" end
-    local stop = off + d:size("DmaUnmap")
+local function unmap_request_checks(d, v)
+    if band(v.flags, U32 - all_bits(DMA_UNMAP_FLAGS)) ~= 0 then
+        d:expert("dma_unmap.flags", string.format("DMA_UNMAP flags 0x%x: bits libvfio-user "
+            .. "does not define (it refuses them); the spec leaves flags unused", v.flags))
+    elseif band(v.flags, DMA_UNMAP_FLAGS.all) ~= 0 and (v.address ~= 0 or v.size ~= 0) then
+        d:expert("dma_unmap.flags", "DMA_UNMAP ALL with an address or size: libvfio-user "
+            .. "refuses ALL unless both are 0")
+    end
+    d:range_check(HEADER_SIZE + 8, HEADER_SIZE + 16, 8, "DMA_UNMAP")
+end
+
+-- The dirty bitmap GET_DIRTY_BITMAP adds; returns where it ends.
+local function unmap_bitmap(d, v, node, stop)
+    local _, bm, whole = d:layer("DirtyBitmap", stop, node)
+    stop = stop + d:size("DirtyBitmap")
+    if not d.reply and whole and bm.pgsize ~= 0 then
+        local want = bitmap_bytes(v.size, bm.pgsize)
+        if bm.size ~= want then
+            d:expert("dma_unmap.bitmap_size", string.format(
+                "bitmap of %s bytes for %s bytes of %s-byte pages: %s expected",
+                dec(bm.size), hex(v.size), hex(bm.pgsize), dec(want)))
+        end
+    end
+    if whole and d.len > stop then
+        d:add_bytes(node, "dma_unmap.bitmap.data", stop, d.len)
+        if d.len - stop ~= bm.size then
+            d:expert("dma_unmap.bitmap_size", string.format(
+                "dirty bitmap has %d bytes, header says %s", d.len - stop, dec(bm.size)))
+        end
+        stop = d.len
+    end
+    return stop
+end
+
+local function dma_unmap(d, v, node, stop)
     local info = string.format("iova=%s size=%s", hex(v.address), hex(v.size))
     if d.c2s then
         d:request_argsz(v.argsz, d:size("DmaUnmap"), "DMA_UNMAP")
-        if band(v.flags, U32 - all_bits(DMA_UNMAP_FLAGS)) ~= 0 then
-            d:expert("dma_unmap.flags", string.format("DMA_UNMAP flags 0x%x: bits libvfio-user "
-                .. "does not define (it refuses them); the spec leaves flags unused", v.flags))
-        elseif band(v.flags, DMA_UNMAP_FLAGS.all) ~= 0 and (v.address ~= 0 or v.size ~= 0) then
-            d:expert("dma_unmap.flags", "DMA_UNMAP ALL with an address or size: libvfio-user "
-                .. "refuses ALL unless both are 0")
-        end
-        d:range_check(off + 8, off + 16, 8, "DMA_UNMAP")
+        unmap_request_checks(d, v)
     end
     if band(v.flags, DMA_UNMAP_FLAGS.all) ~= 0 then info = info .. " ALL" end
     if band(v.flags, DMA_UNMAP_FLAGS.get_dirty_bitmap) ~= 0 then
-        local _, bm = d:layer("DirtyBitmap", stop, node)
-        stop = stop + d:size("DirtyBitmap")
-        if not d.reply and bm.size ~= nil and bm.pgsize ~= 0 then
-            local want = bitmap_bytes(v.size, bm.pgsize)
-            if bm.size ~= want then
-                d:expert("dma_unmap.bitmap_size", string.format(
-                    "bitmap of %s bytes for %s bytes of %s-byte pages: %s expected",
-                    dec(bm.size), hex(v.size), hex(bm.pgsize), dec(want)))
-            end
-        end
-        if bm.size ~= nil and d.len > stop then
-            d:add_bytes(node, "dma_unmap.bitmap.data", stop, d.len)
-            if d.len - stop ~= bm.size then
-                d:expert("dma_unmap.bitmap_size", string.format(
-                    "dirty bitmap has %d bytes, header says %s", d.len - stop, dec(bm.size)))
-            end
-            stop = d.len
-        end
+        stop = unmap_bitmap(d, v, node, stop)
         info = info .. " +dirty bitmap"
     end
     d:expect_end(stop, "DMA_UNMAP")
@@ -928,19 +1021,7 @@ local function dma_unmap(d, off)
 end
 REQUESTS[CMD.DMA_UNMAP], REPLIES[CMD.DMA_UNMAP] = dma_unmap, dma_unmap
 
-REQUESTS[CMD.DEVICE_GET_INFO] = function(d, off)
-    local _, v = d:layer("DeviceInfo", off)
-    d:expect_end(off + d:size("DeviceInfo"), "DEVICE_GET_INFO request")
-    if v.argsz then d:request_argsz(v.argsz, d:size("DeviceInfo"), "DEVICE_GET_INFO") end
-    d:zero(v, {"flags", "num_regions", "num_irqs"}, "DEVICE_GET_INFO request")
-    return ""
-end
-
-REPLIES[CMD.DEVICE_GET_INFO] = function(d, off)
-    local _, v = d:layer("DeviceInfo", off)
-    d:expect_end(off + d:size("DeviceInfo"), "DEVICE_GET_INFO reply")
-    if v.num_irqs == nil then return "" end
-    d:reply_argsz(v.argsz, d.len - off, "DEVICE_GET_INFO")
+REPLIES[CMD.DEVICE_GET_INFO] = function(d, v)
     if band(v.flags, DEVICE_INFO_FLAGS.pci) == 0 or v.num_regions < P.PCI_NUM_REGIONS then
         d:expert("device_info.pci", string.format("flags 0x%x, %d regions: the spec supports "
             .. "only PCI devices, with at least %d regions", v.flags, v.num_regions, P.PCI_NUM_REGIONS))
@@ -948,36 +1029,12 @@ REPLIES[CMD.DEVICE_GET_INFO] = function(d, off)
     return string.format("regions=%d irqs=%d flags=0x%x", v.num_regions, v.num_irqs, v.flags)
 end
 
-REQUESTS[CMD.DEVICE_GET_REGION_INFO] = function(d, off)
-    local _, v = d:layer("RegionInfo", off)
-    if v.index == nil then return "" end
-    d:request_argsz(v.argsz, d:size("RegionInfo"), "DEVICE_GET_REGION_INFO")
-    d:zero(v, {"flags", "cap_offset", "size", "offset"}, "DEVICE_GET_REGION_INFO request")
+REQUESTS[CMD.DEVICE_GET_REGION_INFO] = function(d, v)
     return string.format("%s argsz=%d", region_name(v.index), v.argsz)
 end
 
--- How many of `count` entries of layout `name` fit from `offset`; the rest
--- are flagged with `id`.
-function Dissection:fitting(count, offset, name, id, what)
-    local room = math.floor(math.max(self.len - offset, 0) / self:size(name))
-    if count > room then
-        self:expert(id, string.format("%s is %d but only %d fit in the message", what, count, room))
-    end
-    return math.min(count, room)
-end
-
-local function sparse_areas(d, offset, parent)
-    local _, sp = d:layer("SparseMmap", offset, parent)
-    offset = offset + d:size("SparseMmap")
-    local count = d:fitting(sp.nr_areas or 0, offset, "SparseArea", "region_info.areas_short",
-                            "nr_areas")
-    for _ = 1, count do
-        d:layer("SparseArea", offset, parent)
-        offset = offset + d:size("SparseArea")
-    end
-    return offset
-end
-
+-- The capability chain, whose offsets count from the region-info struct at
+-- `base`; returns where the last capability ends.
 local function region_caps(d, base, cap_offset, parent)
     local seen, stop, offset = {}, base + d:size("RegionInfo"), cap_offset
     while offset ~= 0 do
@@ -987,15 +1044,16 @@ local function region_caps(d, base, cap_offset, parent)
             break
         end
         seen[offset] = true
-        local node, cap = d:layer("RegionCap", base + offset, parent)
-        if cap.next == nil then break end
+        local node, cap, whole = d:layer("RegionCap", base + offset, parent)
+        if not whole then break end
         local body = base + offset + d:size("RegionCap")
         if cap.id == REGION_CAP.SPARSE_MMAP then
             if cap.version ~= 1 then
                 d:expert("region_info.cap_version", string.format(
                     "SPARSE_MMAP capability version %d, the spec's is 1", cap.version))
             end
-            stop = math.max(stop, sparse_areas(d, body, node))
+            local _, _, areas_end = d:walk(PARTS.SPARSE_AREAS, body, node)
+            stop = math.max(stop, areas_end)
         elseif cap.id == REGION_CAP.TYPE then
             d:layer("RegionType", body, node)
             stop = math.max(stop, body + d:size("RegionType"))
@@ -1008,16 +1066,11 @@ local function region_caps(d, base, cap_offset, parent)
     return math.min(stop, d.len)
 end
 
-REPLIES[CMD.DEVICE_GET_REGION_INFO] = function(d, off)
-    local node, v = d:layer("RegionInfo", off)
-    if v.offset == nil then return "" end
-    local payload = d.len - off
-    d:reply_argsz(v.argsz, payload, "DEVICE_GET_REGION_INFO")
+REPLIES[CMD.DEVICE_GET_REGION_INFO] = function(d, v, node, stop)
     local info = string.format("%s size=%s", region_name(v.index), hex(v.size))
-    local stop = off + d:size("RegionInfo")
     if band(v.flags, REGION_FLAGS.caps) ~= 0 then
         local header = d:size("RegionInfo")
-        if v.argsz > payload then
+        if v.argsz > d.len - HEADER_SIZE then
             info = info .. " (truncated)"
             if v.cap_offset < header or v.cap_offset > v.argsz then
                 d:expert("interop.region_caps_offset", string.format(
@@ -1028,7 +1081,7 @@ REPLIES[CMD.DEVICE_GET_REGION_INFO] = function(d, off)
             d:expert("region_info.caps_missing",
                      "CAPS flag set but cap_offset is 0: no capability chain")
         else
-            stop = region_caps(d, off, v.cap_offset, node)
+            stop = region_caps(d, HEADER_SIZE, v.cap_offset, node)
             info = info .. " caps"
         end
     end
@@ -1036,14 +1089,7 @@ REPLIES[CMD.DEVICE_GET_REGION_INFO] = function(d, off)
     return info
 end
 
-REQUESTS[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, off)
-    local _, v = d:layer("RegionIoFds", off)
-    d:expect_end(off + d:size("RegionIoFds"), "DEVICE_GET_REGION_IO_FDS request")
-    if v.count == nil then return "" end
-    d:request_argsz(v.argsz, d:size("RegionIoFds"), "DEVICE_GET_REGION_IO_FDS")
-    d:zero(v, {"flags", "count"}, "DEVICE_GET_REGION_IO_FDS request")
-    return region_name(v.index)
-end
+REQUESTS[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, v) return region_name(v.index) end
 
 -- The entries present, `entry` bytes apart: the spec's 40-byte layout,
 -- libvfio-user's 48-byte one, or 40 known bytes and the rest.
@@ -1064,17 +1110,12 @@ local function sub_regions(d, offset, entry, count, node)
     return offset
 end
 
-REPLIES[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, off)
-    local node, v = d:layer("RegionIoFds", off)
-    if v.count == nil then return "" end
+REPLIES[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, v, node, start)
     local header = d:size("RegionIoFds")
-    local start = off + header
-    d:reply_argsz(v.argsz, d.len - off, "DEVICE_GET_REGION_IO_FDS")
-    d:zero(v, {"flags"}, "DEVICE_GET_REGION_IO_FDS reply")
     local info = string.format("%s %d sub-regions", region_name(v.index), v.count)
     -- argsz and count say what the whole array needs; a truncated reply
     -- carries only what fit (often none of it)
-    local truncated = v.argsz > d.len - off
+    local truncated = v.argsz > d.len - HEADER_SIZE
     local array = math.max(v.argsz - header, d.len - start)
     if v.count == 0 or (truncated and d.len == start) then
         d:expect_end(start, "DEVICE_GET_REGION_IO_FDS reply")
@@ -1094,27 +1135,25 @@ REPLIES[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, off)
     return info
 end
 
-REQUESTS[CMD.DEVICE_GET_IRQ_INFO] = function(d, off)
-    local _, v = d:layer("IrqInfo", off)
-    d:expect_end(off + d:size("IrqInfo"), "DEVICE_GET_IRQ_INFO request")
-    if v.index == nil then return "" end
-    d:request_argsz(v.argsz, d:size("IrqInfo"), "DEVICE_GET_IRQ_INFO")
-    d:zero(v, {"flags", "count"}, "DEVICE_GET_IRQ_INFO request")
-    return irq_name(v.index)
-end
-
-REPLIES[CMD.DEVICE_GET_IRQ_INFO] = function(d, off)
-    local _, v = d:layer("IrqInfo", off)
-    d:expect_end(off + d:size("IrqInfo"), "DEVICE_GET_IRQ_INFO reply")
-    if v.count == nil then return "" end
-    d:reply_argsz(v.argsz, d.len - off, "DEVICE_GET_IRQ_INFO")
+REQUESTS[CMD.DEVICE_GET_IRQ_INFO] = function(d, v) return irq_name(v.index) end
+REPLIES[CMD.DEVICE_GET_IRQ_INFO] = function(d, v)
     return string.format("%s count=%d", irq_name(v.index), v.count)
 end
 
-REQUESTS[CMD.DEVICE_SET_IRQS] = function(d, off)
-    local node, v = d:layer("SetIrqs", off)
-    if v.count == nil then return "" end
-    local data = off + d:size("SetIrqs")
+-- DATA_BOOL's bytes, one per vector.
+local function irq_bools(d, v, node, data)
+    d:add_bytes(node, "set_irqs.data", data, d.len)
+    for i = 0, math.min(v.count, d.len - data) - 1 do
+        local item = d:add(node, "set_irqs.bool", data + i, 1, d.buf(data + i, 1):uint())
+        item:set_text(string.format("vector %d: %d", v.start + i, d.buf(data + i, 1):uint()))
+    end
+    if d.len - data ~= v.count then
+        d:expert("set_irqs.bool_count", string.format(
+            "DATA_BOOL with count %d carries %d bytes", v.count, d.len - data))
+    end
+end
+
+REQUESTS[CMD.DEVICE_SET_IRQS] = function(d, v, node, data)
     local kind, action = band(v.flags, P.SET_IRQS_DATA), band(v.flags, P.SET_IRQS_ACTION)
     local F_ = SET_IRQS_FLAGS
     if not (kind == F_.data_none or kind == F_.data_bool or kind == F_.data_eventfd)
@@ -1122,22 +1161,11 @@ REQUESTS[CMD.DEVICE_SET_IRQS] = function(d, off)
         d:expert("set_irqs.flags", string.format(
             "flags 0x%x: exactly one data type and one action must be set", v.flags))
     end
-    if kind == F_.data_bool then
-        d:add_bytes(node, "set_irqs.data", data, d.len)
-        for i = 0, math.min(v.count, d.len - data) - 1 do
-            local item = d:add(node, "set_irqs.bool", data + i, 1, d.buf(data + i, 1):uint())
-            item:set_text(string.format("vector %d: %d", v.start + i, d.buf(data + i, 1):uint()))
-        end
-        if d.len - data ~= v.count then
-            d:expert("set_irqs.bool_count", string.format(
-                "DATA_BOOL with count %d carries %d bytes", v.count, d.len - data))
-        end
-    else
-        d:expect_end(data, "DEVICE_SET_IRQS request")
-    end
-    if v.argsz ~= d.len - off then
-        d:expert("argsz.mismatch", string.format(
-            "SET_IRQS argsz %d, the request payload (data included) is %d bytes", v.argsz, d.len - off))
+    if kind == F_.data_bool then irq_bools(d, v, node, data)
+    else d:expect_end(data, "DEVICE_SET_IRQS request") end
+    if v.argsz ~= d.len - HEADER_SIZE then
+        d:expert("argsz.mismatch", string.format("SET_IRQS argsz %d, the request payload "
+            .. "(data included) is %d bytes", v.argsz, d.len - HEADER_SIZE))
     end
     if v.start + v.count >= 4294967296 then
         d:expert("range.overflow", string.format(
@@ -1150,35 +1178,16 @@ REQUESTS[CMD.DEVICE_SET_IRQS] = function(d, off)
     end
     return string.format("%s start=%d count=%d", irq_name(v.index), v.start, v.count)
 end
-bare(CMD.DEVICE_SET_IRQS, {REPLIES})
 
-local function region_access(layout, prefix, with_data)
-    return function(d, off)
-        local node, v = d:layer(layout, off)
-        if v.count == nil then return "" end
-        local data = off + d:size(layout)
-        if with_data then
-            d:add_bytes(node, prefix .. ".data", data, d.len)
-            if d.len - data ~= v.count then
-                d:expert(prefix .. ".count", string.format(
-                    "count is %d but %d data bytes follow", v.count, d.len - data))
-            end
-        else
-            d:expect_end(data, LAYERS[layout].label)
-        end
-        if d.c2s then d:range_check(off, off + 12, 4, LAYERS[layout].label .. " offset+count") end
-        return string.format("%s offset=%s count=%d", region_name(v.region), hex(v.offset), v.count)
-    end
+local function region_access(d, v)
+    return string.format("%s offset=%s count=%d", region_name(v.region), hex(v.offset), v.count)
 end
-REQUESTS[CMD.REGION_READ] = region_access("RegionRead", "region_read", false)
-REPLIES[CMD.REGION_READ] = region_access("RegionRead", "region_read", true)
-REQUESTS[CMD.REGION_WRITE] = region_access("RegionWrite", "region_write", true)
-REPLIES[CMD.REGION_WRITE] = region_access("RegionWrite", "region_write", false)
+for _, cmd in ipairs({CMD.REGION_READ, CMD.REGION_WRITE}) do
+    REQUESTS[cmd], REPLIES[cmd] = region_access, region_access
+end
 
-REQUESTS[CMD.REGION_WRITE_MULTI] = function(d, off)
-    local node, v = d:layer("WriteMulti", off)
-    if v.wr_cnt == nil then return "" end
-    local offset, size = off + d:size("WriteMulti"), d:size("WriteMultiEntry")
+REQUESTS[CMD.REGION_WRITE_MULTI] = function(d, v, node, offset)
+    local size = d:size("WriteMultiEntry")
     local room = math.floor((d.len - offset) / size)
     if v.wr_cnt ~= room or (d.len - offset) % size ~= 0 then
         d:expert("write_multi.count", string.format(
@@ -1196,20 +1205,15 @@ REQUESTS[CMD.REGION_WRITE_MULTI] = function(d, off)
     d:expect_end(offset, "REGION_WRITE_MULTI request")
     return dec(v.wr_cnt) .. " writes"
 end
-
-REPLIES[CMD.REGION_WRITE_MULTI] = function(d, off)
-    local _, v = d:layer("WriteMulti", off)
-    d:expect_end(off + d:size("WriteMulti"), "REGION_WRITE_MULTI reply")
-    return v.wr_cnt and (dec(v.wr_cnt) .. " completed") or ""
-end
+REPLIES[CMD.REGION_WRITE_MULTI] = function(d, v) return dec(v.wr_cnt) .. " completed" end
 
 -- Why a DMA_READ reply is in QEMU's layout, or nil: both layouts give `count`
 -- bytes the same size; QEMU's u32 count is followed by data and ends with 4
 -- zero bytes, the spec's count is a u64.  d.qemu_dma: what the client showed.
-local function qemu_layout(d, spec, qemu, prefix, off, asked)
+local function qemu_layout(d, spec, qemu, off, asked)
     if asked == nil or d.len < off + d:size(spec) then return nil end
-    local spec_count = d:member(spec, prefix .. ".count", off)
-    if spec_count ~= asked and d:member(qemu, prefix .. ".count", off) == asked then
+    local spec_count = d:member(spec, "count", off)
+    if spec_count ~= asked and d:member(qemu, "count", off) == asked then
         return "its u32 count matches the request and the u64 does not"
     end
     if d.qemu_dma and spec_count == asked and d.buf(d.len - 4, 4):le_uint() == 0 then
@@ -1217,38 +1221,24 @@ local function qemu_layout(d, spec, qemu, prefix, off, asked)
     end
 end
 
-local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
-    local function body(d, off, layout, with_data)
-        local node, v = d:layer(layout, off)
-        local data = off + d:size(layout)
-        if with_data and v.count ~= nil then
-            d:add_bytes(node, prefix .. ".data", data, d.len)
-        else
-            d:expect_end(data, LAYERS[spec].label)
-        end
-        return v
-    end
-    local function on_request(d, off)
-        local v = body(d, off, spec, data_in_request)
-        local sent = d.len - off - d:size(spec)
-        if data_in_request and v.count ~= nil and sent ~= v.count then
-            d:expert(prefix .. ".count", string.format(
-                "count is %s but %d data bytes follow", dec(v.count), sent))
-        end
-        if v.count ~= nil then d:range_check(off, off + 8, 8, LAYERS[spec].label) end
-        return string.format("addr=%s count=%s", hex(v.address or 0), v.count and dec(v.count) or "?")
-    end
-    local function on_reply(d, off)
-        local asked = d.request and d.request.count
-        if not data_in_reply and d.len == off then
+local function dma_request(d, v)
+    return string.format("addr=%s count=%s", hex(v.address), dec(v.count))
+end
+
+-- The reply to a DMA_READ or DMA_WRITE, walked by hand: its layout, the
+-- spec's or QEMU's, is told by its size and what the request asked.
+local function dma_reply(spec, qemu, prefix, with_data)
+    return function(d, off)
+        local asked = d.request and d.request.values.count
+        if not with_data and d.len == off then
             d:expert("interop.dma_write_bare_reply", LAYERS[spec].label ..
                 " reply is the bare header (QEMU's layout); the spec and libvfio-user "
                 .. "expect address and count")
             return "bare reply (QEMU layout)"
         end
         local layout = spec
-        local why = data_in_reply and qemu_layout(d, spec, qemu, prefix, off, asked)
-        if not data_in_reply and d.len - off == d:size(qemu) then
+        local why = with_data and qemu_layout(d, spec, qemu, off, asked)
+        if not with_data and d.len - off == d:size(qemu) then
             layout = qemu
             d:expert("interop.dma_write_spec_reply", LAYERS[spec].label .. " reply as the spec's "
                 .. "table has it, a u32 count (12 bytes): libvfio-user expects a u64 count")
@@ -1257,14 +1247,17 @@ local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
             d:expert("interop.dma_qemu_layout", LAYERS[spec].label ..
                 " reply in QEMU's layout (u32 count, data at offset 12), not the spec's: " .. why)
         end
-        local v = body(d, off, layout, data_in_reply)
-        if data_in_reply and v.count ~= nil then
-            local got = d.len - off - d:size(layout)
-            if layout == qemu then got = got - 4 end
+        local node, v = d:layer(layout, off)
+        local data = off + d:size(layout)
+        if with_data and v.count ~= nil then
+            d:add_bytes(node, prefix .. ".data", data, d.len)
+            local got = d.len - data - (layout == qemu and 4 or 0)    -- QEMU pads 4 zero bytes
             if got ~= v.count then
                 d:expert(prefix .. ".count", string.format(
                     "count is %s but %d data bytes follow", dec(v.count), got))
             end
+        else
+            d:expect_end(data, LAYERS[spec].label)
         end
         if asked ~= nil and v.count ~= nil and v.count ~= asked then
             d:expert(prefix .. ".count_mismatch", string.format(
@@ -1272,13 +1265,11 @@ local function dma_access(spec, qemu, prefix, data_in_request, data_in_reply)
         end
         return string.format("addr=%s count=%s", hex(v.address or 0), v.count and dec(v.count) or "?")
     end
-    return on_request, on_reply
 end
 REQUESTS[CMD.DMA_READ], REPLIES[CMD.DMA_READ] =
-    dma_access("DmaRead", "QemuDmaRead", "dma_read", false, true)
+    dma_request, dma_reply("DmaRead", "QemuDmaRead", "dma_read", true)
 REQUESTS[CMD.DMA_WRITE], REPLIES[CMD.DMA_WRITE] =
-    dma_access("DmaWrite", "QemuDmaWrite", "dma_write", true, false)
-bare(CMD.DEVICE_RESET, {REQUESTS, REPLIES})
+    dma_request, dma_reply("DmaWrite", "QemuDmaWrite", "dma_write", false)
 
 -- Whether the u64 at `offset` is a multiple of `page`, exactly: by its
 -- halves for a power of two, else in 16-bit limbs (exact below 2^37).
@@ -1307,23 +1298,17 @@ end
 
 -- DMA_LOGGING_START/STOP data; `check` the page size and ranges of a START.
 local function logging_ranges(d, offset, parent, check)
-    local node, f = d:layer("DmaLogging", offset, parent)
-    offset = offset + d:size("DmaLogging")
-    local count = d:fitting(f.num_ranges or 0, offset, "DmaLoggingRange",
-                            "dma_logging.ranges_short", "num_ranges")
+    local _, f, stop, whole = d:walk(PARTS.DMA_LOGGING, offset, parent)
     if check and f.page_size == 0 then
         d:expert("dma_logging.page_size", "DMA_LOGGING_START page size 0")
     end
-    for i = 0, count - 1 do
-        d:layer("DmaLoggingRange", offset, node)
-        if check then
-            local what = "DMA_LOGGING_START range " .. i
-            d:range_check(offset, offset + 8, 8, what)
-            logging_alignment(d, offset, f.page_size, what)
-        end
-        offset = offset + d:size("DmaLoggingRange")
+    local first, size = offset + d:size("DmaLogging"), d:size("DmaLoggingRange")
+    for i = 0, (check and whole) and (stop - first) / size - 1 or -1 do
+        local what = "DMA_LOGGING_START range " .. i
+        d:range_check(first + i * size, first + i * size + 8, 8, what)
+        logging_alignment(d, first + i * size, f.page_size, what)
     end
-    d:expect_end(offset, "DMA logging")
+    d:expect_end(stop, "DMA logging")
     return f
 end
 
@@ -1346,9 +1331,8 @@ local function report_bitmap(d, bitmap, length, page)
 end
 
 local function logging_report(d, offset, parent)
-    local node, f = d:layer("DmaLoggingReport", offset, parent)
-    if f.page_size == nil then return f end
-    local bitmap = offset + d:size("DmaLoggingReport")
+    local node, f, bitmap, whole = d:walk(PARTS.DMA_LOGGING_REPORT, offset, parent)
+    if not whole then return f end
     if d.c2s then
         d:expect_end(bitmap, "DMA_LOGGING_REPORT request")
         if not power_of_two(f.page_size) then
@@ -1366,12 +1350,10 @@ end
 
 local function feature_data(d, offset, feature, parent)
     if feature == FEATURE.MIGRATION then
-        local _, f = d:layer("MigrationFeature", offset, parent)
-        d:expect_end(offset + d:size("MigrationFeature"), "MIGRATION feature")
+        local _, f = d:walk(PARTS.MIGRATION_FEATURE, offset, parent)
         return "", f
     elseif feature == FEATURE.MIG_DEVICE_STATE then
-        local _, f = d:layer("MigDeviceState", offset, parent)
-        d:expect_end(offset + d:size("MigDeviceState"), "MIG_DEVICE_STATE")
+        local _, f = d:walk(PARTS.MIG_DEVICE_STATE, offset, parent)
         return " state=" .. (MIG_STATES[f.device_state] or tostring(f.device_state)), f
     elseif feature == FEATURE.DMA_LOGGING_START or feature == FEATURE.DMA_LOGGING_STOP then
         return "", logging_ranges(d, offset, parent, d.c2s and feature == FEATURE.DMA_LOGGING_START)
@@ -1405,8 +1387,8 @@ end
 
 -- argsz must hold the reply: the request itself for SET and PROBE, the
 -- header and the feature's data for GET.
-local function feature_argsz(d, v, feature, payload, data)
-    local needed = payload
+local function feature_argsz(d, v, feature, data)
+    local needed = d.len - HEADER_SIZE
     if band(v.flags, P.FEATURE_GET) ~= 0 and band(v.flags, P.FEATURE_PROBE) == 0 then
         local size = ({[FEATURE.MIGRATION] = d:size("MigrationFeature"),
                        [FEATURE.MIG_DEVICE_STATE] = d:size("MigDeviceState"),
@@ -1423,9 +1405,7 @@ local function feature_argsz(d, v, feature, payload, data)
     end
 end
 
-local function device_feature(d, off)
-    local node, v = d:layer("DeviceFeature", off)
-    if v.flags == nil then return "" end
+local function device_feature(d, v, node, data)
     local feature = band(v.flags, P.FEATURE_GET - 1)      -- the bits below the operations
     local get, set, probe = band(v.flags, P.FEATURE_GET) ~= 0, band(v.flags, P.FEATURE_SET) ~= 0,
                             band(v.flags, P.FEATURE_PROBE) ~= 0
@@ -1437,8 +1417,7 @@ local function device_feature(d, off)
     elseif d.c2s then
         feature_operation(d, v.flags, feature)
     end
-    if not d.c2s then d:reply_argsz(v.argsz, d.len - off, "DEVICE_FEATURE") end
-    local data = off + d:size("DeviceFeature")
+    if not d.c2s then d:reply_argsz(v.argsz, d.len - HEADER_SIZE, "DEVICE_FEATURE") end
     local info = (get and "GET " or "") .. (set and "SET " or "") .. (probe and "PROBE " or "")
         .. (FEATURES[feature] or ("feature " .. feature))
     local values = {}
@@ -1450,7 +1429,7 @@ local function device_feature(d, off)
         info = info .. text
     end
     if d.c2s and FEATURES[feature] then
-        feature_argsz(d, v, feature, d.len - off, values)
+        feature_argsz(d, v, feature, values)
     elseif get and feature == FEATURE.MIGRATION and values.flags
             and band(values.flags, MIGRATION_FLAGS.stop_copy) == 0 then
         d:expert("migration.flags", string.format(
@@ -1460,42 +1439,41 @@ local function device_feature(d, off)
 end
 REQUESTS[CMD.DEVICE_FEATURE], REPLIES[CMD.DEVICE_FEATURE] = device_feature, device_feature
 
-local function mig_data(layout, prefix, with_data, is_reply)
-    return function(d, off)
-        local node, v = d:layer(layout, off)
-        if v.size == nil then return "" end
-        local data = off + d:size(layout)
-        if with_data then
-            local stop = data + v.size
-            d:add_bytes(node, prefix .. ".data", data, math.min(stop, d.len))
-            if d.len < stop then
-                d:expert(prefix .. ".size", string.format(
-                    "size is %d but %d data bytes follow", v.size, d.len - data))
-            elseif d.len > stop then
-                d:add_bytes(node, "vfio_user.trailing", stop, d.len)
-                d:expert("interop.mig_data_padding", string.format(
-                    "%d padding bytes after the %d data bytes", d.len - stop, v.size))
-            end
-        else
-            d:expect_end(data, LAYERS[layout].label)
-        end
-        if not with_data and not is_reply then       -- a READ request: argsz holds the data asked
-            d:request_argsz(v.argsz, d:size(layout) + v.size, LAYERS[layout].label)
-        end
-        if is_reply then
-            d:reply_argsz(v.argsz, math.min(d.len - off, d:size(layout) + v.size), LAYERS[layout].label)
-            local asked = d.request and d.request.size
-            if asked and v.size < asked then
-                return string.format("size=%d (end of stream: %d asked)", v.size, asked)
-            end
-        end
-        return "size=" .. v.size
+-- The data a MIG_DATA_READ reply or MIG_DATA_WRITE request carries: `size`
+-- bytes, which libvfio-user pads with the rest of its buffer.
+local function mig_payload(d, v, node, data, prefix)
+    local stop = data + v.size
+    d:add_bytes(node, prefix .. ".data", data, math.min(stop, d.len))
+    if d.len < stop then
+        d:expert(prefix .. ".size", string.format(
+            "size is %d but %d data bytes follow", v.size, d.len - data))
+    elseif d.len > stop then
+        d:add_bytes(node, "vfio_user.trailing", stop, d.len)
+        d:expert("interop.mig_data_padding", string.format(
+            "%d padding bytes after the %d data bytes", d.len - stop, v.size))
     end
 end
-REQUESTS[CMD.MIG_DATA_READ] = mig_data("MigDataRead", "mig_data_read", false, false)
-REPLIES[CMD.MIG_DATA_READ] = mig_data("MigDataRead", "mig_data_read", true, true)
-REQUESTS[CMD.MIG_DATA_WRITE] = mig_data("MigDataWrite", "mig_data_write", true, false)
-bare(CMD.MIG_DATA_WRITE, {REPLIES})
+
+REQUESTS[CMD.MIG_DATA_READ] = function(d, v)    -- argsz holds the data asked
+    d:request_argsz(v.argsz, d:size("MigDataRead") + v.size, "MIG_DATA_READ")
+    return "size=" .. v.size
+end
+
+REPLIES[CMD.MIG_DATA_READ] = function(d, v, node, data)
+    mig_payload(d, v, node, data, "mig_data_read")
+    d:reply_argsz(v.argsz, math.min(d.len - HEADER_SIZE, d:size("MigDataRead") + v.size),
+                  "MIG_DATA_READ")
+    local asked = d.request and d.request.values.size
+    if asked and v.size < asked then
+        return string.format("size=%d (end of stream: %d asked)", v.size, asked)
+    end
+    return "size=" .. v.size
+end
+
+REQUESTS[CMD.MIG_DATA_WRITE] = function(d, v, node, data)
+    mig_payload(d, v, node, data, "mig_data_write")
+    return "size=" .. v.size
+end
 
 -- --- request/reply matching (as Wireshark's SRT does) ----------------------------
 -- First pass: requests wait in a FIFO per (connection, channel, direction,
@@ -1552,8 +1530,8 @@ local function match(d, pinfo, h)
         if h.type == TYPE_COMMAND and not h.no_reply then
             local queue = pending[key(d.c2s)] or {}
             pending[key(d.c2s)] = queue
-            table.insert(queue, {number = number, ts = pinfo.rel_ts,
-                                 count = d.request_count, size = d.request_size})
+            d.pending = {number = number, ts = pinfo.rel_ts, values = {}}    -- filled later
+            table.insert(queue, d.pending)
         elseif h.type == TYPE_REPLY then
             local queue = pending[key(not d.c2s)]
             if queue and #queue > 0 then
@@ -1565,18 +1543,6 @@ local function match(d, pinfo, h)
         end
     end
     return links[number]
-end
-
--- Values of a request that its reply's layout depends on.
-local function remember_request(d, h)
-    if h.type ~= TYPE_COMMAND then return end
-    if h.cmd == CMD.DMA_READ then
-        d.request_count = d:member("DmaRead", "dma_read.count", HEADER_SIZE)
-    elseif h.cmd == CMD.DMA_WRITE then
-        d.request_count = d:member("DmaWrite", "dma_write.count", HEADER_SIZE)
-    elseif h.cmd == CMD.MIG_DATA_READ then
-        d.request_size = d:member("MigDataRead", "mig_data_read.size", HEADER_SIZE)
-    end
 end
 
 -- --- the message -------------------------------------------------------------------
@@ -1618,6 +1584,16 @@ local function header_checks(d, h)
     end
 end
 
+-- A declared payload, then its command's code once its layer is whole; a
+-- payload not declared is walked by its command's code alone.
+local function dissect_payload(d, spec, code)
+    if spec == nil then return code(d, HEADER_SIZE) end
+    local node, v, stop, whole = d:walk(spec, HEADER_SIZE)
+    if d.pending then d.pending.values = v end
+    if code and whole then return code(d, v, node, stop, spec) end
+    return ""
+end
+
 local function payload(d, h)
     if h.error_flag and h.type == TYPE_REPLY then
         if d.len > HEADER_SIZE then
@@ -1627,13 +1603,13 @@ local function payload(d, h)
         end
         return ERRNOS[h.error] or ("errno " .. h.error)
     end
-    local table_ = (h.type == TYPE_REPLY) and REPLIES or REQUESTS
-    local fn = table_[h.cmd]
-    if fn == nil or (h.type ~= TYPE_COMMAND and h.type ~= TYPE_REPLY) then
+    local spec = (MESSAGES[h.cmd] or {})[d.reply and "reply" or "request"]
+    local code = (d.reply and REPLIES or REQUESTS)[h.cmd]
+    if (spec == nil and code == nil) or (h.type ~= TYPE_COMMAND and h.type ~= TYPE_REPLY) then
         if d.len > HEADER_SIZE then d:add_bytes(d.root, "vfio_user.payload", HEADER_SIZE, d.len) end
         return string.format("%d payload bytes not decoded", d.len - HEADER_SIZE)
     end
-    local ok, info = pcall(fn, d, HEADER_SIZE)
+    local ok, info = pcall(dissect_payload, d, spec, code)
     if not ok then
         d:expert("dissector.bug", "dissector failed: " .. tostring(info))
         return ""
@@ -1671,7 +1647,6 @@ function vfio_user.dissector(buf, pinfo, tree)
                error_flag = band(flags, P.FLAG_ERROR) ~= 0}
     d.reply = h.type == TYPE_REPLY
     d:layer("Header", 0, nil, (not h.error_flag) and {["vfio_user.error"] = "vfio_user.reserved"} or nil)
-    remember_request(d, h)
     local link = match(d, pinfo, h)
     if link and link.request then d.request = link.request end
     if not pinfo.visited then frame_qemu_dma[pinfo.number] = qemu_dma[pinfo.src_port] end

@@ -46,3 +46,19 @@ def test_the_package_gathers_every_familys_checks_and_fields_once():
     refused = set().union(*(f.SESSION.must_refuse for f in proto.COMMAND_FAMILIES),
                           proto.header.MUST_REFUSE)
     assert proto.SESSION.must_refuse == refused <= set(ids)
+
+
+@pytest.mark.parametrize("family", proto.COMMAND_FAMILIES, ids=lambda f: f.__name__)
+def test_a_familys_declared_payloads_are_of_commands_it_dissects(family):
+    declared = family.DISSECTORS.payloads
+    assert {cmd for cmd, _ in declared} <= set(family.DISSECTORS.requests) | set(
+        family.DISSECTORS.replies)
+    for (cmd, kind), payload in declared.items():
+        assert (payload.command, payload.kind) == (proto.COMMANDS[cmd], kind)
+        assert payload.layer is None or payload.layer.__module__ == family.__name__
+
+
+def test_a_payload_naming_a_member_its_layer_lacks_is_refused():
+    from vfu_inspect.dissectors.vfio_user.core import Payload, Rest
+    with pytest.raises(ValueError, match="no member cnt"):
+        Payload(proto.IrqInfo, Rest("irq_info.data", "cnt"))

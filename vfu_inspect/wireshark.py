@@ -1,10 +1,12 @@
 """The Wireshark Lua plugin, generated from the field registry.
 
-`dissectors/vfio_user.lua.in` holds the hand-written logic (per-command
-layouts, JSON, request/reply matching, checks); this module fills in what the
-registry already says: one ProtoField per field with the same filter name,
-label, width, base, value names and mask; each layer's fixed layout; the
-capabilities; one ProtoExpert per expert id.  `vfu-inspect wireshark-plugin`
+`dissectors/vfio_user.lua.in` holds the hand-written logic (a generic
+interpreter of the declared payloads, JSON, capability chains, request/reply
+matching, checks); this module fills in what the registry and the families
+already say: one ProtoField per field with the same filter name, label,
+width, base, value names and mask; each layer's fixed layout; each command's
+declared request and reply payload (MESSAGES) and the parts walked inside
+them (PARTS); the capabilities; one ProtoExpert per expert id.  `vfu-inspect wireshark-plugin`
 writes the result, and a test fails when the committed file is stale.
 """
 
@@ -18,6 +20,7 @@ from typing import Any, Iterable
 
 from . import dissectors, fields
 from .dissectors import vfio_user as proto
+from .dissectors.vfio_user import core
 
 DISSECTORS = Path(dissectors.__file__).resolve().parent
 TEMPLATE = DISSECTORS / "vfio_user.lua.in"
@@ -96,6 +99,11 @@ def generate() -> str:
             "", "-- bit sub-fields shown under their integer",
             "local BITS = {", *_bits_lines(), "}",
             "", "local LAYERS = {", *_layer_lines(), "}",
+            "", "-- each command's declared request and reply payload, by command number",
+            "local MESSAGES = {", *_message_lines(), "}",
+            "", "-- payloads that a command's code walks inside another, by name",
+            "local PARTS = {", *(f"    {name} = {_payload(part)}," for name, part
+                                 in proto.PARTS.items()), "}",
             "", "local CAPABILITIES = {", *_capability_lines(), "}",
             "", "-- protocol constants, named as in dissectors/vfio_user/",
             *_constant_lines(),
@@ -152,6 +160,34 @@ def _layer_lines() -> Iterable[str]:
                             for fd, offset, size in cls.vfu_compiled.fields)
         yield (f"    {cls.__name__} = {{field = {_lua(cls.vfu_field.name)}, "
                f"label = {_lua(cls.vfu_name)}, size = {cls.vfu_compiled.size}, {members}}},")
+
+
+def _message_lines() -> Iterable[str]:
+    commands = sorted({cmd for cmd, _ in proto.PAYLOADS})
+    for cmd in commands:
+        kinds = ", ".join(f"{kind} = {_payload(proto.PAYLOADS[cmd, kind])}"
+                          for kind in (core.REQUEST, core.REPLY) if (cmd, kind) in proto.PAYLOADS)
+        yield f"    [{cmd}] = {{{kinds}}},"
+
+
+def _payload(payload: core.Payload) -> str:
+    """A Payload as a Lua table, its layer and tail's layer by class name."""
+    tail = payload.tail
+    named = payload.command or payload.label
+    entries = {"layer": payload.layer and payload.layer.__name__,
+               "what": payload.what if named else None, "command": payload.command or None,
+               "ends": payload.ends or None, "argsz": payload.argsz}
+    if isinstance(tail, core.Rest):
+        entries.update(rest=tail.field, count=tail.count, expert=tail.expert or None)
+    elif isinstance(tail, core.Array):
+        entries.update(array=tail.layer.__name__, count=tail.count, expert=tail.expert,
+                       beside=tail.beside or None)
+    fields_ = [f"{key} = {_lua(value)}" for key, value in entries.items() if value is not None]
+    for key in ("zero", "wraps"):
+        names = getattr(payload, key)
+        if names:
+            fields_.append(f"{key} = {{" + ", ".join(map(_lua, names)) + "}")
+    return "{" + ", ".join(fields_) + "}"
 
 
 def _capability_lines() -> Iterable[str]:

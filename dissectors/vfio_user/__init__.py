@@ -4,10 +4,12 @@ per command family.
 A family module holds all that is known of its commands, next to each other:
 their layers (scapy packets, the one declaration of the wire format; scapy
 builds messages from them, `FIELDS.layer` declares their fields under their
-filter names and compiles them for decoding), the request and reply
-dissector of each command, which walks its variable parts and flags what is
-wrong, its checks (CHECKS rows), and its session side: the checks that need
-the connection's history and what the command changes in its state.
+filter names and compiles them for decoding), each command's request and
+reply payload as data (`Payload`: its layer and what may follow it, which
+the Python dissector walks and the generated Lua plugin interprets), the
+request and reply dissector of each command, which walks the rest and flags
+what is wrong, its checks (CHECKS rows), and its session side: the checks
+that need the connection's history and what the command changes in its state.
 
     header     the header and framing, and the checks no one command owns
     version    VERSION and the capabilities
@@ -88,7 +90,8 @@ __all__ = [
     "Version", "WriteMulti", "WriteMultiEntry",
     "bitmap_bytes", "parse_header", "region_name",
     "DMA_MEMORY", "IOEVENTFDS", "IRQ_EVENTFDS", "MMIO_WRITES", "TWIN_SOCKET",
-    "CHECKS", "FD_CARRIERS", "FIELDS", "REQUESTS", "SESSION", "dissect_message", "field_commands",
+    "CHECKS", "FD_CARRIERS", "FIELDS", "PARTS", "PAYLOADS", "REQUESTS", "SESSION",
+    "dissect_message", "field_commands",
     "layers", "member_widths", "protocol_fields",
 ]
 
@@ -102,6 +105,7 @@ CHECKS = [row for family in FAMILIES for row in family.CHECKS]
 _DISSECTORS = Dissectors.merged(family.DISSECTORS for family in COMMAND_FAMILIES)
 REQUESTS, REPLIES = _DISSECTORS.requests, _DISSECTORS.replies
 FD_CARRIERS = _DISSECTORS.fd_carriers
+PAYLOADS, PARTS = _DISSECTORS.payloads, _DISSECTORS.parts
 SESSION = SessionRules.merged([SessionRules(must_refuse=header.MUST_REFUSE),
                                *(family.SESSION for family in COMMAND_FAMILIES)])
 

@@ -1,14 +1,15 @@
 """What every command family's dissectors share: the Context a dissector
 gets, `add_layer` and the byte helpers, the checks many commands make
 (argsz, must-be-zero fields, ranges that wrap), where a check's rule comes
-from, and `Dissectors`, the table a family files its request and reply
-dissectors in.
+from, `Payload` (a request's or reply's layout declared as data, which
+`walk` dissects and the Lua plugin interprets), and `Dissectors`, the table
+a family files its request and reply dissectors and payloads in.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass, field as dc_field, replace
 from typing import Any, Callable, Iterable
 
 from scapy.packet import Packet
@@ -16,7 +17,7 @@ from scapy.packet import Packet
 from vfu_inspect.fields import Compiled
 from vfu_inspect.tree import Packed, Tree
 
-from .protocol import CMD, HEADER_SIZE
+from .protocol import CMD
 
 # Where a check's rule comes from (the CHECKS rows): "spec" is QEMU's
 # docs/interop/vfio-user.rst, by section; a rule that is not the spec's says
@@ -98,10 +99,6 @@ def expect_end(tree: Tree, msg: bytes, end: int, what: str,
                     f"{what}: {extra} unexpected trailing bytes", end, extra)
 
 
-def expect_empty(tree: Tree, msg: bytes, what: str) -> None:
-    expect_end(tree, msg, HEADER_SIZE, what)
-
-
 def check_reply_argsz(tree: Tree, argsz: int, payload_len: int, what: str) -> None:
     """In a reply, argsz is the size the full payload needs."""
     if argsz > payload_len:
@@ -171,6 +168,133 @@ IOEVENTFDS = "ioeventfds"          # doorbells the client signals
 FdRole = str
 
 
+# --- payloads declared as data -------------------------------------------------------
+# What a request or reply carries, declared next to its layer: the Python
+# dissector walks it with `walk`, and the generated Lua plugin holds the same
+# declarations (MESSAGES, PARTS) for its generic interpreter.  Its checks
+# beyond these stay in code, on both sides.
+
+REQUEST, REPLY = "request", "reply"
+EXACT = "exact"         # argsz: the layer's size, no more and no less
+
+
+@dataclass(frozen=True, slots=True)
+class Rest:
+    """The bytes after the layer, as one BYTES field; `count` names the member
+    saying how many there are, and `expert` flags when they differ."""
+
+    field: str
+    count: str | None = None
+    expert: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Array:
+    """The layer's `count` member's worth of `layer` entries, as many as fit
+    (`expert` flags the rest), under the layer's node or `beside` it."""
+
+    layer: type[Packet]
+    count: str
+    expert: str
+    beside: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A layer and what follows it.  Once the layer is whole: the tail, then
+    argsz (REQUEST: at least the layer; REPLY: the payload's size; EXACT),
+    the members that must be zero, and the (start, count) members whose end
+    must fit in 64 bits.  `ends`: bytes past the tail are trailing."""
+
+    layer: type[Packet] | None          # None: the header alone
+    tail: Rest | Array | None = None
+    ends: bool = True
+    argsz: str | None = None
+    zero: tuple[str, ...] = ()
+    wraps: tuple[str, str] | None = None
+    label: str = ""                     # how messages name it; the command's by default
+    command: str = ""                   # filed by Dissectors.declare
+    kind: str = ""
+
+    def __post_init__(self) -> None:
+        """Names the declaration gives must be the layer's members (or the tail's)."""
+        named = [*self.zero, *(self.wraps or ()), *([self.tail.count] if self.tail else [])]
+        members = self.layer.vfu_compiled.names if self.layer else ()
+        unknown = [name for name in named if name is not None and name not in members]
+        if unknown or (self.argsz and "argsz" not in members):
+            raise ValueError(f"{self.layer and self.layer.__name__} has no member "
+                             f"{', '.join(unknown) or 'argsz'}")
+
+    @property
+    def what(self) -> str:
+        return self.label or f"{self.command} {self.kind}"
+
+
+@dataclass(slots=True)
+class Walked:
+    """A walked payload: its node, the layer's values, where it ends, whether
+    the layer is whole, and each Array entry's values."""
+
+    node: int
+    values: dict[str, int]
+    end: int
+    whole: bool
+    entries: list[dict[str, int]]
+
+
+def walk(tree: Tree, msg: bytes, off: int, payload: Payload, parent: int = -1) -> Walked:
+    """Dissect a declared payload at `off`."""
+    if payload.layer is None:
+        expect_end(tree, msg, off, payload.what, parent)
+        return Walked(parent, {}, off, True, [])
+    compiled = payload.layer.vfu_compiled
+    node, v = add_layer(tree, payload.layer, msg, off, parent)
+    out = Walked(node, v, off + compiled.size, len(v) == len(compiled.fields), [])
+    if out.whole and isinstance(payload.tail, Rest):
+        _walk_rest(tree, msg, out, payload.tail)
+    elif out.whole and isinstance(payload.tail, Array):
+        _walk_array(tree, msg, out, payload.tail, parent)
+    if payload.ends:
+        expect_end(tree, msg, out.end, payload.what)
+    if out.whole:
+        _declared_checks(tree, len(msg) - off, payload, v)
+    return out
+
+
+def _declared_checks(tree: Tree, payload_len: int, payload: Payload, v: dict[str, int]) -> None:
+    """A whole layer's argsz, must-be-zero members and start + count."""
+    size = payload.layer.vfu_compiled.size
+    if payload.argsz == REQUEST:
+        check_request_argsz(tree, v["argsz"], size, payload.command)
+    elif payload.argsz == REPLY:
+        check_reply_argsz(tree, v["argsz"], payload_len, payload.command)
+    elif payload.argsz == EXACT and v["argsz"] != size:
+        tree.expert("argsz.mismatch", f"{payload.command} argsz {v['argsz']}, the request "
+                    f"struct is {size} bytes")
+    if payload.zero:
+        check_zero(tree, v, payload.zero, payload.what)
+    if payload.wraps:
+        start, count = payload.wraps
+        check_range(tree, v[start], v[count], 64, f"{payload.what} {start}+{count}")
+
+
+def _walk_rest(tree: Tree, msg: bytes, out: Walked, rest: Rest) -> None:
+    add_bytes(tree, rest.field, msg, out.end, len(msg), out.node)
+    sent = len(msg) - out.end
+    if rest.count is not None and sent != out.values[rest.count]:
+        tree.expert(rest.expert, f"count is {out.values[rest.count]} but {sent} data bytes follow")
+    out.end = len(msg)
+
+
+def _walk_array(tree: Tree, msg: bytes, out: Walked, array: Array, parent: int) -> None:
+    count = fitting(tree, out.values[array.count], msg, out.end, array.layer, array.expert,
+                    array.count)
+    for _ in range(count):
+        _, entry = add_layer(tree, array.layer, msg, out.end, parent if array.beside else out.node)
+        out.entries.append(entry)
+        out.end += array.layer.vfu_compiled.size
+
+
 # --- per-command dissectors ------------------------------------------------------
 # Each gets (tree, msg, ctx, off) with off = start of the payload, and returns
 # the info string.
@@ -188,6 +312,8 @@ class Dissectors:
         self.requests: dict[int, Dissector] = {}
         self.replies: dict[int, Dissector] = {}
         self.fd_carriers: dict[tuple[int, str], FdRole] = {}
+        self.payloads: dict[tuple[int, str], Payload] = {}     # by (command, REQUEST or REPLY)
+        self.parts: dict[str, Payload] = {}                    # walked inside another, by name
 
     @classmethod
     def merged(cls, families: Iterable[Dissectors]) -> Dissectors:
@@ -197,6 +323,8 @@ class Dissectors:
             merge_by_command(out.requests, dissectors.requests)
             merge_by_command(out.replies, dissectors.replies)
             out.fd_carriers |= dissectors.fd_carriers
+            merge_by_command(out.payloads, dissectors.payloads)
+            out.parts.update(dissectors.parts)
         return out
 
     def request(self, cmd: str, fds: FdRole | None = None) -> Callable[[Dissector], Dissector]:
@@ -211,12 +339,25 @@ class Dissectors:
             self.fd_carriers[CMD[cmd], "reply"] = fds
         return file_under(self.replies, (cmd,))
 
+    def declare(self, cmd: str, kind: str, payload: Payload) -> Payload:
+        """File what command `cmd`'s request or reply (`kind`) carries."""
+        filed = replace(payload, command=cmd, kind=kind)
+        self.payloads[CMD[cmd], kind] = filed
+        return filed
+
+    def part(self, name: str, payload: Payload) -> Payload:
+        """File a payload that dissectors walk inside another (the Lua plugin's PARTS)."""
+        self.parts[name] = payload
+        return payload
+
     def bare(self, cmd: str, kind: str) -> None:
         """A command or reply that has no payload."""
+        payload = self.declare(cmd, kind, Payload(None))
+
         def fn(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-            expect_empty(tree, msg, f"{cmd} {kind}")
+            walk(tree, msg, off, payload)
             return ""
-        (self.requests if kind == "request" else self.replies)[CMD[cmd]] = fn
+        (self.requests if kind == REQUEST else self.replies)[CMD[cmd]] = fn
 
 
 def file_under(table: dict[int, Any], names: Iterable[str]) -> Callable[[Any], Any]:

@@ -14,9 +14,7 @@ from scapy.packet import Packet
 from vfu_inspect.fields import Fields, bits32, u32
 from vfu_inspect.tree import Tree
 
-from .core import (
-    SPEC, Context, Dissectors, add_layer, check_reply_argsz, check_request_argsz, check_zero,
-    expect_end)
+from .core import REPLY, REQUEST, SPEC, Context, Dissectors, Payload, walk
 from .protocol import DEVICE_INFO_FLAGS, ERROR_STATE, PCI_NUM_REGIONS, RUNNING
 from .state import ConnState, Effect, EffectKind, Pending, SessionRules
 
@@ -41,25 +39,22 @@ class DeviceInfo(Packet):
 # --- dissectors ---------------------------------------------------------------------
 
 DISSECTORS = Dissectors()
+DEVICE_INFO_REQUEST = DISSECTORS.declare("DEVICE_GET_INFO", REQUEST, Payload(
+    DeviceInfo, argsz=REQUEST, zero=("flags", "num_regions", "num_irqs")))
+DEVICE_INFO_REPLY = DISSECTORS.declare("DEVICE_GET_INFO", REPLY, Payload(DeviceInfo, argsz=REPLY))
 
 
 @DISSECTORS.request("DEVICE_GET_INFO")
 def _device_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, DeviceInfo, msg, off)
-    expect_end(tree, msg, off + DeviceInfo.vfu_compiled.size, "DEVICE_GET_INFO request")
-    if "argsz" in v:
-        check_request_argsz(tree, v["argsz"], DeviceInfo.vfu_compiled.size, "DEVICE_GET_INFO")
-        check_zero(tree, v, ("flags", "num_regions", "num_irqs"), "DEVICE_GET_INFO request")
+    walk(tree, msg, off, DEVICE_INFO_REQUEST)
     return ""
 
 
 @DISSECTORS.reply("DEVICE_GET_INFO")
 def _device_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, DeviceInfo, msg, off)
-    expect_end(tree, msg, off + DeviceInfo.vfu_compiled.size, "DEVICE_GET_INFO reply")
+    v = walk(tree, msg, off, DEVICE_INFO_REPLY).values
     if "num_irqs" not in v:
         return ""
-    check_reply_argsz(tree, v["argsz"], len(msg) - off, "DEVICE_GET_INFO")
     if not v["flags"] & DEVICE_INFO_FLAGS["pci"] or v["num_regions"] < PCI_NUM_REGIONS:
         tree.expert("device_info.pci", f"flags {v['flags']:#x}, {v['num_regions']} regions: "
                     f"the spec supports only PCI devices, with at least {PCI_NUM_REGIONS} regions")

@@ -21,8 +21,9 @@ from vfu_inspect.records import S2C
 from vfu_inspect.tree import Tree
 
 from .core import (
-    DMA_MEMORY, FACTS, LVU, SPEC, Context, Dissector, Dissectors, add_bytes, add_layer, check_range,
-    check_request_argsz, expect_end, fd_text, hex_size)
+    DMA_MEMORY, EXACT, FACTS, LVU, REPLY, REQUEST, SPEC, Context, Dissector, Dissectors, Payload,
+    Rest, add_bytes, add_layer, check_range, check_request_argsz, expect_end, fd_text, hex_size,
+    walk)
 from .protocol import (
     CMD, DMA_MAP_FLAGS, DMA_UNMAP_FLAGS, HEADER_SIZE, MAX_BITMAP_SIZE, SPEC_DMA_MAP_FLAGS)
 from .state import (
@@ -142,17 +143,17 @@ FIELDS.field("dma_write.data", "Data", BYTES)
 # --- dissectors ---------------------------------------------------------------------
 
 DISSECTORS = Dissectors()
+DMA_MAP_REQUEST = DISSECTORS.declare("DMA_MAP", REQUEST, Payload(DmaMap, argsz=EXACT))
+# the dirty bitmap that GET_DIRTY_BITMAP adds is walked by hand
+DMA_UNMAP = DISSECTORS.declare("DMA_UNMAP", REQUEST, Payload(DmaUnmap, ends=False))
+DISSECTORS.declare("DMA_UNMAP", REPLY, DMA_UNMAP)
 
 
 @DISSECTORS.request("DMA_MAP", fds=DMA_MEMORY)
 def _dma_map(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, DmaMap, msg, off)
-    expect_end(tree, msg, off + DmaMap.vfu_compiled.size, "DMA_MAP request")
+    v = walk(tree, msg, off, DMA_MAP_REQUEST).values
     if "size" not in v:
         return ""
-    if v["argsz"] != DmaMap.vfu_compiled.size:
-        tree.expert("argsz.mismatch",
-                    f"DMA_MAP argsz {v['argsz']}, the request struct is 32 bytes")
     if v["flags"] & ~sum(DMA_MAP_FLAGS.values()):
         tree.expert("dma_map.flags_unknown", f"DMA_MAP flags {v['flags']:#x} has bits neither "
                     "the spec nor libvfio-user defines (libvfio-user refuses them)")
@@ -179,8 +180,9 @@ DISSECTORS.bare("DMA_MAP", "reply")
 @DISSECTORS.request("DMA_UNMAP")
 @DISSECTORS.reply("DMA_UNMAP")
 def _dma_unmap(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    node, v = add_layer(tree, DmaUnmap, msg, off)
-    if "size" not in v:
+    walked = walk(tree, msg, off, DMA_UNMAP)
+    node, v = walked.node, walked.values
+    if not walked.whole:
         return ""
     end = off + DmaUnmap.vfu_compiled.size
     info = f"iova={v['address']:#x} size={hex_size(v['size'])}"
@@ -215,8 +217,12 @@ def _unmap_request_checks(tree: Tree, v: dict[str, int]) -> None:
 
 def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
                 data_in_reply: bool) -> tuple[Dissector, Dissector]:
-    """DMA_READ/DMA_WRITE, decoding QEMU's layout where the bytes show it."""
+    """DMA_READ/DMA_WRITE, decoding QEMU's layout where the bytes show it (the
+    reply's layout is chosen by hand)."""
     prefix = spec.vfu_field.name
+    request = DISSECTORS.declare(spec.vfu_name, REQUEST, Payload(
+        spec, Rest(f"{prefix}.data", "count", f"{prefix}.count") if data_in_request else None,
+        wraps=("address", "count"), label=spec.vfu_name))
 
     def body(tree: Tree, msg: bytes, off: int, layout: type[Packet],
              with_data: bool) -> dict[str, int]:
@@ -229,12 +235,7 @@ def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
         return v
 
     def on_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-        v = body(tree, msg, off, spec, data_in_request)
-        if data_in_request and "count" in v and len(msg) - off - 16 != v["count"]:
-            tree.expert(f"{prefix}.count",
-                        f"count is {v['count']} but {len(msg) - off - 16} data bytes follow")
-        if "count" in v:
-            check_range(tree, v["address"], v["count"], 64, f"{spec.vfu_name} address+count")
+        v = walk(tree, msg, off, request).values
         return f"addr={v.get('address', 0):#x} count={v.get('count', '?')}"
 
     def on_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:

@@ -17,8 +17,8 @@ from vfu_inspect.fields import BYTES, UINT, Fields, bits32, u32
 from vfu_inspect.tree import Tree
 
 from .core import (
-    FACTS, IRQ_EVENTFDS, SPEC, Context, Dissectors, add_bytes, add_layer, check_range,
-    check_reply_argsz, check_request_argsz, check_zero, expect_end, flag_letters)
+    FACTS, IRQ_EVENTFDS, REPLY, REQUEST, SPEC, Context, Dissectors, Payload, add_bytes,
+    check_range, expect_end, flag_letters, walk)
 from .protocol import IRQ_INFO_FLAGS, IRQS, SET_IRQS_ACTION, SET_IRQS_DATA, SET_IRQS_FLAGS
 from .state import ConnState, Effect, EffectKind, IrqState, Pending, SessionRules, echoed_fields
 
@@ -63,34 +63,32 @@ FIELDS.field("set_irqs.bool", "Bool", UINT)
 # --- dissectors ---------------------------------------------------------------------
 
 DISSECTORS = Dissectors()
+IRQ_INFO_REQUEST = DISSECTORS.declare("DEVICE_GET_IRQ_INFO", REQUEST, Payload(
+    IrqInfo, argsz=REQUEST, zero=("flags", "count")))
+IRQ_INFO_REPLY = DISSECTORS.declare("DEVICE_GET_IRQ_INFO", REPLY, Payload(IrqInfo, argsz=REPLY))
+SET_IRQS_REQUEST = DISSECTORS.declare("DEVICE_SET_IRQS", REQUEST, Payload(SetIrqs, ends=False))
 
 
 @DISSECTORS.request("DEVICE_GET_IRQ_INFO")
 def _irq_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, IrqInfo, msg, off)
-    expect_end(tree, msg, off + IrqInfo.vfu_compiled.size, "DEVICE_GET_IRQ_INFO request")
-    if "index" not in v:
-        return ""
-    check_request_argsz(tree, v["argsz"], IrqInfo.vfu_compiled.size, "DEVICE_GET_IRQ_INFO")
-    check_zero(tree, v, ("flags", "count"), "DEVICE_GET_IRQ_INFO request")
-    return IRQS.get(v["index"], f"index {v['index']}")
+    v = walk(tree, msg, off, IRQ_INFO_REQUEST).values
+    return IRQS.get(v["index"], f"index {v['index']}") if "index" in v else ""
 
 
 @DISSECTORS.reply("DEVICE_GET_IRQ_INFO")
 def _irq_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, IrqInfo, msg, off)
-    expect_end(tree, msg, off + IrqInfo.vfu_compiled.size, "DEVICE_GET_IRQ_INFO reply")
+    v = walk(tree, msg, off, IRQ_INFO_REPLY).values
     if "count" not in v:
         return ""
-    check_reply_argsz(tree, v["argsz"], len(msg) - off, "DEVICE_GET_IRQ_INFO")
     return (f"{IRQS.get(v['index'], v['index'])} count={v['count']} "
             f"flags={flag_letters(v['flags'], IRQ_INFO_FLAGS)}")
 
 
 @DISSECTORS.request("DEVICE_SET_IRQS", fds=IRQ_EVENTFDS)
 def _set_irqs(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    node, v = add_layer(tree, SetIrqs, msg, off)
-    if "count" not in v:
+    walked = walk(tree, msg, off, SET_IRQS_REQUEST)
+    node, v = walked.node, walked.values
+    if not walked.whole:
         return ""
     data = off + SetIrqs.vfu_compiled.size
     flags, count, start = v["flags"], v["count"], v["start"]

@@ -20,8 +20,8 @@ from vfu_inspect.records import C2S
 from vfu_inspect.tree import Tree
 
 from .core import (
-    FACTS, LVU, SPEC, Context, Dissector, Dissectors, add_bytes, add_layer, check_range,
-    check_reply_argsz, check_request_argsz, expect_end, fitting, flag_letters)
+    FACTS, LVU, REPLY, REQUEST, SPEC, Array, Context, Dissector, Dissectors, Payload, add_bytes,
+    check_range, check_reply_argsz, check_request_argsz, expect_end, flag_letters, walk)
 from .dma import bitmap_bytes, check_bitmap_limit, check_logging_on
 from .protocol import (
     CMD, ERROR_STATE, FEATURE_FLAGS, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, FEATURES,
@@ -127,6 +127,16 @@ FIELDS.field("mig_data_write.data", "Data", BYTES)
 # --- dissectors ---------------------------------------------------------------------
 
 DISSECTORS = Dissectors()
+# a feature's data is walked by hand: which part it is depends on the feature
+DEVICE_FEATURE = DISSECTORS.declare("DEVICE_FEATURE", REQUEST, Payload(DeviceFeature, ends=False))
+DISSECTORS.declare("DEVICE_FEATURE", REPLY, DEVICE_FEATURE)
+MIGRATION_FEATURE = DISSECTORS.part("MIGRATION_FEATURE", Payload(
+    MigrationFeature, label="MIGRATION feature"))
+MIG_DEVICE_STATE = DISSECTORS.part("MIG_DEVICE_STATE", Payload(
+    MigDeviceState, label="MIG_DEVICE_STATE"))
+DMA_LOGGING = DISSECTORS.part("DMA_LOGGING", Payload(
+    DmaLogging, Array(DmaLoggingRange, "num_ranges", "dma_logging.ranges_short"), ends=False))
+DMA_LOGGING_REPORT = DISSECTORS.part("DMA_LOGGING_REPORT", Payload(DmaLoggingReport, ends=False))
 
 
 # The operations each feature defines, and the layout of its data.
@@ -138,8 +148,9 @@ FEATURE_OP_NAMES = {FEATURE_GET: "GET", FEATURE_SET: "SET", FEATURE_PROBE: "PROB
 @DISSECTORS.request("DEVICE_FEATURE")
 @DISSECTORS.reply("DEVICE_FEATURE")
 def _device_feature(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    node, v = add_layer(tree, DeviceFeature, msg, off)
-    if "flags" not in v:
+    walked = walk(tree, msg, off, DEVICE_FEATURE)
+    node, v = walked.node, walked.values
+    if not walked.whole:
         return ""
     flags = v["flags"]
     feature = flags & 0xFFFF
@@ -213,12 +224,10 @@ def _power_of_two(n: int) -> bool:
 def _feature_data(tree: Tree, msg: bytes, offset: int, feature: int, parent: int,
                   is_request: bool) -> tuple[str, dict[str, int]]:
     if feature == 1:
-        _, f = add_layer(tree, MigrationFeature, msg, offset, parent)
-        expect_end(tree, msg, offset + MigrationFeature.vfu_compiled.size, "MIGRATION feature")
+        f = walk(tree, msg, offset, MIGRATION_FEATURE, parent).values
         return f" flags={flag_letters(f.get('flags', 0), MIGRATION_FLAGS)}", f
     if feature == 2:
-        _, f = add_layer(tree, MigDeviceState, msg, offset, parent)
-        expect_end(tree, msg, offset + MigDeviceState.vfu_compiled.size, "MIG_DEVICE_STATE")
+        f = walk(tree, msg, offset, MIG_DEVICE_STATE, parent).values
         state = f.get("device_state")
         return f" state={MIG_STATES.get(state, state)}", f
     if feature in (6, 7):
@@ -234,28 +243,24 @@ def _feature_data(tree: Tree, msg: bytes, offset: int, feature: int, parent: int
 def _logging_ranges(tree: Tree, msg: bytes, offset: int, parent: int,
                     check: bool) -> dict[str, int]:
     """DMA_LOGGING_START/STOP data; `check` the page size and ranges of a START."""
-    node, f = add_layer(tree, DmaLogging, msg, offset, parent)
-    offset += DmaLogging.vfu_compiled.size
+    walked = walk(tree, msg, offset, DMA_LOGGING, parent)
+    f = walked.values
     page = f.get("page_size")
-    count = fitting(tree, f.get("num_ranges", 0), msg, offset, DmaLoggingRange,
-                    "dma_logging.ranges_short", "num_ranges")
     if check and page == 0:
         tree.expert("dma_logging.page_size", "DMA_LOGGING_START page size 0")
-    for i in range(count):
-        _, r = add_layer(tree, DmaLoggingRange, msg, offset, node)
-        offset += DmaLoggingRange.vfu_compiled.size
-        if check:
-            what = f"DMA_LOGGING_START range {i}"
-            check_range(tree, r["iova"], r["length"], 64, what)
-            _check_logging_alignment(tree, r["iova"], r["length"], page, what)
-    expect_end(tree, msg, offset, "DMA logging")
+    for i, r in enumerate(walked.entries if check else ()):
+        what = f"DMA_LOGGING_START range {i}"
+        check_range(tree, r["iova"], r["length"], 64, what)
+        _check_logging_alignment(tree, r["iova"], r["length"], page, what)
+    expect_end(tree, msg, walked.end, "DMA logging")
     return f
 
 
 def _logging_report(tree: Tree, msg: bytes, offset: int, parent: int,
                     is_request: bool) -> dict[str, int]:
-    node, f = add_layer(tree, DmaLoggingReport, msg, offset, parent)
-    if "page_size" not in f:
+    walked = walk(tree, msg, offset, DMA_LOGGING_REPORT, parent)
+    node, f = walked.node, walked.values
+    if not walked.whole:
         return f
     bitmap = offset + DmaLoggingReport.vfu_compiled.size
     if is_request:
@@ -292,17 +297,19 @@ def _check_report_bitmap(tree: Tree, bitmap: bytes, length: int, page: int) -> N
 
 
 def _mig_data(cls: type[Packet], with_data: bool, is_reply: bool) -> Dissector:
+    """A MIG_DATA_READ or _WRITE message; the data and its padding are walked by hand."""
     prefix = cls.vfu_field.name
+    payload = DISSECTORS.declare(cls.vfu_name, REPLY if is_reply else REQUEST, Payload(
+        cls, ends=not with_data, label=cls.vfu_name))
 
     def fn(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-        node, v = add_layer(tree, cls, msg, off)
-        if "size" not in v:
+        walked = walk(tree, msg, off, payload)
+        node, v = walked.node, walked.values
+        if not walked.whole:
             return ""
         data = off + cls.vfu_compiled.size
         if with_data:
             _mig_payload(tree, msg, data, v["size"], prefix, node)
-        else:
-            expect_end(tree, msg, data, cls.vfu_name)
         if not with_data and not is_reply:         # a READ request: argsz holds the data asked
             check_request_argsz(tree, v["argsz"], cls.vfu_compiled.size + v["size"], cls.vfu_name)
         if is_reply:

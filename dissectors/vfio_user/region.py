@@ -21,9 +21,8 @@ from vfu_inspect.tree import Tree
 
 from ..pci_config import CONFIG_REGION, dissect_config_access
 from .core import (
-    FACTS, IOEVENTFDS, REGION_MMAP, SPEC, Context, Dissector, Dissectors, add_bytes,
-    add_layer, check_range, check_reply_argsz, check_request_argsz, check_zero, expect_end,
-    fitting, flag_letters, hex_size)
+    FACTS, IOEVENTFDS, REGION_MMAP, REPLY, REQUEST, SPEC, Array, Context, Dissector, Dissectors,
+    Payload, Rest, add_bytes, add_layer, check_range, expect_end, flag_letters, hex_size, walk)
 from .protocol import (
     CMD, IO_FD_FLAGS, IO_FD_TYPES, REGION_CAPS, REGION_FLAGS, REGIONS, region_name)
 from .state import (
@@ -173,26 +172,33 @@ FIELDS.field("region_write.data", "Data", BYTES)
 # --- dissectors ---------------------------------------------------------------------
 
 DISSECTORS = Dissectors()
+# libvfio-user's client sends an argsz-sized buffer: padding, not an error.
+REGION_INFO_REQUEST = DISSECTORS.declare("DEVICE_GET_REGION_INFO", REQUEST, Payload(
+    RegionInfo, ends=False, argsz=REQUEST, zero=("flags", "cap_offset", "size", "offset")))
+REGION_INFO_REPLY = DISSECTORS.declare("DEVICE_GET_REGION_INFO", REPLY, Payload(
+    RegionInfo, ends=False, argsz=REPLY))
+SPARSE_AREAS = DISSECTORS.part("SPARSE_AREAS", Payload(
+    SparseMmap, Array(SparseArea, "nr_areas", "region_info.areas_short", beside=True),
+    ends=False))
+IO_FDS_REQUEST = DISSECTORS.declare("DEVICE_GET_REGION_IO_FDS", REQUEST, Payload(
+    RegionIoFds, argsz=REQUEST, zero=("flags", "count")))
+IO_FDS_REPLY = DISSECTORS.declare("DEVICE_GET_REGION_IO_FDS", REPLY, Payload(
+    RegionIoFds, ends=False, argsz=REPLY, zero=("flags",)))
 
 
 @DISSECTORS.request("DEVICE_GET_REGION_INFO")
 def _region_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, RegionInfo, msg, off)
-    if "index" not in v:
-        return ""
-    check_request_argsz(tree, v["argsz"], RegionInfo.vfu_compiled.size, "DEVICE_GET_REGION_INFO")
-    check_zero(tree, v, ("flags", "cap_offset", "size", "offset"), "DEVICE_GET_REGION_INFO request")
-    # libvfio-user's client sends an argsz-sized buffer: padding, not an error.
-    return f"{region_name(v['index'])} argsz={v['argsz']}"
+    v = walk(tree, msg, off, REGION_INFO_REQUEST).values
+    return f"{region_name(v['index'])} argsz={v['argsz']}" if "index" in v else ""
 
 
 @DISSECTORS.reply("DEVICE_GET_REGION_INFO", fds=REGION_MMAP)
 def _region_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    node, v = add_layer(tree, RegionInfo, msg, off)
-    if "offset" not in v:
+    walked = walk(tree, msg, off, REGION_INFO_REPLY)
+    node, v = walked.node, walked.values
+    if not walked.whole:
         return ""
     payload_len = len(msg) - off
-    check_reply_argsz(tree, v["argsz"], payload_len, "DEVICE_GET_REGION_INFO")
     name = region_name(v["index"])
     info = f"{name} size={hex_size(v['size'])} flags={flag_letters(v['flags'], REGION_FLAGS)}"
     end = off + RegionInfo.vfu_compiled.size
@@ -243,7 +249,7 @@ def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
             if cap["version"] != 1:
                 tree.expert("region_info.cap_version",
                             f"SPARSE_MMAP capability version {cap['version']}, the spec's is 1")
-            end = max(end, _sparse_areas(tree, msg, body, node))
+            end = max(end, walk(tree, msg, body, SPARSE_AREAS, node).end)
         elif cap["id"] == 2:
             add_layer(tree, RegionType, msg, body, node)
             end = max(end, body + RegionType.vfu_compiled.size)
@@ -254,37 +260,19 @@ def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
     return min(end, len(msg))
 
 
-def _sparse_areas(tree: Tree, msg: bytes, offset: int, parent: int) -> int:
-    _, sp = add_layer(tree, SparseMmap, msg, offset, parent)
-    offset += SparseMmap.vfu_compiled.size
-    count = fitting(tree, sp.get("nr_areas", 0), msg, offset, SparseArea,
-                    "region_info.areas_short", "nr_areas")
-    for _ in range(count):
-        add_layer(tree, SparseArea, msg, offset, parent)
-        offset += SparseArea.vfu_compiled.size
-    return offset
-
-
 @DISSECTORS.request("DEVICE_GET_REGION_IO_FDS")
 def _io_fds_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, RegionIoFds, msg, off)
-    expect_end(tree, msg, off + RegionIoFds.vfu_compiled.size, "DEVICE_GET_REGION_IO_FDS request")
-    if "count" not in v:
-        return ""
-    check_request_argsz(tree, v["argsz"], RegionIoFds.vfu_compiled.size,
-                        "DEVICE_GET_REGION_IO_FDS")
-    check_zero(tree, v, ("flags", "count"), "DEVICE_GET_REGION_IO_FDS request")
-    return region_name(v["index"])
+    walked = walk(tree, msg, off, IO_FDS_REQUEST)
+    return region_name(walked.values["index"]) if walked.whole else ""
 
 
 @DISSECTORS.reply("DEVICE_GET_REGION_IO_FDS", fds=IOEVENTFDS)
 def _io_fds_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    node, v = add_layer(tree, RegionIoFds, msg, off)
-    if "count" not in v:
+    walked = walk(tree, msg, off, IO_FDS_REPLY)
+    node, v = walked.node, walked.values
+    if not walked.whole:
         return ""
     start, header = off + RegionIoFds.vfu_compiled.size, RegionIoFds.vfu_compiled.size
-    check_reply_argsz(tree, v["argsz"], len(msg) - off, "DEVICE_GET_REGION_IO_FDS")
-    check_zero(tree, v, ("flags",), "DEVICE_GET_REGION_IO_FDS reply")
     info = f"{region_name(v['index'])} {v['count']} sub-regions"
     # argsz and count say what the whole array needs; a truncated reply
     # carries only what fit (often none of it) and needs no fd.
@@ -336,23 +324,18 @@ def _sub_regions(tree: Tree, msg: bytes, offset: int, entry: int, v: dict[str, i
     return offset
 
 
-def _region_access(cls: type[Packet], with_data: bool) -> Dissector:
+def _region_access(cls: type[Packet], kind: str, with_data: bool) -> Dissector:
+    """REGION_READ or _WRITE's request or reply: the access, and the data it carries."""
     prefix = cls.vfu_field.name
+    payload = DISSECTORS.declare(cls.vfu_name, kind, Payload(
+        cls, Rest(f"{prefix}.data", "count", f"{prefix}.count") if with_data else None,
+        wraps=("offset", "count") if kind == REQUEST else None, label=cls.vfu_name))
 
     def fn(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-        node, v = add_layer(tree, cls, msg, off)
+        v = walk(tree, msg, off, payload).values
         if "count" not in v:
             return ""
         data = off + cls.vfu_compiled.size
-        if with_data:
-            add_bytes(tree, f"{prefix}.data", msg, data, len(msg), node)
-            if len(msg) - data != v["count"]:
-                tree.expert(f"{prefix}.count",
-                            f"count is {v['count']} but {len(msg) - data} data bytes follow")
-        else:
-            expect_end(tree, msg, data, cls.vfu_name)
-        if ctx.direction == "c2s":
-            check_range(tree, v["offset"], v["count"], 64, f"{cls.vfu_name} offset+count")
         info = f"{region_name(v['region'])} offset={v['offset']:#x} count={v['count']}"
         if with_data and v["count"] <= 8 and len(msg) - data == v["count"]:
             info += f" data={_le_value(msg[data:])}"
@@ -365,16 +348,20 @@ def _le_value(data: bytes) -> str:
     return f"{int.from_bytes(data, 'little'):#0{2 + 2 * len(data)}x}"
 
 
-DISSECTORS.requests[CMD["REGION_READ"]] = _region_access(RegionRead, with_data=False)
-DISSECTORS.replies[CMD["REGION_READ"]] = _region_access(RegionRead, with_data=True)
-DISSECTORS.requests[CMD["REGION_WRITE"]] = _region_access(RegionWrite, with_data=True)
-DISSECTORS.replies[CMD["REGION_WRITE"]] = _region_access(RegionWrite, with_data=False)
+DISSECTORS.requests[CMD["REGION_READ"]] = _region_access(RegionRead, REQUEST, with_data=False)
+DISSECTORS.replies[CMD["REGION_READ"]] = _region_access(RegionRead, REPLY, with_data=True)
+DISSECTORS.requests[CMD["REGION_WRITE"]] = _region_access(RegionWrite, REQUEST, with_data=True)
+DISSECTORS.replies[CMD["REGION_WRITE"]] = _region_access(RegionWrite, REPLY, with_data=False)
+WRITE_MULTI_REQUEST = DISSECTORS.declare("REGION_WRITE_MULTI", REQUEST, Payload(
+    WriteMulti, ends=False))
+WRITE_MULTI_REPLY = DISSECTORS.declare("REGION_WRITE_MULTI", REPLY, Payload(WriteMulti))
 
 
 @DISSECTORS.request("REGION_WRITE_MULTI")
 def _write_multi(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    node, v = add_layer(tree, WriteMulti, msg, off)
-    if "wr_cnt" not in v:
+    walked = walk(tree, msg, off, WRITE_MULTI_REQUEST)
+    node, v = walked.node, walked.values
+    if not walked.whole:
         return ""
     offset = off + WriteMulti.vfu_compiled.size
     size = WriteMultiEntry.vfu_compiled.size
@@ -395,8 +382,7 @@ def _write_multi(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
 
 @DISSECTORS.reply("REGION_WRITE_MULTI")
 def _write_multi_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    _, v = add_layer(tree, WriteMulti, msg, off)
-    expect_end(tree, msg, off + WriteMulti.vfu_compiled.size, "REGION_WRITE_MULTI reply")
+    v = walk(tree, msg, off, WRITE_MULTI_REPLY).values
     return f"{v['wr_cnt']} completed" if "wr_cnt" in v else ""
 
 

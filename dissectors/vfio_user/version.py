@@ -17,7 +17,7 @@ from scapy.packet import Packet
 from vfu_inspect.fields import BOOL, STRING, UINT, Fields, u16
 from vfu_inspect.tree import Tree
 
-from .core import FACTS, SPEC, TWIN_SOCKET, Context, Dissectors, add_layer
+from .core import FACTS, REPLY, REQUEST, SPEC, TWIN_SOCKET, Context, Dissectors, Payload, walk
 from .protocol import (
     CAPABILITIES, CAPABILITY_MINIMUM, EXTENSION_CAPABILITIES, OBJECT_CAPABILITIES, PAGE_4K,
     QEMU_CAPABILITY_MAXIMUM, QEMU_CLIENT_CAPABILITIES, QEMU_PAGE_CAPABILITIES)
@@ -69,12 +69,16 @@ for _path, (_type, _, _label) in CAPABILITIES.items():
 # --- dissectors ---------------------------------------------------------------------
 
 DISSECTORS = Dissectors()
+# the capabilities JSON after the version is read by hand
+VERSION = DISSECTORS.declare("VERSION", REQUEST, Payload(Version, ends=False))
+DISSECTORS.declare("VERSION", REPLY, VERSION)
 
 
 @DISSECTORS.request("VERSION")
 @DISSECTORS.reply("VERSION", fds=TWIN_SOCKET)
 def _version(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    node, v = add_layer(tree, Version, msg, off)
+    walked = walk(tree, msg, off, VERSION)
+    node, v = walked.node, walked.values
     start = off + Version.vfu_compiled.size
     if len(msg) <= start:
         return f"{v.get('major', '?')}.{v.get('minor', '?')}"
