@@ -113,6 +113,8 @@ class Framer:
             # the usual chunk, whole messages from a boundary: cut straight from
             # it, without the buffer's copies (a chunk that is one message is its frame)
             cut = self._cut_whole(data, frames)
+            if cut == len(data):
+                return frames
             data = data[cut:] if cut else data
         view = memoryview(data)
         while view:

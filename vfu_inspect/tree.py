@@ -39,6 +39,8 @@ class Item:
 
     def _build_children(self) -> list[Item]:
         """Children known from the value alone: the bits of a flags word."""
+        if not self.field.children:         # most fields: no bits to build
+            return []
         return [Item(sub, value, self.offset, self.length)
                 for sub, value in bit_values(self.field, self.value)]
 
