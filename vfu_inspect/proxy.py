@@ -29,7 +29,6 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -49,7 +48,7 @@ from .sockio import fd_info, listen_unix, recv_chunk, unlink_socket
 # Addons flush at most this long after a record: a write per message would be
 # a syscall on the relay's hot path; a crash loses at most this much capture.
 FLUSH_INTERVAL = 0.005
-_HEAD = struct.Struct("<HHII")        # msg_id, cmd, msg_size, flags
+_HEADER = proto.Header.vfu_compiled.struct     # msg_id, cmd, msg_size, flags, error
 
 
 class Addon(Protocol):
@@ -119,8 +118,7 @@ class Proxy:
         self._hooks = {cls: [h[cls] for h in found if cls in h] for cls in PROXY_EVENTS}
         # every message goes there: straight to the one addon, when there is one
         message_hooks = self._hooks[MessageRelayed]
-        self._message_hook = (message_hooks[0] if len(message_hooks) == 1
-                              else lambda event: self._emit(event))
+        self._message_hook = message_hooks[0] if len(message_hooks) == 1 else self._emit
         self._flushes = [a.flush for a in self.addons if hasattr(a, "flush")]
         self.mode = mode
         self.log = log or (lambda text: None)
@@ -407,7 +405,7 @@ class Proxy:
             data = frame.data
             if len(data) < proto.HEADER_SIZE:
                 continue
-            msg_id, cmd, _, flags = _HEAD.unpack_from(data)
+            msg_id, cmd, _, flags, _ = _HEADER.unpack_from(data)
             kind = flags & proto.FLAG_TYPE_MASK
             if kind == proto.TYPE_REPLY:
                 matcher.reply(conn, channel, direction, msg_id)
@@ -579,7 +577,7 @@ class Proxy:
 
 def _unanswered(msg_id: int, cmd: int, channel: int, direction: int) -> dict[str, Any]:
     """A request still unanswered, as the close record lists it."""
-    return {"msg_id": msg_id, "cmd": proto.COMMANDS.get(cmd, f"CMD_{cmd}"),
+    return {"msg_id": msg_id, "cmd": proto.command_name(cmd),
             "channel": CHANNELS[channel], "dir": DIRECTIONS[direction]}
 
 

@@ -62,7 +62,7 @@ from .protocol import (
     MSG_TYPES, OBJECT_CAPABILITIES, OBSOLETE_COMMANDS, PAGE_4K, PCI_NUM_REGIONS,
     QEMU_CAPABILITY_MAXIMUM, QEMU_CLIENT_CAPABILITIES, QEMU_PAGE_CAPABILITIES, REGION_CAPS,
     REGION_FLAGS, REGIONS, SERVER_COMMANDS, SET_IRQS_ACTION, SET_IRQS_DATA, SET_IRQS_FLAGS,
-    SPEC_DMA_MAP_FLAGS, TYPE_COMMAND, TYPE_REPLY, region_name)
+    SPEC_DMA_MAP_FLAGS, TYPE_COMMAND, TYPE_REPLY, command_name, region_name)
 from .region import (
     IO_FD_TYPE, KVM_IOREGION_POSTED_WRITES, MMIO_WRITES, RegionCap, RegionInfo, RegionIoFds,
     RegionRead, RegionType, RegionWrite, ShadowSubRegion, SparseArea, SparseMmap, SubRegion,
@@ -88,7 +88,7 @@ __all__ = [
     "QemuDmaWrite", "RegionCap", "RegionInfo", "RegionIoFds", "RegionRead", "RegionType",
     "RegionWrite", "SetIrqs", "ShadowSubRegion", "SparseArea", "SparseMmap", "SubRegion",
     "Version", "WriteMulti", "WriteMultiEntry",
-    "bitmap_bytes", "parse_header", "region_name",
+    "bitmap_bytes", "command_name", "parse_header", "region_name",
     "DMA_MEMORY", "IOEVENTFDS", "IRQ_EVENTFDS", "MMIO_WRITES", "TWIN_SOCKET",
     "CHECKS", "FD_CARRIERS", "FIELDS", "PARTS", "PAYLOADS", "REQUESTS", "SESSION",
     "dissect_message", "field_commands",

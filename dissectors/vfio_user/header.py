@@ -18,7 +18,7 @@ from vfu_inspect.tree import Tree
 from .core import SPEC, Context
 from .protocol import (
     COMMANDS, ERRNO_NAMES, FLAG_ERROR, FLAG_NO_REPLY, FLAG_TYPE_MASK, HEADER_SIZE, MSG_TYPES,
-    OBSOLETE_COMMANDS, SERVER_COMMANDS, TYPE_COMMAND, TYPE_REPLY)
+    OBSOLETE_COMMANDS, SERVER_COMMANDS, TYPE_COMMAND, TYPE_REPLY, command_name)
 
 # The checks of the header and framing, of request/reply pairing, and those
 # every command may raise (the session's and the tool's included).
@@ -137,7 +137,7 @@ class HeaderInfo:
 
     @property
     def command_name(self) -> str:
-        return COMMANDS.get(self.cmd, f"CMD_{self.cmd}")
+        return command_name(self.cmd)
 
 
 _HEADER = Header.vfu_compiled.struct

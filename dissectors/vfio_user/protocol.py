@@ -22,6 +22,11 @@ CMD = {name: number for number, name in COMMANDS.items()}
 OBSOLETE_COMMANDS = {14}                 # in QEMU's protocol.h, not in the spec
 SERVER_COMMANDS = {CMD["DMA_READ"], CMD["DMA_WRITE"]}
 
+
+def command_name(cmd: int) -> str:
+    """The command's name, or CMD_<n> for a number the table lacks."""
+    return COMMANDS.get(cmd, f"CMD_{cmd}")
+
 TYPE_COMMAND, TYPE_REPLY = 0, 1
 MSG_TYPES = {TYPE_COMMAND: "command", TYPE_REPLY: "reply"}
 FLAG_TYPE_MASK, FLAG_NO_REPLY, FLAG_ERROR = 0x0F, 0x10, 0x20

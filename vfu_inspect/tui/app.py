@@ -1029,7 +1029,7 @@ class InspectApp(App[str | None]):
         for cmd in sorted(st.count):
             lat = st.latency_row(cmd)
             cells = ["-"] * 4 if lat is None else [f"{v * 1e6:.0f} µs" for v in lat]
-            rows.append((proto.COMMANDS.get(cmd, f"CMD_{cmd}"), st.count[cmd], st.bytes[cmd],
+            rows.append((proto.command_name(cmd), st.count[cmd], st.bytes[cmd],
                          sum(n for (c, _), n in st.errors.items() if c == cmd), *cells))
         errors = [(proto.COMMANDS.get(cmd, cmd), proto.ERRNO_NAMES.get(err, err), n)
                   for (cmd, err), n in sorted(st.errors.items())]
