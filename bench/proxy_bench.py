@@ -228,12 +228,14 @@ def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, P
     socks = {"direct": server, "blind relay": relay,
              **{name: tmp / f"gpio-proxy{i}.sock" for i, name in enumerate(proxies)}}
     us: dict[tuple[str, str], list[float]] = {(m, s): [] for m in modes(1) for s in socks}
-    cpu: dict[tuple[str, str], list[float]] = {(m, s): [] for m in modes(1) for s in proxies}
+    cpu: dict[tuple[str, str], list[float]] = {(m, s): [] for m in modes(1)
+                                               for s in ("blind relay", *proxies)}
     pids: dict[str, int] = {}
     with ExitStack() as stack:
         stack.enter_context(running([str(server_bin), str(server)], server))
         rtbench(client, server, 10, 1)      # the server takes our REGION_READ, or fail now
-        stack.enter_context(running([*RELAY, str(relay), str(server)], relay))
+        pids["blind relay"] = stack.enter_context(running([*RELAY, str(relay), str(server)],
+                                                          relay)).pid
         for i, (name, rules) in enumerate(proxies.items()):
             faults = [arg for rule in rules for arg in ("--fault", rule)]
             pids[name] = stack.enter_context(running(
@@ -273,11 +275,11 @@ def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, P
         print(f"  {label(mode, args.depth)}: proxy/blind relay {proxy_us / blind_us:.2f}x "
               f"(target <= {TARGET[mode]}), proxy/direct {proxy_us / direct_us:.2f}x; the proxy "
               f"adds {proxy_us - blind_us:+.2f} us/op to the blind relay's")
-        least = {name: min(cpu[mode, name]) for name in proxies}
-        print(f"  {label(mode, args.depth)}: proxy CPU per round trip, least (median) of the "
+        least = {name: min(times) for (m, name), times in cpu.items() if m == mode}
+        print(f"  {label(mode, args.depth)}: relay CPU per round trip, least (median) of the "
               "passes: " + ", ".join(f"{name} {least[name]:.2f} "
                                     f"({statistics.median(cpu[mode, name]):.2f}) us"
-                                    for name in proxies))
+                                    for name in least))
         paired = sorted(f / p for f, p in zip(us[mode, "proxy --fault"], us[mode, "proxy -w"]))
         print(f"  {label(mode, args.depth)}: proxy --fault (none matching)/proxy: time "
               f"{med[mode, 'proxy --fault'] / proxy_us:.3f}x (target <= {FAULT_TARGET}); "
@@ -343,7 +345,8 @@ def bench_sample(args: argparse.Namespace, tmp: Path) -> None:
           f"best of {args.repeat}")
     with ExitStack() as stack:
         stack.enter_context(running([*VFU, "sample-server", "--listen", str(server)], server))
-        stack.enter_context(running([*RELAY, str(relay), str(server)], relay))
+        pids["blind relay"] = stack.enter_context(running([*RELAY, str(relay), str(server)],
+                                                          relay)).pid
         stack.enter_context(running(proxy_to(proxy, captures[0]), proxy))
         stack.enter_context(running(proxy_to(printing, captures[1], "--print"), printing))
         for mode, depth in modes(args.depth).items():

@@ -15,14 +15,14 @@ from helpers import run_vfu, stop, vfu, wait_for_socket
 from vfu_inspect import addons
 from vfu_inspect.addons import AddonContext, SaveAddon, load_addons, option
 from vfu_inspect.capture import read_all
-from vfu_inspect.records import C2S, S2C, Message
+from vfu_inspect.records import C2S, MAIN, S2C, Message
 from vfu_inspect.cli import build_parser
 from vfu_inspect.faults import FaultInjector, load_rules
 from vfu_inspect.offload import Dissection
 from vfu_inspect.proxy import Proxy
-from vfu_inspect.proxy_events import (ConnectionClosed, ConnectionOpened, Doorbell,
-                                      FaultInjected, Interrupt, MessageDissected,
-                                      MessageRelayed, Note, event_from_record)
+from vfu_inspect.proxy_events import (BurstRelayed, ConnectionClosed, ConnectionOpened,
+                                      Doorbell, FaultInjected, Interrupt, MessageDissected,
+                                      MessageRelayed, Note, event_from_record, hooks)
 
 DELAY_VERSION = "vfio_user.cmd == VERSION && frame.dir == c2s: delay 1ms"
 
@@ -91,6 +91,24 @@ def test_the_proxy_core_emits_typed_events_that_are_the_capture(tmp_path):
     # and each event comes back from its record (for an addon in its own process)
     events = [e for e in seen if not isinstance(e, MessageRelayed)]
     assert [event_from_record(e.record()) for e in events] == events
+
+
+def test_a_burst_reaches_a_message_hook_message_by_message():
+    class OneByOne:
+        def __init__(self) -> None:
+            self.got: list = []
+
+        def message(self, event) -> None:
+            self.got.append(event)
+
+    burst = BurstRelayed(5, 0, MAIN, S2C, bytes(range(16)) + bytes(range(16, 40)), [16, 24])
+    addon, recorder = OneByOne(), Recorder()
+    hooks(addon)[BurstRelayed](burst)
+    hooks(recorder)[BurstRelayed](burst)
+    assert addon.got == [MessageRelayed(5, 0, MAIN, S2C, bytes(range(16))),
+                         MessageRelayed(5, 0, MAIN, S2C, bytes(range(16, 40)))]
+    assert all(type(event) is MessageRelayed for event in addon.got)
+    assert recorder.events == [burst]           # an addon without `message` gets it whole
 
 
 class SlowPrinter:

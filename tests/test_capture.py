@@ -13,7 +13,7 @@ import pytest
 
 from vfu_inspect.capture import CaptureReader, CaptureWriter, read_all
 from vfu_inspect.errors import CaptureError
-from vfu_inspect.records import C2S, CLOSE, MAIN, OPEN, S2C, TWIN, Event, Message
+from vfu_inspect.records import C2S, CLOSE, MAIN, OPEN, S2C, TWIN, Burst, Event, Message
 
 
 def sample_records() -> list:
@@ -21,9 +21,15 @@ def sample_records() -> list:
         Event(OPEN, 1, 0, {"client": "/tmp/c", "server": "/tmp/s"}),
         Message(10, 0, MAIN, C2S, b"\x01\x00" * 8, [{"kind": "memfd", "size": 4096, "inode": 7}]),
         Message(20, 0, TWIN, S2C, bytes(range(40))),
+        Burst(25, 0, MAIN, S2C, bytes(range(16)) + bytes(range(100, 124)), [16, 24]),
         Message(30, 1, MAIN, C2S, b"x" * 100, [], size=5000),
         Event(CLOSE, 40, 0, {"by": "client", "unanswered": [3]}),
     ]
+
+
+def as_read(records: list) -> list:
+    """What a reader gives for these records: a burst as its messages."""
+    return [m for r in records for m in (r.messages() if isinstance(r, Burst) else [r])]
 
 
 def write(path, records) -> None:
@@ -37,9 +43,29 @@ def test_round_trip_keeps_every_field(tmp_path):
     write(path, sample_records())
     records, damage = read_all(path)
     assert damage is None
-    assert records == sample_records()
+    assert records == as_read(sample_records())
+    assert records[3] == Message(25, 0, MAIN, S2C, bytes(range(16)))
+    assert records[4] == Message(25, 0, MAIN, S2C, bytes(range(100, 124)))
     with CaptureReader(path) as reader:
-        assert reader.header["version"] == 1 and reader.header["source"] == "test"
+        assert reader.header["version"] == 2 and reader.header["source"] == "test"
+
+
+def test_a_version_1_file_still_reads(tmp_path):
+    path = tmp_path / "v1.vfucap"
+    header = {"format": "vfu-inspect-capture", "version": 1, "source": "old"}
+    records = [r for r in sample_records() if not isinstance(r, Burst)]
+    path.write_bytes(msgpack.packb(header) + b"".join(
+        msgpack.packb(r.to_record(), use_bin_type=True) for r in records))
+    assert read_all(path) == (records, None)
+
+
+@pytest.mark.parametrize("sizes", [[16, 23], [16, 25], [8, 32], [], "16"])
+def test_a_burst_whose_sizes_do_not_cut_its_bytes_is_malformed(tmp_path, sizes):
+    path = tmp_path / "a.vfucap"
+    write(path, sample_records()[:2])
+    with open(path, "ab") as f:
+        f.write(msgpack.packb([7, 25, 0, MAIN, S2C, bytes(40), sizes], use_bin_type=True))
+    assert read_all(path) == (sample_records()[:2], "1 malformed record(s) skipped")
 
 
 def test_truncated_at_every_byte_reads_every_complete_record(tmp_path):
@@ -53,7 +79,7 @@ def test_truncated_at_every_byte_reads_every_complete_record(tmp_path):
         cut_path.write_bytes(data[:cut])
         records, damage = read_all(cut_path)
         complete = sum(1 for b in boundaries[1:] if b <= cut)
-        assert records == full[:complete], cut
+        assert records == as_read(full[:complete]), cut
         assert (damage is None) == (cut in boundaries), cut
         if damage:
             assert "ends inside a record" in damage

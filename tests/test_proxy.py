@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import msgpack
 import pytest
 
 from helpers import (TESTS, open_fds, rss_kib, run_vfu, stop, vfu, wait_for_accepted,
@@ -20,7 +21,7 @@ from helpers import (TESTS, open_fds, rss_kib, run_vfu, stop, vfu, wait_for_acce
 from vfu_inspect.capture import read_all
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors.vfio_user import CMD, DmaMap, DmaUnmap, Header, SetIrqs
-from vfu_inspect.records import C2S, CLOSE, OPEN, S2C, Event, Message
+from vfu_inspect.records import BURST, C2S, CLOSE, MSG, OPEN, S2C, Event, Message
 from vfu_inspect.sockio import recv_chunk, send_all
 
 
@@ -181,6 +182,31 @@ def test_server_close_reaches_the_client(tmp_path):
     assert close.info["by"] == "server"
     assert close.info["unanswered"] == [{"msg_id": 2, "cmd": "DMA_MAP",
                                          "channel": "main", "dir": "c2s"}]
+
+
+def test_a_pipelined_write_is_one_burst_record_that_reads_as_its_messages(proxy):
+    proc, listen, capture = proxy
+    burst = [dma_map(n, n << 12) for n in range(1, 17)]
+    split = dma_map(17, 0x20000)
+    with connect(listen) as sock:
+        send_all(sock, b"".join(burst))
+        recv_exactly(sock, len(b"".join(burst)))
+        send_all(sock, split[:20])          # one message in two writes: framed, not a burst
+        time.sleep(0.2)
+        send_all(sock, split[20:])
+        recv_exactly(sock, len(split))
+    time.sleep(0.3)
+    stop(proc, signal.SIGINT)
+    with open(capture, "rb") as file:
+        kinds = [record[0] for record in list(msgpack.Unpacker(file, raw=False))[1:]]
+    assert kinds.count(BURST) >= 2 and kinds.count(MSG) >= 1      # each way
+    got = messages(capture)
+    assert [m.data for m in got if m.direction == C2S] == burst + [split]
+    assert [m.data for m in got if m.direction == S2C] == burst + [split]
+    # the relay tracked every message of the bursts: the echo answers none
+    close = [e for e in events(capture) if e.kind == CLOSE][0]
+    assert sorted((u["dir"], u["msg_id"]) for u in close.info["unanswered"]) == sorted(
+        (way, n) for way in ("c2s", "s2c") for n in range(1, 18))
 
 
 def test_missing_server_closes_the_client_and_keeps_listening(tmp_path, echo):

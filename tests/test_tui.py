@@ -29,7 +29,7 @@ from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors.vfio_user import CMD, Header
 from vfu_inspect.fields import all_fields
 from vfu_inspect.output import filter_values
-from vfu_inspect.records import CLOSE, OPEN, Message
+from vfu_inspect.records import CLOSE, OPEN, Burst, Message
 from vfu_inspect.tui.app import (AllRows, DetailTree, FilterBar, HexPane, InspectApp,
                                  MessageList, row_palette)
 from vfu_inspect.tui.model import CaptureModel
@@ -219,6 +219,45 @@ def test_unanswered_requests_are_found_from_the_index(tmp_path):
     for text in ('expert.id == "request.unanswered"', "expert.severity == \"warning\""):
         expected = read_matches(str(capture), text)
         assert expected and model_matches(str(capture), text) == expected
+
+
+def test_messages_inside_bursts_read_back_by_number(tmp_path):
+    """A burst record holds several messages at one offset: each reads back as itself."""
+    records, _ = read_all(TRACE)
+    capture, written = tmp_path / "bursts.vfucap", []
+    with CaptureWriter(capture) as writer:
+        run: list[Message] = []
+        for record in records + [None]:
+            same = run and isinstance(record, Message) and not record.fds and record.size is None \
+                and len(run) < 5 \
+                and (record.conn, record.channel, record.direction) == (
+                    run[0].conn, run[0].channel, run[0].direction)
+            if run and not same:
+                first = run[0]
+                writer.write(Burst(first.ts_ns, first.conn, first.channel, first.direction,
+                                   b"".join(m.data for m in run), [len(m.data) for m in run]))
+                run = []
+            if isinstance(record, Message) and not record.fds and record.size is None:
+                run.append(record)
+            elif record is not None:
+                writer.write(record)
+            written += [record] if isinstance(record, Message) else []
+    expected = [m for m in read_all(capture)[0] if isinstance(m, Message)]
+    assert [m.data for m in expected] == [m.data for m in written]
+    assert len(expected) > len(open_records(capture))     # some records are bursts
+    model = CaptureModel(str(capture))
+    model.start()
+    model._thread.join(timeout=60)
+    try:
+        assert [model.message(n) for n in range(1, model.count + 1)] == expected
+        assert list(model.messages(7, 23)) == expected[6:23]
+    finally:
+        model.close()
+
+
+def open_records(path: Path) -> list:
+    unpacker = msgpack.Unpacker(open(path, "rb"), raw=False)
+    return list(unpacker)[1:]
 
 
 def test_n_and_N_walk_the_matches_in_the_full_list_and_history_recalls_filters():

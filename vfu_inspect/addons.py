@@ -24,7 +24,7 @@ from .capture import CaptureWriter, header_record
 from .events import describe_event
 from .offload import Worker
 from .output import SUMMARY_HEADER, summary_line, use_color
-from .proxy_events import MessageDissected, MessageRelayed, Note, ProxyEvent
+from .proxy_events import BurstRelayed, MessageDissected, MessageRelayed, Note, ProxyEvent
 from .sockio import listen_unix, unlink_socket
 
 
@@ -66,8 +66,9 @@ class SaveAddon:
             self.writer = pcapng.PcapngFileWriter(path, source)
         else:
             self.writer = CaptureWriter(path, source=source, autoflush=False)
-        # a relayed message is its own record: the hook is the writer's own
+        # a relayed message or burst is its own record: the hooks are the writer's own
         self.message: Callable[[MessageRelayed], None] = self.writer.write
+        self.burst: Callable[[BurstRelayed], None] = self.writer.write
 
     def event(self, event: ProxyEvent) -> None:
         self.writer.write(event.record())

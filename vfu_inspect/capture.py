@@ -1,7 +1,7 @@
 """Capture files: a msgpack stream, append-only, readable after a crash.
 
-Layout (format version 1): one msgpack map, the file header, then one msgpack
-array per record.  Records are independent objects, so a file cut short
+Layout (format version 2): one msgpack map, the file header, then one msgpack
+array per record.  Version 1 is version 2 without burst records; both read.  Records are independent objects, so a file cut short
 anywhere still yields every record before the cut; the damaged tail is
 reported once.  See README.md, "Capture files".
 """
@@ -17,10 +17,12 @@ from typing import Any, BinaryIO, Iterator
 import msgpack
 
 from .errors import CaptureError
-from .records import CHANNELS, DIRECTIONS, EVENT_NAMES, MSG, Event, Message, Record
+from .dissectors.vfio_user.protocol import HEADER_SIZE
+from .records import BURST, CHANNELS, DIRECTIONS, EVENT_NAMES, MSG, Burst, Event, Message, Record
 
 FORMAT = "vfu-inspect-capture"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SUFFIX = ".vfucap"
 
 _READ_CHUNK = 1 << 20
@@ -40,7 +42,7 @@ class CaptureWriter:
         self._file.write(self._pack(header_record(source)))
         self._file.flush()
 
-    def write(self, record: Record) -> None:
+    def write(self, record: Record | Burst) -> None:
         self._file.write(self._pack(record.to_record()))
         if self.autoflush:
             self._file.flush()
@@ -113,10 +115,10 @@ class CaptureReader:
                 raise CaptureError(f"{self.path} is a pcapng file: `vfu-inspect import` it "
                                    "to a capture first")
             raise CaptureError(f"{self.path} is not a vfu-inspect capture file")
-        if obj.get("version") != VERSION:
+        if obj.get("version") not in READABLE_VERSIONS:
             self.close()
             raise CaptureError(f"{self.path}: capture format version {obj.get('version')} "
-                               f"is not supported (this build reads version {VERSION})")
+                               f"is not supported (this build reads versions 1 and 2)")
         return obj
 
     def __iter__(self) -> Iterator[Record]:
@@ -124,7 +126,7 @@ class CaptureReader:
             yield record
 
     def indexed(self) -> Iterator[tuple[int, Record]]:
-        """Each record with the byte offset where it starts (see `read_record`)."""
+        """Each record with the byte offset where it starts (see `records_from`)."""
         bad = 0
         while True:
             start = self._consumed
@@ -134,8 +136,11 @@ class CaptureReader:
             record = parse_record(obj)
             if record is None:
                 bad += 1
-                continue
-            yield start, record
+            elif record.__class__ is Burst:
+                for msg in record.messages():
+                    yield start, msg
+            else:
+                yield start, record
         if bad:
             self._report(f"{bad} malformed record(s) skipped")
         tail = self._unpacker_tail()
@@ -220,7 +225,7 @@ def _open_source(path: str) -> tuple[Any, Any]:
         raise CaptureError(f"cannot open {path}: {exc.strerror}") from None
 
 
-def parse_record(obj: Any) -> Record | None:
+def parse_record(obj: Any) -> Record | Burst | None:
     """Validate one record array; None when it is not a record."""
     if not isinstance(obj, list) or len(obj) < 4 or not all(
             isinstance(x, int) for x in obj[:3]):
@@ -234,24 +239,36 @@ def parse_record(obj: Any) -> Record | None:
         return None
     if kind in EVENT_NAMES and len(obj) == 4 and isinstance(obj[3], dict):
         return Event(kind, obj[1], obj[2], obj[3])
+    if kind == BURST and len(obj) == 7:
+        return _burst(*obj[1:])
     return None
 
 
-def read_record(file: Any, offset: int) -> Record | None:
-    """The record that starts at `offset` of an open capture file."""
-    return next(records_from(file, offset), None)
+def _burst(ts: int, conn: int, channel: Any, direction: Any, data: Any, sizes: Any
+           ) -> Burst | None:
+    if isinstance(data, bytes) and isinstance(sizes, list) and channel in CHANNELS \
+            and direction in DIRECTIONS and all(
+                isinstance(size, int) and size >= HEADER_SIZE for size in sizes) \
+            and sum(sizes) == len(data):
+        return Burst(ts, conn, channel, direction, data, sizes)
+    return None
 
 
 def records_from(file: Any, offset: int) -> Iterator[Record | None]:
     """The records of an open capture file from `offset` on (None for one
-    that is not valid), until the end or the first corrupt byte."""
+    that is not valid), until the end or the first corrupt byte; a burst's
+    messages one by one, each at the burst's offset."""
     file.seek(offset)
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_RECORD, strict_map_key=False)
     while chunk := file.read(_RANDOM_READ):
         unpacker.feed(chunk)
         try:
             for obj in unpacker:
-                yield parse_record(obj)
+                record = parse_record(obj)
+                if record.__class__ is Burst:
+                    yield from record.messages()
+                else:
+                    yield record
         except (msgpack.FormatError, msgpack.StackError, ValueError):
             return
 

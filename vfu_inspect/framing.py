@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 from .dissectors import vfio_user as proto
 
-HEADER_SIZE = 16
+HEADER_SIZE = proto.HEADER_SIZE
 _SIZE = struct.Struct("<I")
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024 + 4096   # QEMU's largest max_data_xfer_size + headers
 DEFAULT_KEEP = 64 * 1024
@@ -126,14 +126,32 @@ class Framer:
             self._cut(frames)
         return frames
 
-    def _cut_whole(self, data: bytes | bytearray, frames: list[Frame]) -> int:
-        """Cut the whole messages `data` begins with; returns where the rest
-        starts: a message still incomplete, or one whose size _cut must flag."""
+    def whole(self, data: bytes) -> list[int] | None:
+        """The sizes of the messages in `data` when it is whole messages, the
+        first at a message boundary: the usual chunk, which the proxy relays
+        as a Burst.  None otherwise: then `feed` it.  Changes nothing."""
+        if self._buf or self._skip or self._fds or self.lost:
+            return None
+        sizes = self._sizes(data)
+        return sizes if sum(sizes) == len(data) else None
+
+    def _sizes(self, data: bytes | bytearray) -> list[int]:
+        """The sizes of the whole messages `data` begins with, up to a message
+        still incomplete or one whose size _cut must flag."""
+        sizes: list[int] = []
         pos, end, size_at, largest = 0, len(data), _SIZE.unpack_from, self.max_message
         while end - pos >= HEADER_SIZE:
             size = size_at(data, pos + 4)[0]
             if size < HEADER_SIZE or size > largest or end - pos < size:
                 break
+            sizes.append(size)
+            pos += size
+        return sizes
+
+    def _cut_whole(self, data: bytes | bytearray, frames: list[Frame]) -> int:
+        """Cut the whole messages `data` begins with; returns where the rest starts."""
+        pos, end = 0, len(data)
+        for size in self._sizes(data):
             frames.append(Frame(bytes(data[pos:pos + size]) if size < end else bytes(data),
                                 size, self._take_fds() if self._fds else []))
             pos += size

@@ -26,7 +26,7 @@ import msgpack
 from .capture import parse_record
 from .dissect import Analyzer
 from .proxy_events import MessageDissected, Note, ProxyEvent, event_from_record, hooks
-from .records import Message
+from .records import Burst, Message
 from .session import SessionTracker
 
 
@@ -218,7 +218,10 @@ class _Delivery:
                                                   "the relay"))
             return
         record = parse_record(obj)
-        if isinstance(record, Message):
+        if isinstance(record, Burst):
+            for msg in record.messages():
+                self._deliver(MessageDissected(self.analyzer.feed(msg)))
+        elif isinstance(record, Message):
             self._deliver(MessageDissected(self.analyzer.feed(record)))
         elif record is not None:
             self.analyzer.event(record)

@@ -33,7 +33,7 @@ import msgpack
 
 from .errors import CaptureError
 from .events import describe_event
-from .records import C2S, CHANNELS, EVENT_NAMES, MAIN, S2C, Event, Message, Record
+from .records import C2S, CHANNELS, EVENT_NAMES, MAIN, S2C, Burst, Event, Message, Record
 
 SUFFIX = ".pcapng"
 
@@ -137,10 +137,14 @@ class PcapngWriter:
             _option(OPT_COMMENT, _text(source)) if source else b"")
         file.write(_block(SHB, shb))
 
-    def write(self, record: Record, comment: str | None = None) -> None:
-        """Write a record; a message's comment defaults to its fd list."""
+    def write(self, record: Record | Burst, comment: str | None = None) -> None:
+        """Write a record (a burst as its messages); a message's comment
+        defaults to its fd list."""
         if isinstance(record, Message):
             self.message(record, fd_comment(record.fds) if comment is None else comment)
+        elif isinstance(record, Burst):
+            for msg in record.messages():
+                self.message(msg)
         else:
             self.event(record)
 

@@ -4,9 +4,11 @@ One selector loop relays every connection: each chunk read from one side is
 sent on to the other side unchanged, with the fds that came with it, before
 anything but the framer's boundary scan looks at it: a chunk with fds is sent
 as two writes, split where the message owning the fds begins, so the receiver
-gets them with that message.  Then the chunk goes through a `Framer`, and each whole
-message goes to the addons (capture, printing, monitor) as a typed event
-(proxy_events), as mitmproxy's core hands flows to its addons.  The only message the relay itself reads is
+gets them with that message.  Then the addons (capture, printing, monitor)
+get it as typed events (proxy_events), as mitmproxy's core hands flows to
+its addons: the usual chunk, whole messages without fds, as one
+MessageRelayed or, when a peer pipelines, one BurstRelayed; any other goes
+through a `Framer`, and each message it completes as a MessageRelayed.  The only message the relay itself reads is
 the VERSION reply: when it hands the client a twin socket, the proxy puts a
 socketpair of its own in between so that the twin channel is relayed too.
 
@@ -31,7 +33,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from .dissect import Matcher
 from .dissectors import vfio_user as proto
@@ -39,8 +41,8 @@ from .faults import FaultInjector, Gate, Verdict
 from .framing import Frame, Framer, answered_early
 from .irqs import SET_IRQS, IrqTracer
 from .offload import Dissection
-from .proxy_events import (PROXY_EVENTS, ConnectionClosed, ConnectionOpened, FaultInjected,
-                           MessageRelayed, Note, ProxyEvent, hooks)
+from .proxy_events import (PROXY_EVENTS, BurstRelayed, ConnectionClosed, ConnectionOpened,
+                           FaultInjected, MessageRelayed, Note, ProxyEvent, hooks)
 from .records import C2S, CHANNELS, DIRECTIONS, MAIN, S2C, TWIN
 from .sockio import fd_info, listen_unix, recv_chunk, unlink_socket
 
@@ -116,9 +118,8 @@ class Proxy:
                        else addon for addon in addons]
         found = [hooks(addon) for addon in self.addons]
         self._hooks = {cls: [h[cls] for h in found if cls in h] for cls in PROXY_EVENTS}
-        # every message goes there: straight to the one addon, when there is one
-        message_hooks = self._hooks[MessageRelayed]
-        self._message_hook = message_hooks[0] if len(message_hooks) == 1 else self._emit
+        self._message_hook = self._only_hook(MessageRelayed)
+        self._burst_hook = self._only_hook(BurstRelayed)
         self._flushes = [a.flush for a in self.addons if hasattr(a, "flush")]
         self.mode = mode
         self.log = log or (lambda text: None)
@@ -290,6 +291,29 @@ class Proxy:
             self._close_connection(conn, src.name, f"{src.name} closed the connection")
             return
         now = time.time_ns()
+        sizes = None if fds or dst.framer.assembling else src.framer.whole(data)
+        gate = src.gate
+        if sizes is not None and (gate is None or not gate.faults and gate.all_pass(data, 0, 0)):
+            self._relay_whole(src, dst, data, sizes, now)
+        else:
+            self._relay_framed(src, dst, data, fds, now)
+
+    def _relay_whole(self, src: Side, dst: Side, data: bytes, sizes: list[int],
+                     now: int) -> None:
+        """The usual chunk: whole messages without fds, that no fault rule
+        holds; one message, or a burst when the peer pipelines."""
+        self._forward(dst, data, [], 0)
+        self._track_messages(src, data, sizes, now)
+        conn, channel, direction = src.conn.id, src.channel, src.direction
+        if len(sizes) == 1:
+            self._message_hook(MessageRelayed(now, conn, channel, direction, data))
+        else:
+            self._burst_hook(BurstRelayed(now, conn, channel, direction, data, sizes))
+
+    def _relay_framed(self, src: Side, dst: Side, data: bytes, fds: list[int],
+                      now: int) -> None:
+        """Any other chunk: cut by the framer; its fds go with their message."""
+        conn = src.conn
         view = memoryview(data)
         owner = 0
         if fds:
@@ -303,13 +327,7 @@ class Proxy:
             frames = src.framer.feed(data)
         closing = None
         if src.gate is None or src.gate.all_pass(view, len(fds), owner):
-            if fds or dst.queue or dst.wait_until or dst.closing:
-                if owner:
-                    dst.queue.append((view[:owner], []))
-                dst.queue.append((view[owner:], fds))
-                self._send_queued(dst)
-            else:
-                self._send_now(dst, data)
+            self._forward(dst, data, fds, owner)
         else:
             closing = self._gated(src, dst, view, fds, owner)
             self._send_queued(dst)
@@ -355,6 +373,17 @@ class Proxy:
             if frame.error:
                 self._emit(Note(now, conn, frame.error, channel, direction))
 
+    def _forward(self, dst: Side, data: bytes, fds: list[int], owner: int) -> None:
+        """Send a chunk on as it came, its fds with the byte at `owner`."""
+        if fds or dst.queue or dst.wait_until or dst.closing:
+            view = memoryview(data)
+            if owner:
+                dst.queue.append((view[:owner], []))
+            dst.queue.append((view[owner:], fds))
+            self._send_queued(dst)
+        else:
+            self._send_now(dst, data)
+
     def _send_now(self, side: Side, data: bytes) -> None:
         """The usual chunk, without fds, with nothing queued before it: one
         send, and the queue's bookkeeping only for what the socket did not take."""
@@ -396,16 +425,20 @@ class Proxy:
             self._watch(side.peer)
 
     def _track(self, src: Side, frames: list[Frame], now: int) -> None:
+        for frame in frames:
+            if len(frame.data) >= proto.HEADER_SIZE:
+                self._track_messages(src, frame.data, (len(frame.data),), now, bool(frame.fds))
+
+    def _track_messages(self, src: Side, data: bytes, sizes: Sequence[int], now: int,
+                        with_fds: bool = False) -> None:
         """Keep the requests still unanswered, for the close record (and
         answered_early); with --trace-irqs, show the tracer each SET_IRQS."""
         conn, channel, direction, matcher = (src.conn.id, src.channel, src.direction,
                                              src.conn.matcher)
         tracer = self.tracer if channel == MAIN else None
-        for frame in frames:
-            data = frame.data
-            if len(data) < proto.HEADER_SIZE:
-                continue
-            msg_id, cmd, _, flags, _ = _HEADER.unpack_from(data)
+        start = 0
+        for size in sizes:
+            msg_id, cmd, _, flags, _ = _HEADER.unpack_from(data, start)
             kind = flags & proto.FLAG_TYPE_MASK
             if kind == proto.TYPE_REPLY:
                 matcher.reply(conn, channel, direction, msg_id)
@@ -413,7 +446,9 @@ class Proxy:
                 matcher.request(conn, channel, direction, msg_id, now,
                                 (msg_id, cmd, channel, direction))
             if tracer is not None and cmd == SET_IRQS:
-                tracer.message(conn, direction, proto.parse_header(data), data, bool(frame.fds))
+                message = data[start:start + size]
+                tracer.message(conn, direction, proto.parse_header(message), message, with_fds)
+            start += size
 
     # --- faults --------------------------------------------------------------------
 
@@ -565,6 +600,12 @@ class Proxy:
             pass
 
     # --- addons --------------------------------------------------------------------
+
+    def _only_hook(self, cls: type) -> Callable[[Any], None]:
+        """Where events of `cls` go: straight to the one addon that takes
+        them, when there is one (every message goes there)."""
+        found = self._hooks[cls]
+        return found[0] if len(found) == 1 else self._emit
 
     def _emit(self, event: ProxyEvent) -> None:
         for hook in self._hooks[event.__class__]:

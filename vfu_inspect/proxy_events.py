@@ -10,10 +10,10 @@ its events as records).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 from .records import (CHANNEL_NUMBERS, CHANNELS, CLOSE, DIRECTION_NUMBERS, DIRECTIONS, DOORBELL,
-                      FAULT, IRQ, NOTE, OPEN, Event, Message, Record)
+                      FAULT, IRQ, NOTE, OPEN, Burst, Event, Message, Record)
 
 if TYPE_CHECKING:
     from .packet import Dissected
@@ -30,6 +30,22 @@ class MessageRelayed(Message):
 
     def record(self) -> Record:
         return self
+
+
+class BurstRelayed(Burst):
+    """Whole messages without fds that one read brought and the proxy relayed
+    as they came: what a pipelining peer sends at once, as one event (and one
+    record), so that the relay's work is per read rather than per message.
+    An addon with a `message` hook and no `burst` hook gets them one by one."""
+
+    __slots__ = ()
+    hook: ClassVar[str] = "burst"
+
+    def record(self) -> Burst:
+        return self
+
+    def relayed(self) -> Iterator[MessageRelayed]:
+        return self.messages(MessageRelayed)
 
 
 @dataclass(slots=True)
@@ -153,10 +169,10 @@ class MessageDissected:
         return self.packet.msg
 
 
-ProxyEvent = (MessageRelayed | ConnectionOpened | ConnectionClosed | Note | Interrupt
-              | Doorbell | FaultInjected)
-PROXY_EVENTS = (MessageRelayed, ConnectionOpened, ConnectionClosed, Note, Interrupt, Doorbell,
-           FaultInjected)
+ProxyEvent = (MessageRelayed | BurstRelayed | ConnectionOpened | ConnectionClosed | Note
+              | Interrupt | Doorbell | FaultInjected)
+PROXY_EVENTS = (MessageRelayed, BurstRelayed, ConnectionOpened, ConnectionClosed, Note, Interrupt,
+                Doorbell, FaultInjected)
 _EVENT_KINDS = {OPEN: ConnectionOpened, CLOSE: ConnectionClosed, NOTE: Note, IRQ: Interrupt,
                 DOORBELL: Doorbell, FAULT: FaultInjected}
 
@@ -168,8 +184,12 @@ def event_from_record(record: Event) -> ProxyEvent:
 
 def hooks(addon: Any) -> dict[type, Callable[[Any], None]]:
     """The method of `addon` each event type goes to: the one its `hook`
-    names, else the addon's `event` (for every event it has no hook for)."""
+    names, else the addon's `event` (for every event it has no hook for); a
+    burst goes message by message to a `message` hook when there is no `burst`."""
     fallback = getattr(addon, "event", None)
     found = {cls: getattr(addon, cls.hook, fallback)
              for cls in (*PROXY_EVENTS, MessageDissected)}
+    message = getattr(addon, MessageRelayed.hook, None)
+    if message is not None and not hasattr(addon, BurstRelayed.hook):
+        found[BurstRelayed] = lambda burst: [message(each) for each in burst.relayed()]
     return {cls: hook for cls, hook in found.items() if hook is not None}

@@ -7,10 +7,10 @@ each record kind's number is its first element on disk.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 # Record types: the first element of each record array.
-MSG, OPEN, CLOSE, NOTE, IRQ, DOORBELL, FAULT = 0, 1, 2, 3, 4, 5, 6
+MSG, OPEN, CLOSE, NOTE, IRQ, DOORBELL, FAULT, BURST = 0, 1, 2, 3, 4, 5, 6, 7
 EVENT_NAMES = {OPEN: "open", CLOSE: "close", NOTE: "note", IRQ: "irq",
                DOORBELL: "doorbell", FAULT: "fault"}
 C2S, S2C = 0, 1
@@ -58,6 +58,34 @@ class Event:
 
     def to_record(self) -> list[Any]:
         return [self.kind, self.ts_ns, self.conn, self.info]
+
+
+@dataclass(slots=True)
+class Burst:
+    """The messages one read brought, whole and back to back, without fds.
+
+    The relay records them as one record, so that it packs and writes once
+    per read however many messages a pipelining peer sends at once; readers
+    give them back one by one (`messages`), as if each had its own record.
+    """
+
+    ts_ns: int
+    conn: int
+    channel: int
+    direction: int
+    data: bytes
+    sizes: list[int]            # of each message, in order: they add up to len(data)
+
+    def messages(self, kind: type[Message] = Message) -> Iterator[Message]:
+        start = 0
+        for size in self.sizes:
+            yield kind(self.ts_ns, self.conn, self.channel, self.direction,
+                       self.data[start:start + size])
+            start += size
+
+    def to_record(self) -> list[Any]:
+        return [BURST, self.ts_ns, self.conn, self.channel, self.direction, self.data,
+                self.sizes]
 
 
 Record = Message | Event

@@ -25,6 +25,7 @@ import time
 from array import array
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Callable, Iterator
 
 from ..capture import CaptureReader, records_from
@@ -293,10 +294,17 @@ class CaptureModel:
     def message(self, number: int) -> Message:
         if self.live:
             return self.kept[number - 1]
+        offset, first = self._record_of(number)
         with self._file_lock:
-            record = next(records_from(self._file, self.offsets[number - 1]), None)
+            record = next(islice(records_from(self._file, offset), number - first, None), None)
         assert isinstance(record, Message)     # the index holds message offsets only
         return record
+
+    def _record_of(self, number: int) -> tuple[int, int]:
+        """Where message `number`'s record starts, and the first message it
+        holds (a burst holds several)."""
+        offset = self.offsets[number - 1]
+        return offset, bisect.bisect_left(self.offsets, offset) + 1
 
     def records(self, first: int, last: int) -> Iterator[Record]:
         """Messages first..last in order, with the events among them."""
@@ -306,9 +314,9 @@ class CaptureModel:
         with open(self.path, "rb") as file:        # its own: workers read too
             # from the message before, so that the events before `first` (a
             # fault record, which marks the message after it) come too
-            start = max(first - 1, 1)
-            number = start - 1
-            for record in records_from(file, self.offsets[start - 1]):
+            offset, number = self._record_of(max(first - 1, 1))
+            number -= 1
+            for record in records_from(file, offset):
                 if isinstance(record, Message):
                     number += 1
                     if number > last:
