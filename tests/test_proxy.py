@@ -184,8 +184,11 @@ def test_server_close_reaches_the_client(tmp_path):
                                          "channel": "main", "dir": "c2s"}]
 
 
-def test_a_pipelined_write_is_one_burst_record_that_reads_as_its_messages(proxy):
-    proc, listen, capture = proxy
+def test_a_pipelined_write_is_one_burst_record_that_reads_as_its_messages(tmp_path, echo):
+    listen, capture = tmp_path / "p.sock", tmp_path / "cap.vfucap"
+    proc = vfu("proxy", "--listen", str(listen), "--server", str(echo), "-w", str(capture),
+               "--print")
+    wait_for_socket(listen, proc)
     burst = [dma_map(n, n << 12) for n in range(1, 17)]
     split = dma_map(17, 0x20000)
     with connect(listen) as sock:
@@ -207,6 +210,11 @@ def test_a_pipelined_write_is_one_burst_record_that_reads_as_its_messages(proxy)
     close = [e for e in events(capture) if e.kind == CLOSE][0]
     assert sorted((u["dir"], u["msg_id"]) for u in close.info["unanswered"]) == sorted(
         (way, n) for way in ("c2s", "s2c") for n in range(1, 18))
+    # --print, in its own process, dissected each message of the bursts
+    read = run_vfu("read", str(capture), "--events")
+    assert read.returncode == 0, read.stderr
+    lines = [line for line in read.stdout.splitlines() if not line.startswith("#")]
+    assert proc.stdout.read() == read.stdout and len(lines) == 34
 
 
 def test_missing_server_closes_the_client_and_keeps_listening(tmp_path, echo):

@@ -18,7 +18,7 @@ from helpers import (libvfio_user_samples_through_proxy, needs_libvfio_user, run
 from vfu_inspect import fields, pcapng, wireshark
 from vfu_inspect.capture import CaptureWriter, read_all
 from vfu_inspect.dissectors.vfio_user import HEADER_SIZE, protocol_fields
-from vfu_inspect.records import C2S, Message
+from vfu_inspect.records import C2S, MAIN, S2C, Burst, Message
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 SAMPLES = [CAPTURES / "libvfio-user-samples.vfucap", CAPTURES / "sample-endpoints.vfucap"]
@@ -398,6 +398,17 @@ def test_proxy_writes_pcapng_by_extension(tmp_path):
     sent += [m for m in read_all(server_record)[0] if isinstance(m, Message) and m.direction == 1]
     assert streams(captured) == streams(sent)
     assert len(records) > len(captured)          # connection events came along
+
+
+def test_a_burst_goes_into_pcapng_as_its_messages(tmp_path):
+    first, second = bytes(range(16)), bytes(range(16, 48))
+    path = tmp_path / "burst.pcapng"
+    writer = pcapng.PcapngFileWriter(path)
+    writer.write(Burst(1_000, 0, MAIN, S2C, first + second, [16, 32]))
+    writer.close()
+    records, problems = pcapng.read_pcapng(path)
+    assert problems == []
+    assert records == [Message(1_000, 0, MAIN, S2C, first), Message(1_000, 0, MAIN, S2C, second)]
 
 
 HARNESS = Path(__file__).resolve().parent / "lua_harness.lua"
