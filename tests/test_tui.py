@@ -251,6 +251,9 @@ def test_messages_inside_bursts_read_back_by_number(tmp_path):
     try:
         assert [model.message(n) for n in range(1, model.count + 1)] == expected
         assert list(model.messages(7, 23)) == expected[6:23]
+        for text in ("dma_map.size >= 0x1000", "region_read.count == 4", "!dma_unmap"):
+            selected = list(model.matches(compile_filter(text), lambda n: True))
+            assert selected and selected == read_matches(str(capture), text), text
     finally:
         model.close()
 

@@ -12,7 +12,7 @@ import os
 import socket
 import stat
 import time
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import msgpack
 
@@ -271,6 +271,32 @@ def records_from(file: Any, offset: int) -> Iterator[Record | None]:
                     yield record
         except (msgpack.FormatError, msgpack.StackError, ValueError):
             return
+
+
+def records_at(file: Any, offsets: Iterable[int]) -> Iterator[tuple[int, Record | Burst | None]]:
+    """(offset, record) for each record that starts at one of `offsets`
+    (ascending) of an open capture file: one pass from the first, which
+    unpacks those records and steps over the others; until the last, the
+    end, or the first corrupt byte."""
+    wanted = iter(offsets)
+    target = next(wanted, None)
+    if target is None:
+        return
+    file.seek(target)
+    unpacker = msgpack.Unpacker(file, raw=False, max_buffer_size=_MAX_RECORD,
+                                strict_map_key=False, read_size=_RANDOM_READ)
+    start = target
+    try:
+        while target is not None:
+            at = start + unpacker.tell()
+            if at < target:
+                unpacker.skip()
+                continue
+            if at == target:
+                yield at, parse_record(unpacker.unpack())
+            target = next(wanted, None)
+    except (msgpack.OutOfData, msgpack.FormatError, msgpack.StackError, ValueError):
+        return
 
 
 def read_all(path: str | os.PathLike[str]) -> tuple[list[Record], str | None]:

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable, Iterator
 
-from ..capture import CaptureReader, records_from
+from ..capture import CaptureReader, records_at, records_from
 from ..dfilter import DisplayFilter
 from ..dissect import Analyzer, expects_reply, state_at
 from ..dissectors import vfio_user as proto
 from ..fields import EXPERTS
 from ..packet import Dissected
-from ..records import DIRECTIONS, OPEN, Event, Message, Record
+from ..records import DIRECTIONS, OPEN, Burst, Event, Message, Record
 from ..session import SessionTracker, Snapshot
 from ..stats import ExpertStats
 from ..tree import EXPERT_FIELDS, bit_values
@@ -478,32 +478,58 @@ class CaptureModel:
     def _stateless_pass(self, names: frozenset[str], first: int, last: int
                         ) -> Iterator[tuple[int, dict[str, list[Any]]]]:
         """Values of each message, dissecting only those that can carry the
-        filter's deeper fields: the others lack them, so their header values
-        decide exactly (negations included)."""
-        deep = names - HEADER_FIELDS
-        wants_fds = any(name.split(".")[0] == "fd" for name in deep)
-        commands = [proto.field_commands(name) for name in deep if name.split(".")[0] != "fd"]
+        filter's deeper fields, read alone: the others lack them, so their
+        header values decide exactly (negations included)."""
+        deep_names = names - HEADER_FIELDS
+        wants_fds = any(name.split(".")[0] == "fd" for name in deep_names)
+        commands = [proto.field_commands(name) for name in deep_names
+                    if name.split(".")[0] != "fd"]
         any_command = None in commands
         wanted = frozenset().union(*(c for c in commands if c is not None))
-        cmd, fds = self.columns["cmd"], self.columns["fds"]
+        cmd, fds, request_of = self.columns["cmd"], self.columns["fds"], self.request_of
+        deep = [n for n in range(first, last + 1)
+                if any_command or cmd[n - 1] in wanted or (wants_fds and fds[n - 1])]
+        needed = {request_of[n - 1] for n in deep} - {0}    # their requests: a reply's context
         uses_header = bool(names & HEADER_FIELDS)
-        requests: dict[int, bytes] = {}      # start of each request until its reply
-        for number, msg in enumerate(self.messages(first, last), first):
-            i = number - 1
-            if self.response_of[i]:
-                requests[number] = msg.data[:64]
-            request = requests.pop(self.request_of[i], None)
-            if request is None and self.request_of[i] and self.request_of[i] < first:
-                request = self.message(self.request_of[i]).data[:64]
-            if any_command or cmd[i] in wanted or (wants_fds and fds[i]):
-                ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds, request)
-                values = proto.dissect_message(msg.data, ctx)[0].values()
-                for name in EXPERT_FIELDS:       # the stateful analysis's, from the index
-                    values.pop(name, None)
-                values.update(self.header_values(number, names))
-                yield number, values
-            else:     # none of the filter's fields, unless it tests the header
+        stream = self._messages_numbered(sorted(needed.union(deep)))
+        ahead = next(stream, None)
+        requests: dict[int, bytes] = {}      # the start of each needed request until its reply
+        for number in range(first, last + 1):
+            msg = None
+            while ahead is not None and ahead[0] <= number:
+                if ahead[0] in needed:
+                    requests[ahead[0]] = ahead[1].data[:64]
+                if ahead[0] == number:
+                    msg = ahead[1]
+                ahead = next(stream, None)
+            if msg is None:     # none of the filter's fields, unless it tests the header
                 yield number, self.header_values(number, names) if uses_header else {}
+                continue
+            ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds,
+                                requests.pop(request_of[number - 1], None))
+            values = proto.dissect_message(msg.data, ctx)[0].values(names)
+            for name in EXPERT_FIELDS:       # the stateful analysis's, from the index
+                values.pop(name, None)
+            values.update(self.header_values(number, names))
+            yield number, values
+
+    def _messages_numbered(self, numbers: list[int]) -> Iterator[tuple[int, Message]]:
+        """(number, message) for `numbers` (ascending), from one pass over the
+        file that unpacks only the records holding them."""
+        if self.live:
+            yield from ((n, self.kept[n - 1]) for n in numbers)
+            return
+        holding: dict[int, tuple[int, list[int]]] = {}    # offset: its first message, wanted
+        for n in numbers:
+            offset, first = self._record_of(n)
+            holding.setdefault(offset, (first, []))[1].append(n)
+        with open(self.path, "rb") as file:        # its own: workers read too
+            for offset, record in records_at(file, holding):
+                first, wanted = holding[offset]
+                messages = list(record.messages()) if isinstance(record, Burst) else [record]
+                for n in wanted:
+                    if n - first < len(messages) and isinstance(messages[n - first], Message):
+                        yield n, messages[n - first]
 
 
 class _Links:
