@@ -109,7 +109,7 @@ async def measure(path: Path, count: int) -> None:
         await apply(pilot, app, DEEP_FILTER)
         while app.filter_text != DEEP_FILTER:
             await pilot.pause(0.05)
-        print(f"filter {DEEP_FILTER!r}: {time.perf_counter() - began:.1f} s, "
+        print(f"filter {DEEP_FILTER!r}: {time.perf_counter() - began:.2f} s, "
               f"{len(app.matches):,} matches")
         await pilot.press("G")
         began = time.perf_counter()

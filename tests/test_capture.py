@@ -33,7 +33,7 @@ def as_read(records: list) -> list:
 
 
 def write(path, records) -> None:
-    with CaptureWriter(path, source="test") as w:
+    with CaptureWriter(path, source="test", bursts=True) as w:
         for r in records:
             w.write(r)
 
@@ -48,6 +48,17 @@ def test_round_trip_keeps_every_field(tmp_path):
     assert records[4] == Message(25, 0, MAIN, S2C, bytes(range(100, 124)))
     with CaptureReader(path) as reader:
         assert reader.header["version"] == 2 and reader.header["source"] == "test"
+
+
+def test_a_writer_without_bursts_writes_their_messages_as_version_1(tmp_path):
+    path = tmp_path / "v1.vfucap"
+    with CaptureWriter(path, source="test") as w:
+        for r in sample_records():
+            w.write(r)
+    with open(path, "rb") as f:
+        header, *records = msgpack.Unpacker(f, raw=False)
+    assert header["version"] == 1 and [r[0] for r in records] == [1, 0, 0, 0, 0, 0, 2]
+    assert read_all(path) == (as_read(sample_records()), None)
 
 
 def test_a_version_1_file_still_reads(tmp_path):

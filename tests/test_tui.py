@@ -225,7 +225,7 @@ def test_messages_inside_bursts_read_back_by_number(tmp_path):
     """A burst record holds several messages at one offset: each reads back as itself."""
     records, _ = read_all(TRACE)
     capture, written = tmp_path / "bursts.vfucap", []
-    with CaptureWriter(capture) as writer:
+    with CaptureWriter(capture, bursts=True) as writer:
         run: list[Message] = []
         for record in records + [None]:
             same = run and isinstance(record, Message) and not record.fds and record.size is None \

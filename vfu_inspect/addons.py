@@ -65,7 +65,7 @@ class SaveAddon:
         if path.endswith(pcapng.SUFFIX):
             self.writer = pcapng.PcapngFileWriter(path, source)
         else:
-            self.writer = CaptureWriter(path, source=source, autoflush=False)
+            self.writer = CaptureWriter(path, source=source, autoflush=False, bursts=True)
         # a relayed message or burst is its own record: the hooks are the writer's own
         self.message: Callable[[MessageRelayed], None] = self.writer.write
         self.burst: Callable[[BurstRelayed], None] = self.writer.write
@@ -135,7 +135,7 @@ class MonitorAddon:
 
     def __init__(self, path: str, source: str, mode: int = 0o600) -> None:
         self.path = path
-        self.header = msgpack.packb(header_record(source), use_bin_type=True)
+        self.header = msgpack.packb(header_record(source, bursts=True), use_bin_type=True)
         self._listener = listen_unix(path, mode)
         self._viewers: list[_Viewer] = []
         self._lock = threading.Lock()

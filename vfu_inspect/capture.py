@@ -1,7 +1,8 @@
 """Capture files: a msgpack stream, append-only, readable after a crash.
 
 Layout (format version 2): one msgpack map, the file header, then one msgpack
-array per record.  Version 1 is version 2 without burst records; both read.  Records are independent objects, so a file cut short
+array per record.  Version 1 is version 2 without burst records: a writer
+that does not write bursts says version 1, which older readers read.  Records are independent objects, so a file cut short
 anywhere still yields every record before the cut; the damaged tail is
 reported once.  See README.md, "Capture files".
 """
@@ -21,7 +22,7 @@ from .dissectors.vfio_user.protocol import HEADER_SIZE
 from .records import BURST, CHANNELS, DIRECTIONS, EVENT_NAMES, MSG, Burst, Event, Message, Record
 
 FORMAT = "vfu-inspect-capture"
-VERSION = 2
+VERSION = 2                     # the newest: bursts
 READABLE_VERSIONS = (1, 2)
 SUFFIX = ".vfucap"
 
@@ -31,18 +32,24 @@ _MAX_RECORD = 256 << 20     # bounds memory on a corrupt length field
 
 
 class CaptureWriter:
-    """Appends records; flushes each one unless told to batch."""
+    """Appends records; flushes each one unless told to batch.  With
+    `bursts`, a burst is one record (format version 2); else its messages."""
 
     def __init__(self, path: str | os.PathLike[str], source: str = "",
-                 autoflush: bool = True) -> None:
+                 autoflush: bool = True, bursts: bool = False) -> None:
         self.path = os.fspath(path)
         self._file: BinaryIO = open(self.path, "wb")
         self._pack = msgpack.Packer(use_bin_type=True).pack
         self.autoflush = autoflush
-        self._file.write(self._pack(header_record(source)))
+        self.bursts = bursts
+        self._file.write(self._pack(header_record(source, bursts)))
         self._file.flush()
 
     def write(self, record: Record | Burst) -> None:
+        if not self.bursts and isinstance(record, Burst):
+            for msg in record.messages():
+                self.write(msg)
+            return
         self._file.write(self._pack(record.to_record()))
         if self.autoflush:
             self._file.flush()
@@ -69,10 +76,12 @@ class CaptureWriter:
         self.close()
 
 
-def header_record(source: str) -> dict[str, Any]:
-    """The map that starts every capture file and live stream."""
+def header_record(source: str, bursts: bool = False) -> dict[str, Any]:
+    """The map that starts every capture file and live stream: the oldest
+    format version its records need."""
     from . import __version__
-    return {"format": FORMAT, "version": VERSION, "created_ns": time.time_ns(),
+    return {"format": FORMAT, "version": VERSION if bursts else 1,
+            "created_ns": time.time_ns(),
             "source": source, "tool": f"vfu-inspect {__version__}"}
 
 

@@ -42,8 +42,8 @@ from vfu_inspect.tree import Tree
 
 from . import device, dma, header, irq, migration, region, version
 from .core import (
-    DMA_MEMORY, IOEVENTFDS, IRQ_EVENTFDS, TWIN_SOCKET, Context, Dissectors, add_bytes,
-    add_layer)
+    DMA_MEMORY, IOEVENTFDS, IRQ_EVENTFDS, REPLY, REQUEST, TWIN_SOCKET, Context, Dissectors,
+    add_bytes, add_layer)
 from .device import DeviceInfo
 from .dma import (
     QEMU_DMA_SIGNS, DirtyBitmap, DmaMap, DmaRead, DmaUnmap, DmaWrite, QemuDmaRead, QemuDmaWrite,
@@ -91,7 +91,7 @@ __all__ = [
     "bitmap_bytes", "command_name", "parse_header", "region_name",
     "DMA_MEMORY", "IOEVENTFDS", "IRQ_EVENTFDS", "MMIO_WRITES", "TWIN_SOCKET",
     "CHECKS", "FD_CARRIERS", "FIELDS", "PARTS", "PAYLOADS", "REQUESTS", "SESSION",
-    "dissect_message", "field_commands",
+    "dissect_message", "field_commands", "header_only",
     "layers", "member_widths", "protocol_fields",
 ]
 
@@ -193,3 +193,14 @@ def field_commands(name: str) -> frozenset[int] | None:
     """The commands whose messages can carry field `name`; None when any can
     (header, payload, trailing bytes) or the field is not this protocol's."""
     return _layer_commands().get(name.split(".", 1)[0])
+
+
+def header_only(cmd: int, flags: int) -> bool:
+    """Whether a message with this header carries no field of its command's
+    layers (dissect_message): an error reply, one of no known type, or one
+    its command declares bare."""
+    kind = flags & FLAG_TYPE_MASK
+    if kind not in MSG_TYPES or kind == TYPE_REPLY and flags & FLAG_ERROR:
+        return True
+    payload = PAYLOADS.get((cmd, REPLY if kind == TYPE_REPLY else REQUEST))
+    return payload is not None and payload.layer is None and payload.tail is None

@@ -486,9 +486,11 @@ class CaptureModel:
                     if name.split(".")[0] != "fd"]
         any_command = None in commands
         wanted = frozenset().union(*(c for c in commands if c is not None))
-        cmd, fds, request_of = self.columns["cmd"], self.columns["fds"], self.request_of
+        cmd, flags, fds = self.columns["cmd"], self.columns["flags"], self.columns["fds"]
+        request_of = self.request_of
         deep = [n for n in range(first, last + 1)
-                if any_command or cmd[n - 1] in wanted or (wants_fds and fds[n - 1])]
+                if any_command or (wants_fds and fds[n - 1]) or cmd[n - 1] in wanted
+                and not proto.header_only(cmd[n - 1], flags[n - 1])]
         needed = {request_of[n - 1] for n in deep} - {0}    # their requests: a reply's context
         uses_header = bool(names & HEADER_FIELDS)
         stream = self._messages_numbered(sorted(needed.union(deep)))
