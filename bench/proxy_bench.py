@@ -345,8 +345,7 @@ def bench_sample(args: argparse.Namespace, tmp: Path) -> None:
           f"best of {args.repeat}")
     with ExitStack() as stack:
         stack.enter_context(running([*VFU, "sample-server", "--listen", str(server)], server))
-        pids["blind relay"] = stack.enter_context(running([*RELAY, str(relay), str(server)],
-                                                          relay)).pid
+        stack.enter_context(running([*RELAY, str(relay), str(server)], relay))
         stack.enter_context(running(proxy_to(proxy, captures[0]), proxy))
         stack.enter_context(running(proxy_to(printing, captures[1], "--print"), printing))
         for mode, depth in modes(args.depth).items():
