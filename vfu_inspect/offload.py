@@ -113,6 +113,7 @@ class Dissection:
         self.addon = addon
         self._batch: list[bytes] = []
         self._batch_bytes = 0
+        self._batch_events = 0          # a burst counts as its messages
         read_end, write_end = os.pipe()
         sys.stdout.flush()              # else the child would print what is buffered again
         sys.stderr.flush()
@@ -142,13 +143,14 @@ class Dissection:
         packed = msgpack.packb(event.record().to_record(), use_bin_type=True)
         self._batch.append(packed)
         self._batch_bytes += len(packed)
+        self._batch_events += len(event.sizes) if isinstance(event, Burst) else 1
         if self._batch_bytes >= self.BATCH_BYTES:
             self.flush()
 
     def flush(self) -> None:
         if self._batch:
-            self.worker.offer(b"".join(self._batch), len(self._batch))
-            self._batch, self._batch_bytes = [], 0
+            self.worker.offer(b"".join(self._batch), self._batch_events)
+            self._batch, self._batch_bytes, self._batch_events = [], 0, 0
 
     def done(self) -> None:
         """Send what is left, close the pipe and wait for the child to finish
