@@ -8,9 +8,10 @@ gets them with that message.  Then the addons (capture, printing, monitor)
 get it as typed events (proxy_events), as mitmproxy's core hands flows to
 its addons: the usual chunk, whole messages without fds, as one
 MessageRelayed or, when a peer pipelines, one BurstRelayed; any other goes
-through a `Framer`, and each message it completes as a MessageRelayed.  The only message the relay itself reads is
-the VERSION reply: when it hands the client a twin socket, the proxy puts a
-socketpair of its own in between so that the twin channel is relayed too.
+through a `Framer`, and each message it completes as a MessageRelayed.  The
+only message the relay itself reads is the VERSION reply: when it hands the
+client a twin socket, the proxy puts a socketpair of its own in between so
+that the twin channel is relayed too.
 
 Two options change what is relayed, and only they do.  --trace-irqs
 (`irqs.IrqTracer`) puts the proxy's eventfds in place of the interrupt and
