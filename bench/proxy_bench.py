@@ -3,7 +3,9 @@
 * libvfio-user: its gpio-pci-idio-16 sample driven by the C client vfu_rtbench
   (no Python on either end: the yardstick for the proxy's own cost), each
   1-byte REGION_READ of BAR2 one round trip.  Direct, through the blind relay
-  (bench/blind_relay.py), through the proxy, and through the proxy with fault
+  (bench/blind_relay.py: a thread per direction blocked in recvmsg; and, for
+  comparison, with --epoll, one thread waiting in epoll as the proxy does),
+  through the proxy, and through the proxy with fault
   rules configured that match none of these messages (decided on the header:
   target <= 1.05x the proxy without them; and rules that hold every
   REGION_READ to dissect it, for comparison), lock-step and pipelined, in
@@ -223,19 +225,22 @@ def rtbench(client: Path, sock: Path, ops: int, window: int) -> float:
 
 def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, Path]) -> None:
     server_bin, client = peers
-    server, relay = tmp / "gpio.sock", tmp / "gpio-relay.sock"
+    server = tmp / "gpio.sock"
+    relays = {"blind relay": [], "blind epoll": ["--epoll"]}
     proxies = {"proxy -w": [], "proxy --fault": NOT_MATCHING, "proxy --fault*": DISSECTED}
-    socks = {"direct": server, "blind relay": relay,
+    socks = {"direct": server,
+             **{name: tmp / f"gpio-relay{i}.sock" for i, name in enumerate(relays)},
              **{name: tmp / f"gpio-proxy{i}.sock" for i, name in enumerate(proxies)}}
     us: dict[tuple[str, str], list[float]] = {(m, s): [] for m in modes(1) for s in socks}
     cpu: dict[tuple[str, str], list[float]] = {(m, s): [] for m in modes(1)
-                                               for s in ("blind relay", *proxies)}
+                                               for s in (*relays, *proxies)}
     pids: dict[str, int] = {}
     with ExitStack() as stack:
         stack.enter_context(running([str(server_bin), str(server)], server))
         rtbench(client, server, 10, 1)      # the server takes our REGION_READ, or fail now
-        pids["blind relay"] = stack.enter_context(running([*RELAY, str(relay), str(server)],
-                                                          relay)).pid
+        for name, options in relays.items():
+            pids[name] = stack.enter_context(running(
+                [*RELAY, *options, str(socks[name]), str(server)], socks[name])).pid
         for i, (name, rules) in enumerate(proxies.items()):
             faults = [arg for rule in rules for arg in ("--fault", rule)]
             pids[name] = stack.enter_context(running(
@@ -274,7 +279,8 @@ def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, P
                                                                  "direct"))
         print(f"  {label(mode, args.depth)}: proxy/blind relay {proxy_us / blind_us:.2f}x "
               f"(target <= {TARGET[mode]}), proxy/direct {proxy_us / direct_us:.2f}x; the proxy "
-              f"adds {proxy_us - blind_us:+.2f} us/op to the blind relay's")
+              f"adds {proxy_us - blind_us:+.2f} us/op to the blind relay's; proxy/blind epoll "
+              f"relay (one thread, as the proxy) {proxy_us / med[mode, 'blind epoll']:.2f}x")
         least = {name: min(times) for (m, name), times in cpu.items() if m == mode}
         print(f"  {label(mode, args.depth)}: relay CPU per round trip, least (median) of the "
               "passes: " + ", ".join(f"{name} {least[name]:.2f} "
