@@ -2,9 +2,10 @@
 
 Layout (format version 2): one msgpack map, the file header, then one msgpack
 array per record.  Version 1 is version 2 without burst records: a writer
-that does not write bursts says version 1, which older readers read.  Records are independent objects, so a file cut short
-anywhere still yields every record before the cut; the damaged tail is
-reported once.  See README.md, "Capture files".
+that does not write bursts says version 1, which older readers read.
+Records are independent objects, so a file cut short anywhere still yields
+every record before the cut; the damaged tail is reported once.  See
+README.md, "Capture files".
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import msgpack
 
 from .errors import CaptureError
 from .dissectors.vfio_user.protocol import HEADER_SIZE
-from .records import BURST, CHANNELS, DIRECTIONS, EVENT_NAMES, MSG, Burst, Event, Message, Record
+from .records import (BURST, CHANNELS, DIRECTIONS, EVENT_NAMES, MSG, Burst, Event, Message,
+                      Record, unbundle)
 
 FORMAT = "vfu-inspect-capture"
 VERSION = 2                     # the newest: bursts
@@ -145,11 +147,9 @@ class CaptureReader:
             record = parse_record(obj)
             if record is None:
                 bad += 1
-            elif record.__class__ is Burst:
-                for msg in record.messages():
-                    yield start, msg
-            else:
-                yield start, record
+                continue
+            for each in unbundle(record):
+                yield start, each
         if bad:
             self._report(f"{bad} malformed record(s) skipped")
         tail = self._unpacker_tail()
@@ -273,16 +273,13 @@ def records_from(file: Any, offset: int) -> Iterator[Record | None]:
         unpacker.feed(chunk)
         try:
             for obj in unpacker:
-                record = parse_record(obj)
-                if record.__class__ is Burst:
-                    yield from record.messages()
-                else:
-                    yield record
+                yield from unbundle(parse_record(obj))
         except (msgpack.FormatError, msgpack.StackError, ValueError):
             return
 
 
-def records_at(file: Any, offsets: Iterable[int]) -> Iterator[tuple[int, Record | Burst | None]]:
+def records_at(file: Any, offsets: Iterable[int]
+               ) -> Iterator[tuple[int, Record | Burst | None]]:
     """(offset, record) for each record that starts at one of `offsets`
     (ascending) of an open capture file: one pass from the first, which
     unpacks those records and steps over the others; until the last, the

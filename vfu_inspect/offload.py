@@ -26,7 +26,7 @@ import msgpack
 from .capture import parse_record
 from .dissect import Analyzer
 from .proxy_events import MessageDissected, Note, ProxyEvent, event_from_record, hooks
-from .records import Burst, Message
+from .records import Burst, Message, unbundle
 from .session import SessionTracker
 
 
@@ -219,15 +219,12 @@ class _Delivery:
                                                   f"{type(self.addon).__name__} fell behind "
                                                   "the relay"))
             return
-        record = parse_record(obj)
-        if isinstance(record, Burst):
-            for msg in record.messages():
-                self._deliver(MessageDissected(self.analyzer.feed(msg)))
-        elif isinstance(record, Message):
-            self._deliver(MessageDissected(self.analyzer.feed(record)))
-        elif record is not None:
-            self.analyzer.event(record)
-            self._deliver(event_from_record(record))
+        for record in unbundle(parse_record(obj)):
+            if isinstance(record, Message):
+                self._deliver(MessageDissected(self.analyzer.feed(record)))
+            elif record is not None:
+                self.analyzer.event(record)
+                self._deliver(event_from_record(record))
 
     def _deliver(self, event: Any) -> None:
         hook = self._hooks.get(event.__class__)

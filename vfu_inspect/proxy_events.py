@@ -191,5 +191,8 @@ def hooks(addon: Any) -> dict[type, Callable[[Any], None]]:
              for cls in (*PROXY_EVENTS, MessageDissected)}
     message = getattr(addon, MessageRelayed.hook, None)
     if message is not None and not hasattr(addon, BurstRelayed.hook):
-        found[BurstRelayed] = lambda burst: [message(each) for each in burst.relayed()]
+        def one_by_one(burst: BurstRelayed) -> None:
+            for each in burst.relayed():
+                message(each)
+        found[BurstRelayed] = one_by_one
     return {cls: hook for cls, hook in found.items() if hook is not None}

@@ -7,7 +7,7 @@ each record kind's number is its first element on disk.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 # Record types: the first element of each record array.
 MSG, OPEN, CLOSE, NOTE, IRQ, DOORBELL, FAULT, BURST = 0, 1, 2, 3, 4, 5, 6, 7
@@ -89,3 +89,8 @@ class Burst:
 
 
 Record = Message | Event
+
+
+def unbundle(record: Record | Burst | None) -> Iterable[Record | None]:
+    """A burst as its messages, one by one; any other record (or None) as itself."""
+    return record.messages() if record.__class__ is Burst else (record,)

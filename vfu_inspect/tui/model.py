@@ -34,7 +34,7 @@ from ..dissect import Analyzer, expects_reply, state_at
 from ..dissectors import vfio_user as proto
 from ..fields import EXPERTS
 from ..packet import Dissected
-from ..records import DIRECTIONS, OPEN, Burst, Event, Message, Record
+from ..records import DIRECTIONS, OPEN, Event, Message, Record, unbundle
 from ..session import SessionTracker, Snapshot
 from ..stats import ExpertStats
 from ..tree import EXPERT_FIELDS, bit_values
@@ -528,7 +528,7 @@ class CaptureModel:
         with open(self.path, "rb") as file:        # its own: workers read too
             for offset, record in records_at(file, holding):
                 first, wanted = holding[offset]
-                messages = list(record.messages()) if isinstance(record, Burst) else [record]
+                messages = list(unbundle(record))
                 for n in wanted:
                     if n - first < len(messages) and isinstance(messages[n - first], Message):
                         yield n, messages[n - first]
