@@ -10,9 +10,10 @@ order, so that each captured message can be given to the test that sent it.
 
 The suite sends a request and then runs the server once, often with a
 non-blocking context that handles only what has already arrived; through
-the proxy the bytes arrive a little later.  So before the server accepts or
-runs, the plugin waits (at most RELAY_WAIT) for the server's socket to have
-something to read.
+the proxy the bytes arrive a little later.  So before the server accepts,
+runs or replies after quiescing, the plugin waits (at most RELAY_WAIT) for
+the server's socket to have something to read: a request, or the EOF of a
+client that closed its socket and expects the server's reply to fail.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ProxiedSuite:
         libvfio_user.connect_sock = self.connect
         libvfio_user.vfu_attach_ctx = self.when_readable(libvfio_user.vfu_attach_ctx)
         libvfio_user.vfu_run_ctx = self.when_readable(libvfio_user.vfu_run_ctx)
+        libvfio_user.vfu_device_quiesced = self.when_readable(libvfio_user.vfu_device_quiesced)
 
     def connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
