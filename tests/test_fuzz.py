@@ -9,10 +9,12 @@ from hypothesis import given, settings, strategies as st
 
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors.vfio_user import Context, dissect_message
+from vfu_inspect.fields import BYTES, PROTOCOL
 from vfu_inspect.framing import Framer
 from vfu_inspect.importers.trace_jsonl import import_trace
+from vfu_inspect.output import detail_text, json_packet
 from vfu_inspect.records import Message
-from vfu_inspect.tree import SEVERITIES
+from vfu_inspect.tree import SEVERITIES, Item
 
 TRACE = Path(__file__).resolve().parent.parent / "captures" / "libvfio-user-samples.jsonl"
 SAMPLES = [m.data for m in import_trace(str(TRACE)).records]
@@ -64,6 +66,40 @@ def test_mutated_sessions_through_the_stateful_analysis():
         for p in Analyzer(find_responses(damaged)).run(damaged):
             bugs = [e.message for e in p.tree.experts if e.id == "dissector.bug"]
             assert not bugs, (p.number, bugs)
+
+
+def test_detail_text_and_json_render_the_tree_the_tui_shows():
+    """-V and -T json read the tree's rows; the TUI walks its Items: on
+    whole and damaged sessions, both show the same fields, nested alike."""
+    rng = random.Random(99)
+    session = [m for m in import_trace(str(TRACE)).records if isinstance(m, Message)]
+    for round_ in range(20):
+        messages = [Message(m.ts_ns, m.conn, m.channel, m.direction,
+                            mutate(rng, m.data) if round_ and rng.random() < 0.3 else m.data,
+                            m.fds) for m in session]
+        for p in Analyzer(find_responses(messages)).run(messages):
+            lines = [line for item in p.tree.items for line in _item_lines(item, "")]
+            assert detail_text(p).split("\n")[:len(lines)] == lines, p.number
+            assert json_packet(p)["layers"] == _item_json(p.tree.items), p.number
+
+
+def _item_lines(item: Item, pad: str) -> list[str]:
+    return [pad + item.line(), *(line for child in item.children
+                                 for line in _item_lines(child, pad + "    "))]
+
+
+def _item_json(items: list[Item]) -> dict:
+    grouped: dict[str, list] = {}
+    for item in items:
+        name = item.field.name
+        if item.field.type == PROTOCOL:
+            grouped.setdefault(name, []).append(_item_json(item.children))
+            continue
+        grouped.setdefault(name, []).append(
+            item.value.hex() if item.field.type == BYTES else item.value)
+        if item.children:
+            grouped.setdefault(f"{name}_tree", []).append(_item_json(item.children))
+    return {key: values[0] if len(values) == 1 else values for key, values in grouped.items()}
 
 
 @settings(max_examples=2000, deadline=None)

@@ -11,7 +11,7 @@ from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from .dissectors import vfio_user as proto
-from .fields import FLOAT, FRAME, PROTOCOL, Fields, lookup
+from .fields import FLOAT, FRAME, PROTOCOL, FieldDef, Fields
 from .packet import Dissected
 from .records import CHANNELS, CLOSE, DIRECTIONS, FAULT, Event, Message, Record
 from .session import SessionTracker, Snapshot
@@ -19,16 +19,16 @@ from .tree import Item
 
 FIELDS = Fields()
 FRAME_FIELD = FIELDS.field("frame", "Frame", PROTOCOL)
-FIELDS.field("frame.number", "Frame number", FRAME)
-FIELDS.field("frame.time_epoch", "Epoch time (s)", FLOAT)
-FIELDS.field("frame.time_relative", "Time since first message (s)", FLOAT)
-FIELDS.field("frame.time_delta", "Time since previous message (s)", FLOAT)
-FIELDS.field("frame.conn", "Connection")
-FIELDS.field("frame.channel", "Channel", values=CHANNELS)
-FIELDS.field("frame.dir", "Direction", values=DIRECTIONS)
-FIELDS.field("frame.len", "Message length")
-FIELDS.field("frame.fds", "Passed fds")
-FIELDS.field("frame.truncated", "Bytes captured (message truncated)")
+FRAME_NUMBER = FIELDS.field("frame.number", "Frame number", FRAME)
+FRAME_EPOCH = FIELDS.field("frame.time_epoch", "Epoch time (s)", FLOAT)
+FRAME_RELATIVE = FIELDS.field("frame.time_relative", "Time since first message (s)", FLOAT)
+FRAME_DELTA = FIELDS.field("frame.time_delta", "Time since previous message (s)", FLOAT)
+FRAME_CONN = FIELDS.field("frame.conn", "Connection")
+FRAME_CHANNEL = FIELDS.field("frame.channel", "Channel", values=CHANNELS)
+FRAME_DIR = FIELDS.field("frame.dir", "Direction", values=DIRECTIONS)
+FRAME_LEN = FIELDS.field("frame.len", "Message length")
+FRAME_FDS = FIELDS.field("frame.fds", "Passed fds")
+FRAME_TRUNCATED = FIELDS.field("frame.truncated", "Bytes captured (message truncated)")
 
 HEADER_ROW = 0         # the header layer is the first thing every dissection adds
 # Requests awaiting a reply, per key; beyond this the oldest are dropped so
@@ -212,16 +212,19 @@ class FrameItem(Item):
         msg = self.packet.msg
         return f"Frame {self.packet.number}: {msg.wire_size} bytes, {len(msg.fds)} fds"
 
-    def _build_children(self) -> list[Item]:
+    def child_values(self) -> list[tuple[FieldDef, Any]]:
         p, msg = self.packet, self.packet.msg
-        values = [("frame.number", p.number), ("frame.time_epoch", msg.ts_ns / 1e9),
-                  ("frame.time_relative", p.time_relative), ("frame.time_delta", p.time_delta),
-                  ("frame.conn", msg.conn), ("frame.channel", msg.channel),
-                  ("frame.dir", msg.direction), ("frame.len", msg.wire_size),
-                  ("frame.fds", len(msg.fds))]
+        values = [(FRAME_NUMBER, p.number), (FRAME_EPOCH, msg.ts_ns / 1e9),
+                  (FRAME_RELATIVE, p.time_relative), (FRAME_DELTA, p.time_delta),
+                  (FRAME_CONN, msg.conn), (FRAME_CHANNEL, msg.channel),
+                  (FRAME_DIR, msg.direction), (FRAME_LEN, msg.wire_size),
+                  (FRAME_FDS, len(msg.fds))]
         if msg.size is not None:
-            values.append(("frame.truncated", len(msg.data)))
-        return [Item(lookup(name), value) for name, value in values]
+            values.append((FRAME_TRUNCATED, len(msg.data)))
+        return values
+
+    def _build_children(self) -> list[Item]:
+        return [Item(fd, value) for fd, value in self.child_values()]
 
 
 def state_at(sessions: SessionTracker, number: int,

@@ -7,11 +7,11 @@ from typing import Any, Iterable, TextIO
 
 from .dissectors.vfio_user import SERVER_COMMANDS
 from .events import describe_event, event_values
-from .fields import BYTES, PROTOCOL
+from .fields import BYTES, PROTOCOL, FieldDef
 from .packet import Dissected
 from .pcapng import fd_comment
 from .records import EVENT_NAMES, TWIN, Event
-from .tree import Item
+from .tree import FlagsMemo, Packed, Tree, bit_values, format_value
 
 SUMMARY_HEADER = (f"{'No.':>7} {'Time':>11} {'Delta':>9} {'Conn':>6} {'Dir':3} "
                   f"{'Msg-ID':>6} {'Command':<24} {'Type':<7} {'Len':>6} {'Fds':>3}  Info")
@@ -72,21 +72,46 @@ def row_kind(p: Dissected) -> str:
 def detail_text(p: Dissected) -> str:
     """The detail tree, as tshark -V prints it."""
     lines: list[str] = []
-    for item in p.tree.items:
-        _tree_lines(item, 0, lines)
-    for e in p.tree.experts:
+    tree = p.tree
+    for item in tree.leading:
+        lines.append(item.heading())
+        for fd, value in item.child_values():
+            lines.append(f"    {fd.label}: {format_value(fd, value)}")
+            lines.extend("        " + line for line in _bit_lines(fd, value))
+    top, kids = tree.outline()
+
+    def add_row(row: int, pad: str) -> None:
+        fd, value, _, _, _ = tree.rows[row]
+        text = tree.texts.get(row)
+        if fd.type == PROTOCOL:
+            lines.append(f"{pad}{text or fd.label}")
+        else:
+            lines.append(f"{pad}{fd.label}: {format_value(fd, value) if text is None else text}")
+        inner = pad + "    "
+        if type(value) is Packed:
+            for member, member_value in zip(value.compiled.fields, value.raw):
+                lines.append(f"{inner}{member[0].label}: {format_value(member[0], member_value)}")
+                lines.extend(inner + "    " + line for line in _bit_lines(member[0], member_value))
+        else:
+            lines.extend(inner + line for line in _bit_lines(fd, value))
+        for child in kids[row]:
+            add_row(child, inner)
+
+    for row in top:
+        add_row(row, "")
+    for e in tree.experts:
         lines.append(f"    [Expert Info ({e.severity.capitalize()}/{e.id}): {e.message}]")
     return "\n".join(lines)
 
 
-def _tree_lines(item: Item, depth: int, out: list[str]) -> None:
-    pad = "    " * depth
-    if item.field.type == PROTOCOL:
-        out.append(f"{pad}{item.heading()}")
-    else:
-        out.append(f"{pad}{item.field.label}: {item.value_text()}")
-    for child in item.children:
-        _tree_lines(child, depth + 1, out)
+# A flags word's bits, as -V lines and as JSON.
+_BITS = FlagsMemo(lambda fd, value: (
+    [f"{sub.label}: {format_value(sub, bit)}" for sub, bit in bit_values(fd, value)],
+    {sub.name: bit for sub, bit in bit_values(fd, value)}))
+
+
+def _bit_lines(fd: FieldDef, value: Any) -> list[str]:
+    return _BITS.get(fd, value)[0] if fd.children else []
 
 
 HEX_WIDTH = 16
@@ -106,35 +131,66 @@ def hex_rows(data: bytes, width: int = HEX_WIDTH) -> list[tuple[int, list[str], 
 
 def json_packet(p: Dissected) -> dict[str, Any]:
     """Every field, nested as the tree is; repeated fields become lists."""
-    out: dict[str, Any] = {"frame": p.number, "layers": _json_children(p.tree.items)}
+    out: dict[str, Any] = {"frame": p.number, "layers": _json_layers(p.tree)}
     if p.tree.experts:
         out["expert"] = [{"id": e.id, "severity": e.severity, "message": e.message}
                          for e in p.tree.experts]
     return out
 
 
-def _json_children(items: list[Item]) -> dict[str, Any]:
-    grouped: dict[str, list[Any]] = {}
-    for item in items:
-        for key, value in _json_entries(item):
-            grouped.setdefault(key, []).append(value)
-    return {k: v[0] if len(v) == 1 else v for k, v in grouped.items()}
+def _json_layers(tree: Tree) -> dict[str, Any]:
+    """The fields grouped by name under their parents, from the tree's rows
+    (a layer's members, a flags word's bits) without building its Items."""
+    top: dict[str, Any] = {}
+    repeats: set[tuple[int, str]] = set()       # (group, key) whose value lists the repeats
+
+    def put(group: dict[str, Any], key: str, value: Any) -> None:
+        if key not in group:
+            group[key] = value
+        elif (id(group), key) in repeats:
+            group[key].append(value)
+        else:
+            group[key] = [group[key], value]
+            repeats.add((id(group), key))
+
+    for item in tree.leading:
+        group = _json_fields(item.child_values())
+        put(top, item.field.name, group)
+    parents = {row[4] for row in tree.rows}
+    under: list[dict[str, Any] | None] = []       # by row: where its children go
+    for row, (fd, value, _, _, parent) in enumerate(tree.rows):
+        into = top if parent < 0 else under[parent]
+        group = None
+        if fd.type == PROTOCOL:
+            group = _json_fields((m[0], v) for m, v in zip(value.compiled.fields, value.raw)) \
+                if type(value) is Packed else {}
+            put(into, fd.name, group)
+        else:
+            put(into, fd.name, value.hex() if fd.type == BYTES else value)
+            bits = _json_bits(fd, value)
+            if row in parents:
+                group = dict(bits)
+                put(into, f"{fd.name}_tree", group)
+            elif bits:
+                put(into, f"{fd.name}_tree", bits)
+        under.append(group)
+    return top
 
 
-def _json_entries(item: Item) -> list[tuple[str, Any]]:
-    name = item.field.name
-    if item.field.type == PROTOCOL:
-        return [(name, _json_children(item.children))]
-    entries = [(name, json_value(item))]
-    if item.children:
-        entries.append((f"{name}_tree", _json_children(item.children)))
-    return entries
+def _json_fields(values: Iterable[tuple[FieldDef, Any]]) -> dict[str, Any]:
+    """A node's fields (names distinct, as a layer's members are) and their bits."""
+    out: dict[str, Any] = {}
+    for fd, value in values:
+        out[fd.name] = value.hex() if fd.type == BYTES else value
+        if fd.children:
+            bits = _json_bits(fd, value)
+            if bits:
+                out[f"{fd.name}_tree"] = bits
+    return out
 
 
-def json_value(item: Item) -> Any:
-    if item.field.type == BYTES:
-        return item.value.hex()
-    return item.value
+def _json_bits(fd: FieldDef, value: Any) -> dict[str, Any]:
+    return _BITS.get(fd, value)[1] if fd.children else {}
 
 
 def json_event(event: Event) -> dict[str, Any]:

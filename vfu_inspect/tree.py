@@ -7,7 +7,7 @@ hex highlighting) reads the same fields, so a field looks the same everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .fields import (BOOL, BYTES, EXPERTS, FLOAT, PROTOCOL, SEVERITIES, STRING, Compiled,
                      FieldDef, describe_bits, lookup)
@@ -57,6 +57,17 @@ class Item:
     def heading(self) -> str:
         """What a protocol node shows in the detail tree."""
         return self.text or self.field.label
+
+    def line(self) -> str:
+        """Its line in the detail tree: the TUI's node, a line of -V."""
+        if self.field.type == PROTOCOL:
+            return self.heading()
+        return f"{self.field.label}: {self.value_text()}"
+
+    def child_values(self) -> list[tuple[FieldDef, Any]]:
+        """Its children's fields and values: all a view renders of a node
+        whose children are plain fields (the frame, `Tree.leading`)."""
+        return [(child.field, child.value) for child in self.children]
 
     def walk(self) -> Iterator[Item]:
         yield self
@@ -109,7 +120,7 @@ class Tree:
         self.texts: dict[int, str] = {}          # row -> text overriding its value's
         self.experts: list[Expert] = []
         self.info: str = ""
-        self.leading: list[Item] = []            # items shown before the rows (the frame)
+        self.leading: list[Item] = []            # nodes of plain fields shown first (the frame)
         self._items: list[Item] | None = None
 
     def add(self, name: str | FieldDef, value: Any, offset: int = -1,
@@ -208,6 +219,15 @@ class Tree:
     def walk(self) -> Iterator[Item]:
         for item in self.items:
             yield from item.walk()
+
+    def outline(self) -> tuple[list[int], list[list[int]]]:
+        """The top rows and each row's child rows, in the detail tree's order:
+        for a view that renders every row (-V) without building Items."""
+        top: list[int] = []
+        kids: list[list[int]] = [[] for _ in self.rows]
+        for i, row in enumerate(self.rows):
+            (kids[row[4]] if row[4] >= 0 else top).append(i)
+        return top, kids
 
     def values(self, only: frozenset[str] | None = None) -> dict[str, list[Any]]:
         """Every field's values, keyed by filter name (a field may repeat);
@@ -315,22 +335,48 @@ def _shift(mask: int) -> int:
 def format_value(fd: FieldDef, value: Any) -> str:
     if value is None:
         return ""
-    if fd.type == BYTES:
+    kind = fd.type
+    if kind == BYTES:
         return _bytes_text(value)
-    if fd.type == BOOL:
+    if kind == BOOL:
         return "True" if value else "False"
-    if fd.type == FLOAT:
+    if kind == FLOAT:
         return f"{value:.9f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        if fd.children:
-            return describe_bits({c.name.rsplit(".", 1)[1]: (c.mask, c.values) if c.type != BOOL else c.mask
-                                  for c in fd.children}, value)
-        name = fd.value_name(value)
-        number = f"{value:#x}" if fd.base == "hex" else str(value)
-        if fd.values is not None:
-            return f"{name or 'unknown'} ({number})"
-        return number
-    return str(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        return str(value)
+    if fd.children:
+        return _FLAGS_TEXT.get(fd, value)
+    number = f"{value:#x}" if fd.base == "hex" else str(value)
+    if fd.values is not None:
+        return f"{fd.values.get(value) or 'unknown'} ({number})"
+    return number
+
+
+class FlagsMemo:
+    """What a view makes of a flags word, by (field, value), made once: a
+    capture repeats few flag values (a fuzzed one may not: the table is
+    cleared when full)."""
+
+    __slots__ = ("make", "table")
+    LIMIT = 4096
+
+    def __init__(self, make: Callable[[FieldDef, int], Any]) -> None:
+        self.make = make
+        self.table: dict[tuple[str, int], Any] = {}
+
+    def get(self, fd: FieldDef, value: int) -> Any:
+        key = (fd.name, value)
+        made = self.table.get(key)
+        if made is None:
+            if len(self.table) >= self.LIMIT:
+                self.table.clear()
+            made = self.table[key] = self.make(fd, value)
+        return made
+
+
+_FLAGS_TEXT = FlagsMemo(lambda fd, value: describe_bits(
+    {c.name.rsplit(".", 1)[1]: (c.mask, c.values) if c.type != BOOL else c.mask
+     for c in fd.children}, value))
 
 
 def _bytes_text(value: bytes, limit: int = 24) -> str:

@@ -303,8 +303,7 @@ class DetailTree(Tree[Item]):
         self.root.expand()
 
     def _add(self, parent: Any, item: Item) -> None:
-        label = item.heading() if item.field.type == PROTOCOL \
-            else f"{item.field.label}: {item.value_text()}"
+        label = item.line()
         if item.children:
             node = parent.add(label, data=item, expand=item.field.type == PROTOCOL)
             for child in item.children:
