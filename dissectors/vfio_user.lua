@@ -301,22 +301,22 @@ local LAYERS = {
 -- each command's declared request and reply payload, by command number
 local MESSAGES = {
     [1] = {request = {layer = "Version", what = "VERSION request", command = "VERSION"}, reply = {layer = "Version", what = "VERSION reply", command = "VERSION"}},
-    [2] = {request = {layer = "DmaMap", what = "DMA_MAP request", command = "DMA_MAP", ends = true, argsz = "exact"}, reply = {what = "DMA_MAP reply", command = "DMA_MAP", ends = true}},
-    [3] = {request = {layer = "DmaUnmap", what = "DMA_UNMAP request", command = "DMA_UNMAP"}, reply = {layer = "DmaUnmap", what = "DMA_UNMAP reply", command = "DMA_UNMAP"}},
-    [4] = {request = {layer = "DeviceInfo", what = "DEVICE_GET_INFO request", command = "DEVICE_GET_INFO", ends = true, argsz = "request", zero = {"flags", "num_regions", "num_irqs"}}, reply = {layer = "DeviceInfo", what = "DEVICE_GET_INFO reply", command = "DEVICE_GET_INFO", ends = true, argsz = "reply"}},
-    [5] = {request = {layer = "RegionInfo", what = "DEVICE_GET_REGION_INFO request", command = "DEVICE_GET_REGION_INFO", argsz = "request", zero = {"flags", "cap_offset", "size", "offset"}}, reply = {layer = "RegionInfo", what = "DEVICE_GET_REGION_INFO reply", command = "DEVICE_GET_REGION_INFO", argsz = "reply"}},
-    [6] = {request = {layer = "RegionIoFds", what = "DEVICE_GET_REGION_IO_FDS request", command = "DEVICE_GET_REGION_IO_FDS", ends = true, argsz = "request", zero = {"flags", "count"}}, reply = {layer = "RegionIoFds", what = "DEVICE_GET_REGION_IO_FDS reply", command = "DEVICE_GET_REGION_IO_FDS", argsz = "reply", zero = {"flags"}}},
-    [7] = {request = {layer = "IrqInfo", what = "DEVICE_GET_IRQ_INFO request", command = "DEVICE_GET_IRQ_INFO", ends = true, argsz = "request", zero = {"flags", "count"}}, reply = {layer = "IrqInfo", what = "DEVICE_GET_IRQ_INFO reply", command = "DEVICE_GET_IRQ_INFO", ends = true, argsz = "reply"}},
+    [2] = {request = {layer = "DmaMap", what = "DMA_MAP request", command = "DMA_MAP", ends = true, argsz = "exact", info = {{"iova=", "address", "#x"}, {" size=", "size", "#x"}}}, reply = {what = "DMA_MAP reply", command = "DMA_MAP", ends = true}},
+    [3] = {request = {layer = "DmaUnmap", what = "DMA_UNMAP request", command = "DMA_UNMAP", info = {{"iova=", "address", "#x"}, {" size=", "size", "#x"}}}, reply = {layer = "DmaUnmap", what = "DMA_UNMAP reply", command = "DMA_UNMAP", info = {{"iova=", "address", "#x"}, {" size=", "size", "#x"}}}},
+    [4] = {request = {layer = "DeviceInfo", what = "DEVICE_GET_INFO request", command = "DEVICE_GET_INFO", ends = true, argsz = "request", zero = {"flags", "num_regions", "num_irqs"}}, reply = {layer = "DeviceInfo", what = "DEVICE_GET_INFO reply", command = "DEVICE_GET_INFO", ends = true, argsz = "reply", info = {{"regions=", "num_regions", ""}, {" irqs=", "num_irqs", ""}, {" flags=", "flags", "#x"}}}},
+    [5] = {request = {layer = "RegionInfo", what = "DEVICE_GET_REGION_INFO request", command = "DEVICE_GET_REGION_INFO", argsz = "request", zero = {"flags", "cap_offset", "size", "offset"}, info = {{"", "index", "region"}, {" argsz=", "argsz", ""}}}, reply = {layer = "RegionInfo", what = "DEVICE_GET_REGION_INFO reply", command = "DEVICE_GET_REGION_INFO", argsz = "reply", info = {{"", "index", "region"}, {" size=", "size", "#x"}, {" flags=", "flags", "flags", {{"READ", 1}, {"WRITE", 2}, {"MMAP", 4}, {"CAPS", 8}}}}}},
+    [6] = {request = {layer = "RegionIoFds", what = "DEVICE_GET_REGION_IO_FDS request", command = "DEVICE_GET_REGION_IO_FDS", ends = true, argsz = "request", zero = {"flags", "count"}, info = {{"", "index", "region"}}}, reply = {layer = "RegionIoFds", what = "DEVICE_GET_REGION_IO_FDS reply", command = "DEVICE_GET_REGION_IO_FDS", argsz = "reply", zero = {"flags"}, info = {{"", "index", "region"}, {" ", "count", ""}, {" sub-regions"}}}},
+    [7] = {request = {layer = "IrqInfo", what = "DEVICE_GET_IRQ_INFO request", command = "DEVICE_GET_IRQ_INFO", ends = true, argsz = "request", zero = {"flags", "count"}, info = {{"", "index", "irq"}}}, reply = {layer = "IrqInfo", what = "DEVICE_GET_IRQ_INFO reply", command = "DEVICE_GET_IRQ_INFO", ends = true, argsz = "reply", info = {{"", "index", "irq"}, {" count=", "count", ""}, {" flags=", "flags", "flags", {{"EVENTFD", 1}, {"MASKABLE", 2}, {"AUTOMASKED", 4}, {"NORESIZE", 8}}}}}},
     [8] = {request = {layer = "SetIrqs", what = "DEVICE_SET_IRQS request", command = "DEVICE_SET_IRQS"}, reply = {what = "DEVICE_SET_IRQS reply", command = "DEVICE_SET_IRQS", ends = true}},
-    [9] = {request = {layer = "RegionRead", what = "REGION_READ", command = "REGION_READ", ends = true, wraps = {"offset", "count"}}, reply = {layer = "RegionRead", what = "REGION_READ", command = "REGION_READ", ends = true, rest = "region_read.data", count = "count", expert = "region_read.count"}},
-    [10] = {request = {layer = "RegionWrite", what = "REGION_WRITE", command = "REGION_WRITE", ends = true, rest = "region_write.data", count = "count", expert = "region_write.count", wraps = {"offset", "count"}}, reply = {layer = "RegionWrite", what = "REGION_WRITE", command = "REGION_WRITE", ends = true}},
-    [11] = {request = {layer = "DmaRead", what = "DMA_READ", command = "DMA_READ", ends = true, wraps = {"address", "count"}}},
-    [12] = {request = {layer = "DmaWrite", what = "DMA_WRITE", command = "DMA_WRITE", ends = true, rest = "dma_write.data", count = "count", expert = "dma_write.count", wraps = {"address", "count"}}},
+    [9] = {request = {layer = "RegionRead", what = "REGION_READ", command = "REGION_READ", ends = true, wraps = {"offset", "count"}, info = {{"", "region", "region"}, {" offset=", "offset", "#x"}, {" count=", "count", ""}}}, reply = {layer = "RegionRead", what = "REGION_READ", command = "REGION_READ", ends = true, rest = "region_read.data", count = "count", expert = "region_read.count", info = {{"", "region", "region"}, {" offset=", "offset", "#x"}, {" count=", "count", ""}}}},
+    [10] = {request = {layer = "RegionWrite", what = "REGION_WRITE", command = "REGION_WRITE", ends = true, rest = "region_write.data", count = "count", expert = "region_write.count", wraps = {"offset", "count"}, info = {{"", "region", "region"}, {" offset=", "offset", "#x"}, {" count=", "count", ""}}}, reply = {layer = "RegionWrite", what = "REGION_WRITE", command = "REGION_WRITE", ends = true, info = {{"", "region", "region"}, {" offset=", "offset", "#x"}, {" count=", "count", ""}}}},
+    [11] = {request = {layer = "DmaRead", what = "DMA_READ", command = "DMA_READ", ends = true, wraps = {"address", "count"}, info = {{"addr=", "address", "#x"}, {" count=", "count", ""}}}},
+    [12] = {request = {layer = "DmaWrite", what = "DMA_WRITE", command = "DMA_WRITE", ends = true, rest = "dma_write.data", count = "count", expert = "dma_write.count", wraps = {"address", "count"}, info = {{"addr=", "address", "#x"}, {" count=", "count", ""}}}},
     [13] = {request = {what = "DEVICE_RESET request", command = "DEVICE_RESET", ends = true}, reply = {what = "DEVICE_RESET reply", command = "DEVICE_RESET", ends = true}},
-    [15] = {request = {layer = "WriteMulti", what = "REGION_WRITE_MULTI request", command = "REGION_WRITE_MULTI"}, reply = {layer = "WriteMulti", what = "REGION_WRITE_MULTI reply", command = "REGION_WRITE_MULTI", ends = true}},
+    [15] = {request = {layer = "WriteMulti", what = "REGION_WRITE_MULTI request", command = "REGION_WRITE_MULTI", info = {{"", "wr_cnt", ""}, {" writes"}}}, reply = {layer = "WriteMulti", what = "REGION_WRITE_MULTI reply", command = "REGION_WRITE_MULTI", ends = true, info = {{"", "wr_cnt", ""}, {" completed"}}}},
     [16] = {request = {layer = "DeviceFeature", what = "DEVICE_FEATURE request", command = "DEVICE_FEATURE"}, reply = {layer = "DeviceFeature", what = "DEVICE_FEATURE reply", command = "DEVICE_FEATURE"}},
-    [17] = {request = {layer = "MigDataRead", what = "MIG_DATA_READ", command = "MIG_DATA_READ", ends = true}, reply = {layer = "MigDataRead", what = "MIG_DATA_READ", command = "MIG_DATA_READ"}},
-    [18] = {request = {layer = "MigDataWrite", what = "MIG_DATA_WRITE", command = "MIG_DATA_WRITE"}, reply = {what = "MIG_DATA_WRITE reply", command = "MIG_DATA_WRITE", ends = true}},
+    [17] = {request = {layer = "MigDataRead", what = "MIG_DATA_READ", command = "MIG_DATA_READ", ends = true, info = {{"size=", "size", ""}}}, reply = {layer = "MigDataRead", what = "MIG_DATA_READ", command = "MIG_DATA_READ", info = {{"size=", "size", ""}}}},
+    [18] = {request = {layer = "MigDataWrite", what = "MIG_DATA_WRITE", command = "MIG_DATA_WRITE", info = {{"size=", "size", ""}}}, reply = {what = "MIG_DATA_WRITE reply", command = "MIG_DATA_WRITE", ends = true}},
 }
 
 -- payloads that a command's code walks inside another, by name
@@ -749,6 +749,27 @@ local function irq_name(index)
     return IRQS[index] or ("index " .. index)
 end
 
+-- A declared summary (a payload's `info`): text, and members in their formats.
+local INFO_FORMATS = {[""] = dec, ["#x"] = hex, region = region_name, irq = irq_name}
+
+function Dissection:info(spec, v)
+    local out = {}
+    for _, part in ipairs(spec.info or {}) do
+        local text, member, format, bits = part[1], part[2], part[3], part[4]
+        out[#out + 1] = text
+        if format == "flags" then
+            local set = {}
+            for _, bit_ in ipairs(bits) do
+                if band(v[member], bit_[2]) ~= 0 then set[#set + 1] = bit_[1] end
+            end
+            out[#out + 1] = #set > 0 and table.concat(set, "|") or "0"
+        elseif member then
+            out[#out + 1] = INFO_FORMATS[format](v[member])
+        end
+    end
+    return table.concat(out)
+end
+
 -- --- a small JSON reader, keeping key order and int/float apart ------------------
 
 local json = {}
@@ -867,7 +888,8 @@ end
 -- --- each command's own code ---------------------------------------------------------
 -- REQUESTS and REPLIES: for a declared payload (MESSAGES), what the declaration
 -- cannot say, called once its layer is whole as (d, values, node, stop, spec);
--- for one not declared, the whole walk, as (d, offset).  Each returns the info text.
+-- for one not declared, the whole walk, as (d, offset).  Each returns the info
+-- text; a declared payload without code has its declared summary.
 
 local REQUESTS, REPLIES = {}, {}
 
@@ -958,7 +980,7 @@ local function version(d, v, node, start)
 end
 REQUESTS[CMD.VERSION], REPLIES[CMD.VERSION] = version, version
 
-REQUESTS[CMD.DMA_MAP] = function(d, v)
+REQUESTS[CMD.DMA_MAP] = function(d, v, _, _, spec)
     local known = all_bits(DMA_MAP_FLAGS)
     if band(v.flags, U32 - known) ~= 0 then
         d:expert("dma_map.flags_unknown", string.format("DMA_MAP flags 0x%x has bits neither "
@@ -968,7 +990,7 @@ REQUESTS[CMD.DMA_MAP] = function(d, v)
             "DMA_MAP flags 0x%x: MMAP/FILE_IO are libvfio-user extensions", v.flags))
     end
     d:range_check(HEADER_SIZE + 16, HEADER_SIZE + 24, 8, "DMA_MAP")
-    return string.format("iova=%s size=%s", hex(v.address), hex(v.size))
+    return d:info(spec, v)
 end
 
 local function unmap_request_checks(d, v)
@@ -1005,8 +1027,8 @@ local function unmap_bitmap(d, v, node, stop)
     return stop
 end
 
-local function dma_unmap(d, v, node, stop)
-    local info = string.format("iova=%s size=%s", hex(v.address), hex(v.size))
+local function dma_unmap(d, v, node, stop, spec)
+    local info = d:info(spec, v)
     if d.c2s then
         d:request_argsz(v.argsz, d:size("DmaUnmap"), "DMA_UNMAP")
         unmap_request_checks(d, v)
@@ -1021,16 +1043,12 @@ local function dma_unmap(d, v, node, stop)
 end
 REQUESTS[CMD.DMA_UNMAP], REPLIES[CMD.DMA_UNMAP] = dma_unmap, dma_unmap
 
-REPLIES[CMD.DEVICE_GET_INFO] = function(d, v)
+REPLIES[CMD.DEVICE_GET_INFO] = function(d, v, _, _, spec)
     if band(v.flags, DEVICE_INFO_FLAGS.pci) == 0 or v.num_regions < P.PCI_NUM_REGIONS then
         d:expert("device_info.pci", string.format("flags 0x%x, %d regions: the spec supports "
             .. "only PCI devices, with at least %d regions", v.flags, v.num_regions, P.PCI_NUM_REGIONS))
     end
-    return string.format("regions=%d irqs=%d flags=0x%x", v.num_regions, v.num_irqs, v.flags)
-end
-
-REQUESTS[CMD.DEVICE_GET_REGION_INFO] = function(d, v)
-    return string.format("%s argsz=%d", region_name(v.index), v.argsz)
+    return d:info(spec, v)
 end
 
 -- The capability chain, whose offsets count from the region-info struct at
@@ -1066,8 +1084,8 @@ local function region_caps(d, base, cap_offset, parent)
     return math.min(stop, d.len)
 end
 
-REPLIES[CMD.DEVICE_GET_REGION_INFO] = function(d, v, node, stop)
-    local info = string.format("%s size=%s", region_name(v.index), hex(v.size))
+REPLIES[CMD.DEVICE_GET_REGION_INFO] = function(d, v, node, stop, spec)
+    local info = d:info(spec, v)
     if band(v.flags, REGION_FLAGS.caps) ~= 0 then
         local header = d:size("RegionInfo")
         if v.argsz > d.len - HEADER_SIZE then
@@ -1089,8 +1107,6 @@ REPLIES[CMD.DEVICE_GET_REGION_INFO] = function(d, v, node, stop)
     return info
 end
 
-REQUESTS[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, v) return region_name(v.index) end
-
 -- The entries present, `entry` bytes apart: the spec's 40-byte layout,
 -- libvfio-user's 48-byte one, or 40 known bytes and the rest.
 local function sub_regions(d, offset, entry, count, node)
@@ -1110,9 +1126,9 @@ local function sub_regions(d, offset, entry, count, node)
     return offset
 end
 
-REPLIES[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, v, node, start)
+REPLIES[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, v, node, start, spec)
     local header = d:size("RegionIoFds")
-    local info = string.format("%s %d sub-regions", region_name(v.index), v.count)
+    local info = d:info(spec, v)
     -- argsz and count say what the whole array needs; a truncated reply
     -- carries only what fit (often none of it)
     local truncated = v.argsz > d.len - HEADER_SIZE
@@ -1133,11 +1149,6 @@ REPLIES[CMD.DEVICE_GET_REGION_IO_FDS] = function(d, v, node, start)
     end
     d:expect_end(sub_regions(d, start, entry, v.count, node), "DEVICE_GET_REGION_IO_FDS reply")
     return info
-end
-
-REQUESTS[CMD.DEVICE_GET_IRQ_INFO] = function(d, v) return irq_name(v.index) end
-REPLIES[CMD.DEVICE_GET_IRQ_INFO] = function(d, v)
-    return string.format("%s count=%d", irq_name(v.index), v.count)
 end
 
 -- DATA_BOOL's bytes, one per vector.
@@ -1179,14 +1190,7 @@ REQUESTS[CMD.DEVICE_SET_IRQS] = function(d, v, node, data)
     return string.format("%s start=%d count=%d", irq_name(v.index), v.start, v.count)
 end
 
-local function region_access(d, v)
-    return string.format("%s offset=%s count=%d", region_name(v.region), hex(v.offset), v.count)
-end
-for _, cmd in ipairs({CMD.REGION_READ, CMD.REGION_WRITE}) do
-    REQUESTS[cmd], REPLIES[cmd] = region_access, region_access
-end
-
-REQUESTS[CMD.REGION_WRITE_MULTI] = function(d, v, node, offset)
+REQUESTS[CMD.REGION_WRITE_MULTI] = function(d, v, node, offset, spec)
     local size = d:size("WriteMultiEntry")
     local room = math.floor((d.len - offset) / size)
     if v.wr_cnt ~= room or (d.len - offset) % size ~= 0 then
@@ -1203,9 +1207,8 @@ REQUESTS[CMD.REGION_WRITE_MULTI] = function(d, v, node, offset)
         offset = offset + size
     end
     d:expect_end(offset, "REGION_WRITE_MULTI request")
-    return dec(v.wr_cnt) .. " writes"
+    return d:info(spec, v)
 end
-REPLIES[CMD.REGION_WRITE_MULTI] = function(d, v) return dec(v.wr_cnt) .. " completed" end
 
 -- Why a DMA_READ reply is in QEMU's layout, or nil: both layouts give `count`
 -- bytes the same size; QEMU's u32 count is followed by data and ends with 4
@@ -1219,10 +1222,6 @@ local function qemu_layout(d, spec, qemu, off, asked)
     if d.qemu_dma and spec_count == asked and d.buf(d.len - 4, 4):le_uint() == 0 then
         return "the bytes fit both (data starts with 4 zero bytes), and " .. d.qemu_dma
     end
-end
-
-local function dma_request(d, v)
-    return string.format("addr=%s count=%s", hex(v.address), dec(v.count))
 end
 
 -- The reply to a DMA_READ or DMA_WRITE, walked by hand: its layout, the
@@ -1266,10 +1265,8 @@ local function dma_reply(spec, qemu, prefix, with_data)
         return string.format("addr=%s count=%s", hex(v.address or 0), v.count and dec(v.count) or "?")
     end
 end
-REQUESTS[CMD.DMA_READ], REPLIES[CMD.DMA_READ] =
-    dma_request, dma_reply("DmaRead", "QemuDmaRead", "dma_read", true)
-REQUESTS[CMD.DMA_WRITE], REPLIES[CMD.DMA_WRITE] =
-    dma_request, dma_reply("DmaWrite", "QemuDmaWrite", "dma_write", false)
+REPLIES[CMD.DMA_READ] = dma_reply("DmaRead", "QemuDmaRead", "dma_read", true)
+REPLIES[CMD.DMA_WRITE] = dma_reply("DmaWrite", "QemuDmaWrite", "dma_write", false)
 
 -- Whether the u64 at `offset` is a multiple of `page`, exactly: by its
 -- halves for a power of two, else in 16-bit limbs (exact below 2^37).
@@ -1454,25 +1451,25 @@ local function mig_payload(d, v, node, data, prefix)
     end
 end
 
-REQUESTS[CMD.MIG_DATA_READ] = function(d, v)    -- argsz holds the data asked
+REQUESTS[CMD.MIG_DATA_READ] = function(d, v, _, _, spec)    -- argsz holds the data asked
     d:request_argsz(v.argsz, d:size("MigDataRead") + v.size, "MIG_DATA_READ")
-    return "size=" .. v.size
+    return d:info(spec, v)
 end
 
-REPLIES[CMD.MIG_DATA_READ] = function(d, v, node, data)
+REPLIES[CMD.MIG_DATA_READ] = function(d, v, node, data, spec)
     mig_payload(d, v, node, data, "mig_data_read")
     d:reply_argsz(v.argsz, math.min(d.len - HEADER_SIZE, d:size("MigDataRead") + v.size),
                   "MIG_DATA_READ")
     local asked = d.request and d.request.values.size
     if asked and v.size < asked then
-        return string.format("size=%d (end of stream: %d asked)", v.size, asked)
+        return string.format("%s (end of stream: %d asked)", d:info(spec, v), asked)
     end
-    return "size=" .. v.size
+    return d:info(spec, v)
 end
 
-REQUESTS[CMD.MIG_DATA_WRITE] = function(d, v, node, data)
+REQUESTS[CMD.MIG_DATA_WRITE] = function(d, v, node, data, spec)
     mig_payload(d, v, node, data, "mig_data_write")
-    return "size=" .. v.size
+    return d:info(spec, v)
 end
 
 -- --- request/reply matching (as Wireshark's SRT does) ----------------------------
@@ -1590,8 +1587,9 @@ local function dissect_payload(d, spec, code)
     if spec == nil then return code(d, HEADER_SIZE) end
     local node, v, stop, whole = d:walk(spec, HEADER_SIZE)
     if d.pending then d.pending.values = v end
-    if code and whole then return code(d, v, node, stop, spec) end
-    return ""
+    if not whole then return "" end
+    if code then return code(d, v, node, stop, spec) end
+    return d:info(spec, v)
 end
 
 local function payload(d, h)

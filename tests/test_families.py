@@ -62,3 +62,18 @@ def test_a_payload_naming_a_member_its_layer_lacks_is_refused():
     from vfu_inspect.dissectors.vfio_user.core import Payload, Rest
     with pytest.raises(ValueError, match="no member cnt"):
         Payload(proto.IrqInfo, Rest("irq_info.data", "cnt"))
+
+
+def test_a_summary_naming_a_member_or_format_the_layer_lacks_is_refused():
+    from vfu_inspect.dissectors.vfio_user.core import Payload
+    with pytest.raises(ValueError, match="no member cnt"):
+        Payload(proto.IrqInfo, info="count={cnt}")
+    with pytest.raises(ValueError, match="no summary format hexx"):
+        Payload(proto.IrqInfo, info="count={count:hexx}")
+
+
+def test_a_declared_summary_renders_each_format():
+    from vfu_inspect.dissectors.vfio_user.core import Payload, render_info
+    payload = Payload(proto.IrqInfo, info="{index:irq} {count} {count:#x} {flags:flags} {argsz:region}")
+    values = {"argsz": 2, "flags": 0x3, "index": 9, "count": 255}
+    assert render_info(payload, values) == "index 9 255 0xff EVENTFD|MASKABLE BAR2"

@@ -17,7 +17,10 @@ from helpers import (libvfio_user_samples_through_proxy, needs_libvfio_user, run
                      streams, vfu, wait_for_socket)
 from vfu_inspect import fields, pcapng, wireshark
 from vfu_inspect.capture import CaptureWriter, read_all
+from vfu_inspect.dissect import Analyzer, find_responses
+from vfu_inspect.dissectors import vfio_user as proto
 from vfu_inspect.dissectors.vfio_user import HEADER_SIZE, protocol_fields
+from vfu_inspect.dissectors.vfio_user.core import REPLY, REQUEST, render_info
 from vfu_inspect.records import C2S, MAIN, S2C, Burst, Message
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
@@ -259,6 +262,30 @@ def test_tshark_with_the_plugin_gives_the_same_fields_as_read(tmp_path, capture,
         assert leaves(other, {}) == expected, f"frame {mine['frame']}"
         compared += sum(map(len, expected.values()))
     assert compared > 10 * len(ours)      # payloads too: a header alone has 9 or 10
+
+
+@needs_tshark
+@pytest.mark.parametrize("capture", [*SAMPLES, "scenarios"], ids=lambda p: getattr(p, "stem", p))
+def test_a_declared_summary_reads_alike_in_tshark_and_read(tmp_path, capture):
+    """A payload's `info` template is rendered by Python and by the plugin:
+    both Info columns start with it (code may add to either)."""
+    capture = made_capture(capture, tmp_path)
+    infos = tshark(export(capture, tmp_path / "out.pcapng"), "-2",
+                   "-o", 'gui.column.format:"Info","%i"').splitlines()
+    messages = [r for r in read_all(capture)[0] if isinstance(r, Message)]
+    checked = 0
+    for p, info in zip(Analyzer(find_responses(messages)).run(messages), infos, strict=True):
+        h = p.header
+        payload = h and not h.is_error and proto.PAYLOADS.get((h.cmd, REPLY if h.is_reply
+                                                               else REQUEST))
+        values = payload and payload.info and p.tree.prefixed(payload.layer.vfu_field.name)
+        if not values or len(values) < len(payload.layer.vfu_compiled.names):
+            continue
+        summary = render_info(payload, values)
+        assert p.tree.info.startswith(summary), p.number
+        assert info.startswith(f"{h.command_name} {h.kind} {summary}"), (p.number, info)
+        checked += 1
+    assert checked > 20
 
 
 @needs_tshark

@@ -187,7 +187,23 @@ def _payload(payload: core.Payload) -> str:
         names = getattr(payload, key)
         if names:
             fields_.append(f"{key} = {{" + ", ".join(map(_lua, names)) + "}")
+    if payload.info:
+        fields_.append("info = {" + ", ".join(_info_part(payload, *part)
+                                              for part in core.info_parts(payload.info)) + "}")
     return "{" + ", ".join(fields_) + "}"
+
+
+def _info_part(payload: core.Payload, text: str, member: str | None, form: str) -> str:
+    """{text, member, format}; the "flags" format also lists its bits' letters and masks."""
+    if member is None:
+        return f"{{{_lua(text)}}}"
+    part = [_lua(text), _lua(member), _lua(form)]
+    if form == "flags":
+        compiled = payload.layer.vfu_compiled
+        bits = compiled.fields[compiled.names.index(member)][0].children
+        part.append("{" + ", ".join(f"{{{_lua(bit.name.rsplit('.', 1)[1].upper())}, {bit.mask}}}"
+                                    for bit in bits) + "}")
+    return "{" + ", ".join(part) + "}"
 
 
 def _capability_lines() -> Iterable[str]:

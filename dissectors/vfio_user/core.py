@@ -8,6 +8,8 @@ a family files its request and reply dissectors and payloads in.
 
 from __future__ import annotations
 
+import functools
+import string
 import struct
 from dataclasses import dataclass, field as dc_field, replace
 from typing import Any, Callable, Iterable
@@ -17,7 +19,7 @@ from scapy.packet import Packet
 from vfu_inspect.fields import Compiled
 from vfu_inspect.tree import Packed, Tree
 
-from .protocol import CMD
+from .protocol import CMD, irq_name, region_name
 
 # Where a check's rule comes from (the CHECKS rows): "spec" is QEMU's
 # docs/interop/vfio-user.rst, by section; a rule that is not the spec's says
@@ -132,10 +134,6 @@ def check_range(tree: Tree, start: int, count: int, bits: int, what: str) -> Non
                     "bits: it wraps")
 
 
-def hex_size(n: int) -> str:
-    return f"{n:#x}"
-
-
 def fd_text(ctx: Context, index: int = 0) -> str:
     return ctx.fds[index].get("kind", "fd") if index < len(ctx.fds) else "none"
 
@@ -212,22 +210,60 @@ class Payload:
     argsz: str | None = None
     zero: tuple[str, ...] = ()
     wraps: tuple[str, str] | None = None
+    info: str = ""                      # its summary: a template over the layer's members
     label: str = ""                     # how messages name it; the command's by default
     command: str = ""                   # filed by Dissectors.declare
     kind: str = ""
 
     def __post_init__(self) -> None:
-        """Names the declaration gives must be the layer's members (or the tail's)."""
-        named = [*self.zero, *(self.wraps or ()), *([self.tail.count] if self.tail else [])]
+        """Names the declaration gives must be the layer's members (or the tail's),
+        and the summary's formats ones INFO_FORMATS has."""
+        parts = info_parts(self.info)
+        named = [*self.zero, *(self.wraps or ()), *([self.tail.count] if self.tail else []),
+                 *(member for _, member, _ in parts)]
         members = self.layer.vfu_compiled.names if self.layer else ()
         unknown = [name for name in named if name is not None and name not in members]
         if unknown or (self.argsz and "argsz" not in members):
             raise ValueError(f"{self.layer and self.layer.__name__} has no member "
                              f"{', '.join(unknown) or 'argsz'}")
+        formats = {form for _, member, form in parts if member is not None} - INFO_FORMATS.keys()
+        if formats:
+            raise ValueError(f"{self.info!r}: no summary format {', '.join(sorted(formats))}")
 
     @property
     def what(self) -> str:
         return self.label or f"{self.command} {self.kind}"
+
+
+# A summary names a layer member as "{member}" or "{member:format}"; the
+# Lua plugin has the same formats (Dissection:info).
+INFO_FORMATS: dict[str, Callable[[Any, int], str]] = {
+    "": lambda fd, value: str(value),
+    "#x": lambda fd, value: f"{value:#x}",
+    "region": lambda fd, value: region_name(value),
+    "irq": lambda fd, value: irq_name(value),
+    "flags": lambda fd, value: flag_letters(
+        value, {bit.name.rsplit(".", 1)[1]: bit.mask for bit in fd.children}),
+}
+
+
+@functools.cache
+def info_parts(template: str) -> tuple[tuple[str, str | None, str], ...]:
+    """A summary template as (text before, member or None, format) parts."""
+    return tuple((text, member, form or "")
+                 for text, member, form, _ in string.Formatter().parse(template))
+
+
+def render_info(payload: Payload, values: dict[str, int]) -> str:
+    """A whole layer's summary, from its declared template."""
+    out = []
+    for text, member, form in info_parts(payload.info):
+        out.append(text)
+        if member is not None:
+            compiled = payload.layer.vfu_compiled
+            fd = compiled.fields[compiled.names.index(member)][0]
+            out.append(INFO_FORMATS[form](fd, values[member]))
+    return "".join(out)
 
 
 @dataclass(slots=True)
@@ -340,9 +376,16 @@ class Dissectors:
         return file_under(self.replies, (cmd,))
 
     def declare(self, cmd: str, kind: str, payload: Payload) -> Payload:
-        """File what command `cmd`'s request or reply (`kind`) carries."""
+        """File what command `cmd`'s request or reply (`kind`) carries, and
+        a dissector that walks it and gives its summary, which a request or
+        reply dissector filed for the command replaces."""
         filed = replace(payload, command=cmd, kind=kind)
         self.payloads[CMD[cmd], kind] = filed
+
+        def fn(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
+            walked = walk(tree, msg, off, filed)
+            return render_info(filed, walked.values) if walked.whole else ""
+        (self.requests if kind == REQUEST else self.replies).setdefault(CMD[cmd], fn)
         return filed
 
     def part(self, name: str, payload: Payload) -> Payload:
@@ -352,12 +395,7 @@ class Dissectors:
 
     def bare(self, cmd: str, kind: str) -> None:
         """A command or reply that has no payload."""
-        payload = self.declare(cmd, kind, Payload(None))
-
-        def fn(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-            walk(tree, msg, off, payload)
-            return ""
-        (self.requests if kind == REQUEST else self.replies)[CMD[cmd]] = fn
+        self.declare(cmd, kind, Payload(None))
 
 
 def file_under(table: dict[int, Any], names: Iterable[str]) -> Callable[[Any], Any]:

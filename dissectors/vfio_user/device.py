@@ -14,7 +14,7 @@ from scapy.packet import Packet
 from vfu_inspect.fields import Fields, bits32, u32
 from vfu_inspect.tree import Tree
 
-from .core import REPLY, REQUEST, SPEC, Context, Dissectors, Payload, walk
+from .core import REPLY, REQUEST, SPEC, Context, Dissectors, Payload, render_info, walk
 from .protocol import DEVICE_INFO_FLAGS, ERROR_STATE, PCI_NUM_REGIONS, RUNNING
 from .state import ConnState, Effect, EffectKind, Pending, SessionRules
 
@@ -39,15 +39,10 @@ class DeviceInfo(Packet):
 # --- dissectors ---------------------------------------------------------------------
 
 DISSECTORS = Dissectors()
-DEVICE_INFO_REQUEST = DISSECTORS.declare("DEVICE_GET_INFO", REQUEST, Payload(
+DISSECTORS.declare("DEVICE_GET_INFO", REQUEST, Payload(
     DeviceInfo, argsz=REQUEST, zero=("flags", "num_regions", "num_irqs")))
-DEVICE_INFO_REPLY = DISSECTORS.declare("DEVICE_GET_INFO", REPLY, Payload(DeviceInfo, argsz=REPLY))
-
-
-@DISSECTORS.request("DEVICE_GET_INFO")
-def _device_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    walk(tree, msg, off, DEVICE_INFO_REQUEST)
-    return ""
+DEVICE_INFO_REPLY = DISSECTORS.declare("DEVICE_GET_INFO", REPLY, Payload(
+    DeviceInfo, argsz=REPLY, info="regions={num_regions} irqs={num_irqs} flags={flags:#x}"))
 
 
 @DISSECTORS.reply("DEVICE_GET_INFO")
@@ -58,7 +53,7 @@ def _device_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     if not v["flags"] & DEVICE_INFO_FLAGS["pci"] or v["num_regions"] < PCI_NUM_REGIONS:
         tree.expert("device_info.pci", f"flags {v['flags']:#x}, {v['num_regions']} regions: "
                     f"the spec supports only PCI devices, with at least {PCI_NUM_REGIONS} regions")
-    return f"regions={v['num_regions']} irqs={v['num_irqs']} flags={v['flags']:#x}"
+    return render_info(DEVICE_INFO_REPLY, v)
 
 
 DISSECTORS.bare("DEVICE_RESET", "request")

@@ -22,7 +22,7 @@ from vfu_inspect.tree import Tree
 
 from .core import (
     DMA_MEMORY, EXACT, FACTS, LVU, REPLY, REQUEST, SPEC, Context, Dissector, Dissectors, Payload,
-    Rest, add_bytes, add_layer, check_range, check_request_argsz, expect_end, fd_text, hex_size,
+    Rest, add_bytes, add_layer, check_range, check_request_argsz, expect_end, fd_text, render_info,
     walk)
 from .protocol import (
     CMD, DMA_MAP_FLAGS, DMA_UNMAP_FLAGS, HEADER_SIZE, MAX_BITMAP_SIZE, SPEC_DMA_MAP_FLAGS)
@@ -143,9 +143,11 @@ FIELDS.field("dma_write.data", "Data", BYTES)
 # --- dissectors ---------------------------------------------------------------------
 
 DISSECTORS = Dissectors()
-DMA_MAP_REQUEST = DISSECTORS.declare("DMA_MAP", REQUEST, Payload(DmaMap, argsz=EXACT))
+DMA_MAP_REQUEST = DISSECTORS.declare("DMA_MAP", REQUEST, Payload(
+    DmaMap, argsz=EXACT, info="iova={address:#x} size={size:#x}"))
 # the dirty bitmap that GET_DIRTY_BITMAP adds is walked by hand
-DMA_UNMAP = DISSECTORS.declare("DMA_UNMAP", REQUEST, Payload(DmaUnmap, ends=False))
+DMA_UNMAP = DISSECTORS.declare("DMA_UNMAP", REQUEST, Payload(
+    DmaUnmap, ends=False, info="iova={address:#x} size={size:#x}"))
 DISSECTORS.declare("DMA_UNMAP", REPLY, DMA_UNMAP)
 
 
@@ -170,8 +172,8 @@ def _dma_map(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     if len(ctx.fds) > 1:
         tree.expert("fd.count", f"DMA_MAP carries {len(ctx.fds)} fds, at most 1 expected")
     prot = ("R" if v["flags"] & 1 else "") + ("W" if v["flags"] & 2 else "")
-    return (f"iova={v['address']:#x} size={hex_size(v['size'])} prot={prot or '-'} "
-            f"fd={fd_text(ctx)}" + (f" offset={v['offset']:#x}" if ctx.fds else ""))
+    return (f"{render_info(DMA_MAP_REQUEST, v)} prot={prot or '-'} fd={fd_text(ctx)}"
+            + (f" offset={v['offset']:#x}" if ctx.fds else ""))
 
 
 DISSECTORS.bare("DMA_MAP", "reply")
@@ -185,7 +187,7 @@ def _dma_unmap(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     if not walked.whole:
         return ""
     end = off + DmaUnmap.vfu_compiled.size
-    info = f"iova={v['address']:#x} size={hex_size(v['size'])}"
+    info = render_info(DMA_UNMAP, v)
     if ctx.direction == "c2s":
         _unmap_request_checks(tree, v)
     if v["flags"] & DMA_UNMAP_FLAGS["all"]:
@@ -216,13 +218,13 @@ def _unmap_request_checks(tree: Tree, v: dict[str, int]) -> None:
 
 
 def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
-                data_in_reply: bool) -> tuple[Dissector, Dissector]:
-    """DMA_READ/DMA_WRITE, decoding QEMU's layout where the bytes show it (the
-    reply's layout is chosen by hand)."""
+                data_in_reply: bool) -> Dissector:
+    """DMA_READ/DMA_WRITE: the declared request, and the reply's dissector,
+    which decodes QEMU's layout where the bytes show it (chosen by hand)."""
     prefix = spec.vfu_field.name
-    request = DISSECTORS.declare(spec.vfu_name, REQUEST, Payload(
+    DISSECTORS.declare(spec.vfu_name, REQUEST, Payload(
         spec, Rest(f"{prefix}.data", "count", f"{prefix}.count") if data_in_request else None,
-        wraps=("address", "count"), label=spec.vfu_name))
+        wraps=("address", "count"), label=spec.vfu_name, info="addr={address:#x} count={count}"))
 
     def body(tree: Tree, msg: bytes, off: int, layout: type[Packet],
              with_data: bool) -> dict[str, int]:
@@ -233,10 +235,6 @@ def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
         else:
             expect_end(tree, msg, data, spec.vfu_name)
         return v
-
-    def on_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-        v = walk(tree, msg, off, request).values
-        return f"addr={v.get('address', 0):#x} count={v.get('count', '?')}"
 
     def on_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         asked = _request_count(ctx.request)
@@ -270,7 +268,7 @@ def _dma_access(spec: type[Packet], qemu: type[Packet], data_in_request: bool,
                         f"reply count {v['count']} differs from the request's {asked}")
         return f"addr={v.get('address', 0):#x} count={v.get('count', '?')}"
 
-    return on_request, on_reply
+    return on_reply
 
 
 def _request_count(req: bytes | None) -> int | None:
@@ -294,9 +292,9 @@ def _qemu_layout(msg: bytes, off: int, asked: int | None, known: str | None) -> 
     return None
 
 
-DISSECTORS.requests[CMD["DMA_READ"]], DISSECTORS.replies[CMD["DMA_READ"]] = _dma_access(
+DISSECTORS.replies[CMD["DMA_READ"]] = _dma_access(
     DmaRead, QemuDmaRead, data_in_request=False, data_in_reply=True)
-DISSECTORS.requests[CMD["DMA_WRITE"]], DISSECTORS.replies[CMD["DMA_WRITE"]] = _dma_access(
+DISSECTORS.replies[CMD["DMA_WRITE"]] = _dma_access(
     DmaWrite, QemuDmaWrite, data_in_request=True, data_in_reply=False)
 
 

@@ -18,8 +18,9 @@ from vfu_inspect.tree import Tree
 
 from .core import (
     FACTS, IRQ_EVENTFDS, REPLY, REQUEST, SPEC, Context, Dissectors, Payload, add_bytes,
-    check_range, expect_end, flag_letters, walk)
-from .protocol import IRQ_INFO_FLAGS, IRQS, SET_IRQS_ACTION, SET_IRQS_DATA, SET_IRQS_FLAGS
+    check_range, expect_end, walk)
+from .protocol import (
+    IRQ_INFO_FLAGS, IRQS, SET_IRQS_ACTION, SET_IRQS_DATA, SET_IRQS_FLAGS, irq_name)
 from .state import ConnState, Effect, EffectKind, IrqState, Pending, SessionRules, echoed_fields
 
 if TYPE_CHECKING:
@@ -63,25 +64,11 @@ FIELDS.field("set_irqs.bool", "Bool", UINT)
 # --- dissectors ---------------------------------------------------------------------
 
 DISSECTORS = Dissectors()
-IRQ_INFO_REQUEST = DISSECTORS.declare("DEVICE_GET_IRQ_INFO", REQUEST, Payload(
-    IrqInfo, argsz=REQUEST, zero=("flags", "count")))
-IRQ_INFO_REPLY = DISSECTORS.declare("DEVICE_GET_IRQ_INFO", REPLY, Payload(IrqInfo, argsz=REPLY))
+DISSECTORS.declare("DEVICE_GET_IRQ_INFO", REQUEST, Payload(
+    IrqInfo, argsz=REQUEST, zero=("flags", "count"), info="{index:irq}"))
+DISSECTORS.declare("DEVICE_GET_IRQ_INFO", REPLY, Payload(
+    IrqInfo, argsz=REPLY, info="{index:irq} count={count} flags={flags:flags}"))
 SET_IRQS_REQUEST = DISSECTORS.declare("DEVICE_SET_IRQS", REQUEST, Payload(SetIrqs, ends=False))
-
-
-@DISSECTORS.request("DEVICE_GET_IRQ_INFO")
-def _irq_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    v = walk(tree, msg, off, IRQ_INFO_REQUEST).values
-    return IRQS.get(v["index"], f"index {v['index']}") if "index" in v else ""
-
-
-@DISSECTORS.reply("DEVICE_GET_IRQ_INFO")
-def _irq_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    v = walk(tree, msg, off, IRQ_INFO_REPLY).values
-    if "count" not in v:
-        return ""
-    return (f"{IRQS.get(v['index'], v['index'])} count={v['count']} "
-            f"flags={flag_letters(v['flags'], IRQ_INFO_FLAGS)}")
 
 
 @DISSECTORS.request("DEVICE_SET_IRQS", fds=IRQ_EVENTFDS)
@@ -96,7 +83,7 @@ def _set_irqs(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     if kind not in (0x1, 0x2, 0x4) or action not in (0x8, 0x10, 0x20):
         tree.expert("set_irqs.flags",
                     f"flags {flags:#x}: exactly one data type and one action must be set")
-    irq = IRQS.get(v["index"], f"index {v['index']}")
+    irq = irq_name(v["index"])
     if kind == SET_IRQS_FLAGS["data_bool"]:
         add_bytes(tree, "set_irqs.data", msg, data, len(msg), node)
         for i, b in enumerate(msg[data:data + count]):

@@ -21,7 +21,8 @@ from vfu_inspect.tree import Tree
 
 from .core import (
     FACTS, LVU, REPLY, REQUEST, SPEC, Array, Context, Dissector, Dissectors, Payload, add_bytes,
-    check_range, check_reply_argsz, check_request_argsz, expect_end, flag_letters, walk)
+    check_range, check_reply_argsz, check_request_argsz, expect_end, flag_letters, render_info,
+    walk)
 from .dma import bitmap_bytes, check_bitmap_limit, check_logging_on
 from .protocol import (
     CMD, ERROR_STATE, FEATURE_FLAGS, FEATURE_GET, FEATURE_PROBE, FEATURE_SET, FEATURES,
@@ -300,7 +301,7 @@ def _mig_data(cls: type[Packet], with_data: bool, is_reply: bool) -> Dissector:
     """A MIG_DATA_READ or _WRITE message; the data and its padding are walked by hand."""
     prefix = cls.vfu_field.name
     payload = DISSECTORS.declare(cls.vfu_name, REPLY if is_reply else REQUEST, Payload(
-        cls, ends=not with_data, label=cls.vfu_name))
+        cls, ends=not with_data, label=cls.vfu_name, info="size={size}"))
 
     def fn(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         walked = walk(tree, msg, off, payload)
@@ -317,8 +318,8 @@ def _mig_data(cls: type[Packet], with_data: bool, is_reply: bool) -> Dissector:
             check_reply_argsz(tree, v["argsz"], used, cls.vfu_name)
             asked = _mig_request_size(ctx.request)
             if asked is not None and v["size"] < asked:
-                return f"size={v['size']} (end of stream: {asked} asked)"
-        return f"size={v['size']}"
+                return f"{render_info(payload, v)} (end of stream: {asked} asked)"
+        return render_info(payload, v)
 
     return fn
 

@@ -98,3 +98,7 @@ ERROR_STATE, STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY = 0, 1, 2, 3, 4, 6
 
 def region_name(index: int) -> str:
     return REGIONS.get(index, f"region {index}")
+
+
+def irq_name(index: int) -> str:
+    return IRQS.get(index, f"index {index}")

@@ -22,7 +22,7 @@ from vfu_inspect.tree import Tree
 from ..pci_config import CONFIG_REGION, dissect_config_access
 from .core import (
     FACTS, IOEVENTFDS, REGION_MMAP, REPLY, REQUEST, SPEC, Array, Context, Dissector, Dissectors,
-    Payload, Rest, add_bytes, add_layer, check_range, expect_end, flag_letters, hex_size, walk)
+    Payload, Rest, add_bytes, add_layer, check_range, expect_end, render_info, walk)
 from .protocol import (
     CMD, IO_FD_FLAGS, IO_FD_TYPES, REGION_CAPS, REGION_FLAGS, REGIONS, region_name)
 from .state import (
@@ -173,23 +173,18 @@ FIELDS.field("region_write.data", "Data", BYTES)
 
 DISSECTORS = Dissectors()
 # libvfio-user's client sends an argsz-sized buffer: padding, not an error.
-REGION_INFO_REQUEST = DISSECTORS.declare("DEVICE_GET_REGION_INFO", REQUEST, Payload(
-    RegionInfo, ends=False, argsz=REQUEST, zero=("flags", "cap_offset", "size", "offset")))
+DISSECTORS.declare("DEVICE_GET_REGION_INFO", REQUEST, Payload(
+    RegionInfo, ends=False, argsz=REQUEST, zero=("flags", "cap_offset", "size", "offset"),
+    info="{index:region} argsz={argsz}"))
 REGION_INFO_REPLY = DISSECTORS.declare("DEVICE_GET_REGION_INFO", REPLY, Payload(
-    RegionInfo, ends=False, argsz=REPLY))
+    RegionInfo, ends=False, argsz=REPLY, info="{index:region} size={size:#x} flags={flags:flags}"))
 SPARSE_AREAS = DISSECTORS.part("SPARSE_AREAS", Payload(
     SparseMmap, Array(SparseArea, "nr_areas", "region_info.areas_short", beside=True),
     ends=False))
-IO_FDS_REQUEST = DISSECTORS.declare("DEVICE_GET_REGION_IO_FDS", REQUEST, Payload(
-    RegionIoFds, argsz=REQUEST, zero=("flags", "count")))
+DISSECTORS.declare("DEVICE_GET_REGION_IO_FDS", REQUEST, Payload(
+    RegionIoFds, argsz=REQUEST, zero=("flags", "count"), info="{index:region}"))
 IO_FDS_REPLY = DISSECTORS.declare("DEVICE_GET_REGION_IO_FDS", REPLY, Payload(
-    RegionIoFds, ends=False, argsz=REPLY, zero=("flags",)))
-
-
-@DISSECTORS.request("DEVICE_GET_REGION_INFO")
-def _region_info_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    v = walk(tree, msg, off, REGION_INFO_REQUEST).values
-    return f"{region_name(v['index'])} argsz={v['argsz']}" if "index" in v else ""
+    RegionIoFds, ends=False, argsz=REPLY, zero=("flags",), info="{index:region} {count} sub-regions"))
 
 
 @DISSECTORS.reply("DEVICE_GET_REGION_INFO", fds=REGION_MMAP)
@@ -200,7 +195,7 @@ def _region_info_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         return ""
     payload_len = len(msg) - off
     name = region_name(v["index"])
-    info = f"{name} size={hex_size(v['size'])} flags={flag_letters(v['flags'], REGION_FLAGS)}"
+    info = render_info(REGION_INFO_REPLY, v)
     end = off + RegionInfo.vfu_compiled.size
     if v["flags"] & REGION_FLAGS["caps"]:
         if v["argsz"] > payload_len:
@@ -260,12 +255,6 @@ def _region_caps(tree: Tree, msg: bytes, base: int, cap_offset: int,
     return min(end, len(msg))
 
 
-@DISSECTORS.request("DEVICE_GET_REGION_IO_FDS")
-def _io_fds_request(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    walked = walk(tree, msg, off, IO_FDS_REQUEST)
-    return region_name(walked.values["index"]) if walked.whole else ""
-
-
 @DISSECTORS.reply("DEVICE_GET_REGION_IO_FDS", fds=IOEVENTFDS)
 def _io_fds_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     walked = walk(tree, msg, off, IO_FDS_REPLY)
@@ -273,7 +262,7 @@ def _io_fds_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
     if not walked.whole:
         return ""
     start, header = off + RegionIoFds.vfu_compiled.size, RegionIoFds.vfu_compiled.size
-    info = f"{region_name(v['index'])} {v['count']} sub-regions"
+    info = render_info(IO_FDS_REPLY, v)
     # argsz and count say what the whole array needs; a truncated reply
     # carries only what fit (often none of it) and needs no fd.
     truncated = v["argsz"] > len(msg) - off
@@ -329,14 +318,15 @@ def _region_access(cls: type[Packet], kind: str, with_data: bool) -> Dissector:
     prefix = cls.vfu_field.name
     payload = DISSECTORS.declare(cls.vfu_name, kind, Payload(
         cls, Rest(f"{prefix}.data", "count", f"{prefix}.count") if with_data else None,
-        wraps=("offset", "count") if kind == REQUEST else None, label=cls.vfu_name))
+        wraps=("offset", "count") if kind == REQUEST else None, label=cls.vfu_name,
+        info="{region:region} offset={offset:#x} count={count}"))
 
     def fn(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         v = walk(tree, msg, off, payload).values
         if "count" not in v:
             return ""
         data = off + cls.vfu_compiled.size
-        info = f"{region_name(v['region'])} offset={v['offset']:#x} count={v['count']}"
+        info = render_info(payload, v)
         if with_data and v["count"] <= 8 and len(msg) - data == v["count"]:
             info += f" data={_le_value(msg[data:])}"
         return info
@@ -353,8 +343,8 @@ DISSECTORS.replies[CMD["REGION_READ"]] = _region_access(RegionRead, REPLY, with_
 DISSECTORS.requests[CMD["REGION_WRITE"]] = _region_access(RegionWrite, REQUEST, with_data=True)
 DISSECTORS.replies[CMD["REGION_WRITE"]] = _region_access(RegionWrite, REPLY, with_data=False)
 WRITE_MULTI_REQUEST = DISSECTORS.declare("REGION_WRITE_MULTI", REQUEST, Payload(
-    WriteMulti, ends=False))
-WRITE_MULTI_REPLY = DISSECTORS.declare("REGION_WRITE_MULTI", REPLY, Payload(WriteMulti))
+    WriteMulti, ends=False, info="{wr_cnt} writes"))
+DISSECTORS.declare("REGION_WRITE_MULTI", REPLY, Payload(WriteMulti, info="{wr_cnt} completed"))
 
 
 @DISSECTORS.request("REGION_WRITE_MULTI")
@@ -377,13 +367,7 @@ def _write_multi(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
         check_range(tree, e["offset"], e["count"], 64, "REGION_WRITE_MULTI entry offset+count")
         offset += size
     expect_end(tree, msg, offset, "REGION_WRITE_MULTI request")
-    return f"{v['wr_cnt']} writes"
-
-
-@DISSECTORS.reply("REGION_WRITE_MULTI")
-def _write_multi_reply(tree: Tree, msg: bytes, ctx: Context, off: int) -> str:
-    v = walk(tree, msg, off, WRITE_MULTI_REPLY).values
-    return f"{v['wr_cnt']} completed" if "wr_cnt" in v else ""
+    return render_info(WRITE_MULTI_REQUEST, v)
 
 
 # --- the session -----------------------------------------------------------------------
