@@ -77,3 +77,24 @@ def test_a_declared_summary_renders_each_format():
     payload = Payload(proto.IrqInfo, info="{index:irq} {count} {count:#x} {flags:flags} {argsz:region}")
     values = {"argsz": 2, "flags": 0x3, "index": 9, "count": 255}
     assert render_info(payload, values) == "index 9 255 0xff EVENTFD|MASKABLE BAR2"
+
+
+def test_a_family_keeps_its_connection_state_and_its_section_of_the_view():
+    from vfu_inspect.dissectors.vfio_user.state import ConnState, SessionRules
+    mine, theirs = SessionRules(), SessionRules()
+    mine.table("widgets", list)
+    mine.section("Widgets")(lambda state: [f"{len(state.widgets)} widgets"])
+    merged = SessionRules.merged([mine, theirs])
+    state = ConnState(3, merged)
+    state.widgets.append(1)
+    assert ConnState(4, merged).widgets == []               # each connection its own
+    assert dict(state.sections())["Widgets"] == ["1 widgets"]
+    theirs.table("widgets", dict)
+    with pytest.raises(ValueError, match="kept by two families"):
+        SessionRules.merged([mine, theirs])
+
+
+def test_every_state_view_section_comes_from_the_family_that_keeps_it():
+    from vfu_inspect.dissectors.vfio_user.state import ConnState
+    titles = [title for title, _ in ConnState(0, proto.SESSION).sections()]
+    assert titles == ["Negotiation", "DMA maps", "Regions", "IRQs", "Migration", "In flight"]

@@ -35,9 +35,9 @@ def test_state_at_the_end_of_the_libvfio_user_trace_is_what_it_did():
     packets = list(analyzer.run(trace_messages()))
     source, destination = analyzer.sessions.conns[0], analyzer.sessions.conns[1]
     # Source: 16 maps of 4 KiB at 0..0xf000, the first 8 unmapped again.
-    assert [(m.iova, m.size, m.offset) for m in source.maps.values()] == [
+    assert [(m.iova, m.size, m.offset) for m in source.maps] == [
         (0x8000 + i * 0x1000, 0x1000, 0x8000 + i * 0x1000) for i in range(8)]
-    assert all(m.fd.startswith("file") and m.flags == 3 for m in source.maps.values())
+    assert all(m.fd.startswith("file") and m.flags == 3 for m in source.maps)
     assert source.server_version == (0, 2) and source.twin is False
     assert source.server_caps == {"max_msg_fds": 8, "max_data_xfer_size": 1048576,
                                   "migration.pgsize": 4096}
@@ -50,7 +50,7 @@ def test_state_at_the_end_of_the_libvfio_user_trace_is_what_it_did():
     assert source.mig_state == 1                      # STOP: migrated out
     assert source.config.identity == (0xDEAD, 0xBEEF)
     # Destination: its maps were all unmapped; it resumed and runs.
-    assert destination.maps == {} and destination.mig_state == 2
+    assert not destination.maps and destination.mig_state == 2
     assert not source.inflight and not destination.inflight
     assert packets[-1].number == 344
 

@@ -83,7 +83,7 @@ class SessionTracker:
         """The state of `conn`, ready to be changed."""
         state = self.conns.get(conn)
         if state is None:
-            state = self.conns[conn] = ConnState(conn)
+            state = self.conns[conn] = ConnState(conn, proto.SESSION)
         elif conn in self._shared:
             state = self.conns[conn] = copy.deepcopy(state)
             self._shared.discard(conn)

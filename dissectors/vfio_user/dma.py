@@ -9,9 +9,11 @@ map), and the dirty bitmap sizes DMA_UNMAP and DMA_LOGGING_REPORT share.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import struct
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
 
 from scapy.fields import StrField
 from scapy.packet import Packet
@@ -27,7 +29,7 @@ from .core import (
 from .protocol import (
     CMD, DMA_MAP_FLAGS, DMA_UNMAP_FLAGS, HEADER_SIZE, MAX_BITMAP_SIZE, SPEC_DMA_MAP_FLAGS)
 from .state import (
-    Conflict, ConnState, DmaMapping, Effect, EffectKind, Pending, SessionRules, check_xfer,
+    Conflict, ConnState, Effect, EffectKind, Pending, SessionRules, check_xfer,
     describe_fd, echoed_fields, raise_conflict)
 
 if TYPE_CHECKING:
@@ -318,6 +320,80 @@ SESSION = SessionRules(
     echoes={"DMA_UNMAP": echoed_fields("dma_unmap", ("address", "size"))})
 
 
+@dataclass(slots=True)
+class DmaMapping:
+    iova: int
+    size: int
+    offset: int
+    flags: int
+    fd: str               # what was passed: "memfd 0x10000 inode 12", or "none"
+    number: int           # the DMA_MAP request that made it
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+
+class DmaMaps:
+    """A connection's DMA maps by iova, their starts sorted for lookups."""
+
+    def __init__(self) -> None:
+        self.by_iova: dict[int, DmaMapping] = {}
+        self.starts: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.by_iova)
+
+    def __iter__(self) -> Iterator[DmaMapping]:
+        return (self.by_iova[iova] for iova in self.starts)
+
+    def get(self, iova: int) -> DmaMapping | None:
+        return self.by_iova.get(iova)
+
+    def overlapping(self, iova: int, size: int) -> DmaMapping | None:
+        i = bisect.bisect_left(self.starts, iova + size)
+        if i and self.by_iova[self.starts[i - 1]].end > iova:
+            return self.by_iova[self.starts[i - 1]]
+        return None
+
+    def containing(self, addr: int, count: int) -> DmaMapping | None:
+        i = bisect.bisect_right(self.starts, addr)
+        if i:
+            m = self.by_iova[self.starts[i - 1]]
+            if addr + count <= m.end:
+                return m
+        return None
+
+    def add(self, m: DmaMapping) -> None:
+        if m.iova not in self.by_iova:
+            bisect.insort(self.starts, m.iova)
+        self.by_iova[m.iova] = m
+
+    def remove(self, iova: int) -> None:
+        del self.by_iova[iova]
+        self.starts.remove(iova)
+
+    def clear(self) -> None:
+        self.by_iova.clear()
+        self.starts.clear()
+
+
+SESSION.table("maps", DmaMaps)
+
+
+@SESSION.section("DMA maps")
+def _map_lines(state: ConnState) -> list[str]:
+    awaiting = {e.number for e in state.effects if not e.answered}
+    return [f"{m.iova:#014x}-{m.end - 1:#014x} size {m.size:#x} "
+            f"{_prot(m.flags)} fd {m.fd} offset {m.offset:#x} (frame {m.number}"
+            + (", in flight: no reply yet)" if m.number in awaiting else ")")
+            for m in state.maps] or ["none"]
+
+
+def _prot(flags: int) -> str:
+    return ("R" if flags & 1 else "-") + ("W" if flags & 2 else "-")
+
+
 @SESSION.on_command("DMA_MAP")
 def _dma_map_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
     v = p.tree.prefixed("dma_map")
@@ -373,7 +449,7 @@ def _server_dma_request(state: ConnState, p: Dissected) -> None:
     v = p.tree.prefixed(prefix)
     if "count" not in v or p.msg.direction != S2C:
         return
-    if state.containing(v["address"], v["count"]) is None:
+    if state.maps.containing(v["address"], v["count"]) is None:
         p.tree.expert("dma.access_unmapped",
                       f"{v['address']:#x}+{v['count']:#x} is outside every live DMA map")
     check_xfer(state, p.tree, S2C, v["count"])
@@ -394,7 +470,7 @@ def _server_dma_reply(state: ConnState, p: Dissected, request: Pending) -> None:
 
 
 def _map_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
-    old = state.overlapping(v["address"], v["size"])
+    old = state.maps.overlapping(v["address"], v["size"])
     if old is None:
         return None
     return ("dma.overlap", f"{v['address']:#x}+{v['size']:#x} overlaps the map "
@@ -404,15 +480,15 @@ def _map_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
 def _map_apply(state: ConnState, e: Effect) -> DmaMapping | None:
     v = e.values
     replaced = state.maps.get(v["address"])
-    state.add_map(DmaMapping(v["address"], v["size"], v["offset"], v["flags"],
+    state.maps.add(DmaMapping(v["address"], v["size"], v["offset"], v["flags"],
                              describe_fd(e.fds), e.number))
     return replaced
 
 
 def _map_undo(state: ConnState, e: Effect) -> None:
-    state.remove_map(e.values["address"])
+    state.maps.remove(e.values["address"])
     if e.saved is not None:
-        state.add_map(e.saved)
+        state.maps.add(e.saved)
 
 
 def _unmap_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
@@ -427,20 +503,19 @@ def _unmap_conflict(state: ConnState, v: dict[str, Any]) -> Conflict:
 
 def _unmap_apply(state: ConnState, e: Effect) -> list[DmaMapping]:
     if e.values["flags"] & DMA_UNMAP_FLAGS["all"]:
-        removed = [state.maps[i] for i in state.map_starts]
+        removed = list(state.maps)
         state.maps.clear()
-        state.map_starts.clear()
         return removed
     m = state.maps.get(e.values["address"])
     if m is None:
         return []
-    state.remove_map(m.iova)
+    state.maps.remove(m.iova)
     return [m]
 
 
 def _unmap_undo(state: ConnState, e: Effect) -> None:
     for m in e.saved:
-        state.add_map(m)
+        state.maps.add(m)
 
 
 SESSION.effect("DMA_MAP", EffectKind(_map_apply, _map_undo,

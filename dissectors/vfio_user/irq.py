@@ -8,6 +8,7 @@ its reply.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from scapy.fields import StrField
@@ -21,7 +22,7 @@ from .core import (
     check_range, expect_end, walk)
 from .protocol import (
     IRQ_INFO_FLAGS, IRQS, SET_IRQS_ACTION, SET_IRQS_DATA, SET_IRQS_FLAGS, irq_name)
-from .state import ConnState, Effect, EffectKind, IrqState, Pending, SessionRules, echoed_fields
+from .state import ConnState, Effect, EffectKind, Pending, SessionRules, echoed_fields
 
 if TYPE_CHECKING:
     from vfu_inspect.packet import Dissected
@@ -132,6 +133,46 @@ SESSION = SessionRules(
     echoes={"DEVICE_GET_IRQ_INFO": echoed_fields("irq_info", ("index",))})
 SET_IRQS, IRQ_INFO = SET_IRQS_FLAGS, IRQ_INFO_FLAGS
 MAX_IRQ_VECTORS = 2048      # PCI's MSI-X table limit
+
+
+@dataclass(slots=True)
+class IrqState:
+    index: int
+    count: int | None = None
+    flags: int = 0
+    eventfds: set[int] = field(default_factory=set)
+    masked: set[int] = field(default_factory=set)
+    triggers: int = 0
+
+
+SESSION.table("irqs", dict)              # IrqState by index
+
+
+@SESSION.section("IRQs")
+def _irq_lines(state: ConnState) -> list[str]:
+    lines = []
+    for irq in sorted(state.irqs.values(), key=lambda i: i.index):
+        count = "?" if irq.count is None else irq.count
+        lines.append(f"{IRQS.get(irq.index, irq.index)}: count {count}, "
+                     f"eventfds {_ranges(irq.eventfds)}, masked {_ranges(irq.masked)}, "
+                     f"{irq.triggers} triggers")
+    return lines or ["none described"]
+
+
+def _ranges(numbers: set[int]) -> str:
+    """{0, 1, 2, 5} -> '0-2,5'."""
+    if not numbers:
+        return "none"
+    out, start, prev = [], None, None
+    for n in sorted(numbers) + [None]:
+        if start is not None and n != prev + 1:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = None
+        if start is None:
+            start = n
+        prev = n
+    return ",".join(out)
+
 
 
 @SESSION.on_command("DEVICE_GET_IRQ_INFO")

@@ -356,6 +356,21 @@ DISSECTORS.bare("MIG_DATA_WRITE", "reply")
 SESSION = SessionRules(
     must_refuse={"migration.transition", "migration.data_state", "dma_logging.page_size"},
     argsz_bounded=("DEVICE_FEATURE", "MIG_DATA_READ", "MIG_DATA_WRITE"))
+# The device state (DEVICE_RESET's effect sets it too), the MIGRATION
+# feature's flags once read, and dirty logging (None when off).
+SESSION.table("mig_state", lambda: RUNNING)
+SESSION.table("mig_flags", lambda: None)
+SESSION.table("logging", lambda: None)
+
+
+@SESSION.section("Migration")
+def _migration_lines(state: ConnState) -> list[str]:
+    pending = next((e for e in reversed(state.effects)
+                    if e.kind.migration and not e.answered), None)
+    return [f"device state {MIG_STATES.get(state.mig_state, state.mig_state)}"
+            + (f" (in flight: frame {pending.number} has no reply yet)" if pending else ""),
+            f"dirty logging {state.logging or 'off'}"]
+
 SAVING = {STOP_COPY, PRE_COPY}
 MIG_ARCS = {(RUNNING, STOP), (STOP_COPY, STOP), (RESUMING, STOP), (PRE_COPY, RUNNING),
             (STOP, RUNNING), (RUNNING, PRE_COPY), (STOP, STOP_COPY), (PRE_COPY, STOP_COPY),
@@ -376,7 +391,7 @@ def _feature_request(state: ConnState, p: Dissected) -> dict[str, Any]:
     if flags & FEATURE_GET and report.get("page_size"):
         check_bitmap_limit(state, p.tree, report["length"], report["page_size"])
         check_logging_on(state, p.tree, "DMA_LOGGING_REPORT")
-        mapped = state.containing(report["iova"], report["length"])
+        mapped = state.maps.containing(report["iova"], report["length"])
         if mapped is None or mapped.fd == "none":
             p.tree.expert("dma_logging.unmapped", f"{report['iova']:#x}+{report['length']:#x} "
                           "is in no live DMA map with an fd: libvfio-user logs only the memory "

@@ -9,6 +9,7 @@ its registers (PCI config space, a device plug-in).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from scapy.fields import StrField
@@ -19,15 +20,13 @@ from vfu_inspect.fields import BYTES, Fields, bits32, raw, u16, u32, u64
 from vfu_inspect.records import C2S
 from vfu_inspect.tree import Tree
 
-from ..pci_config import CONFIG_REGION, dissect_config_access
+from ..pci_config import CONFIG_REGION, ConfigShadow, dissect_config_access
 from .core import (
     FACTS, IOEVENTFDS, REGION_MMAP, REPLY, REQUEST, SPEC, Array, Context, Dissector, Dissectors,
     Payload, Rest, add_bytes, add_layer, check_range, expect_end, render_info, walk)
 from .protocol import (
     CMD, IO_FD_FLAGS, IO_FD_TYPES, REGION_CAPS, REGION_FLAGS, REGIONS, region_name)
-from .state import (
-    ConnState, Pending, RegionState, SessionRules, check_xfer, describe_fd, echoed_fields,
-    region_flags)
+from .state import ConnState, Pending, SessionRules, check_xfer, describe_fd, echoed_fields
 
 if TYPE_CHECKING:
     from vfu_inspect.packet import Dissected
@@ -379,6 +378,41 @@ SESSION = SessionRules(
             "DEVICE_GET_REGION_IO_FDS": echoed_fields("region_io_fds", ("index",)),
             "REGION_READ": echoed_fields("region_read", ("offset", "region")),
             "REGION_WRITE": echoed_fields("region_write", ("offset", "region"))})
+
+
+@dataclass(slots=True)
+class RegionState:
+    index: int
+    size: int
+    flags: int
+    offset: int
+    fd: str
+    areas: list[tuple[int, int]] = field(default_factory=list)
+    caps: list[str] = field(default_factory=list)
+    io_fds: list[str] = field(default_factory=list)
+
+
+SESSION.table("regions", dict)           # RegionState by index
+SESSION.table("config", ConfigShadow)    # the config space bytes reads have shown
+
+
+@SESSION.section("Regions")
+def _region_lines(state: ConnState) -> list[str]:
+    lines = []
+    for r in sorted(state.regions.values(), key=lambda r: r.index):
+        line = (f"{region_name(r.index)}: size {r.size:#x} "
+                f"flags {region_flags(r.flags)} fd {r.fd}")
+        if r.areas:
+            line += " mmap " + ", ".join(f"{o:#x}+{s:#x}" for o, s in r.areas)
+        if r.caps:
+            line += " caps " + ",".join(r.caps)
+        lines.append(line)
+        lines.extend(f"    io fd: {text}" for text in r.io_fds)
+    return lines or ["none described"]
+
+
+def region_flags(flags: int) -> str:
+    return "".join(c if flags & bit else "-" for c, bit in zip("RWMC", (1, 2, 4, 8)))
 REGION_READ_FLAG, REGION_WRITE_FLAG = REGION_FLAGS["read"], REGION_FLAGS["write"]
 
 

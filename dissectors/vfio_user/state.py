@@ -1,23 +1,23 @@
 """A connection's state as its receiver sees it, and the types the command
 families' session code reads and changes: a request in flight (Pending), a
-request's effect applied ahead of its reply (Effect, EffectKind), the DMA
-maps, regions and IRQs, and `SessionRules`, the table a family files its
-request checks, reply applies and effects in.  It imports no family: the
-families import it, and session.py's tracker runs what they filed.
+request's effect applied ahead of its reply (Effect, EffectKind), and
+`SessionRules`, the table a family files its request checks, reply applies
+and effects in, with the connection state it keeps (its tables: DMA maps,
+regions, IRQs, the migration state) and how the state view shows them.  It
+imports no family: the families import it, and session.py's tracker runs
+what they filed.
 """
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from vfu_inspect.records import C2S
 from vfu_inspect.tree import Expert, Tree
 
-from ..pci_config import ConfigShadow
 from .core import file_under, merge_by_command
-from .protocol import CAPABILITIES, CMD, COMMANDS, IRQS, MIG_STATES, PAGE_4K, RUNNING, region_name
+from .protocol import CAPABILITIES, CMD, COMMANDS, PAGE_4K
 
 if TYPE_CHECKING:
     from vfu_inspect.packet import Dissected
@@ -55,47 +55,13 @@ class Effect:
     answered: bool = False
 
 
-@dataclass(slots=True)
-class DmaMapping:
-    iova: int
-    size: int
-    offset: int
-    flags: int
-    fd: str               # what was passed: "memfd 0x10000 inode 12", or "none"
-    number: int           # the DMA_MAP request that made it
-
-    @property
-    def end(self) -> int:
-        return self.iova + self.size
-
-
-@dataclass(slots=True)
-class RegionState:
-    index: int
-    size: int
-    flags: int
-    offset: int
-    fd: str
-    areas: list[tuple[int, int]] = field(default_factory=list)
-    caps: list[str] = field(default_factory=list)
-    io_fds: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class IrqState:
-    index: int
-    count: int | None = None
-    flags: int = 0
-    eventfds: set[int] = field(default_factory=set)
-    masked: set[int] = field(default_factory=set)
-    triggers: int = 0
-
-
-
 class ConnState:
-    """One connection: negotiation, DMA maps, regions, IRQs, migration, in flight."""
+    """One connection: the negotiation and what is in flight, which every
+    family reads, and each family's own tables (`SessionRules.table`), as
+    attributes of their names."""
 
-    def __init__(self, conn: int) -> None:
+    def __init__(self, conn: int, rules: SessionRules | None = None) -> None:
+        self.rules = rules or SessionRules()
         self.conn = conn
         self.version_sent = False
         self.client_version: tuple[int, int] | None = None
@@ -104,20 +70,14 @@ class ConnState:
         self.server_caps: dict[str, Any] = {}
         self.twin = False
         self.device: dict[str, int] | None = None
-        self.maps: dict[int, DmaMapping] = {}
-        self.map_starts: list[int] = []          # sorted iovas of `maps`
-        self.regions: dict[int, RegionState] = {}
-        self.irqs: dict[int, IrqState] = {}
-        self.mig_state = RUNNING
-        self.mig_flags: int | None = None        # the MIGRATION feature's, once read
-        self.logging: str | None = None          # dirty logging: None when off
         self.qemu_dma: str | None = None         # why the client uses QEMU's DMA layout
-        self.config = ConfigShadow()
         self.inflight: dict[int, Pending] = {}   # by request number, oldest first
         self.by_key: dict[tuple[int, int, int], list[int]] = {}
         self.posted: dict[tuple[int, int, int], int] = {}   # NO_REPLY requests
         self.effects: list[Effect] = []          # applied ahead of replies, stream order
         self.closed = False
+        for name, make in self.rules.tables.items():
+            setattr(self, name, make())
 
     # --- negotiated values ------------------------------------------------------
 
@@ -134,31 +94,6 @@ class ConnState:
     def page_size(self) -> int:
         pgsizes = self.cap(self.server_caps, "pgsizes")
         return pgsizes & -pgsizes if pgsizes else PAGE_4K
-
-    # --- DMA map table ----------------------------------------------------------
-
-    def overlapping(self, iova: int, size: int) -> DmaMapping | None:
-        i = bisect.bisect_left(self.map_starts, iova + size)
-        if i and self.maps[self.map_starts[i - 1]].end > iova:
-            return self.maps[self.map_starts[i - 1]]
-        return None
-
-    def containing(self, addr: int, count: int) -> DmaMapping | None:
-        i = bisect.bisect_right(self.map_starts, addr)
-        if i:
-            m = self.maps[self.map_starts[i - 1]]
-            if addr + count <= m.end:
-                return m
-        return None
-
-    def add_map(self, m: DmaMapping) -> None:
-        if m.iova not in self.maps:
-            bisect.insort(self.map_starts, m.iova)
-        self.maps[m.iova] = m
-
-    def remove_map(self, iova: int) -> None:
-        del self.maps[iova]
-        self.map_starts.remove(iova)
 
     # --- in flight --------------------------------------------------------------
 
@@ -204,10 +139,7 @@ class ConnState:
     def sections(self, at_ns: int | None = None) -> list[tuple[str, list[str]]]:
         """The state as titled sections of text lines, for the views."""
         return [("Negotiation", self._negotiation_lines()),
-                ("DMA maps", self._map_lines()),
-                ("Regions", self._region_lines()),
-                ("IRQs", self._irq_lines()),
-                ("Migration", self._migration_lines()),
+                *((title, lines(self)) for title, lines in self.rules.sections),
                 ("In flight", self._inflight_lines(at_ns))]
 
     def _negotiation_lines(self) -> list[str]:
@@ -226,42 +158,6 @@ class ConnState:
                          f"{self.device['num_irqs']} IRQ indexes, flags {self.device['flags']:#x}")
         return lines
 
-    def _map_lines(self) -> list[str]:
-        awaiting = {e.number for e in self.effects if not e.answered}
-        return [f"{m.iova:#014x}-{m.end - 1:#014x} size {m.size:#x} "
-                f"{_prot(m.flags)} fd {m.fd} offset {m.offset:#x} (frame {m.number}"
-                + (", in flight: no reply yet)" if m.number in awaiting else ")")
-                for m in (self.maps[i] for i in self.map_starts)] or ["none"]
-
-    def _region_lines(self) -> list[str]:
-        lines = []
-        for r in sorted(self.regions.values(), key=lambda r: r.index):
-            line = (f"{region_name(r.index)}: size {r.size:#x} "
-                    f"flags {region_flags(r.flags)} fd {r.fd}")
-            if r.areas:
-                line += " mmap " + ", ".join(f"{o:#x}+{s:#x}" for o, s in r.areas)
-            if r.caps:
-                line += " caps " + ",".join(r.caps)
-            lines.append(line)
-            lines.extend(f"    io fd: {text}" for text in r.io_fds)
-        return lines or ["none described"]
-
-    def _irq_lines(self) -> list[str]:
-        lines = []
-        for irq in sorted(self.irqs.values(), key=lambda i: i.index):
-            count = "?" if irq.count is None else irq.count
-            lines.append(f"{IRQS.get(irq.index, irq.index)}: count {count}, "
-                         f"eventfds {_ranges(irq.eventfds)}, masked {_ranges(irq.masked)}, "
-                         f"{irq.triggers} triggers")
-        return lines or ["none described"]
-
-    def _migration_lines(self) -> list[str]:
-        pending = next((e for e in reversed(self.effects)
-                        if e.kind.migration and not e.answered), None)
-        return [f"device state {MIG_STATES.get(self.mig_state, self.mig_state)}"
-                + (f" (in flight: frame {pending.number} has no reply yet)" if pending else ""),
-                f"dirty logging {self.logging or 'off'}"]
-
     def _inflight_lines(self, at_ns: int | None) -> list[str]:
         lines = []
         for p in self.inflight.values():
@@ -276,30 +172,6 @@ class ConnState:
 
 def _shown(value: Any, default: Any) -> str:
     return f"{default} (default)" if value is None else str(value)
-
-
-def _prot(flags: int) -> str:
-    return ("R" if flags & 1 else "-") + ("W" if flags & 2 else "-")
-
-
-def region_flags(flags: int) -> str:
-    return "".join(c if flags & bit else "-" for c, bit in zip("RWMC", (1, 2, 4, 8)))
-
-
-def _ranges(numbers: set[int]) -> str:
-    """{0, 1, 2, 5} -> '0-2,5'."""
-    if not numbers:
-        return "none"
-    out, start, prev = [], None, None
-    for n in sorted(numbers) + [None]:
-        if start is not None and n != prev + 1:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = None
-        if start is None:
-            start = n
-        prev = n
-    return ",".join(out)
-
 
 
 # --- effects: what a request changes, applied ahead of its reply ----------------------------
@@ -336,6 +208,8 @@ def raise_conflict(tree: Tree, problem: Conflict) -> None:
 # A command check returns the values its reply will need (or None).
 CommandCheck = Callable[[ConnState, "Dissected"], "dict[str, Any] | None"]
 ReplyApply = Callable[[ConnState, "Dissected", Pending], None]
+# A family's section of the state view: its lines for a connection.
+Section = Callable[[ConnState], list[str]]
 # A success reply's check that it repeats what its request asked.
 EchoCheck = Callable[["Dissected", Pending], None]
 
@@ -343,10 +217,11 @@ EchoCheck = Callable[["Dissected", Pending], None]
 class SessionRules:
     """One family's part in the session tracker, by command: the request
     checks, what a success reply applies, the effects applied ahead of
-    replies; and for the tracker's own reply checks, the ids of the checks
-    whose requests the receiver must refuse (with the errno it must give,
-    where the spec names one), the commands whose request argsz bounds the
-    reply, and what a reply echoes."""
+    replies; the connection state it keeps (its tables, each made fresh for
+    a connection) and its section of the state view; and for the tracker's
+    own reply checks, the ids of the checks whose requests the receiver must
+    refuse (with the errno it must give, where the spec names one), the
+    commands whose request argsz bounds the reply, and what a reply echoes."""
 
     def __init__(self, must_refuse: Iterable[str] = (),
                  refusal_errno: dict[str, tuple[str, int]] | None = None,
@@ -355,6 +230,8 @@ class SessionRules:
         self.command_checks: dict[int, CommandCheck] = {}
         self.reply_applies: dict[int, ReplyApply] = {}
         self.effects: dict[int, EffectKind] = {}
+        self.tables: dict[str, Callable[[], Any]] = {}
+        self.sections: list[tuple[str, Section]] = []
         self.must_refuse = set(must_refuse)
         self.refusal_errno = dict(refusal_errno or {})
         self.argsz_bounded = {CMD[name] for name in argsz_bounded}
@@ -369,10 +246,29 @@ class SessionRules:
                                  (out.reply_applies, rules.reply_applies),
                                  (out.effects, rules.effects), (out.echoes, rules.echoes)):
                 merge_by_command(mine, theirs)
+            twice = out.tables.keys() & rules.tables.keys()
+            if twice:
+                raise ValueError(f"connection state {sorted(twice)} kept by two families")
+            out.tables |= rules.tables
+            out.sections += rules.sections
             out.must_refuse |= rules.must_refuse
             out.refusal_errno.update(rules.refusal_errno)
             out.argsz_bounded |= rules.argsz_bounded
         return out
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SessionRules:
+        return self         # tables of functions: every checkpoint's state shares them
+
+    def table(self, name: str, make: Callable[[], Any]) -> None:
+        """Keep `make()` in each connection's state, as its attribute `name`."""
+        self.tables[name] = make
+
+    def section(self, title: str) -> Callable[[Section], Section]:
+        """Files the family's section of the state view, titled `title`."""
+        def wrap(lines: Section) -> Section:
+            self.sections.append((title, lines))
+            return lines
+        return wrap
 
     def on_command(self, *names: str) -> Callable[[CommandCheck], CommandCheck]:
         return file_under(self.command_checks, names)
