@@ -11,7 +11,7 @@ from .fields import BYTES, PROTOCOL, FieldDef
 from .packet import Dissected
 from .pcapng import fd_comment
 from .records import EVENT_NAMES, TWIN, Event
-from .tree import FlagsMemo, Packed, Tree, bit_values, format_value
+from .tree import FlagsMemo, Packed, Tree, bit_values, field_line, format_value
 
 SUMMARY_HEADER = (f"{'No.':>7} {'Time':>11} {'Delta':>9} {'Conn':>6} {'Dir':3} "
                   f"{'Msg-ID':>6} {'Command':<24} {'Type':<7} {'Len':>6} {'Fds':>3}  Info")
@@ -76,24 +76,20 @@ def detail_text(p: Dissected) -> str:
     for item in tree.leading:
         lines.append(item.heading())
         for fd, value in item.child_values():
-            lines.append(f"    {fd.label}: {format_value(fd, value)}")
-            lines.extend("        " + line for line in _bit_lines(fd, value))
+            _field_lines(lines, "    ", fd, value)
     top, kids = tree.outline()
 
     def add_row(row: int, pad: str) -> None:
         fd, value, _, _, _ = tree.rows[row]
         text = tree.texts.get(row)
+        inner = pad + "    "
         if fd.type == PROTOCOL:
             lines.append(f"{pad}{text or fd.label}")
         else:
-            lines.append(f"{pad}{fd.label}: {format_value(fd, value) if text is None else text}")
-        inner = pad + "    "
+            _field_lines(lines, pad, fd, value, text)
         if type(value) is Packed:
             for member, member_value in zip(value.compiled.fields, value.raw):
-                lines.append(f"{inner}{member[0].label}: {format_value(member[0], member_value)}")
-                lines.extend(inner + "    " + line for line in _bit_lines(member[0], member_value))
-        else:
-            lines.extend(inner + line for line in _bit_lines(fd, value))
+                _field_lines(lines, inner, member[0], member_value)
         for child in kids[row]:
             add_row(child, inner)
 
@@ -110,8 +106,12 @@ _BITS = FlagsMemo(lambda fd, value: (
     {sub.name: bit for sub, bit in bit_values(fd, value)}))
 
 
-def _bit_lines(fd: FieldDef, value: Any) -> list[str]:
-    return _BITS.get(fd, value)[0] if fd.children else []
+def _field_lines(lines: list[str], pad: str, fd: FieldDef, value: Any,
+                 text: str | None = None) -> None:
+    """A field's line and, for a flags word, its bits' lines below it."""
+    lines.append(pad + field_line(fd, value, text))
+    if fd.children:
+        lines.extend(f"{pad}    {line}" for line in _BITS.get(fd, value)[0])
 
 
 HEX_WIDTH = 16

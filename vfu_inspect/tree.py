@@ -62,7 +62,7 @@ class Item:
         """Its line in the detail tree: the TUI's node, a line of -V."""
         if self.field.type == PROTOCOL:
             return self.heading()
-        return f"{self.field.label}: {self.value_text()}"
+        return field_line(self.field, self.value, self.text)
 
     def child_values(self) -> list[tuple[FieldDef, Any]]:
         """Its children's fields and values: all a view renders of a node
@@ -332,6 +332,11 @@ def _shift(mask: int) -> int:
     return (mask & -mask).bit_length() - 1
 
 
+def field_line(fd: FieldDef, value: Any, text: str | None = None) -> str:
+    """A field's line in the detail tree; `text` overrides its value's."""
+    return f"{fd.label}: {format_value(fd, value) if text is None else text}"
+
+
 def format_value(fd: FieldDef, value: Any) -> str:
     if value is None:
         return ""
@@ -348,7 +353,7 @@ def format_value(fd: FieldDef, value: Any) -> str:
         return _FLAGS_TEXT.get(fd, value)
     number = f"{value:#x}" if fd.base == "hex" else str(value)
     if fd.values is not None:
-        return f"{fd.values.get(value) or 'unknown'} ({number})"
+        return f"{fd.value_name(value) or 'unknown'} ({number})"
     return number
 
 

@@ -199,10 +199,9 @@ def _info_part(payload: core.Payload, text: str, member: str | None, form: str) 
         return f"{{{_lua(text)}}}"
     part = [_lua(text), _lua(member), _lua(form)]
     if form == "flags":
-        compiled = payload.layer.vfu_compiled
-        bits = compiled.fields[compiled.names.index(member)][0].children
-        part.append("{" + ", ".join(f"{{{_lua(bit.name.rsplit('.', 1)[1].upper())}, {bit.mask}}}"
-                                    for bit in bits) + "}")
+        bits = core.flag_names(payload.member(member)).items()
+        part.append("{" + ", ".join(f"{{{_lua(name.upper())}, {mask}}}" for name, mask in bits)
+                    + "}")
     return "{" + ", ".join(part) + "}"
 
 

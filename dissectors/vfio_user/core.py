@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 from scapy.packet import Packet
 
-from vfu_inspect.fields import Compiled
+from vfu_inspect.fields import Compiled, FieldDef
 from vfu_inspect.tree import Packed, Tree
 
 from .protocol import CMD, irq_name, region_name
@@ -234,6 +234,11 @@ class Payload:
     def what(self) -> str:
         return self.label or f"{self.command} {self.kind}"
 
+    def member(self, name: str) -> FieldDef:
+        """The field of the layer's member `name`."""
+        compiled = self.layer.vfu_compiled
+        return compiled.fields[compiled.names.index(name)][0]
+
 
 # A summary names a layer member as "{member}" or "{member:format}"; the
 # Lua plugin has the same formats (Dissection:info).
@@ -242,9 +247,13 @@ INFO_FORMATS: dict[str, Callable[[Any, int], str]] = {
     "#x": lambda fd, value: f"{value:#x}",
     "region": lambda fd, value: region_name(value),
     "irq": lambda fd, value: irq_name(value),
-    "flags": lambda fd, value: flag_letters(
-        value, {bit.name.rsplit(".", 1)[1]: bit.mask for bit in fd.children}),
+    "flags": lambda fd, value: flag_letters(value, flag_names(fd)),
 }
+
+
+def flag_names(fd: FieldDef) -> dict[str, int]:
+    """A flags word's bits by their short names, as `flag_letters` takes them."""
+    return {bit.name.rsplit(".", 1)[1]: bit.mask for bit in fd.children}
 
 
 @functools.cache
@@ -260,9 +269,7 @@ def render_info(payload: Payload, values: dict[str, int]) -> str:
     for text, member, form in info_parts(payload.info):
         out.append(text)
         if member is not None:
-            compiled = payload.layer.vfu_compiled
-            fd = compiled.fields[compiled.names.index(member)][0]
-            out.append(INFO_FORMATS[form](fd, values[member]))
+            out.append(INFO_FORMATS[form](payload.member(member), values[member]))
     return "".join(out)
 
 
