@@ -78,26 +78,28 @@ def detail_text(p: Dissected) -> str:
         for fd, value in item.child_values():
             _field_lines(lines, "    ", fd, value)
     top, kids = tree.outline()
-
-    def add_row(row: int, pad: str) -> None:
-        fd, value, _, _, _ = tree.rows[row]
-        text = tree.texts.get(row)
-        inner = pad + "    "
-        if fd.type == PROTOCOL:
-            lines.append(f"{pad}{text or fd.label}")
-        else:
-            _field_lines(lines, pad, fd, value, text)
-        if type(value) is Packed:
-            for member, member_value in zip(value.compiled.fields, value.raw):
-                _field_lines(lines, inner, member[0], member_value)
-        for child in kids[row]:
-            add_row(child, inner)
-
     for row in top:
-        add_row(row, "")
+        _row_lines(lines, tree, kids, row, "")
     for e in tree.experts:
         lines.append(f"    [Expert Info ({e.severity.capitalize()}/{e.id}): {e.message}]")
     return "\n".join(lines)
+
+
+def _row_lines(lines: list[str], tree: Tree, kids: list[list[int]], row: int, pad: str) -> None:
+    """A row's lines and its children's.  A function of its own, not a
+    closure: a recursive closure is a cycle, and keeps the tree for the collector."""
+    fd, value, _, _, _ = tree.rows[row]
+    text = tree.texts.get(row)
+    inner = pad + "    "
+    if fd.type == PROTOCOL:
+        lines.append(f"{pad}{text or fd.label}")
+    else:
+        _field_lines(lines, pad, fd, value, text)
+    if type(value) is Packed:
+        for member, member_value in zip(value.compiled.fields, value.raw):
+            _field_lines(lines, inner, member[0], member_value)
+    for child in kids[row]:
+        _row_lines(lines, tree, kids, child, inner)
 
 
 # A flags word's bits, as -V lines and as JSON.
