@@ -153,7 +153,7 @@ def _irq_lines(state: ConnState) -> list[str]:
     lines = []
     for irq in sorted(state.irqs.values(), key=lambda i: i.index):
         count = "?" if irq.count is None else irq.count
-        lines.append(f"{IRQS.get(irq.index, irq.index)}: count {count}, "
+        lines.append(f"{irq_name(irq.index)}: count {count}, "
                      f"eventfds {_ranges(irq.eventfds)}, masked {_ranges(irq.masked)}, "
                      f"{irq.triggers} triggers")
     return lines or ["none described"]
@@ -197,7 +197,7 @@ def _set_irqs_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
     _check_irq_index(state, p.tree, v["index"])
     irq = state.irqs.get(v["index"])
     if irq is not None and irq.count is not None and v["start"] + v["count"] > irq.count:
-        p.tree.expert("irq.out_of_range", f"{IRQS.get(irq.index, irq.index)} "
+        p.tree.expert("irq.out_of_range", f"{irq_name(irq.index)} "
                       f"{v['start']}+{v['count']} beyond its {irq.count} vectors")
     if irq is not None and irq.count is not None:
         _check_irq_action(p.tree, irq, v["flags"], bool(p.msg.fds))
@@ -208,7 +208,7 @@ def _set_irqs_request(state: ConnState, p: Dissected) -> dict[str, Any] | None:
 
 def _check_irq_action(tree: Tree, irq: IrqState, flags: int, with_fds: bool) -> None:
     """What GET_IRQ_INFO said the index supports."""
-    name = IRQS.get(irq.index, irq.index)
+    name = irq_name(irq.index)
     if flags & (SET_IRQS["mask"] | SET_IRQS["unmask"]) and not irq.flags & IRQ_INFO["maskable"]:
         tree.expert("irq.action_unsupported", f"{'MASK' if flags & SET_IRQS['mask'] else 'UNMASK'}"
                     f" of {name}, whose GET_IRQ_INFO flags {irq.flags:#x} lack MASKABLE")
@@ -262,7 +262,7 @@ def _irqs_text(v: dict[str, Any]) -> str:
     actions = [name for name in ("mask", "unmask", "trigger") if v["flags"] & SET_IRQS[name]]
     data = [name[5:] for name in ("data_none", "data_bool", "data_eventfd")
             if v["flags"] & SET_IRQS[name]]
-    return (f"{IRQS.get(v['index'], v['index'])} {v['start']}+{v['count']} "
+    return (f"{irq_name(v['index'])} {v['start']}+{v['count']} "
             f"{'|'.join(actions + data)}")
 
 
