@@ -511,6 +511,7 @@ function Dissection:expert(id, message)
     -- In a packet cut at Wireshark's size limit, the end is missing, not wrong.
     if self.truncated and not id:match("^header%.") and id ~= "capture.truncated" then return end
     if QEMU_DMA_SIGNS[id] and self.reply then self.shown = id end
+    self.raised[id] = true
     self.root:add_proto_expert_info(E[id], message)
 end
 
@@ -1615,6 +1616,25 @@ local function payload(d, h)
     return info
 end
 
+-- vfu-inspect's own expert items, which `vfu-inspect export` writes in the
+-- packet comment as "expert SEVERITY ID: message": the checks that need the
+-- session's history or the fds, which this plugin does not make, and any
+-- other it has not raised, under a node of their own.
+local frame_comment = Field.new("frame.comment")
+local ANALYSIS = "vfu-inspect's analysis (packet comment)"
+
+local function analysis_experts(d)
+    local node
+    for _, comment in ipairs({frame_comment()}) do
+        for id, message in tostring(comment.value):gmatch("expert %S+ (%S+): ([^\n]*)") do
+            if E[id] ~= nil and not d.raised[id] then
+                node = node or d.root:add(d.buf(0, 0), ANALYSIS)
+                node:add_proto_expert_info(E[id], message)
+            end
+        end
+    end
+end
+
 local function kind_text(h)
     if h.error_flag and h.type == TYPE_REPLY then return "error" end
     return ({[TYPE_COMMAND] = "command", [TYPE_REPLY] = "reply"})[h.type] or "invalid"
@@ -1626,7 +1646,7 @@ function vfio_user.dissector(buf, pinfo, tree)
     pinfo.cols.dst = (pinfo.p2p_dir == P2P_DIR_RECV) and "server" or "client"
     local root = tree:add(vfio_user, buf())
     local d = setmetatable({buf = buf, len = buf:len(), wire = buf:reported_len(), root = root,
-                            c2s = pinfo.p2p_dir == P2P_DIR_RECV}, Dissection)
+                            c2s = pinfo.p2p_dir == P2P_DIR_RECV, raised = {}}, Dissection)
     if d.wire > d.len then
         d:expert("capture.truncated", string.format("only %d of the message's %d bytes are in "
             .. "this packet (Wireshark's packet size limit); vfu-inspect import has them all",
@@ -1636,6 +1656,7 @@ function vfio_user.dissector(buf, pinfo, tree)
     if d.len < HEADER_SIZE then
         d:layer("Header", 0)
         pinfo.cols.info = string.format("short message (%d bytes)", d.len)
+        analysis_experts(d)
         return d.len
     end
     local flags = d:number(8, 4)
@@ -1661,5 +1682,6 @@ function vfio_user.dissector(buf, pinfo, tree)
     local command, kind = COMMANDS[h.cmd] or ("CMD_" .. h.cmd), kind_text(h)
     pinfo.cols.info = string.format("%s %s %s", command, kind, info)
     root:append_text(string.format(", %s %s, id 0x%04x", command, kind, h.msg_id))
+    analysis_experts(d)
     return d.len
 end

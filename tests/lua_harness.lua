@@ -2,7 +2,8 @@
 -- small part of Wireshark's Lua API it uses, so that tests can load and run
 -- it on every Lua the plugin must support (5.2 as in Wireshark 4.0, 5.4 as
 -- in 4.4+).  Usage: lua harness.lua PLUGIN MESSAGES
---   MESSAGES: one line per message, "interface c2s(0|1) ts_seconds hex".
+--   MESSAGES: one line per message, "interface c2s(0|1) ts_seconds wire_length hex"
+--   (wire_length above the bytes given: a message the capture cut).
 -- Prints, for the second pass, one line per field: "frame<TAB>name<TAB>value"
 -- (integers in decimal, bools 0/1, bytes and strings in hex) and
 -- "frame<TAB>expert<TAB>id" per expert item.
@@ -31,6 +32,8 @@ end
 ProtoField = setmetatable({}, {__index = function(_, kind) return field(kind) end})
 ProtoExpert = {new = function(abbr) return {abbr = abbr} end}
 function Proto(name) return {abbr = name, kind = "proto"} end
+-- A field extractor: the messages given here carry no packet comment.
+Field = {new = function() return function() end end}
 
 -- Tvb and TvbRange over a Lua string.
 local Range = {}
@@ -59,13 +62,13 @@ function Range:decimal()
     return table.concat(out)
 end
 
-local function tvb(data)
+local function tvb(data, wire)
     return setmetatable({}, {__call = function(_, offset, length)
         offset = offset or 0
         length = length or (#data - offset)
         if offset + length > #data or length < 0 then error("range out of bounds") end
         return range(data, offset, length)
-    end, __index = {len = function() return #data end, reported_len = function() return #data end}})
+    end, __index = {len = function() return #data end, reported_len = function() return wire end}})
 end
 
 -- A tree that prints what is added to it.
@@ -123,8 +126,9 @@ dofile(plugin)
 
 local rows = {}
 for line in io.lines(messages) do
-    local interface, c2s, ts, data = line:match("^(%d+) (%d) (%S+) (%x*)$")
+    local interface, c2s, ts, wire, data = line:match("^(%d+) (%d) (%S+) (%d+) (%x*)$")
     rows[#rows + 1] = {interface = tonumber(interface), c2s = c2s == "1", ts = tonumber(ts),
+                       wire = tonumber(wire),
                        data = (data:gsub("%x%x", function(h) return string.char(tonumber(h, 16)) end))}
 end
 
@@ -136,6 +140,6 @@ for pass = 1, 2 do
         local pinfo = {number = number, visited = pass == 2, p2p_dir = row.c2s and 1 or 0,
                        src_port = row.interface, dst_port = 0,
                        rel_ts = row.ts, cols = {}}
-        proto.dissector(tvb(row.data), pinfo, setmetatable({}, Item))
+        proto.dissector(tvb(row.data, row.wire), pinfo, setmetatable({}, Item))
     end
 end

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
@@ -855,8 +856,10 @@ def _(s: Script, bad: bool) -> None:
 def _(s: Script, bad: bool) -> None:
     s.negotiate()
     s.call("DEVICE_RESET")
-    if bad:
-        s.messages[-1].size = len(s.messages[-1].data) + 100
+    if bad:         # the capture keeps its header: msg_size counts what it lost
+        cut = s.messages[-1]
+        cut.size = len(cut.data) + 100
+        cut.data = cut.data[:4] + struct.pack("<I", cut.size) + cut.data[8:]
 
 
 @scenario("fault.injected")
@@ -889,6 +892,20 @@ def buggy_dissector(monkeypatch):
         raise ValueError("deliberate")
     monkeypatch.setitem(proto.REQUESTS, BUGGY_CMD, broken)
     monkeypatch.setitem(proto.COMMANDS, BUGGY_CMD, "BUGGY")
+
+
+def test_a_message_the_capture_cut_is_judged_by_its_header_alone():
+    """A record that keeps only a message's start (the proxy's cap on an
+    absurd size): its missing end is neither short nor trailing, and msg_size
+    counts the whole message, as the Lua plugin reads it."""
+    whole = bytes(Header(msg_id=1, cmd=CMD["DMA_MAP"], size=48)) + bytes(_map_layer(0, 0x1000))
+    cut = whole[:24]
+    ids = []
+    for size in (None, len(whole)):
+        [p] = Analyzer().run([Message(0, 0, MAIN, C2S, cut, [], size)])
+        ids.append({e.id for e in p.tree.experts})
+    assert {"header.size", "malformed.short"} <= ids[0]
+    assert ids[1] == {"capture.truncated", "version.not_first"}
 
 
 # --- pipelining: requests are checked in the receiver's order ----------------------------

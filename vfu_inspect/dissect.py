@@ -138,7 +138,7 @@ class Analyzer:
         request = self.sessions.pair(self.number, msg, header)
         ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds,
                             request.data if request else None,
-                            qemu_dma=self.sessions.qemu_dma(msg.conn))
+                            qemu_dma=self.sessions.qemu_dma(msg.conn), size=msg.size)
         tree, _ = proto.dissect_message(msg.data, ctx, header)
         packet = Dissected(self.number, msg, header, tree, rel, delta)
         if request:

@@ -125,7 +125,7 @@ def dissect_message(msg: bytes, ctx: Context, header: HeaderInfo | None = None
     if header is None:
         tree.info = f"short message ({len(msg)} bytes)"
         return tree, None
-    header_checks(tree, header, len(msg), ctx)
+    header_checks(tree, header, len(msg) if ctx.size is None else ctx.size, ctx)
     table = REPLIES if header.is_reply else REQUESTS
     fn = table.get(header.cmd)
     if header.is_error and header.is_reply:
@@ -146,6 +146,8 @@ def dissect_message(msg: bytes, ctx: Context, header: HeaderInfo | None = None
             # A dissector bug must not stop the capture: flag it and go on.
             tree.expert("dissector.bug",
                         f"dissector failed: {type(exc).__name__}: {exc}")
+    if ctx.size is not None:        # the end is missing, not wrong: only the header is judged
+        tree.experts = [e for e in tree.experts if e.id.startswith("header.")]
     if ctx.fds and (header.cmd, header.kind) not in FD_CARRIERS:
         tree.expert("fd.count", f"{len(ctx.fds)} fds with a {header.command_name} "
                     f"{header.kind}, which carries none")

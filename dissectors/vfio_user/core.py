@@ -38,6 +38,8 @@ class Context:
     # Why this connection's client is known to use QEMU's DMA layout (what it
     # has shown earlier), or None: decides replies whose bytes fit both.
     qemu_dma: str | None = None
+    # The whole message's length when the capture holds only its start.
+    size: int | None = None
 
     def purpose(self, index: int, text: str) -> None:
         if 0 <= index < len(self.fds):

@@ -508,7 +508,7 @@ class CaptureModel:
                 yield number, self.header_values(number, names) if uses_header else {}
                 continue
             ctx = proto.Context(DIRECTIONS[msg.direction], msg.fds,
-                                requests.pop(request_of[number - 1], None))
+                                requests.pop(request_of[number - 1], None), size=msg.size)
             values = proto.dissect_message(msg.data, ctx)[0].values(names)
             for name in EXPERT_FIELDS:       # the stateful analysis's, from the index
                 values.pop(name, None)
