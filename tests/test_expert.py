@@ -906,6 +906,9 @@ def test_a_message_the_capture_cut_is_judged_by_its_header_alone():
         ids.append({e.id for e in p.tree.experts})
     assert {"header.size", "malformed.short"} <= ids[0]
     assert ids[1] == {"capture.truncated", "version.not_first"}
+    buggy = bytes(Header(msg_id=2, cmd=BUGGY_CMD, size=48))       # a dissector bug still shows
+    [p] = Analyzer().run([Message(0, 0, MAIN, C2S, buggy, [], 48)])
+    assert "dissector.bug" in {e.id for e in p.tree.experts}
 
 
 # --- pipelining: requests are checked in the receiver's order ----------------------------

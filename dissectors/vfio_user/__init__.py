@@ -147,7 +147,8 @@ def dissect_message(msg: bytes, ctx: Context, header: HeaderInfo | None = None
             tree.expert("dissector.bug",
                         f"dissector failed: {type(exc).__name__}: {exc}")
     if ctx.size is not None:        # the end is missing, not wrong: only the header is judged
-        tree.experts = [e for e in tree.experts if e.id.startswith("header.")]
+        tree.experts = [e for e in tree.experts
+                        if e.id.startswith("header.") or e.id == "dissector.bug"]
     if ctx.fds and (header.cmd, header.kind) not in FD_CARRIERS:
         tree.expert("fd.count", f"{len(ctx.fds)} fds with a {header.command_name} "
                     f"{header.kind}, which carries none")
