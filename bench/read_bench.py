@@ -6,15 +6,17 @@ message, time to open the file and print the first screenful, and the
 throughput of `read` (summary), `read -T json`, `read -V` and `read -Y` on a
 header field and on a command field; with --against, each also with an
 earlier checkout, right after, and the ratio (the issue's "against today's
-figures, in one run": this machine's speed drifts too much between runs).
+figures, in one run": this machine's speed drifts too much between runs);
+with --pairs N, N such pairs in turns, and the median ratio with its spread.
 
-    python bench/read_bench.py [--messages N] [--keep FILE] [--against TREE]
+    python bench/read_bench.py [--messages N] [--keep FILE] [--against TREE [--pairs N]]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,6 +84,9 @@ def main() -> None:
     parser.add_argument("--against", metavar="TREE",
                         help="also time a checkout of an earlier commit, each mode right "
                              "after this one's, and print this tree's speed-up")
+    parser.add_argument("--pairs", type=int, default=1, metavar="N",
+                        help="with --against, time each mode N times in both trees, "
+                             "alternating which goes first; print the median speed-up")
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.keep or Path(tmp.name) / "bench.vfucap")
@@ -92,13 +97,31 @@ def main() -> None:
     first = timed(["read", str(path), "-c", "50"])
     print(f"open + first screenful (50 lines): {first:.3f} s")
     for label, extra in MODES:
-        seconds = timed(["read", str(path), *extra])
-        line = f"{label}: {seconds:.1f} s, {n / seconds:,.0f} messages/s"
-        if args.against:
-            before = timed(["read", str(path), *extra], args.against)
-            line += f"; {args.against}: {before:.1f} s, {n / before:,.0f} messages/s: " \
-                    f"{before / seconds:.2f}x faster now"
-        print(line, flush=True)
+        if not args.against:
+            seconds = timed(["read", str(path), *extra])
+            print(f"{label}: {seconds:.1f} s, {n / seconds:,.0f} messages/s", flush=True)
+            continue
+        now, before = alternated(["read", str(path), *extra], args.against, args.pairs)
+        ratios = [b / a for a, b in zip(now, before)]
+        seconds, earlier = statistics.median(now), statistics.median(before)
+        spread = f" (pairs {min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        print(f"{label}: {seconds:.1f} s, {n / seconds:,.0f} messages/s; {args.against}: "
+              f"{earlier:.1f} s, {n / earlier:,.0f} messages/s: "
+              f"{statistics.median(ratios):.2f}x faster now{spread}", flush=True)
+
+
+def alternated(args: list[str], tree: str, pairs: int) -> tuple[list[float], list[float]]:
+    """Seconds of `args` here and in `tree`, `pairs` times each, the two back
+    to back and in turns first: the machine's drift hits both alike."""
+    now, before = [], []
+    for pair in range(pairs):
+        if pair % 2:
+            before.append(timed(args, tree))
+            now.append(timed(args))
+        else:
+            now.append(timed(args))
+            before.append(timed(args, tree))
+    return now, before
 
 
 if __name__ == "__main__":
