@@ -66,7 +66,7 @@ CHECKS: list[tuple[str, ...]] = [
      "a single-threaded client that waits for its reply deadlocks"),
     # the tool itself
     ("dissector.bug", "error", "the dissector failed on this message", "vfu-inspect"),
-    ("capture.truncated", "warning", "the capture holds only part of the message", "vfu-inspect"),
+    ("capture.truncated", "warning", "the capture holds only part of the message: its missing end is not checked", "vfu-inspect"),
     ("fault.injected", "note", "the proxy injected a fault here (proxy --fault)", "vfu-inspect"),
 ]
 # Those of the checks above that a request breaks when its receiver must
