@@ -88,6 +88,8 @@ def main() -> None:
                         help="with --against, time each mode N times in both trees, "
                              "alternating which goes first; print the median speed-up")
     args = parser.parse_args()
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.keep or Path(tmp.name) / "bench.vfucap")
     start = time.perf_counter()
