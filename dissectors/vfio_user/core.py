@@ -145,6 +145,11 @@ def flag_letters(flags: int, names: dict[str, int]) -> str:
     return "|".join(n.upper() for n, m in names.items() if flags & m) or "0"
 
 
+def bit_letters(flags: int, letters: str) -> str:
+    """One letter per bit from bit 0 up, '-' where it is clear: 'RW-C'."""
+    return "".join(c if flags >> bit & 1 else "-" for bit, c in enumerate(letters))
+
+
 def fitting(tree: Tree, count: int, msg: bytes, offset: int, cls: type[Packet],
             expert_id: str, what: str) -> int:
     """How many of `count` entries of layout `cls` fit from `offset`; the rest

@@ -24,8 +24,8 @@ from vfu_inspect.tree import Tree
 
 from .core import (
     DMA_MEMORY, EXACT, FACTS, LVU, REPLY, REQUEST, SPEC, Context, Dissector, Dissectors, Payload,
-    Rest, add_bytes, add_layer, check_range, check_request_argsz, expect_end, fd_text, render_info,
-    walk)
+    Rest, add_bytes, add_layer, bit_letters, check_range, check_request_argsz, expect_end, fd_text,
+    render_info, walk)
 from .protocol import (
     CMD, DMA_MAP_FLAGS, DMA_UNMAP_FLAGS, HEADER_SIZE, MAX_BITMAP_SIZE, SPEC_DMA_MAP_FLAGS)
 from .state import (
@@ -385,13 +385,9 @@ SESSION.table("maps", DmaMaps)
 def _map_lines(state: ConnState) -> list[str]:
     awaiting = {e.number for e in state.effects if not e.answered}
     return [f"{m.iova:#014x}-{m.end - 1:#014x} size {m.size:#x} "
-            f"{_prot(m.flags)} fd {m.fd} offset {m.offset:#x} (frame {m.number}"
+            f"{bit_letters(m.flags, 'RW')} fd {m.fd} offset {m.offset:#x} (frame {m.number}"
             + (", in flight: no reply yet)" if m.number in awaiting else ")")
             for m in state.maps] or ["none"]
-
-
-def _prot(flags: int) -> str:
-    return ("R" if flags & 1 else "-") + ("W" if flags & 2 else "-")
 
 
 @SESSION.on_command("DMA_MAP")

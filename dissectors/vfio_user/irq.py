@@ -174,7 +174,6 @@ def _ranges(numbers: set[int]) -> str:
     return ",".join(out)
 
 
-
 @SESSION.on_command("DEVICE_GET_IRQ_INFO")
 def _irq_info_request_check(state: ConnState, p: Dissected) -> dict[str, Any]:
     v = p.tree.prefixed("irq_info")

@@ -23,7 +23,7 @@ from vfu_inspect.tree import Tree
 from ..pci_config import CONFIG_REGION, ConfigShadow, dissect_config_access
 from .core import (
     FACTS, IOEVENTFDS, REGION_MMAP, REPLY, REQUEST, SPEC, Array, Context, Dissector, Dissectors,
-    Payload, Rest, add_bytes, add_layer, check_range, expect_end, render_info, walk)
+    Payload, Rest, add_bytes, add_layer, bit_letters, check_range, expect_end, render_info, walk)
 from .protocol import (
     CMD, IO_FD_FLAGS, IO_FD_TYPES, REGION_CAPS, REGION_FLAGS, REGIONS, region_name)
 from .state import ConnState, Pending, SessionRules, check_xfer, describe_fd, echoed_fields
@@ -401,7 +401,7 @@ def _region_lines(state: ConnState) -> list[str]:
     lines = []
     for r in sorted(state.regions.values(), key=lambda r: r.index):
         line = (f"{region_name(r.index)}: size {r.size:#x} "
-                f"flags {region_flags(r.flags)} fd {r.fd}")
+                f"flags {bit_letters(r.flags, 'RWMC')} fd {r.fd}")
         if r.areas:
             line += " mmap " + ", ".join(f"{o:#x}+{s:#x}" for o, s in r.areas)
         if r.caps:
@@ -411,8 +411,6 @@ def _region_lines(state: ConnState) -> list[str]:
     return lines or ["none described"]
 
 
-def region_flags(flags: int) -> str:
-    return "".join(c if flags & bit else "-" for c, bit in zip("RWMC", (1, 2, 4, 8)))
 REGION_READ_FLAG, REGION_WRITE_FLAG = REGION_FLAGS["read"], REGION_FLAGS["write"]
 
 
@@ -453,7 +451,7 @@ def _check_region_access(state: ConnState, p: Dissected, index: int, offset: int
         needed = REGION_WRITE_FLAG if write else REGION_READ_FLAG
         if not region.flags & needed:
             tree.expert("region.access_flags", f"{'write to' if write else 'read of'} {name}, "
-                        f"whose flags {region_flags(region.flags)} forbid it")
+                        f"whose flags {bit_letters(region.flags, 'RWMC')} forbid it")
     check_xfer(state, tree, C2S, count)
 
 

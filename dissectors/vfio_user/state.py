@@ -60,8 +60,8 @@ class ConnState:
     family reads, and each family's own tables (`SessionRules.table`), as
     attributes of their names."""
 
-    def __init__(self, conn: int, rules: SessionRules | None = None) -> None:
-        self.rules = rules or SessionRules()
+    def __init__(self, conn: int, rules: SessionRules) -> None:
+        self.rules = rules
         self.conn = conn
         self.version_sent = False
         self.client_version: tuple[int, int] | None = None
