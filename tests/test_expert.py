@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
+from vfu_inspect.capture import CaptureReader
 from vfu_inspect.dissect import Analyzer, find_responses
 from vfu_inspect.dissectors import vfio_user as proto
 from vfu_inspect.dissectors.vfio_user import (
@@ -28,6 +29,7 @@ from vfu_inspect.fields import EXPERTS, expert_table
 from vfu_inspect.records import C2S, FAULT, MAIN, S2C, TWIN, Event, Message
 from vfu_inspect.session import SessionTracker
 
+CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 REPLY, ERROR_REPLY, NO_REPLY = 0x1, 0x21, 0x10
 GET, SET, PROBE = 1 << 16, 1 << 17, 1 << 18
 MEMFD = {"kind": "memfd", "size": 0x100000, "inode": 7}
@@ -909,6 +911,30 @@ def test_a_message_the_capture_cut_is_judged_by_its_header_alone():
     buggy = bytes(Header(msg_id=2, cmd=BUGGY_CMD, size=48))       # a dissector bug still shows
     [p] = Analyzer().run([Message(0, 0, MAIN, C2S, buggy, [], 48)])
     assert "dissector.bug" in {e.id for e in p.tree.experts}
+
+
+@pytest.mark.parametrize("capture", ["libvfio-user-samples", "sample-endpoints"])
+def test_a_cut_message_gets_no_item_its_whole_self_does_not(capture):
+    """The session's checks too: cut anywhere after its header, each message
+    of a real session (each in its own place in it) is judged only by what
+    the capture kept, and gains nothing but capture.truncated."""
+    with CaptureReader(CAPTURES / f"{capture}.vfucap") as reader:
+        messages = [r for r in reader if isinstance(r, Message)]
+    whole = Analyzer(sessions=SessionTracker(checkpoint_every=0))
+    gained = []
+    for m in messages:
+        cuts = {}
+        for keep in {proto.HEADER_SIZE, proto.HEADER_SIZE + 8, len(m.data) - 1}:
+            if proto.HEADER_SIZE <= keep < len(m.data):
+                cut = Analyzer(sessions=whole.sessions.restored(whole.sessions.conns))
+                cut.resume_at(whole.number, messages[0].ts_ns, m.ts_ns)
+                cuts[keep] = cut.feed(Message(m.ts_ns, m.conn, m.channel, m.direction,
+                                              m.data[:keep], m.fds, len(m.data)))
+        p = whole.feed(m)
+        found = {e.id for e in p.tree.experts} | {"capture.truncated"}
+        gained += [(p.number, p.header.command_name, p.header.kind, keep, e.id)
+                   for keep, q in cuts.items() for e in q.tree.experts if e.id not in found]
+    assert gained == []
 
 
 # --- pipelining: requests are checked in the receiver's order ----------------------------
