@@ -5,6 +5,8 @@
   1-byte REGION_READ of BAR2 one round trip.  Direct, through the blind relay
   (bench/blind_relay.py: a thread per direction blocked in recvmsg; and, for
   comparison, with --epoll, one thread waiting in epoll as the proxy does),
+  through the proxy's work for -w done in a thread per direction
+  (bench/threaded_relay.py: what a threaded proxy would gain and lose),
   through the proxy, and through the proxy with fault
   rules configured that match none of these messages (decided on the header:
   target <= 1.05x the proxy without them; and rules that hold every
@@ -63,6 +65,7 @@ from helpers import stop, wait_for_socket  # noqa: E402
 
 VFU = [sys.executable, "-m", "vfu_inspect"]
 RELAY = [sys.executable, str(HERE / "blind_relay.py")]
+THREADED = [sys.executable, str(HERE / "threaded_relay.py")]
 DEFAULT_RTBENCH = "/opt/vfu-peers/vfu_rtbench"
 # gpio-pci-idio-16's BAR2 (0x100 bytes): offset 1 is the input register of pins 0-7.
 REGION, OFFSET, COUNT = 2, 1, 1
@@ -226,7 +229,10 @@ def rtbench(client: Path, sock: Path, ops: int, window: int) -> float:
 def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, Path]) -> None:
     server_bin, client = peers
     server = tmp / "gpio.sock"
-    relays = {"blind relay": [], "blind epoll": ["--epoll"]}
+    # the threaded relay does the proxy's work for -w, in threads: it writes a capture
+    threaded_capture = tmp / "threaded.vfucap"
+    relays = {"blind relay": RELAY, "blind epoll": [*RELAY, "--epoll"], "threaded -w": THREADED}
+    after = {"threaded -w": [str(threaded_capture)]}
     proxies = {"proxy -w": [], "proxy --fault": NOT_MATCHING, "proxy --fault*": DISSECTED}
     socks = {"direct": server,
              **{name: tmp / f"gpio-relay{i}.sock" for i, name in enumerate(relays)},
@@ -238,9 +244,9 @@ def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, P
     with ExitStack() as stack:
         stack.enter_context(running([str(server_bin), str(server)], server))
         rtbench(client, server, 10, 1)      # the server takes our REGION_READ, or fail now
-        for name, options in relays.items():
+        for name, argv in relays.items():
             pids[name] = stack.enter_context(running(
-                [*RELAY, *options, str(socks[name]), str(server)], socks[name])).pid
+                [*argv, str(socks[name]), str(server), *after.get(name, [])], socks[name])).pid
         for i, (name, rules) in enumerate(proxies.items()):
             faults = [arg for rule in rules for arg in ("--fault", rule)]
             pids[name] = stack.enter_context(running(
@@ -264,6 +270,7 @@ def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, P
                                                * 1e6)
     for i in range(len(proxies)):
         check_capture(tmp / f"gpio{i}.vfucap", runs=args.passes * 2, ops=args.ops)
+    check_capture(threaded_capture, runs=args.passes * 2, ops=args.ops)
     gate = gate_cost(tmp / "gpio0.vfucap", args.depth)
     relay = relay_cost(tmp / "gpio0.vfucap", args.depth, tmp)
     print(f"libvfio-user gpio-pci-idio-16 + vfu_rtbench: {args.ops:,} REGION_READs per run, "
@@ -280,7 +287,9 @@ def bench_libvfio_user(args: argparse.Namespace, tmp: Path, peers: tuple[Path, P
         print(f"  {label(mode, args.depth)}: proxy/blind relay {proxy_us / blind_us:.2f}x "
               f"(target <= {TARGET[mode]}), proxy/direct {proxy_us / direct_us:.2f}x; the proxy "
               f"adds {proxy_us - blind_us:+.2f} us/op to the blind relay's; proxy/blind epoll "
-              f"relay (one thread, as the proxy) {proxy_us / med[mode, 'blind epoll']:.2f}x")
+              f"relay (one thread, as the proxy) {proxy_us / med[mode, 'blind epoll']:.2f}x; the proxy's "
+              f"-w work in a thread per direction (threaded_relay.py)/blind relay "
+              f"{med[mode, 'threaded -w'] / blind_us:.2f}x")
         least = {name: min(times) for (m, name), times in cpu.items() if m == mode}
         print(f"  {label(mode, args.depth)}: relay CPU per round trip, least (median) of the "
               "passes: " + ", ".join(f"{name} {least[name]:.2f} "
