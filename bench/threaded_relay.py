@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import signal
 import socket
 import sys
@@ -50,8 +51,9 @@ class ThreadedRelay:
 
     def record(self, src: Side, data: bytes, now: int) -> None:
         sizes = src.framer.whole(data)
-        if sizes is None:       # not whole messages: the proxy frames it (not measured)
-            raise SystemExit("threaded relay: a chunk that is not whole messages")
+        if sizes is None:       # the proxy would frame it: not what this measures
+            print("threaded relay: a chunk that is not whole messages", file=sys.stderr)
+            os._exit(2)         # from a thread: sys.exit would end only the thread
         self.proxy._track_messages(src, data, sizes, now)
         conn, channel, direction = src.conn.id, src.channel, src.direction
         if len(sizes) == 1:

@@ -921,16 +921,16 @@ def test_a_cut_message_gets_no_item_its_whole_self_does_not(capture):
     with CaptureReader(CAPTURES / f"{capture}.vfucap") as reader:
         messages = [r for r in reader if isinstance(r, Message)]
     whole = Analyzer(sessions=SessionTracker(checkpoint_every=0))
-    gained = []
+    gained, previous = [], messages[0].ts_ns
     for m in messages:
         cuts = {}
         for keep in {proto.HEADER_SIZE, proto.HEADER_SIZE + 8, len(m.data) - 1}:
             if proto.HEADER_SIZE <= keep < len(m.data):
                 cut = Analyzer(sessions=whole.sessions.restored(whole.sessions.conns))
-                cut.resume_at(whole.number, messages[0].ts_ns, m.ts_ns)
+                cut.resume_at(whole.number, messages[0].ts_ns, previous)
                 cuts[keep] = cut.feed(Message(m.ts_ns, m.conn, m.channel, m.direction,
                                               m.data[:keep], m.fds, len(m.data)))
-        p = whole.feed(m)
+        p, previous = whole.feed(m), m.ts_ns
         found = {e.id for e in p.tree.experts} | {"capture.truncated"}
         gained += [(p.number, p.header.command_name, p.header.kind, keep, e.id)
                    for keep, q in cuts.items() for e in q.tree.experts if e.id not in found]
