@@ -3,8 +3,8 @@ bench/proxy_bench.py, which shows what a threaded proxy would gain and lose.
 
 Each direction's thread blocks in recvmsg, as the blind relay's do, and
 runs the proxy's own code for a plain chunk: it sends the chunk on, then
-pairs its requests and replies and records it (Proxy._track_messages and
-the save addon's hooks).  One lock, held from before the send, keeps the
+pairs its requests and replies and records it (Proxy._record_whole, with
+the save addon).  One lock, held from before the send, keeps the
 capture in the order the peers saw: a reply's thread cannot record it
 before its request's thread, which sent that request, has recorded it.
 None of the rest of the proxy: no faults, no --trace-irqs, no twin socket
@@ -27,7 +27,6 @@ import time
 from vfu_inspect import registry
 from vfu_inspect.addons import SaveAddon
 from vfu_inspect.proxy import FLUSH_INTERVAL, Connection, Proxy, Side
-from vfu_inspect.proxy_events import BurstRelayed, MessageRelayed
 from vfu_inspect.records import MAIN
 from vfu_inspect.sockio import recv_chunk, send_all
 
@@ -54,12 +53,7 @@ class ThreadedRelay:
         if sizes is None:       # the proxy would frame it: not what this measures
             print("threaded relay: a chunk that is not whole messages", file=sys.stderr)
             os._exit(2)         # from a thread: sys.exit would end only the thread
-        self.proxy._track_messages(src, data, sizes, now)
-        conn, channel, direction = src.conn.id, src.channel, src.direction
-        if len(sizes) == 1:
-            self.proxy._message_hook(MessageRelayed(now, conn, channel, direction, data))
-        else:
-            self.proxy._burst_hook(BurstRelayed(now, conn, channel, direction, data, sizes))
+        self.proxy._record_whole(src, data, sizes, now)
 
     def flush_often(self) -> None:
         while True:

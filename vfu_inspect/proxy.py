@@ -304,6 +304,10 @@ class Proxy:
         """The usual chunk: whole messages without fds, that no fault rule
         holds; one message, or a burst when the peer pipelines."""
         self._forward(dst, data, [], 0)
+        self._record_whole(src, data, sizes, now)
+
+    def _record_whole(self, src: Side, data: bytes, sizes: list[int], now: int) -> None:
+        """Pair a relayed chunk of whole messages and hand it to the addons."""
         self._track_messages(src, data, sizes, now)
         conn, channel, direction = src.conn.id, src.channel, src.direction
         if len(sizes) == 1:
